@@ -1,0 +1,28 @@
+# Two commands for a new user: `make demo` (the main job) and `make test`.
+# Both create or reuse the virtual environment in .venv and install alignkd
+# into it; torch is pinned through constraints.txt to the local CPU wheel.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+demo: $(STAMP)
+	@echo "The demo (distil a real packaged LLM and report what the student kept) is not built yet;"
+	@echo "it arrives with the demo issue. Until then, see README.md for 'alignkd distill'."
+	@exit 1
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,22 @@
+"""The distillation loss library: pure functions over tensors.
+
+No model objects, hooks or config here: each function takes student and teacher
+tensors (and a bool mask over positions) and returns a float32 scalar.
+"""
+
+from alignkd.losses.attention import attention_kl, relation_kl
+from alignkd.losses.features import hidden_cosine, hidden_mse, hidden_standardized_mse, info_nce
+from alignkd.losses.logits import KL_KINDS, dkd, kl_div, kl_rows
+
+__all__ = [
+    "KL_KINDS",
+    "attention_kl",
+    "dkd",
+    "hidden_cosine",
+    "hidden_mse",
+    "hidden_standardized_mse",
+    "info_nce",
+    "kl_div",
+    "kl_rows",
+    "relation_kl",
+]

@@ -1,0 +1,175 @@
+"""Divergences between the output distributions of student and teacher.
+
+All functions take logits ``[B, T, V]`` with a bool mask ``[B, T]`` or logits
+``[N, V]`` with a mask ``[N]`` (True = counted; None counts everything), compute
+softmax in float32 whatever the input dtype, and return a float32 scalar: the
+mean over counted positions of the per-position divergence summed over the
+vocabulary. Nothing counted gives 0 with a zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from alignkd.losses._reduce import check_mask, check_same_shape, mean_over, rows, safe_log
+
+KL_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities ``[N, V]`` -> ``[N]``."""
+    return (logp.exp() * (safe_log(logp) - safe_log(logq))).sum(-1)
+
+
+def _log_mix(w: float, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """log(w * p + (1 - w) * q) from log-probabilities, stable for w in [0, 1]."""
+    lw = math.log(w) if w > 0 else -math.inf
+    l1w = math.log1p(-w) if w < 1 else -math.inf
+    # Clamp first: logaddexp(-inf, -inf) has a NaN gradient (vocabulary entries
+    # masked to -inf in both models would otherwise poison the backward pass).
+    return torch.logaddexp(safe_log(logp) + lw, safe_log(logq) + l1w)
+
+
+def kl_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "forward",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """Per-row divergence of :func:`kl_div`, before the mean: ``[N, V], [N, V] -> [N]``.
+
+    Exposed so that chunked variants (e.g. over the LM head) reuse the same maths.
+    Includes the ``temperature**2`` factor.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "forward":
+        per = _kl(t, s)
+    elif kind == "reverse":
+        per = _kl(s, t)
+    elif kind == "jsd":
+        m = _log_mix(beta, t, s)
+        per = beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+    elif kind == "skew_forward":
+        per = _kl(t, _log_mix(alpha, t, s))
+    elif kind == "skew_reverse":
+        per = _kl(s, _log_mix(alpha, s, t))
+    elif kind == "tvd":
+        per = 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+    else:  # checked in kl_div; kept for direct callers
+        raise ValueError(f"kl_div: unknown kind {kind!r}; choose one of {', '.join(KL_KINDS)}")
+    return per * (temperature**2)
+
+
+def _check_kl_args(kind: str, temperature: float, beta: float, alpha: float) -> None:
+    if kind not in KL_KINDS:
+        raise ValueError(f"kl_div: unknown kind {kind!r}; choose one of {', '.join(KL_KINDS)}")
+    if not temperature > 0:
+        raise ValueError(f"kl_div: temperature must be > 0, got {temperature}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        # At beta = 0 or 1 the mixture equals one side and this loss is identically 0:
+        # use kind="forward" or kind="reverse" instead.
+        raise ValueError(f"kl_div: jsd needs 0 < beta < 1, got {beta}; use kind='forward' or 'reverse' for the ends")
+    if kind.startswith("skew_") and not 0.0 <= alpha < 1.0:
+        raise ValueError(f"kl_div: {kind} needs 0 <= alpha < 1, got {alpha}")
+
+
+def kl_div(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    kind: str = "forward",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """Divergence between teacher and student token distributions.
+
+    Args:
+        student_logits: ``[B, T, V]`` or ``[N, V]``, any float dtype.
+        teacher_logits: same shape as ``student_logits``.
+        mask: bool ``[B, T]`` or ``[N]``; True marks a counted position.
+        kind: with p = softmax(logits / temperature),
+            ``forward`` KL(p_T || p_S); ``reverse`` KL(p_S || p_T);
+            ``jsd`` beta*KL(p_T || m) + (1-beta)*KL(p_S || m), m = beta*p_T + (1-beta)*p_S;
+            ``skew_forward`` KL(p_T || alpha*p_T + (1-alpha)*p_S);
+            ``skew_reverse`` KL(p_S || alpha*p_S + (1-alpha)*p_T);
+            ``tvd`` 0.5 * sum |p_T - p_S|.
+        temperature: softening temperature; the result is multiplied by ``temperature**2``.
+        beta: mixture weight of ``jsd``, in (0, 1).
+        alpha: skew of ``skew_forward`` / ``skew_reverse``, in [0, 1).
+
+    Returns:
+        float32 scalar: mean over counted positions of the divergence summed over V.
+    """
+    _check_kl_args(kind, temperature, beta, alpha)
+    check_same_shape(student_logits, teacher_logits, "kl_div", "logits")
+    mask = check_mask(student_logits, mask, "kl_div")
+    per = kl_rows(rows(student_logits, mask), rows(teacher_logits, mask), kind=kind, temperature=temperature, beta=beta, alpha=alpha)
+    return mean_over(per.sum(), per.shape[0])
+
+
+def dkd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> torch.Tensor:
+    """Decoupled knowledge distillation (Zhao et al., CVPR 2022).
+
+    loss = temperature**2 * (alpha * TCKD + beta * NCKD), where TCKD is the KL between
+    the binary (target, rest) distributions of teacher and student and NCKD the KL
+    between their distributions over the non-target classes only.
+
+    Args:
+        student_logits: ``[B, T, V]`` or ``[N, V]``.
+        teacher_logits: same shape.
+        target: int ``[B, T]`` or ``[N]``: the class / token id per position (ground
+            truth or the teacher's argmax). Negative ids (e.g. -100) are not counted.
+        mask: bool ``[B, T]`` or ``[N]``.
+
+    Returns:
+        float32 scalar, mean over counted positions. With 2 classes the non-target
+        distribution has a single class, so NCKD is 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"dkd: temperature must be > 0, got {temperature}")
+    check_same_shape(student_logits, teacher_logits, "dkd", "logits")
+    if student_logits.shape[-1] < 2:
+        raise ValueError("dkd: needs at least 2 classes")
+    mask = check_mask(student_logits, mask, "dkd")
+    if tuple(target.shape) != tuple(mask.shape):
+        raise ValueError(f"dkd: target has shape {tuple(target.shape)}, expected {tuple(mask.shape)} (one id per position)")
+    if target.dtype.is_floating_point:
+        raise ValueError("dkd: target must hold integer class ids")
+    mask = mask & (target >= 0)
+    tgt = target[mask].long().unsqueeze(-1)  # [N, 1]
+    s = rows(student_logits, mask) / temperature
+    t = rows(teacher_logits, mask) / temperature
+
+    def split(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # log p(target), log p(not target) and log-softmax over the non-target classes,
+        # all from logsumexps so nothing is computed as log(1 - p).
+        lse = z.logsumexp(-1, keepdim=True)
+        log_tgt = z.gather(-1, tgt) - lse
+        rest = z.scatter(-1, tgt, -math.inf)
+        lse_rest = rest.logsumexp(-1, keepdim=True)
+        return log_tgt, lse_rest - lse, rest - lse_rest
+
+    s_tgt, s_not, s_rest = split(s)
+    t_tgt, t_not, t_rest = split(t)
+    tckd = _kl(torch.cat([t_tgt, t_not], -1), torch.cat([s_tgt, s_not], -1))
+    nckd = _kl(t_rest, s_rest)
+    per = (alpha * tckd + beta * nckd) * temperature**2
+    return mean_over(per.sum(), per.shape[0])
