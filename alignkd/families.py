@@ -1,0 +1,97 @@
+"""Where the parts of each model family live: blocks, attention, q/k/v, final norm.
+
+Paths are dotted attribute paths. ``blocks`` and ``final_norm`` start at the
+model's ``base_model`` (``LlamaModel``, ``GPT2Model``, ``BertModel``, ...);
+``attention`` and ``q``/``k``/``v`` start at one block. This is the only place
+that knows module names; hooks and students go through it, losses never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    blocks: str
+    """ModuleList of transformer blocks, from base_model."""
+    attention: str
+    """Self-attention module of a block; its forward returns (output, probabilities or None)."""
+    qkv: tuple[str, str, str] | str
+    """Query, key and value projections of a block, or one fused projection split in three."""
+    final_norm: str | None
+    """Norm after the last block, from base_model (None when the family has none)."""
+
+
+_LLAMA_LIKE = Family(
+    blocks="layers",
+    attention="self_attn",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    final_norm="norm",
+)
+
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "gpt2": Family(blocks="h", attention="attn", qkv="attn.c_attn", final_norm="ln_f"),
+    "bert": Family(
+        blocks="encoder.layer",
+        attention="attention.self",
+        qkv=("attention.self.query", "attention.self.key", "attention.self.value"),
+        final_norm=None,
+    ),
+}
+
+
+class FamilyError(ValueError):
+    """The model's family is not known and its layout could not be found."""
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def family_of(model: nn.Module) -> Family:
+    """The Family of a transformers model, by ``config.model_type``."""
+    model_type = getattr(model.config, "model_type", "")
+    fam = FAMILIES.get(model_type)
+    if fam is None:
+        # Unknown type: many decoder models follow the llama layout, so try it.
+        try:
+            get_path(model.base_model, _LLAMA_LIKE.blocks)
+            fam = _LLAMA_LIKE
+        except AttributeError:
+            raise FamilyError(
+                f"model type '{model_type}' is not supported yet: known families are {', '.join(sorted(FAMILIES))}"
+            ) from None
+    return fam
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks."""
+    return get_path(model.base_model, family_of(model).blocks)
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(blocks_of(model))
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    cfg = model.config
+    return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+
+
+def num_heads_of(model: nn.Module) -> int:
+    cfg = model.config
+    return getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")

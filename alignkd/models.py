@@ -1,0 +1,90 @@
+"""Loading teachers, students and tokenizers through the matching ``AutoModel*`` class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+AUTO_CLASSES = {
+    "causal_lm": AutoModelForCausalLM,
+    "sequence_classification": AutoModelForSequenceClassification,
+    "masked_lm": AutoModelForMaskedLM,
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model or tokenizer could not be loaded or does not fit; one line says why."""
+
+
+def _check_source(path: str, what: str) -> None:
+    p = Path(path).expanduser()
+    # A hub id is "name" or "org/name"; anything else that does not exist is a missing folder.
+    looks_local = path.startswith((".", "/", "~")) or path.rstrip("/").count("/") > 1
+    if looks_local and not p.exists():
+        raise ModelError(f"{what}: model folder not found: {path}")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ModelError(f"{what}: {path} has no config.json; point it at a save_pretrained folder")
+
+
+def load_model(path: str, *, task: str, dtype: str = "float32", what: str = "model", trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """Load a pretrained model for ``task`` from a folder or hub id."""
+    _check_source(path, what)
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AUTO_CLASSES[task].from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelError(f"{what}: could not load {path!r} ({str(e).splitlines()[0]})") from None
+
+
+def load_tokenizer(path: str, *, what: str = "model", trust_remote_code: bool = False):
+    _check_source(path, what)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{what}: no tokenizer found for {path!r} ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token  # packing never pads; this only helps evaluation batches
+    return tok
+
+
+def check_tokenizers(teacher_tok, student_tok) -> None:
+    """Teacher and student must tokenise the same way: same vocabulary, same ids."""
+    if student_tok is None:
+        return
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t = len(set(tv) - set(sv))
+        only_s = len(set(sv) - set(tv))
+        raise ModelError(
+            f"teacher and student tokenizers differ ({len(tv)} vs {len(sv)} tokens; {only_t} only in the teacher, "
+            f"{only_s} only in the student): distillation needs a shared tokenizer"
+        )
+
+
+def common_vocab(teacher, student, tokenizer) -> int:
+    """Number of logit columns both models share.
+
+    Output heads are often padded past the tokenizer (e.g. 151936 vs 152064 rows);
+    such heads meet on the first ``min(V_t, V_s)`` ids. Anything smaller than the
+    tokenizer is a real mismatch.
+    """
+    vt = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None else teacher.config.vocab_size
+    vs = student.get_output_embeddings().weight.shape[0] if student.get_output_embeddings() is not None else student.config.vocab_size
+    need = len(tokenizer)
+    if min(vt, vs) < need:
+        raise ModelError(
+            f"vocabulary mismatch: teacher head has {vt} rows, student head {vs}, tokenizer {need} tokens; "
+            "both heads must cover the tokenizer"
+        )
+    return min(vt, vs)

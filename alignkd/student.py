@@ -1,0 +1,113 @@
+"""Building the student: from a path, from a subset of the teacher's blocks, or from a config."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+
+import torch
+from torch import nn
+
+from alignkd.config import StudentConfig
+from alignkd.families import blocks_of, family_of, get_path
+from alignkd.models import AUTO_CLASSES, DTYPES, ModelError, load_model
+
+
+def even_layers(num_teacher: int, num_student: int) -> list[int]:
+    """``num_student`` teacher block indices spread evenly from the first to the last."""
+    if not 1 <= num_student <= num_teacher:
+        raise ModelError(f"student.from_teacher.num_layers: must be between 1 and {num_teacher}, got {num_student}")
+    if num_student == 1:
+        return [0]
+    return [round(i * (num_teacher - 1) / (num_student - 1)) for i in range(num_student)]
+
+
+def _renumber(block: nn.Module, new_idx: int) -> None:
+    # Blocks and their attention modules carry layer_idx for KV caches and
+    # per-layer attention types; it must follow the block's new position.
+    for mod in block.modules():
+        if hasattr(mod, "layer_idx") and isinstance(mod.layer_idx, int):
+            mod.layer_idx = new_idx
+
+
+def depth_pruned(teacher: nn.Module, layers: list[int] | None, num_layers: int | None) -> nn.Module:
+    """A copy of ``teacher`` that keeps only the blocks ``layers`` (DistilBERT / Minitron depth pruning).
+
+    Embeddings, final norm and head are copied with them.
+    """
+    n = len(blocks_of(teacher))
+    if layers is None:
+        layers = even_layers(n, num_layers if num_layers is not None else max(1, n // 4))
+    if not layers:
+        raise ModelError("student.from_teacher.layers: list at least one teacher block")
+    for i in layers:
+        if not 0 <= i < n:
+            raise ModelError(f"student.from_teacher.layers: block {i} does not exist; the teacher has {n} blocks (0..{n - 1})")
+    student = copy.deepcopy(teacher)
+    fam = family_of(student)
+    old = blocks_of(student)
+    new = nn.ModuleList([old[i] for i in layers])
+    for j, block in enumerate(new):
+        _renumber(block, j)
+    parent_path, _, attr = fam.blocks.rpartition(".")
+    parent = get_path(student.base_model, parent_path) if parent_path else student.base_model
+    setattr(parent, attr, new)
+    cfg = student.config
+    cfg.num_hidden_layers = len(layers)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [cfg.layer_types[i] for i in layers]
+    if hasattr(cfg, "max_window_layers"):
+        cfg.max_window_layers = min(cfg.max_window_layers, len(layers))
+    return student
+
+
+def from_config(teacher: nn.Module, overrides: dict, task: str) -> nn.Module:
+    """A randomly initialised model of the teacher's architecture with ``overrides`` applied."""
+    base = teacher.config.to_dict()
+    for key in overrides:
+        if key not in base:
+            near = difflib.get_close_matches(key, list(base), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ModelError(f"student.config.{key}: the teacher's config has no such key{hint}")
+    merged = {**base, **overrides}
+    # Derived fields must be recomputed when what they derive from changes.
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        merged.pop("layer_types", None)
+    if ({"hidden_size", "num_attention_heads"} & set(overrides)) and "head_dim" not in overrides:
+        merged.pop("head_dim", None)
+    cfg = type(teacher.config)(**{k: v for k, v in merged.items() if k not in ("transformers_version", "model_type")})
+    return AUTO_CLASSES[task].from_config(cfg)
+
+
+def build_student(cfg: StudentConfig, teacher: nn.Module, task: str) -> nn.Module:
+    """The trainable student, in ``cfg.dtype``, in train mode."""
+    if cfg.path is not None:
+        student = load_model(cfg.path, task=task, dtype=cfg.dtype, what="student")
+    elif cfg.from_teacher is not None:
+        student = depth_pruned(teacher, cfg.from_teacher.layers, cfg.from_teacher.num_layers)
+    else:
+        student = from_config(teacher, cfg.config or {}, task)
+        if cfg.init == "prune":
+            from alignkd.prune import width_prune
+
+            width_prune(student, teacher)
+    student.to(DTYPES[cfg.dtype])
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student.train()
+    return student
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Frozen teacher: no gradients, eval mode (no dropout)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def state_size_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))

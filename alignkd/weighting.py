@@ -1,0 +1,149 @@
+"""Combining loss terms: static weights, GradNorm, uncertainty weighting, and schedules.
+
+A weighting turns the per-term losses ``{name: scalar}`` into the one scalar that
+is back-propagated. The term weights are what get logged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from alignkd.config import ScheduleConfig
+
+
+def schedule_value(s: ScheduleConfig | None, step: int, total_steps: int, default: float) -> float:
+    """Value of a schedule at ``step`` (``default`` when there is no schedule)."""
+    if s is None:
+        return default
+    steps = s.steps if s.steps is not None else total_steps
+    frac = min(max(step / max(steps, 1), 0.0), 1.0)
+    if s.kind == "constant":
+        return s.start
+    if s.kind == "warmup":
+        return s.start * frac
+    if s.kind == "linear":
+        return s.start + (s.end - s.start) * frac
+    if s.kind == "cosine":
+        return s.end + (s.start - s.end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"unknown schedule kind {s.kind!r}")
+
+
+class Weighting(nn.Module):
+    """Static weights; the base of the dynamic strategies."""
+
+    def __init__(self, names: list[str], init: list[float]):
+        super().__init__()
+        self.names = list(names)
+        self.register_buffer("init", torch.tensor(init, dtype=torch.float32))
+
+    def weights(self) -> torch.Tensor:
+        """``[K]`` current weights (no gradient into the model's loss)."""
+        return self.init
+
+    def combine(self, losses: dict[str, torch.Tensor], multipliers: list[float]) -> torch.Tensor:
+        """Weighted sum of the terms; ``multipliers`` are the weight schedules at this step."""
+        w = self.weights().detach()
+        return sum(w[i] * multipliers[i] * losses[n] for i, n in enumerate(self.names))
+
+    def update(self, losses: dict[str, torch.Tensor], multipliers: list[float], shared: list[nn.Parameter], reduce=None) -> None:
+        """Adjust the weights after a step's forward (no-op for static)."""
+
+    def model_params(self) -> list[nn.Parameter]:
+        """Parameters trained by the main optimizer along with the student."""
+        return []
+
+    def log(self) -> dict[str, float]:
+        return {f"w/{n}": float(v) for n, v in zip(self.names, self.weights().detach().cpu())}
+
+
+class GradNorm(Weighting):
+    """GradNorm (Chen et al., ICML 2018).
+
+    Each term's weighted gradient norm G_i = w_i * ||d L_i / d W|| on shared
+    parameters W is pulled towards mean(G) * r_i**alpha, where r_i is the term's
+    loss ratio L_i(t) / L_i(0) relative to the mean ratio: terms that train slowly
+    get larger weights. The weights are renormalised to sum to the number of terms
+    and kept positive.
+    """
+
+    def __init__(self, names: list[str], init: list[float], *, alpha: float = 1.5, lr: float = 0.025):
+        super().__init__(names, init)
+        k = len(names)
+        w0 = torch.tensor(init, dtype=torch.float32).clamp(min=1e-3)
+        self.w = nn.Parameter(w0 * k / w0.sum())
+        self.alpha = alpha
+        self.opt = torch.optim.Adam([self.w], lr=lr)
+        self.register_buffer("initial_losses", torch.zeros(k))
+
+    def weights(self) -> torch.Tensor:
+        return self.w
+
+    # The weights' own optimizer state travels in state_dict() with the weights.
+    def get_extra_state(self):
+        return self.opt.state_dict()
+
+    def set_extra_state(self, state) -> None:
+        self.opt.load_state_dict(state)
+
+    def update(self, losses, multipliers, shared, reduce=None) -> None:
+        k = len(self.names)
+        values = torch.stack([losses[n].detach().float() for n in self.names])
+        norms = []
+        for i, n in enumerate(self.names):
+            grads = torch.autograd.grad(multipliers[i] * losses[n], shared, retain_graph=True, allow_unused=True)
+            sq = sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros((), device=values.device))
+            norms.append(sq)
+        sq_norms = torch.stack(norms).to(self.w.device)
+        values = values.to(self.w.device)
+        if reduce is not None:  # every process must take the same step
+            sq_norms, values = reduce(sq_norms), reduce(values) / reduce(torch.ones((), device=values.device))
+        g = sq_norms.sqrt()
+        if float(self.initial_losses.abs().sum()) == 0.0:
+            self.initial_losses.copy_(values.clamp(min=1e-12))
+        ratio = values / self.initial_losses
+        rel = ratio / ratio.mean().clamp(min=1e-12)
+        big_g = self.w * g
+        target = (big_g.mean() * rel.pow(self.alpha)).detach()
+        gradnorm_loss = (big_g - target).abs().sum()
+        self.opt.zero_grad(set_to_none=True)
+        self.w.grad = torch.autograd.grad(gradnorm_loss, self.w)[0]
+        self.opt.step()
+        with torch.no_grad():
+            self.w.clamp_(min=1e-4)
+            self.w.mul_(k / self.w.sum())
+
+
+class Uncertainty(Weighting):
+    """Homoscedastic uncertainty weighting (Kendall et al., CVPR 2018).
+
+    total = sum_i exp(-s_i) * L_i + s_i with learnable log-variances s_i, trained
+    with the model by the main optimizer. s_i starts at -log(weight_i) so the
+    first step uses the configured weights.
+    """
+
+    def __init__(self, names: list[str], init: list[float]):
+        super().__init__(names, init)
+        w0 = torch.tensor(init, dtype=torch.float32).clamp(min=1e-3)
+        self.log_vars = nn.Parameter(-w0.log())
+
+    def weights(self) -> torch.Tensor:
+        return torch.exp(-self.log_vars)
+
+    def model_params(self) -> list[nn.Parameter]:
+        return [self.log_vars]
+
+    def combine(self, losses, multipliers):
+        return sum(
+            torch.exp(-self.log_vars[i]) * multipliers[i] * losses[n] + self.log_vars[i] for i, n in enumerate(self.names)
+        )
+
+
+def build_weighting(strategy: str, names: list[str], init: list[float], *, alpha: float = 1.5, lr: float = 0.025) -> Weighting:
+    if strategy == "gradnorm":
+        return GradNorm(names, init, alpha=alpha, lr=lr)
+    if strategy == "uncertainty":
+        return Uncertainty(names, init)
+    return Weighting(names, init)

@@ -1,0 +1,77 @@
+"""Tiny models, tokenizer and text for the engine tests, built offline from configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+SPECIALS = ["<pad>", "<eos>", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: 256 byte tokens + specials, so any text round-trips."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
+
+
+VOCAB = 5 + 256
+
+
+def config(family: str, *, layers: int = 2, width: int = 32, heads: int = 4, vocab: int = VOCAB, **kw):
+    common = dict(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * width)
+    if family == "llama":
+        return LlamaConfig(**common, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw)
+    if family == "qwen2":
+        return Qwen2Config(**common, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw)
+    if family == "gemma3":
+        return Gemma3TextConfig(**common, num_key_value_heads=max(1, heads // 2), head_dim=width // heads, max_position_embeddings=256, sliding_window=16, pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=width, n_layer=layers, n_head=heads, n_positions=256, pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw)
+    if family == "bert":
+        return BertConfig(**common, max_position_embeddings=256, pad_token_id=0, num_labels=2, **kw)
+    raise ValueError(family)
+
+
+def save_model(path: Path, family: str = "llama", *, task: str = "causal_lm", seed: int = 0, **kw) -> Path:
+    """Build a random tiny model (+ the byte tokenizer) and save it to ``path``."""
+    torch.manual_seed(seed)
+    cfg = config(family, **kw)
+    cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    model = cls.from_config(cfg)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be "
+    "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
+    "surrounding families, that he is considered the rightful property of some one or other of "
+    "their daughters. "
+)
+
+
+def write_corpus(path: Path, docs: int = 12) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        (path / f"doc{i:02d}.txt").write_text(TEXT * (1 + i % 3))
+    return path
