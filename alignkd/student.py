@@ -65,7 +65,7 @@ def from_config(teacher: nn.Module, overrides: dict, task: str) -> nn.Module:
     """A randomly initialised model of the teacher's architecture with ``overrides`` applied."""
     base = teacher.config.to_dict()
     for key in overrides:
-        if key not in base:
+        if key not in base and not hasattr(teacher.config, key) and key != "head_dim":
             near = difflib.get_close_matches(key, list(base), n=1)
             hint = f"; did you mean '{near[0]}'?" if near else ""
             raise ModelError(f"student.config.{key}: the teacher's config has no such key{hint}")

@@ -32,7 +32,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-VOCAB = 5 + 256
+VOCAB = 272  # 261 tokens, padded like real heads (Qwen2Tokenizer adds one more)
 
 
 def config(family: str, *, layers: int = 2, width: int = 32, heads: int = 4, vocab: int = VOCAB, **kw):

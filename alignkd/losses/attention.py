@@ -98,7 +98,10 @@ def relation_kl(
 
     def log_relation(x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        xh = x.float().view(b, t, h, d // h).transpose(1, 2)  # [B, h, T, dh]
+        # Zero the padding first: inf/NaN there would reach the counted rows through
+        # the matmul's backward even though those rows are dropped later.
+        x = x.float().masked_fill(~mask[..., None], 0.0)
+        xh = x.view(b, t, h, d // h).transpose(1, 2)  # [B, h, T, dh]
         scores = xh @ xh.transpose(-1, -2) / (math.sqrt(d // h) * temperature)
         # Masked keys get the most negative finite score, not -inf, so rows whose
         # keys are all masked stay finite (those queries are dropped below anyway).

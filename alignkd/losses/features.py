@@ -88,11 +88,11 @@ def info_nce(
     """
     if not temperature > 0:
         raise ValueError(f"info_nce: temperature must be > 0, got {temperature}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"info_nce: max_tokens must be >= 1, got {max_tokens}")
     s, t = _pair(student, teacher, mask, "info_nce")
     n = s.shape[0]
     if max_tokens is not None and n > max_tokens:
-        if max_tokens < 1:
-            raise ValueError(f"info_nce: max_tokens must be >= 1, got {max_tokens}")
         idx = torch.randperm(n, generator=generator, device="cpu")[:max_tokens].to(s.device)
         s, t, n = s[idx], t[idx], max_tokens
     s = F.normalize(s, dim=-1)

@@ -155,6 +155,8 @@ def dkd(
         raise ValueError("dkd: target must hold integer class ids")
     mask = mask & (target >= 0)
     tgt = target[mask].long().unsqueeze(-1)  # [N, 1]
+    if tgt.numel() and int(tgt.max()) >= student_logits.shape[-1]:
+        raise ValueError(f"dkd: target id {int(tgt.max())} is out of range for {student_logits.shape[-1]} classes")
     s = rows(student_logits, mask) / temperature
     t = rows(teacher_logits, mask) / temperature
 
