@@ -63,7 +63,8 @@ def _logits(x: StepTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s, t = x.student.logits, x.teacher.logits
     if x.task == "sequence_classification":
         return s, t, torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-    s, t = s[..., : x.vocab], t[..., : x.vocab]
+    s = s[..., : x.vocab]
+    t = t[..., : x.vocab] if t is not None else None  # no teacher forward in a CE-only run
     if x.task == "masked_lm":
         return s, t, x.labels != -100
     return s, t, x.mask

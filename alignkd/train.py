@@ -74,6 +74,11 @@ class Run:
     out: Path
 
     @property
+    def needs_teacher(self) -> bool:
+        """False for a plain cross-entropy run (a baseline): then the teacher never runs."""
+        return any(t.cfg.type != "ce" for t in self.terms)
+
+    @property
     def unwrapped(self) -> StudentSide:
         return self.accelerator.unwrap_model(self.side)
 
@@ -236,7 +241,7 @@ def train(run: Run, start_step: int = 0) -> dict:
             global_count = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum").item()
             sums: dict[str, float] = {}
             for k, batch in enumerate(micro):
-                teacher_rec = teacher_forward(run, batch)
+                teacher_rec = teacher_forward(run, batch) if run.needs_teacher else Record()
                 sync = acc.no_sync(run.side) if k < len(micro) - 1 else _nullcontext()
                 with sync:
                     with acc.autocast():

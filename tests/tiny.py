@@ -75,3 +75,11 @@ def write_corpus(path: Path, docs: int = 12) -> Path:
     for i in range(docs):
         (path / f"doc{i:02d}.txt").write_text(TEXT * (1 + i % 3))
     return path
+
+
+def build(family: str = "llama", *, task: str = "causal_lm", seed: int = 0, attn_implementation: str | None = None, **kw):
+    """A random tiny model in memory (eval mode, so forwards are deterministic)."""
+    torch.manual_seed(seed)
+    cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return cls.from_config(config(family, **kw), **extra).eval()

@@ -14,7 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from alignkd.losses._reduce import check_mask, check_same_shape, mean_over, rows, safe_log
+from alignkd.losses._chunked import row_sum
+from alignkd.losses._reduce import check_mask, check_same_shape, mean_over, safe_log
 
 KL_KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
 
@@ -112,8 +113,12 @@ def kl_div(
     _check_kl_args(kind, temperature, beta, alpha)
     check_same_shape(student_logits, teacher_logits, "kl_div", "logits")
     mask = check_mask(student_logits, mask, "kl_div")
-    per = kl_rows(rows(student_logits, mask), rows(teacher_logits, mask), kind=kind, temperature=temperature, beta=beta, alpha=alpha)
-    return mean_over(per.sum(), per.shape[0])
+    s, t = student_logits[mask], teacher_logits[mask]
+
+    def per_row(s_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
+        return kl_rows(s_rows, t_rows, kind=kind, temperature=temperature, beta=beta, alpha=alpha)
+
+    return mean_over(row_sum(per_row, s, t), s.shape[0])
 
 
 def dkd(
@@ -157,10 +162,7 @@ def dkd(
     tgt = target[mask].long().unsqueeze(-1)  # [N, 1]
     if tgt.numel() and int(tgt.max()) >= student_logits.shape[-1]:
         raise ValueError(f"dkd: target id {int(tgt.max())} is out of range for {student_logits.shape[-1]} classes")
-    s = rows(student_logits, mask) / temperature
-    t = rows(teacher_logits, mask) / temperature
-
-    def split(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def split(z: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # log p(target), log p(not target) and log-softmax over the non-target classes,
         # all from logsumexps so nothing is computed as log(1 - p).
         lse = z.logsumexp(-1, keepdim=True)
@@ -169,9 +171,11 @@ def dkd(
         lse_rest = rest.logsumexp(-1, keepdim=True)
         return log_tgt, lse_rest - lse, rest - lse_rest
 
-    s_tgt, s_not, s_rest = split(s)
-    t_tgt, t_not, t_rest = split(t)
-    tckd = _kl(torch.cat([t_tgt, t_not], -1), torch.cat([s_tgt, s_not], -1))
-    nckd = _kl(t_rest, s_rest)
-    per = (alpha * tckd + beta * nckd) * temperature**2
-    return mean_over(per.sum(), per.shape[0])
+    def per_row(s_rows: torch.Tensor, t_rows: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        s_tgt, s_not, s_rest = split(s_rows.float() / temperature, tgt)
+        t_tgt, t_not, t_rest = split(t_rows.float() / temperature, tgt)
+        tckd = _kl(torch.cat([t_tgt, t_not], -1), torch.cat([s_tgt, s_not], -1))
+        nckd = _kl(t_rest, s_rest)
+        return (alpha * tckd + beta * nckd) * temperature**2
+
+    return mean_over(row_sum(per_row, student_logits[mask], teacher_logits[mask], tgt), tgt.shape[0])
