@@ -95,3 +95,20 @@ def hidden_size_of(model: nn.Module) -> int:
 def num_heads_of(model: nn.Module) -> int:
     cfg = model.config
     return getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+
+
+def disable_attention_dropout(model: nn.Module) -> None:
+    """Set attention-probability dropout to 0 in every block.
+
+    Eager attention returns its probabilities after dropout; an attention loss on
+    those would compare the teacher against randomly zeroed maps.
+    """
+    fam = family_of(model)
+    for block in blocks_of(model):
+        attn = get_path(block, fam.attention)
+        for mod in attn.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.p = 0.0
+            for name, value in list(vars(mod).items()):
+                if "dropout" in name and isinstance(value, float):
+                    setattr(mod, name, 0.0)

@@ -26,7 +26,7 @@ from torch import nn
 from alignkd.capture import Capture, Record
 from alignkd.config import Config, to_dict
 from alignkd.data import BlockSampler, build_classification_data, build_lm_data
-from alignkd.families import blocks_of
+from alignkd.families import blocks_of, disable_attention_dropout
 from alignkd.models import check_tokenizers, common_vocab, load_model as load_hf_model, load_tokenizer
 from alignkd.plan import StudentSide, build_plan
 from alignkd.progress import Progress
@@ -137,6 +137,7 @@ def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
         say("[yellow]attention loss: switching both models to eager attention (slower, O(T^2) memory per layer)[/]")
         for m in (teacher, student):
             m.set_attn_implementation("eager")
+        disable_attention_dropout(student)
     teacher_capture = Capture(teacher, plan.teacher_needs)
     side = StudentSide(student, plan.student_needs, plan.projectors, plan.mixes)
     names = [t.cfg.name for t in plan.terms]

@@ -68,11 +68,14 @@ def _train_teacher(path: Path, corpus: Path, steps: int) -> float:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+# The installed console script when there is one (it is what users run), else the module.
+SCRIPT = Path(sys.executable).with_name("alignkd")
+COMMAND = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "alignkd.cli"]
+
+
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """``alignkd <args>`` in a fresh interpreter."""
-    return subprocess.run(
-        [sys.executable, "-m", "alignkd.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([*COMMAND, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
