@@ -13,8 +13,8 @@ class LayerMapError(ValueError):
 
 
 def auto_map(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
-    """Student block i of L_s meets teacher block round((i + 1) * L_t / L_s) - 1."""
-    return [(i, math.floor((i + 1) * num_teacher / num_student + 0.5) - 1) for i in range(num_student)]
+    """Student block i of L_s meets teacher block round((i + 1) * L_t / L_s) - 1 (at least block 0)."""
+    return [(i, max(0, math.floor((i + 1) * num_teacher / num_student + 0.5) - 1)) for i in range(num_student)]
 
 
 def resolve_map(spec, num_student: int, num_teacher: int, where: str) -> list[tuple[int, int]]:

@@ -320,6 +320,9 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
 
 def to_dict(obj: Any) -> Any:
     """Plain-dict form of a config (what ``--print-config`` prints and runs save)."""
+    if isinstance(obj, LossConfig) and obj.type in LOSS_FIELDS:
+        keep = COMMON_LOSS_FIELDS | LOSS_FIELDS[obj.type]
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name in keep}
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, list):
@@ -342,10 +345,12 @@ def apply_override(data: dict, assignment: str) -> None:
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
             node = node[_index(part, node, where)]
-        else:
+        elif isinstance(node, dict):
             if node.get(part) is None:
                 node[part] = {}
             node = node[part]
+        else:
+            raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is a value, not a mapping")
     last = parts[-1]
     if isinstance(node, list):
         node[_index(last, node, key)] = value
@@ -409,7 +414,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.seq_len: must be at least 2")
     if not cfg.losses:
         raise ConfigError("losses: add at least one term, e.g. [{type: kl}]")
-    seen: dict[str, int] = {}
     for i, loss in enumerate(cfg.losses):
         where = f"losses[{i}]"
         _one_of(loss.type, list(LOSS_FIELDS), f"{where}.type")
@@ -455,12 +459,30 @@ def validate(cfg: Config) -> None:
         for sched, kind_where in ((loss.weight_schedule, "weight_schedule"), (loss.temperature_schedule, "temperature_schedule")):
             if sched is not None:
                 _one_of(sched.kind, ("constant", "warmup", "linear", "cosine"), f"{where}.{kind_where}.kind")
-        base = loss.name or loss.type
-        seen[base] = seen.get(base, 0) + 1
+        if loss.num_relation_heads is not None and loss.num_relation_heads < 1:
+            raise ConfigError(f"{where}.num_relation_heads: must be >= 1")
+        if loss.max_tokens is not None and loss.max_tokens < 1:
+            raise ConfigError(f"{where}.max_tokens: must be >= 1 (or null for all positions)")
+        ts = loss.temperature_schedule
+        if ts is not None:
+            if ts.kind == "warmup" or min(ts.start, ts.end if ts.kind != "constant" else ts.start) <= 0:
+                raise ConfigError(f"{where}.temperature_schedule: temperatures must stay > 0 (use constant, linear or cosine with start and end > 0)")
+        if cfg.weighting.strategy != "static" and loss.weight == 0:
+            raise ConfigError(f"{where}.weight: 0 under {cfg.weighting.strategy} weighting would be learned away from 0; remove the term instead")
+    used: set[str] = set()
+    for i, loss in enumerate(cfg.losses):
+        if loss.name is not None:
+            if loss.name in used:
+                raise ConfigError(f"losses[{i}].name: '{loss.name}' is used by two terms; names must be unique")
+            used.add(loss.name)
+    for loss in cfg.losses:
         if loss.name is None:
-            loss.name = base if seen[base] == 1 else f"{base}_{seen[base]}"
-        elif seen[base] > 1:
-            raise ConfigError(f"{where}.name: '{base}' is used by two terms; names must be unique")
+            name, k = loss.type, 1
+            while name in used:
+                k += 1
+                name = f"{loss.type}_{k}"
+            loss.name = name
+            used.add(name)
     _one_of(cfg.weighting.strategy, ("static", "gradnorm", "uncertainty"), "weighting.strategy")
     if cfg.weighting.every < 1:
         raise ConfigError("weighting.every: must be >= 1")

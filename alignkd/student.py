@@ -46,7 +46,8 @@ def depth_pruned(teacher: nn.Module, layers: list[int] | None, num_layers: int |
     student = copy.deepcopy(teacher)
     fam = family_of(student)
     old = blocks_of(student)
-    new = nn.ModuleList([old[i] for i in layers])
+    # A block listed twice gets its own copy, so the two are trained independently.
+    new = nn.ModuleList([old[i] if layers.index(i) == j else copy.deepcopy(old[i]) for j, i in enumerate(layers)])
     for j, block in enumerate(new):
         _renumber(block, j)
     parent_path, _, attr = fam.blocks.rpartition(".")
@@ -73,8 +74,11 @@ def from_config(teacher: nn.Module, overrides: dict, task: str) -> nn.Module:
     # Derived fields must be recomputed when what they derive from changes.
     if "num_hidden_layers" in overrides and "layer_types" not in overrides:
         merged.pop("layer_types", None)
-    if ({"hidden_size", "num_attention_heads"} & set(overrides)) and "head_dim" not in overrides:
-        merged.pop("head_dim", None)
+    if ({"hidden_size", "num_attention_heads"} & set(overrides)) and "head_dim" not in overrides and "head_dim" in base:
+        # Recompute head_dim only where the teacher derives it (llama: hidden / heads);
+        # families that set it on its own (gemma) keep the teacher's.
+        if base["head_dim"] == base["hidden_size"] // base["num_attention_heads"]:
+            merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
     cfg = type(teacher.config)(**{k: v for k, v in merged.items() if k not in ("transformers_version", "model_type")})
     return AUTO_CLASSES[task].from_config(cfg)
 

@@ -136,8 +136,10 @@ class Uncertainty(Weighting):
         return [self.log_vars]
 
     def combine(self, losses, multipliers):
+        # The schedule multiplies the whole term, regulariser included, so a term
+        # switched off by its schedule leaves its log-variance alone.
         return sum(
-            torch.exp(-self.log_vars[i]) * multipliers[i] * losses[n] + self.log_vars[i] for i, n in enumerate(self.names)
+            multipliers[i] * (torch.exp(-self.log_vars[i]) * losses[n] + self.log_vars[i]) for i, n in enumerate(self.names)
         )
 
 
@@ -146,4 +148,6 @@ def build_weighting(strategy: str, names: list[str], init: list[float], *, alpha
         return GradNorm(names, init, alpha=alpha, lr=lr)
     if strategy == "uncertainty":
         return Uncertainty(names, init)
-    return Weighting(names, init)
+    if strategy == "static":
+        return Weighting(names, init)
+    raise ValueError(f"unknown weighting strategy {strategy!r}; choose static, gradnorm or uncertainty")

@@ -269,11 +269,12 @@ def test_uncertainty_combine_value_and_gradients():
     losses = {"a": raw[0], "b": raw[1], "c": raw[2]}
     total = u.combine(losses, mult)
     m = torch.tensor(mult)
-    expected = (torch.exp(-s) * m * raw.detach() + s).sum()
+    # The schedule multiplier scales the whole term, regulariser included.
+    expected = (m * (torch.exp(-s) * raw.detach() + s)).sum()
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     total.backward()
-    # d/ds [exp(-s) m L + s] = 1 - exp(-s) m L ; d/dL = exp(-s) m
-    torch.testing.assert_close(u.log_vars.grad, 1 - torch.exp(-s) * m * raw.detach())
+    # d/ds [m (exp(-s) L + s)] = m (1 - exp(-s) L) ; d/dL = m exp(-s)
+    torch.testing.assert_close(u.log_vars.grad, m * (1 - torch.exp(-s) * raw.detach()))
     torch.testing.assert_close(raw.grad, torch.exp(-s) * m)
 
 
