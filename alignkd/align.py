@@ -68,5 +68,7 @@ class AdaptiveMix(nn.Module):
 
     def forward(self, row: int, teacher_hidden: list[torch.Tensor]) -> torch.Tensor:
         """Mix ``L_t`` teacher states ``[B, T, D_t]`` into one target ``[B, T, D_t]``."""
-        w = self.weights()[row]
-        return sum(w[j] * h.float() for j, h in enumerate(teacher_hidden))
+        # torch.stack copies, which also turns the teacher's inference-mode tensors
+        # into ones autograd may save for the mixture weights' gradient.
+        stacked = torch.stack([h.float() for h in teacher_hidden])  # [L_t, B, T, D_t]
+        return torch.einsum("l,l...->...", self.weights()[row], stacked)

@@ -32,7 +32,11 @@ def _distill(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    from transformers.utils import logging as hf_logging
+
     from alignkd.train import distill
+
+    hf_logging.disable_progress_bar()  # our own progress display; errors stay one line
 
     summary = distill(cfg, resume=args.resume)
     s, t = summary["student_eval"], summary["teacher_eval"]

@@ -255,7 +255,8 @@ def train(run: Run, start_step: int = 0) -> dict:
                 for name, v in losses.items():
                     sums[name] = sums.get(name, 0.0) + v.item() * counts[k]
                 sums["loss"] = sums.get("loss", 0.0) + loss.item() * counts[k]
-            grad_norm = acc.clip_grad_norm_(run.side.parameters(), cfg.train.max_grad_norm) if cfg.train.max_grad_norm > 0 else None
+            # With clipping off, an infinite bound still returns the norm for the log.
+            grad_norm = acc.clip_grad_norm_(run.side.parameters(), cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf)
             lr = run.scheduler.get_last_lr()[0]
             run.optimizer.step()
             run.scheduler.step()
@@ -268,8 +269,7 @@ def train(run: Run, start_step: int = 0) -> dict:
             record.update(run.weighting.log())
             record.update({f"temperature/{t.cfg.name}": t.temperature for t in run.terms if t.temperature is not None and t.cfg.temperature_schedule})
             record.update({"lr": lr, "tokens_per_s": tokens / seconds, "step_s": seconds})
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+            record["grad_norm"] = float(grad_norm)
             progress.update(step + 1, record)
             if log_file and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total):
                 _write(log_file, tb, record)
@@ -454,12 +454,12 @@ def distill(cfg: Config, *, resume: bool = False) -> dict:
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     say = _say(accelerator)
+    run = setup(cfg, accelerator, say)  # bad input stops here, before the output folder is touched
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resume and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    run = setup(cfg, accelerator, say)
     start = 0
     if resume:
         ckpt = latest_checkpoint(out)

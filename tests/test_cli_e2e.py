@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tiny
@@ -70,7 +72,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # The installed console script when there is one (it is what users run), else the module.
 SCRIPT = Path(sys.executable).with_name("alignkd")
-COMMAND = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "alignkd.cli"]
+COMMAND = [sys.executable, str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "alignkd.cli"]
 
 
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -193,6 +195,26 @@ def test_student_reloads_with_transformers_alone(run, workdir):
     res = subprocess.run([sys.executable, "-c", script], cwd=workdir, env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ok")
+
+
+def test_resume_flag_continues_from_the_latest_checkpoint(run, config_file, workdir):
+    """``--resume`` in a new process picks up step 20 and ends where the uninterrupted run ended."""
+    proc, out = run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = workdir / "resumed"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / f"step-{STEPS}")
+    shutil.rmtree(again / "student")
+    res = cli("distill", str(config_file), f"train.steps={STEPS}", f"train.output_dir={again}", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stderr and "step 20" in res.stderr, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert steps == list(range(1, STEPS + 1)) + list(range(21, STEPS + 1))
+    want, got = load_file(str(out / "student" / "model.safetensors")), load_file(str(again / "student" / "model.safetensors"))
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-5), f"{k} differs after --resume"
 
 
 def test_print_config_prints_the_resolved_config(config_file, workdir):
