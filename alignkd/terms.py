@@ -88,7 +88,9 @@ def _targets(x: StepTensors) -> tuple[torch.Tensor, torch.Tensor]:
 def ce_term(term: Term, x: StepTensors) -> torch.Tensor:
     s, _, _ = _logits(x)
     tgt, has = _targets(x)
-    ce = F.cross_entropy(s[has].float(), tgt[has], reduction="sum")
+    # ignore_index instead of s[has]: no [N, V] copy forward and no scatter backward.
+    tgt = torch.where(has, tgt, torch.full_like(tgt, -100))
+    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="sum")
     return ce / has.sum().clamp(min=1)
 
 

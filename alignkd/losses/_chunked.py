@@ -1,11 +1,13 @@
 """Row-chunked evaluation of a per-row loss, with its gradient computed in the forward.
 
 For logits ``[N, V]`` with a large vocabulary, plain autograd keeps several
-``[N, V]`` float32 temporaries alive until the backward pass. Here the rows are
-processed in chunks: each chunk's loss and its gradient w.r.t. the student rows
-are computed at once and only the gradient ``[N, V]`` is kept, so the extra
-memory is one chunk of temporaries. The backward pass is a multiplication.
-The maths is still the one per-row function; only the evaluation order changes.
+``[N, V]`` float32 temporaries alive until the backward pass, and selecting the
+counted rows (``x[mask]``) costs a copy forward and a scatter backward. Here
+the counted rows are gathered one chunk at a time: each chunk's loss and its
+gradient w.r.t. the student rows are computed at once, and the gradient is
+written straight into a buffer of the input's shape, so the extra memory is one
+chunk of temporaries and the backward pass is a multiplication. The maths is
+still the one per-row function; only the evaluation order changes.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ CHUNK_ELEMENTS = 1 << 22
 
 class _ChunkedRowSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student: torch.Tensor, fn: Callable, others: tuple, rows_per_chunk: int):
+    def forward(ctx, student: torch.Tensor, fn: Callable, rows: torch.Tensor, others: tuple, rows_per_chunk: int):
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        grad = torch.empty_like(student)
-        for i in range(0, student.shape[0], rows_per_chunk):
-            chunk = student[i : i + rows_per_chunk].detach().requires_grad_(True)
+        every_row = rows.numel() == student.shape[0]
+        grad = torch.empty_like(student) if every_row else torch.zeros_like(student)
+        for i in range(0, rows.numel(), rows_per_chunk):
+            idx = rows[i : i + rows_per_chunk]
+            chunk = student.index_select(0, idx).detach().requires_grad_(True)
             with torch.enable_grad():
-                value = fn(chunk, *(o[i : i + rows_per_chunk] for o in others)).sum()
+                value = fn(chunk, *(o.index_select(0, idx) for o in others)).sum()
             (g,) = torch.autograd.grad(value, chunk)
-            grad[i : i + rows_per_chunk] = g
+            grad.index_copy_(0, idx, g)
             total += value.detach()
         ctx.save_for_backward(grad)
         return total
@@ -36,17 +40,18 @@ class _ChunkedRowSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None
+        return grad * grad_out.to(grad.dtype), None, None, None, None
 
 
-def row_sum(fn: Callable[..., torch.Tensor], student: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """``fn(student, *others).sum()`` over rows ``[N, ...]``, chunked when only ``student`` needs a gradient.
+def row_sum(fn: Callable[..., torch.Tensor], student: torch.Tensor, rows: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """``fn(student[rows], *(o[rows] for o in others)).sum()`` for row-aligned ``[N, ...]`` inputs.
 
-    ``fn`` maps row-aligned tensors to per-row values ``[n]``. Falls back to plain
-    autograd when another input needs a gradient (or none does).
+    ``rows`` is a 1-D index of the counted rows; ``fn`` maps row-aligned tensors
+    to per-row values ``[n]``. Chunked when only ``student`` needs a gradient,
+    plain autograd otherwise.
     """
-    others_grad = any(o.requires_grad for o in others if isinstance(o, torch.Tensor))
-    if not (student.requires_grad and torch.is_grad_enabled()) or others_grad or student.shape[0] == 0:
-        return fn(student, *others).sum()
+    others_grad = any(o.requires_grad for o in others)
+    if not (student.requires_grad and torch.is_grad_enabled()) or others_grad or rows.numel() == 0:
+        return fn(student[rows], *(o[rows] for o in others)).sum()
     per_row = max(1, student[0].numel())
-    return _ChunkedRowSum.apply(student, fn, others, max(1, CHUNK_ELEMENTS // per_row))
+    return _ChunkedRowSum.apply(student, fn, rows, others, max(1, CHUNK_ELEMENTS // per_row))

@@ -113,12 +113,14 @@ def kl_div(
     _check_kl_args(kind, temperature, beta, alpha)
     check_same_shape(student_logits, teacher_logits, "kl_div", "logits")
     mask = check_mask(student_logits, mask, "kl_div")
-    s, t = student_logits[mask], teacher_logits[mask]
+    v = student_logits.shape[-1]
+    rows = mask.reshape(-1).nonzero().squeeze(1)
 
     def per_row(s_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
         return kl_rows(s_rows, t_rows, kind=kind, temperature=temperature, beta=beta, alpha=alpha)
 
-    return mean_over(row_sum(per_row, s, t), s.shape[0])
+    total = row_sum(per_row, student_logits.reshape(-1, v), rows, teacher_logits.reshape(-1, v))
+    return mean_over(total, rows.numel())
 
 
 def dkd(
@@ -158,10 +160,12 @@ def dkd(
         raise ValueError(f"dkd: target has shape {tuple(target.shape)}, expected {tuple(mask.shape)} (one id per position)")
     if target.dtype.is_floating_point:
         raise ValueError("dkd: target must hold integer class ids")
+    v = student_logits.shape[-1]
     mask = mask & (target >= 0)
-    tgt = target[mask].long().unsqueeze(-1)  # [N, 1]
-    if tgt.numel() and int(tgt.max()) >= student_logits.shape[-1]:
-        raise ValueError(f"dkd: target id {int(tgt.max())} is out of range for {student_logits.shape[-1]} classes")
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    tgt = target.reshape(-1, 1).long()  # [N_all, 1]; only counted rows are read
+    if rows.numel() and int(tgt[rows].max()) >= v:
+        raise ValueError(f"dkd: target id {int(tgt[rows].max())} is out of range for {v} classes")
     def split(z: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # log p(target), log p(not target) and log-softmax over the non-target classes,
         # all from logsumexps so nothing is computed as log(1 - p).
@@ -178,4 +182,5 @@ def dkd(
         nckd = _kl(t_rest, s_rest)
         return (alpha * tckd + beta * nckd) * temperature**2
 
-    return mean_over(row_sum(per_row, student_logits[mask], teacher_logits[mask], tgt), tgt.shape[0])
+    total = row_sum(per_row, student_logits.reshape(-1, v), rows, teacher_logits.reshape(-1, v), tgt)
+    return mean_over(total, rows.numel())
