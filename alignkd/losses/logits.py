@@ -119,8 +119,26 @@ def kl_div(
     def per_row(s_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
         return kl_rows(s_rows, t_rows, kind=kind, temperature=temperature, beta=beta, alpha=alpha)
 
-    total = row_sum(per_row, student_logits.reshape(-1, v), rows, teacher_logits.reshape(-1, v))
+    closed_form = _forward_kl_value_and_grad(temperature) if kind == "forward" else None
+    total = row_sum(per_row, student_logits.reshape(-1, v), rows, teacher_logits.reshape(-1, v), value_and_grad=closed_form)
     return mean_over(total, rows.numel())
+
+
+def _forward_kl_value_and_grad(temperature: float):
+    """Forward KL per row and its gradient in closed form: d/dz_S = T * (p_S - p_T).
+
+    Halves the work of autograd for the most common kind (the gradient of
+    T^2 * KL(p_T || softmax(z_S / T)) w.r.t. the student logits z_S).
+    """
+
+    def f(s_rows: torch.Tensor, t_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = F.log_softmax(s_rows.float() / temperature, dim=-1)
+        t = F.log_softmax(t_rows.float() / temperature, dim=-1)
+        p_t = t.exp()
+        per = (p_t * (safe_log(t) - safe_log(s))).sum(-1) * temperature**2
+        return per, (s.exp() - p_t) * temperature
+
+    return f
 
 
 def dkd(
