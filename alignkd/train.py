@@ -264,8 +264,12 @@ def train(run: Run, start_step: int = 0) -> dict:
 
             seconds = time.perf_counter() - t0
             tokens = sum(int(b.mask.sum()) for b in micro) * acc.num_processes
-            record = {"split": "train", "step": step + 1, "loss": sums["loss"] / max(sum(counts), 1)}
-            record.update({f"loss/{n}": sums[n] / max(sum(counts), 1) for n in run.weighting.names})
+            # Logged losses are token-weighted means over all micro-batches and processes.
+            keys = ["loss", *run.weighting.names]
+            totals = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device, dtype=torch.float64), "sum")
+            means = {k: float(v) / max(global_count, 1.0) for k, v in zip(keys, totals)}
+            record = {"split": "train", "step": step + 1, "loss": means["loss"]}
+            record.update({f"loss/{n}": means[n] for n in run.weighting.names})
             record.update(run.weighting.log())
             record.update({f"temperature/{t.cfg.name}": t.temperature for t in run.terms if t.temperature is not None and t.cfg.temperature_schedule})
             record.update({"lr": lr, "tokens_per_s": tokens / seconds, "step_s": seconds})
