@@ -113,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from alignkd.errors import USER_ERRORS
-
     try:
         return COMMANDS[args.command](args)
-    except USER_ERRORS as e:
+    except Exception as e:
+        # Imported only now: the error classes live in modules that load torch.
+        from alignkd.errors import USER_ERRORS
+
+        if not isinstance(e, USER_ERRORS):
+            raise
         # Bad input: one line that says what to fix, not a traceback.
         print(f"alignkd {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -71,3 +71,21 @@ def test_no_grad_and_teacher_with_grad_take_the_plain_path(tiny_chunks):
     both.backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
     torch.testing.assert_close(both.detach(), v)
+
+
+@pytest.mark.parametrize("name", ["relation_kl", "info_nce", "kl_div", "hidden_cosine"])
+def test_losses_keep_float32_maths_under_bf16_autocast(name):
+    # The training step runs the losses inside autocast; their matmuls must not drop to bf16.
+    from alignkd import losses as L
+
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 9, 16, generator=g), torch.randn(2, 9, 16, generator=g)
+    m = torch.ones(2, 9, dtype=torch.bool)
+    m[1, 7:] = False
+    kwargs = {"num_relation_heads": 4} if name == "relation_kl" else {}
+    fn = getattr(L, name)
+    plain = fn(s, t, m, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = fn(s, t, m, **kwargs)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=1e-5, atol=1e-6)

@@ -51,6 +51,12 @@ def rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[mask].float()
 
 
+def float32_math(x: torch.Tensor):
+    """Turn off autocast around a loss's matmuls: under bf16 autocast they would run
+    in bf16 even on float32 inputs, and the losses promise float32 maths."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def mean_over(total: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
     """``total / count`` with an empty count giving 0 (``total`` is then an empty sum, 0)."""
     if isinstance(count, torch.Tensor):

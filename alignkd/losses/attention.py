@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from alignkd.losses._reduce import check_mask, mean_over
+from alignkd.losses._reduce import check_mask, float32_math, mean_over
 
 
 def _kl_over_keys(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,8 @@ def relation_kl(
         scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
         return scores.log_softmax(-1)
 
-    logs = log_relation(student_x).transpose(1, 2)[mask]  # [N, h, T]
-    logt = log_relation(teacher_x).transpose(1, 2)[mask]
+    with float32_math(student_x):
+        logs = log_relation(student_x).transpose(1, 2)[mask]  # [N, h, T]
+        logt = log_relation(teacher_x).transpose(1, 2)[mask]
     per = _kl_over_keys(logt.exp(), logt, logs)
     return mean_over(per.sum(), per.numel())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignkd.losses._reduce import check_mask, check_same_shape, mean_over, rows
+from alignkd.losses._reduce import check_mask, check_same_shape, float32_math, mean_over, rows
 
 
 def _pair(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +97,8 @@ def info_nce(
         s, t, n = s[idx], t[idx], max_tokens
     s = F.normalize(s, dim=-1)
     t = F.normalize(t, dim=-1)
-    scores = s @ t.T / temperature
+    with float32_math(s):
+        scores = s @ t.T / temperature
     labels = torch.arange(n, device=s.device)
     total = F.cross_entropy(scores, labels, reduction="sum")
     if symmetric:
