@@ -24,6 +24,16 @@ DEFAULT_STEPS = 200
 STUDENT_LAYERS = [0, 6, 12, 18, 24, 29]
 
 
+def student_layers(teacher: Path) -> list[int]:
+    """The teacher blocks the student keeps: 6 of SmolLM2's 30, else a fifth spread evenly."""
+    from transformers import AutoConfig
+
+    from alignkd.student import even_layers
+
+    n = AutoConfig.from_pretrained(teacher).num_hidden_layers
+    return STUDENT_LAYERS if n == len(STUDENT_LAYERS) * 5 else even_layers(n, max(1, n // 5))
+
+
 def run_config(assets, out: Path, steps: int, recipe: str) -> dict:
     """The distillation (``feature``) or baseline (``ce``) run of the demo, as a config dict.
 
@@ -44,7 +54,7 @@ def run_config(assets, out: Path, steps: int, recipe: str) -> dict:
         # The teacher only runs forward: bfloat16 is ~3x faster than float32 on
         # CPUs with AVX512-BF16 and changes its held-out perplexity by < 1 %.
         "teacher": {"path": str(assets.teacher), "dtype": "bfloat16"},
-        "student": {"from_teacher": {"layers": STUDENT_LAYERS}},
+        "student": {"from_teacher": {"layers": student_layers(assets.teacher)}},
         "data": {"train": str(assets.sotu), "eval": str(assets.moby_dick), "seq_len": 128, "max_train_tokens": 600_000},
         "losses": losses,
         "weighting": weighting,
