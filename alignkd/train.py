@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
@@ -454,6 +455,10 @@ def save_outputs(run: Run) -> Path:
 
 def distill(cfg: Config, *, resume: bool = False) -> dict:
     """Run a whole distillation; returns a summary (also written to ``OUTPUT_DIR/summary.json``)."""
+    # Accelerate keeps its settings in a process-wide singleton; a second run in the
+    # same process (the demo's baseline, a notebook) may ask for other precision.
+    # Resetting it keeps the process group of a distributed launch.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
