@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import os
 import textwrap
 import types
 import typing
@@ -401,6 +402,11 @@ def validate(cfg: Config) -> None:
 
     if not cfg.teacher.path:
         raise ConfigError("teacher.path: required (a local model folder or a hub id)")
+    # "key=~/x" on a command line reaches us unexpanded (the shell only expands a leading ~).
+    for obj, name in ((cfg.teacher, "path"), (cfg.student, "path"), (cfg.data, "train"), (cfg.data, "eval"), (cfg.train, "output_dir")):
+        value = getattr(obj, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(obj, name, os.path.expanduser(value))
     _one_of(cfg.teacher.dtype, ("float32", "bfloat16", "float16"), "teacher.dtype")
     _one_of(cfg.student.dtype, ("float32", "bfloat16", "float16"), "student.dtype")
     _one_of(cfg.teacher.task, ("causal_lm", "sequence_classification", "masked_lm"), "teacher.task")

@@ -561,3 +561,16 @@ def test_installed_console_script_version():
     done = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"alignkd {alignkd.__version__}"
+
+
+def test_paths_with_a_leading_tilde_are_expanded(tmp_path):
+    import os
+
+    from alignkd.config import load_config
+
+    cfg = load_config(
+        data={"teacher": {"path": "~/t"}, "student": {"from_teacher": {}}, "data": {"train": "~/d"}, "losses": [{"type": "kl"}]},
+        overrides=["train.output_dir=~/runs/x"],
+    )
+    home = os.path.expanduser("~")
+    assert cfg.teacher.path == f"{home}/t" and cfg.data.train == f"{home}/d" and cfg.train.output_dir == f"{home}/runs/x"
