@@ -8,6 +8,7 @@ teacher cache) and the term functions of ``terms.py`` (a chunked LM-head KL).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -232,6 +233,7 @@ def train(run: Run, start_step: int = 0) -> dict:
     try:
         for step in range(start_step, total):
             t0 = time.perf_counter()
+            data_position = run.sampler.state_dict()  # where this step's batches start, for an interrupt
             # Schedules: weight multipliers and temperatures at this step.
             mult = [schedule_value(t.cfg.weight_schedule, step, total, 1.0) for t in run.terms]
             for t in run.terms:
@@ -241,10 +243,11 @@ def train(run: Run, start_step: int = 0) -> dict:
             # Normalise by the global number of counted positions over micro-batches and
             # processes; DDP averages gradients over processes, hence the world size.
             global_count = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum").item()
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}  # tensors: no device sync per term
             for k, batch in enumerate(micro):
                 teacher_rec = teacher_forward(run, batch) if run.needs_teacher else Record()
-                sync = acc.no_sync(run.side) if k < len(micro) - 1 else _nullcontext()
+                # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+                sync = acc.no_sync(run.side) if k < len(micro) - 1 else contextlib.nullcontext()
                 with sync:
                     with acc.autocast():
                         student_rec = run.side(batch.input_ids, batch.mask)
@@ -253,9 +256,8 @@ def train(run: Run, start_step: int = 0) -> dict:
                         run.weighting.update(losses, mult, shared, reduce=lambda v: acc.reduce(v, "sum"))
                     loss = run.weighting.combine(losses, mult)
                     acc.backward(loss * (counts[k] * acc.num_processes / max(global_count, 1.0)))
-                for name, v in losses.items():
-                    sums[name] = sums.get(name, 0.0) + v.item() * counts[k]
-                sums["loss"] = sums.get("loss", 0.0) + loss.item() * counts[k]
+                for name, v in [*losses.items(), ("loss", loss)]:
+                    sums[name] = sums.get(name, 0.0) + v.detach().double() * counts[k]
             # With clipping off, an infinite bound still returns the norm for the log.
             grad_norm = acc.clip_grad_norm_(run.side.parameters(), cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf)
             lr = run.scheduler.get_last_lr()[0]
@@ -267,7 +269,7 @@ def train(run: Run, start_step: int = 0) -> dict:
             tokens = sum(int(b.mask.sum()) for b in micro) * acc.num_processes
             # Logged losses are token-weighted means over all micro-batches and processes.
             keys = ["loss", *run.weighting.names]
-            totals = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device, dtype=torch.float64), "sum")
+            totals = acc.reduce(torch.stack([sums[k] for k in keys]).to(acc.device), "sum").tolist()
             means = {k: float(v) / max(global_count, 1.0) for k, v in zip(keys, totals)}
             record = {"split": "train", "step": step + 1, "loss": means["loss"]}
             record.update({f"loss/{n}": means[n] for n in run.weighting.names})
@@ -291,6 +293,7 @@ def train(run: Run, start_step: int = 0) -> dict:
         # Never lose work: keep what the finished steps learned, then stop.
         progress.stop()
         if step > start_step:
+            run.sampler.load_state_dict(data_position)  # the unfinished step's batches come again
             save_checkpoint(run, step)
             print(f"interrupted: saved a checkpoint at step {step}; continue with --resume")
         raise
@@ -301,14 +304,6 @@ def train(run: Run, start_step: int = 0) -> dict:
         if tb:
             tb.close()
     return {"train": record, "eval": ev}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _write(log_file, tb, record: dict) -> None:

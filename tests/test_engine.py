@@ -445,3 +445,32 @@ def test_student_path_with_another_tokenizer_is_refused(teacher, corpus, tmp_pat
     msg = str(e.value)
     assert "\n" not in msg and "tokenizer" in msg, msg
     assert not (tmp_path / "out" / "student").exists()
+
+
+def test_an_interrupt_saves_the_finished_steps_and_resume_completes_the_run(teacher, corpus, tmp_path, monkeypatch):
+    # Ctrl-C in step 4 of 6: steps 1-3 are kept in a checkpoint, and resuming gives
+    # the same student as a run that was never interrupted.
+    import alignkd.train as train_mod
+
+    losses = [{"type": "kl"}, {"type": "hidden"}]
+    a, b = tmp_path / "a", tmp_path / "b"
+    alignkd.distill(make_cfg(teacher, corpus, a, losses=losses, steps=6))
+
+    real, calls = train_mod.term_losses, {"n": 0}
+
+    def interrupt_in_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "term_losses", interrupt_in_step_4)
+    cfg = make_cfg(teacher, corpus, b, losses=losses, steps=6)
+    with pytest.raises(KeyboardInterrupt):
+        alignkd.distill(cfg)
+    assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-3"]
+    monkeypatch.setattr(train_mod, "term_losses", real)
+    assert alignkd.distill(cfg, resume=True)["last_train"]["step"] == 6
+    wa, wb = student_weights(a), student_weights(b)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), f"{k} differs after an interrupt and resume"
