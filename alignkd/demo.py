@@ -160,5 +160,8 @@ def run(steps: int | None = None, out: str | Path = "runs/demo") -> dict:
 
 
 def cli_main(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the demo's own stage display is enough
     run(steps=args.steps, out=args.out)
     return 0
