@@ -83,10 +83,6 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
     return get_path(model.base_model, family_of(model).blocks)
 
 
-def num_blocks(model: nn.Module) -> int:
-    return len(blocks_of(model))
-
-
 def hidden_size_of(model: nn.Module) -> int:
     cfg = model.config
     return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import difflib
 
-import torch
 from torch import nn
 
 from alignkd.config import StudentConfig
@@ -111,7 +110,3 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
-
-
-def state_size_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))

@@ -8,7 +8,7 @@ this file only picks tensors out of the records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,7 +51,6 @@ class StepTensors:
     """The ``StudentSide``: projectors and adaptive mixtures, keyed by term name."""
     teacher_model: nn.Module | None = None
     teacher_capture: Capture | None = None
-    extras: dict = field(default_factory=dict)
 
 
 def _mean(values: list[torch.Tensor]) -> torch.Tensor:
