@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from alignkd import __version__
@@ -73,6 +74,8 @@ def _distill(args) -> int:
     hf_logging.disable_progress_bar()  # our own progress display; errors stay one line
 
     summary = distill(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # one summary line per run, not per process
+        return 0
     s, t = summary["student_eval"], summary["teacher_eval"]
     key = "eval_ppl" if "eval_ppl" in s else "eval_accuracy" if "eval_accuracy" in s else "eval_loss"
     print(
