@@ -18,6 +18,7 @@ from torch import nn
 from alignkd import losses as L
 from alignkd.capture import Capture, Record
 from alignkd.config import LossConfig
+from alignkd.families import blocks_of
 
 
 @dataclass
@@ -167,8 +168,6 @@ def _teacher_logits_from(x: StepTensors, t_block: int, h: torch.Tensor) -> torch
     still run (their result is discarded); that keeps this independent of each
     family's block signature at the cost of some teacher compute.
     """
-    from alignkd.families import blocks_of
-
     block = blocks_of(x.teacher_model)[t_block]
     h = h.to(next(x.teacher_model.parameters()).dtype)
 
