@@ -17,12 +17,18 @@ def auto_map(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
     return [(i, max(0, math.floor((i + 1) * num_teacher / num_student + 0.5) - 1)) for i in range(num_student)]
 
 
-def resolve_map(spec, num_student: int, num_teacher: int, where: str) -> list[tuple[int, int]]:
-    """Turn ``auto`` / ``last`` / ``adaptive`` / ``[[s, t], ...]`` into (student, teacher) block pairs.
+def resolve_map(spec, num_student: int, num_teacher: int, where: str, source: list[int] | None = None) -> list[tuple[int, int]]:
+    """Turn ``auto`` / ``last`` / ``source`` / ``adaptive`` / ``[[s, t], ...]`` into (student, teacher) block pairs.
 
-    For ``adaptive`` the pairs name the student blocks and the teacher block each
-    mixture starts centred on. Negative indices count from the end.
+    ``source`` pairs each block of a student copied from the teacher with the
+    teacher block it was copied from (``source`` lists them). For ``adaptive`` the
+    pairs name the student blocks and the teacher block each mixture starts
+    centred on. Negative indices count from the end.
     """
+    if spec == "source":
+        if source is None:
+            raise LayerMapError(f"{where}: 'source' needs a student built with student.from_teacher; use auto or explicit pairs")
+        return list(enumerate(source))
     if spec in ("auto", "adaptive"):
         return auto_map(num_student, num_teacher)
     if spec == "last":

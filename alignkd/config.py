@@ -121,7 +121,7 @@ class LossConfig:
     metric: str = "mse"
     """hidden: mse, cosine or standardized."""
     layers: Any = "auto"
-    """Layer map: auto, last, adaptive, or explicit [[student, teacher], ...] block pairs."""
+    """Layer map: auto, last, source (a from_teacher student's blocks meet the blocks they were copied from), adaptive, or explicit [[student, teacher], ...] pairs."""
     of: list[str] = field(default_factory=lambda: ["q", "k", "v"])
     """relation: which projections to relate (q, k, v)."""
     num_relation_heads: int | None = None
@@ -453,7 +453,7 @@ def validate(cfg: Config) -> None:
             _one_of(part, ("q", "k", "v"), f"{where}.of")
         layers = loss.layers
         if isinstance(layers, str):
-            _one_of(layers, ("auto", "last", "adaptive"), f"{where}.layers")
+            _one_of(layers, ("auto", "last", "source", "adaptive"), f"{where}.layers")
             if layers == "adaptive" and loss.type not in ("hidden",):
                 raise ConfigError(f"{where}.layers: adaptive applies to hidden losses only; use auto, last or explicit pairs")
         elif not (
@@ -461,7 +461,7 @@ def validate(cfg: Config) -> None:
             and layers
             and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in layers)
         ):
-            raise ConfigError(f"{where}.layers: use auto, last, adaptive, or a list of [student, teacher] pairs like [[0, 3], [1, 7]]")
+            raise ConfigError(f"{where}.layers: use auto, last, source, adaptive, or a list of [student, teacher] pairs like [[0, 3], [1, 7]]")
         for sched, kind_where in ((loss.weight_schedule, "weight_schedule"), (loss.temperature_schedule, "temperature_schedule")):
             if sched is not None:
                 _one_of(sched.kind, ("constant", "warmup", "linear", "cosine"), f"{where}.{kind_where}.kind")

@@ -106,7 +106,7 @@ def build_plan(losses: list[LossConfig], student: nn.Module, teacher: nn.Module)
             terms.append(Term(cfg=cfg, pairs=[], temperature=cfg.temperature))
             continue
         try:
-            pairs = resolve_map(cfg.layers, ls, lt, f"{where}.layers")
+            pairs = resolve_map(cfg.layers, ls, lt, f"{where}.layers", getattr(student, "alignkd_source_layers", None))
         except LayerMapError as e:
             raise ConfigError(str(e)) from None
         term = Term(cfg=cfg, pairs=pairs, temperature=cfg.temperature)

@@ -58,6 +58,8 @@ def depth_pruned(teacher: nn.Module, layers: list[int] | None, num_layers: int |
         cfg.layer_types = [cfg.layer_types[i] for i in layers]
     if hasattr(cfg, "max_window_layers"):
         cfg.max_window_layers = min(cfg.max_window_layers, len(layers))
+    # Kept on the object only (not in config.json): the "source" layer map reads it.
+    student.alignkd_source_layers = list(layers)
     return student
 
 

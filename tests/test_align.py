@@ -190,3 +190,24 @@ def test_adaptive_gradient_reaches_the_logits():
         bumped.logits[1, 0] -= 2 * eps
         down = (bumped(1, hidden) - target).pow(2).mean()
     assert g[1, 0].item() == pytest.approx(((up - down) / (2 * eps)).item(), rel=1e-2, abs=1e-5)
+
+
+def test_source_map_pairs_copied_blocks_with_their_origin():
+    from alignkd.align import LayerMapError, resolve_map
+
+    assert resolve_map("source", 3, 30, "losses[0].layers", source=[0, 14, 29]) == [(0, 0), (1, 14), (2, 29)]
+    with pytest.raises(LayerMapError, match="from_teacher"):
+        resolve_map("source", 3, 30, "losses[0].layers")
+
+
+def test_plan_uses_the_blocks_a_depth_pruned_student_came_from():
+    from alignkd.config import LossConfig
+    from alignkd.plan import build_plan
+    from alignkd.student import depth_pruned
+    from tiny import build
+
+    teacher = build("llama", layers=4, width=32)
+    student = depth_pruned(teacher, [0, 3], None)
+    plan = build_plan([LossConfig(type="hidden", name="hidden", layers="source")], student, teacher)
+    assert plan.terms[0].pairs == [(0, 0), (1, 3)]
+    assert plan.teacher_needs.hidden == {0, 3}
