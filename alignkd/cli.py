@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
     e.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
     e.add_argument("--latency-len", type=int, default=128, help="prompt length of the latency measurement")
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype models are evaluated in")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype models are evaluated in (auto: bfloat16 where it is fast on this machine, else float32)")
     e.add_argument("--skip", nargs="+", default=[], choices=["perplexity", "accuracy", "generation", "latency"], help="metric groups to skip")
 
     r = sub.add_parser("report", help="write report.html and report.md for a run folder")
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default: RUN_DIR)")
 
     m = sub.add_parser("demo", help="the main job: fetch assets, distil SmolLM2-135M, train a CE baseline, evaluate, report")
-    m.add_argument("--steps", type=int, default=None, help="optimizer steps of each training run (default: sized for ~15 minutes on 2 CPU cores)")
+    m.add_argument("--steps", type=int, default=None, help="exact optimizer steps of each training run (default: a time budget, --minutes)")
+    m.add_argument("--minutes", type=float, default=None, help="training-time budget of the distillation (default 5; the baseline then runs as many steps)")
     m.add_argument("--out", default="runs/demo", help="demo output folder")
     return parser
 

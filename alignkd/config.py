@@ -32,8 +32,8 @@ class ModelConfig:
 
     path: str = ""
     """Local directory or hub id of a Hugging Face model."""
-    dtype: str = "float32"
-    """Weights dtype: float32, bfloat16 or float16."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bfloat16 where it is fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else float32), float32, bfloat16 or float16."""
     task: str = "causal_lm"
     """Model head: causal_lm, sequence_classification or masked_lm."""
     trust_remote_code: bool = False
@@ -62,8 +62,8 @@ class StudentConfig:
     """Overrides of the teacher's config (e.g. num_hidden_layers, hidden_size) for a new student of its architecture."""
     init: str = "random"
     """For a ``config`` student: random (fresh weights) or prune (width-pruned copy of the teacher by weight importance)."""
-    dtype: str = "float32"
-    """Student weights dtype while training (float32 with autocast is the safe choice)."""
+    dtype: str = "auto"
+    """Student weights dtype while training: auto (float32, the optimizer's master weights; bf16 compute comes from train.mixed_precision), float32, bfloat16 or float16."""
 
 
 @dataclass
@@ -84,6 +84,8 @@ class DataConfig:
     """Share of the training blocks held out when no eval set is named."""
     max_train_tokens: int | None = None
     """Cap on training tokens read (None reads everything)."""
+    bos: str = "auto"
+    """BOS at the head of every packed causal-LM block: auto (when the tokenizer adds one itself, as Llama's and Gemma's do), always or never; a run records what auto chose."""
 
 
 @dataclass
@@ -174,7 +176,9 @@ class TrainConfig:
     """The optimisation loop."""
 
     steps: int = 300
-    """Optimizer steps."""
+    """Optimizer steps (the most, when ``max_minutes`` is set)."""
+    max_minutes: float | None = None
+    """Stop after this many minutes of training, evaluations included (None: run all ``steps``); the schedules then end at the projected last step."""
     batch_size: int = 8
     """Blocks per micro-batch per process."""
     grad_accum: int = 1
@@ -190,7 +194,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     mixed_precision: str = "auto"
-    """auto (bf16 on GPUs that support it, else none), no, bf16 or fp16."""
+    """auto (bf16 autocast where bf16 is fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else none), no, bf16 or fp16."""
     seed: int = 0
     """Seed for weights, data order and sampling."""
     output_dir: str = "runs/distill"
@@ -398,7 +402,9 @@ def _one_of(value: str, options, where: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Check values and cross-field rules; fill per-type defaults in the loss terms."""
+    from alignkd.data import BOS_SETTINGS
     from alignkd.losses import KL_KINDS
+    from alignkd.precision import DTYPE_NAMES, MIXED_PRECISION
 
     if not cfg.teacher.path:
         raise ConfigError("teacher.path: required (a local model folder or a hub id)")
@@ -407,8 +413,8 @@ def validate(cfg: Config) -> None:
         value = getattr(obj, name)
         if isinstance(value, str) and value.startswith("~"):
             setattr(obj, name, os.path.expanduser(value))
-    _one_of(cfg.teacher.dtype, ("float32", "bfloat16", "float16"), "teacher.dtype")
-    _one_of(cfg.student.dtype, ("float32", "bfloat16", "float16"), "student.dtype")
+    _one_of(cfg.teacher.dtype, ("auto", *DTYPE_NAMES), "teacher.dtype")
+    _one_of(cfg.student.dtype, ("auto", *DTYPE_NAMES), "student.dtype")
     _one_of(cfg.teacher.task, ("causal_lm", "sequence_classification", "masked_lm"), "teacher.task")
     chosen = [k for k in ("path", "from_teacher", "config") if getattr(cfg.student, k) is not None]
     if len(chosen) != 1:
@@ -418,6 +424,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.train: required (a text file, folder, JSONL, CSV or datasets name)")
     if cfg.data.seq_len < 2:
         raise ConfigError("data.seq_len: must be at least 2")
+    _one_of(cfg.data.bos, BOS_SETTINGS, "data.bos")
     if not cfg.losses:
         raise ConfigError("losses: add at least one term, e.g. [{type: kl}]")
     for i, loss in enumerate(cfg.losses):
@@ -496,6 +503,8 @@ def validate(cfg: Config) -> None:
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}: must be >= 1")
-    _one_of(t.mixed_precision, ("auto", "no", "bf16", "fp16"), "train.mixed_precision")
+    _one_of(t.mixed_precision, ("auto", *MIXED_PRECISION), "train.mixed_precision")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        raise ConfigError("train.max_minutes: must be > 0 (or null for no time limit)")
     if t.lr <= 0:
         raise ConfigError("train.lr: must be > 0")

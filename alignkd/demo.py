@@ -6,8 +6,12 @@ train the same student with plain cross-entropy for the same steps as a
 baseline; evaluate teacher, student and baseline; write the report. Every stage
 is timed into ``OUT/demo_timings.json``.
 
-The default step count is sized for about 15 minutes on 2 CPU cores; ``--steps``
-(or ``DEMO_STEPS``) makes it shorter or longer.
+By default the distillation is budgeted in minutes, not steps, so the demo fits
+its time on any 2-core CPU: at most ``MAX_STEPS`` steps, or ``DISTILL_MINUTES``
+of training, whichever ends first; the baseline then runs as many steps as the
+distillation did. Precision is resolved from the hardware (bf16 only where it is
+fast). ``--steps`` (or ``DEMO_STEPS``) asks for an exact step count instead, and
+``--minutes`` for another budget.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-DEFAULT_STEPS = 200
+MAX_STEPS = 200
+DISTILL_MINUTES = 5.0
 STUDENT_LAYERS = [0, 6, 12, 18, 24, 29]
 
 
@@ -34,11 +39,12 @@ def student_layers(teacher: Path) -> list[int]:
     return STUDENT_LAYERS if n == len(STUDENT_LAYERS) * 5 else even_layers(n, max(1, n // 5))
 
 
-def run_config(assets, out: Path, steps: int, recipe: str) -> dict:
+def run_config(assets, out: Path, steps: int, recipe: str, minutes: float | None = None) -> dict:
     """The distillation (``feature``) or baseline (``ce``) run of the demo, as a config dict.
 
     Both runs share everything but the loss terms: the student (the same 6 teacher
-    blocks), data, optimizer, schedule and steps.
+    blocks), data, optimizer, schedule and steps. ``minutes`` caps the training
+    time (``steps`` is then the most it runs).
     """
     if recipe == "feature":
         losses = [
@@ -51,19 +57,20 @@ def run_config(assets, out: Path, steps: int, recipe: str) -> dict:
         losses = [{"type": "ce"}]
         weighting = {"strategy": "static"}
     return {
-        # The teacher only runs forward: bfloat16 is ~3x faster than float32 on
-        # CPUs with AVX512-BF16 and changes its held-out perplexity by < 1 %.
-        "teacher": {"path": str(assets.teacher), "dtype": "bfloat16"},
+        # auto: bfloat16 where it is fast (~3x float32 on CPUs with AVX512-BF16/AMX,
+        # held-out perplexity within 1 %), float32 where bf16 is emulated (AVX2: ~20x slower).
+        "teacher": {"path": str(assets.teacher), "dtype": "auto"},
         "student": {"from_teacher": {"layers": student_layers(assets.teacher)}},
         "data": {"train": str(assets.sotu), "eval": str(assets.moby_dick), "seq_len": 128, "max_train_tokens": 600_000},
         "losses": losses,
         "weighting": weighting,
         "train": {
             "steps": steps,
+            "max_minutes": minutes,
             "batch_size": 8,
             "lr": 1e-3,
-            "warmup": max(1, steps // 10),
-            "mixed_precision": "bf16",
+            "warmup": max(1, min(10, steps // 4)),
+            "mixed_precision": "auto",
             "eval_every": max(1, steps // 4),
             "eval_batches": 4,
             "output_dir": str(out),
@@ -101,8 +108,12 @@ def _headline(console: Console, ev: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def run(steps: int | None = None, out: str | Path = "runs/demo") -> dict:
-    """Run every stage; returns the stage timings and headline numbers."""
+def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float | None = None) -> dict:
+    """Run every stage; returns the stage timings and headline numbers.
+
+    ``steps``: an exact step count for both runs. Without it, the distillation
+    runs at most ``MAX_STEPS`` steps within ``minutes`` (default ``DISTILL_MINUTES``).
+    """
     from alignkd.assets import prepare
     from alignkd.config import load_config
     from alignkd.evaluate import EvalSettings, evaluate_models
@@ -110,7 +121,9 @@ def run(steps: int | None = None, out: str | Path = "runs/demo") -> dict:
     from alignkd.train import distill
 
     console = Console(stderr=True)
-    steps = steps or int(os.environ.get("DEMO_STEPS", DEFAULT_STEPS))
+    steps = steps or (int(os.environ["DEMO_STEPS"]) if os.environ.get("DEMO_STEPS") else None)
+    if steps is None:
+        steps, minutes = MAX_STEPS, minutes or DISTILL_MINUTES
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -128,8 +141,10 @@ def run(steps: int | None = None, out: str | Path = "runs/demo") -> dict:
     assets = prepare(progress=True)
     done(mark)
 
-    mark = stage("distill", f"2/5 distil: KL + hidden states + q/k/v relations, GradNorm weights, {steps} steps")
-    distill(load_config(data=run_config(assets, out / "distilled", steps, "feature")))
+    budget = f"up to {steps} steps or {minutes:g} minutes" if minutes else f"{steps} steps"
+    mark = stage("distill", f"2/5 distil: KL + hidden states + q/k/v relations, GradNorm weights, {budget}")
+    summary = distill(load_config(data=run_config(assets, out / "distilled", steps, "feature", minutes)))
+    steps = summary["steps"]  # the baseline gets as many steps as the distillation had
     done(mark)
 
     mark = stage("baseline", f"3/5 baseline: the same student, cross-entropy only, {steps} steps")
@@ -163,5 +178,5 @@ def cli_main(args) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the demo's own stage display is enough
-    run(steps=args.steps, out=args.out)
+    run(steps=args.steps, out=args.out, minutes=args.minutes)
     return 0

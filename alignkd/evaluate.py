@@ -13,6 +13,7 @@ which ``alignkd report`` reads.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import inspect
 import json
@@ -27,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from alignkd.data import wants_bos
+from alignkd.precision import default_device, resolve_dtype
 
 GROUPS = ("perplexity", "accuracy", "generation", "latency")
 PROMPT_TOKENS = 64  # tokens of held-out text each generation prompt holds
@@ -70,8 +74,8 @@ class EvalSettings:
     """Batch size of the latency measurement."""
     latency_len: int = 128
     """Prompt length (tokens) of the latency measurement."""
-    dtype: str = "float32"
-    """Dtype the models are evaluated in: float32, bfloat16 or float16."""
+    dtype: str = "auto"
+    """Dtype the models are evaluated in: auto (bfloat16 where it is fast on the device, else float32), float32, bfloat16 or float16."""
     skip: tuple[str, ...] = ()
     """Metric groups not run: any of perplexity, accuracy, generation, latency."""
     device: str | None = None
@@ -82,7 +86,7 @@ class EvalSettings:
 
 def check_settings(s: EvalSettings) -> None:
     """Raise :class:`EvalError` naming the first setting out of range."""
-    from alignkd.models import DTYPES
+    from alignkd.precision import DTYPE_NAMES
 
     for name in ("ppl_tokens", "window", "stride", "examples", "prompts", "new_tokens", "latency_batch", "latency_len"):
         if getattr(s, name) < 1:
@@ -93,8 +97,8 @@ def check_settings(s: EvalSettings) -> None:
         raise EvalError(f"stride {s.stride} is longer than window {s.window}; tokens would go unscored, use stride <= window")
     if s.shots < 0:
         raise EvalError(f"shots is {s.shots}; it must be 0 or more")
-    if s.dtype not in DTYPES:
-        raise EvalError(f"dtype {s.dtype!r} is not one of {', '.join(DTYPES)}")
+    if s.dtype not in ("auto", *DTYPE_NAMES):
+        raise EvalError(f"dtype {s.dtype!r} is not one of auto, {', '.join(DTYPE_NAMES)}")
     bad = [g for g in s.skip if g not in GROUPS]
     if bad:
         raise EvalError(f"cannot skip {bad[0]!r}; the groups are {', '.join(GROUPS)}")
@@ -188,7 +192,7 @@ def is_classifier(model) -> bool:
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int, window: int, stride: int, on_step: Step | None = None) -> tuple[float, int]:
-    """Sliding-window perplexity of a causal LM over the first ``max_tokens`` tokens of ``texts``.
+    """Sliding-window perplexity of a causal LM over the first ``max_tokens`` text tokens of ``texts``.
 
     The windows are ``window`` tokens long and start every ``stride`` tokens; a
     window scores only the tokens past the end of the previous window, each with
@@ -196,31 +200,39 @@ def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int, window: i
     recipe). With ``stride < window`` every token but the first is scored
     exactly once; with ``stride == window`` the windows are disjoint and each
     one's first token, which nothing in its window predicts, goes unscored.
+
+    A tokenizer that adds BOS (:func:`alignkd.data.wants_bos`) gets it at the head
+    of every window, as its model saw every text in training: a window is then
+    BOS + ``window - 1`` text tokens, moving by ``min(stride, window - 1)``; BOS
+    is never scored, and every text token is, the first one predicted from BOS.
     Returns ``(exp(total NLL / scored), scored)``.
     """
     ids = token_stream(tokenizer, texts, max_tokens).to(_device(model))
+    lead = ids.new_tensor([tokenizer.bos_token_id] if wants_bos(tokenizer) else [])  # [0] or [1]
     n = ids.numel()
-    if n < 2:
-        raise EvalError(f"the held-out text has {n} token(s); perplexity needs at least 2")
-    _check_context(model, min(window, n), f"a perplexity window of {window} tokens", f"pass a window of at most {_context(model)}")
-    count = 1 + max(0, -(-(n - window) // stride))  # windows until one reaches the end
-    starts = [i * stride for i in range(count)]
+    if n < 2 - lead.numel():
+        raise EvalError(f"the held-out text has {n} token(s); perplexity needs at least {2 - lead.numel()}")
+    _check_context(model, min(window, n + lead.numel()), f"a perplexity window of {window} tokens", f"pass a window of at most {_context(model)}")
+    span = window - lead.numel()  # text tokens per window
+    step = min(stride, span)  # with BOS, stride == window would otherwise skip a token between windows
+    count = 1 + max(0, -(-(n - span) // step))  # windows until one reaches the end
     nll, scored, prev_end = 0.0, 0, 0
-    for i, begin in enumerate(starts):
-        end = min(begin + window, n)
-        chunk = ids[begin:end][None]  # [1, L]
+    for i in range(count):
+        begin = i * step
+        end = min(begin + span, n)
+        chunk = torch.cat([lead, ids[begin:end]])[None]  # [1, L]
         # Logit i predicts token i+1: the last `new` tokens need the `new + 1` logits before them
-        # (the very first token of the text has none), so the head runs on those only.
+        # (the chunk's first token has none), so the head runs on those only.
         new = end - prev_end
-        keep = min(new + 1, end - begin)
+        keep = min(new + 1, chunk.shape[1])
         extra = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
         logits = model(chunk, use_cache=False, **extra).logits[0, -keep:-1].float()  # [keep-1, V]
-        targets = chunk[0, end - begin - keep + 1 :]  # [keep-1]
+        targets = chunk[0, chunk.shape[1] - keep + 1 :]  # [keep-1]
         nll -= torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum().item()
         scored += targets.numel()
         prev_end = end
         if on_step:
-            on_step(i + 1, len(starts))
+            on_step(i + 1, count)
     return math.exp(nll / scored), scored
 
 
@@ -386,8 +398,13 @@ def _generation_config(model, new_tokens: int, *, exact: bool = False):
 
 @torch.inference_mode()
 def continuations(model, tokenizer, prompts: torch.Tensor, new_tokens: int, on_step: Step | None = None) -> list[str]:
-    """Greedy continuations of ``prompts`` ``[P, T]`` (``new_tokens`` at most, EOS ends one early), decoded."""
+    """Greedy continuations of ``prompts`` ``[P, T]`` (``new_tokens`` at most, EOS ends one early), decoded.
+
+    A tokenizer that adds BOS gets it before each prompt, as its model expects.
+    """
     config = _generation_config(model, new_tokens)
+    if wants_bos(tokenizer):
+        prompts = torch.cat([torch.full_like(prompts[:, :1], tokenizer.bos_token_id), prompts], dim=1)
     texts: list[str] = []
     for start in range(0, len(prompts), GENERATION_BATCH):
         x = prompts[start : start + GENERATION_BATCH].to(_device(model))
@@ -640,7 +657,7 @@ def _evaluate_one(role: str, path: str, s: EvalSettings, inputs: _Inputs, device
     if "perplexity" not in s.skip and causal:
         with show.group(f"{role} perplexity") as step:
             ppl, n = perplexity(model, tok, inputs.texts, max_tokens=s.ppl_tokens, window=s.window, stride=s.stride, on_step=step)
-        metrics.update(perplexity=ppl, ppl_tokens_scored=n)
+        metrics.update(perplexity=ppl, ppl_tokens_scored=n, bos=wants_bos(tok))
         show.say(f"  perplexity {ppl:.4g} over {n} tokens ({show.seconds:.1f} s)")
     if "accuracy" not in s.skip:
         texts, labels, names = inputs.labelled
@@ -651,7 +668,7 @@ def _evaluate_one(role: str, path: str, s: EvalSettings, inputs: _Inputs, device
         show.say(f"  accuracy {acc:.3f} on {len(scored)} examples ({show.seconds:.1f} s)")
     if "generation" not in s.skip and causal:
         with show.group(f"{role} generation") as step:
-            _check_context(model, PROMPT_TOKENS + s.new_tokens, "generation", "use fewer --new-tokens")
+            _check_context(model, wants_bos(tok) + PROMPT_TOKENS + s.new_tokens, "generation", "use fewer --new-tokens")
             prompts, refs = passages(token_stream(tok, inputs.texts), s.prompts, s.new_tokens)
             outputs = continuations(model, tok, prompts, s.new_tokens, on_step=step)
             metrics.update(generation_metrics(outputs, tok.batch_decode(refs, skip_special_tokens=True)))
@@ -686,7 +703,8 @@ def evaluate_models(models: dict[str, str], settings: EvalSettings, *, teacher: 
     for role in order:  # fail before the first long evaluation, not after it
         _check_model_path(role, models[role])
     inputs = _read_inputs(settings)
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = settings.device or str(default_device())
+    settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, device))
     result: dict = {
         "settings": {
             **inputs.sources, "device": device, "dtype": settings.dtype,

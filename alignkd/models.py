@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
+from alignkd.precision import DTYPES, default_device, resolve_dtype
 
 AUTO_CLASSES = {
     "causal_lm": AutoModelForCausalLM,
@@ -18,7 +18,6 @@ AUTO_CLASSES = {
     "masked_lm": AutoModelForMaskedLM,
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelError(ValueError):
@@ -38,7 +37,7 @@ def _check_source(path: str, what: str) -> None:
 def load_model(path: str, *, task: str, dtype: str = "float32", what: str = "model", trust_remote_code: bool = False, attn_implementation: str | None = None):
     """Load a pretrained model for ``task`` from a folder or hub id."""
     _check_source(path, what)
-    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": DTYPES[resolve_dtype(dtype, default_device())], "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

@@ -9,7 +9,8 @@ from torch import nn
 
 from alignkd.config import StudentConfig
 from alignkd.families import blocks_of, family_of, get_path
-from alignkd.models import AUTO_CLASSES, DTYPES, ModelError, load_model
+from alignkd.models import AUTO_CLASSES, ModelError, load_model
+from alignkd.precision import DTYPES, resolve_student_dtype
 
 
 def even_layers(num_teacher: int, num_student: int) -> list[int]:
@@ -87,7 +88,7 @@ def from_config(teacher: nn.Module, overrides: dict, task: str) -> nn.Module:
 def build_student(cfg: StudentConfig, teacher: nn.Module, task: str) -> nn.Module:
     """The trainable student, in ``cfg.dtype``, in train mode."""
     if cfg.path is not None:
-        student = load_model(cfg.path, task=task, dtype=cfg.dtype, what="student")
+        student = load_model(cfg.path, task=task, dtype=resolve_student_dtype(cfg.dtype), what="student")
     elif cfg.from_teacher is not None:
         student = depth_pruned(teacher, cfg.from_teacher.layers, cfg.from_teacher.num_layers)
     else:
@@ -96,7 +97,7 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, task: str) -> nn.Modul
             from alignkd.prune import width_prune
 
             width_prune(student, teacher)
-    student.to(DTYPES[cfg.dtype])
+    student.to(DTYPES[resolve_student_dtype(cfg.dtype)])
     for p in student.parameters():
         p.requires_grad_(True)
     student.train()

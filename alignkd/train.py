@@ -27,10 +27,12 @@ from torch import nn
 
 from alignkd.capture import Capture, Record
 from alignkd.config import Config, to_dict
-from alignkd.data import BlockSampler, build_classification_data, build_lm_data
+from alignkd.data import BlockSampler, build_classification_data, build_lm_data, resolve_bos
 from alignkd.families import blocks_of, disable_attention_dropout
+from alignkd.horizon import Horizon
 from alignkd.models import check_tokenizers, common_vocab, load_model as load_hf_model, load_tokenizer
 from alignkd.plan import StudentSide, build_plan
+from alignkd.precision import bf16_support, default_device, resolve_dtype, resolve_mixed_precision, resolve_student_dtype
 from alignkd.progress import Progress
 from alignkd.student import build_student, freeze, param_count
 from alignkd.terms import TERMS, StepTensors, Term
@@ -74,6 +76,8 @@ class Run:
     vocab: int
     task: str
     out: Path
+    horizon: Horizon
+    """When training ends (``train.steps`` or ``train.max_minutes``); the schedules read its ``total``."""
 
     @property
     def needs_teacher(self) -> bool:
@@ -85,19 +89,29 @@ class Run:
         return self.accelerator.unwrap_model(self.side)
 
 
-def _mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """Turn every ``auto`` precision of ``cfg`` into what is fast on ``device``, in place; returns the run's precision line.
+
+    The resolved values are what ``config.yaml`` records, so a rerun elsewhere is
+    exact.
+    """
+    support = bf16_support(device)
+    cfg.teacher.dtype = resolve_dtype(cfg.teacher.dtype, device)
+    cfg.student.dtype = resolve_student_dtype(cfg.student.dtype)
+    cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
+    return (
+        f"precision: teacher {cfg.teacher.dtype}, student {cfg.student.dtype}, "
+        f"autocast {cfg.train.mixed_precision} ({device.type}: {support.reason})"
+    )
 
 
-def _lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warm-up, then cosine decay to ``min_ratio``."""
+def _lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):
+    """Linear warm-up, then cosine decay to ``min_ratio`` at the horizon's projected last step."""
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        frac = min((step - warmup) / max(total - warmup, 1), 1.0)
+        frac = min((step - warmup) / max(horizon.total - warmup, 1), 1.0)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
     return f
@@ -114,15 +128,18 @@ def _load_data(cfg: Config, tokenizer) -> tuple[dict, dict]:
             {"input_ids": c.train_ids, "mask": c.train_mask, "labels": c.train_labels},
             {"input_ids": c.eval_ids, "mask": c.eval_mask, "labels": c.eval_labels},
         )
+    bos_id = resolve_bos(d.bos, tokenizer)
+    d.bos = "never" if bos_id is None else "always"  # config.yaml records what auto chose
     lm = build_lm_data(
         d.train, tokenizer, seq_len=d.seq_len, eval=d.eval, eval_fraction=d.eval_fraction,
-        text_field=d.text_field, max_train_tokens=d.max_train_tokens, seed=cfg.train.seed,
+        text_field=d.text_field, max_train_tokens=d.max_train_tokens, seed=cfg.train.seed, bos_id=bos_id,
     )
     return {"input_ids": lm.train}, {"input_ids": lm.eval}
 
 
 def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
     """Load models and data and build everything the loop needs."""
+    resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
     task = cfg.teacher.task
     tok = load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
     teacher = freeze(load_hf_model(cfg.teacher.path, task=task, dtype=cfg.teacher.dtype, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code))
@@ -158,7 +175,9 @@ def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
     # The scheduler is stepped by hand once per optimizer step (Accelerate's
     # wrapper would step it once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio))
+    max_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
+    horizon = Horizon(cfg.train.steps, max_seconds)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio))
     teacher.to(accelerator.device)
     weighting.to(accelerator.device)
     side, optimizer = accelerator.prepare(side, optimizer)
@@ -168,7 +187,7 @@ def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
     )
     return Run(
         cfg, accelerator, tok, teacher, teacher_capture, side, plan.terms, weighting, optimizer, scheduler,
-        train_data, eval_data, sampler, vocab, task, Path(cfg.train.output_dir),
+        train_data, eval_data, sampler, vocab, task, Path(cfg.train.output_dir), horizon,
     )
 
 
@@ -221,17 +240,18 @@ def term_losses(run: Run, batch: Batch, student: Record, teacher: Record) -> dic
 
 def train(run: Run, start_step: int = 0) -> dict:
     """The loop. Returns the last training and evaluation records: ``{"train": ..., "eval": ...}``."""
-    cfg, acc = run.cfg, run.accelerator
-    total = cfg.train.steps
+    cfg, acc, horizon = run.cfg, run.accelerator, run.horizon
     shared = [run.unwrapped.student.get_input_embeddings().weight]  # every term's gradient passes through here
     log_file = (run.out / "metrics.jsonl").open("a") if acc.is_main_process else None
     tb = _tensorboard(run.out) if acc.is_main_process else None
-    progress = Progress(total, start_step, enabled=cfg.train.progress and acc.is_main_process)
+    progress = Progress(horizon.total, start_step, enabled=cfg.train.progress and acc.is_main_process)
     record: dict = {}
     ev: dict = {}
     step = start_step
+    loop_start, elapsed_before = time.perf_counter(), horizon.elapsed
     try:
-        for step in range(start_step, total):
+        while not horizon.finished(step):
+            total = horizon.total
             t0 = time.perf_counter()
             data_position = run.sampler.state_dict()  # where this step's batches start, for an interrupt
             # Schedules: weight multipliers and temperatures at this step.
@@ -277,10 +297,14 @@ def train(run: Run, start_step: int = 0) -> dict:
             record.update({f"temperature/{t.cfg.name}": t.temperature for t in run.terms if t.temperature is not None and t.cfg.temperature_schedule})
             record.update({"lr": lr, "tokens_per_s": tokens / seconds, "step_s": seconds})
             record["grad_norm"] = float(grad_norm)
-            progress.update(step + 1, record)
-            if log_file and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total):
+            elapsed = elapsed_before + time.perf_counter() - loop_start
+            if horizon.max_seconds is not None:  # every process must agree on the last step
+                elapsed = acc.reduce(torch.tensor(elapsed, device=acc.device), "max").item()
+            horizon.advance(step + 1, elapsed)
+            last = horizon.finished(step + 1)
+            progress.update(step + 1, record, total=horizon.total)
+            if log_file and ((step + 1) % cfg.train.log_every == 0 or last):
                 _write(log_file, tb, record)
-            last = step + 1 == total
             if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or last:
                 ev = evaluate(run, run.unwrapped.student)
                 ev.update({"split": "eval", "step": step + 1})
@@ -289,6 +313,7 @@ def train(run: Run, start_step: int = 0) -> dict:
                     _write(log_file, tb, ev)
             if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or last:
                 save_checkpoint(run, step + 1)
+            step += 1
     except KeyboardInterrupt:
         # Never lose work: keep what the finished steps learned, then stop.
         progress.stop()
@@ -396,7 +421,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
                 "weighting": run.weighting.state_dict(),
                 "rng": _rng_state(),
                 "sampler": run.sampler.state_dict(),
-                "temperatures": [t.temperature for t in run.terms],
+                "train_seconds": run.horizon.elapsed,
             },
             path / "state.pt",
         )
@@ -426,7 +451,9 @@ def load_checkpoint(run: Run, path: Path) -> int:
     run.weighting.load_state_dict(state["weighting"])
     run.sampler.load_state_dict(state["sampler"])
     _set_rng_state(state["rng"])
-    return int(state["step"])
+    step = int(state["step"])
+    run.horizon.resume(step, float(state.get("train_seconds", 0.0)))
+    return step
 
 
 # ---------------------------------------------------------------- the whole run
@@ -454,11 +481,13 @@ def distill(cfg: Config, *, resume: bool = False) -> dict:
     # same process (the demo's baseline, a notebook) may ask for other precision.
     # Resetting it keeps the process group of a distributed launch.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
+    precision = resolve_precision(cfg, default_device())
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     say = _say(accelerator)
     run = setup(cfg, accelerator, say)  # bad input stops here, before the output folder is touched
+    say(precision)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resume and (out / "metrics.jsonl").exists():
@@ -483,7 +512,7 @@ def distill(cfg: Config, *, resume: bool = False) -> dict:
     last = train(run, start) if start < cfg.train.steps else {"train": {}, "eval": evaluate(run, student)}
     student_dir = save_outputs(run)
     summary = {
-        "steps": cfg.train.steps,
+        "steps": last["train"].get("step", start),
         "train_seconds": time.perf_counter() - t0,
         "teacher_params": param_count(run.teacher),
         "student_params": param_count(student),
@@ -491,6 +520,7 @@ def distill(cfg: Config, *, resume: bool = False) -> dict:
         "student_eval": last["eval"],
         "last_train": last["train"],
         "student_dir": str(student_dir),
+        "precision": {"teacher_dtype": cfg.teacher.dtype, "student_dtype": cfg.student.dtype, "mixed_precision": cfg.train.mixed_precision},
     }
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

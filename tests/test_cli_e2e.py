@@ -92,7 +92,7 @@ def config_file(workdir) -> Path:
     last_loss = train_teacher(workdir / "teacher", corpus)
     assert last_loss < 2.0, f"the teacher did not learn the corpus (loss {last_loss:.3f})"
     cfg = {
-        "teacher": {"path": str(workdir / "teacher")},
+        "teacher": {"path": str(workdir / "teacher"), "dtype": "float32"},
         "student": {"config": {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64}},
         "data": {"train": str(corpus), "seq_len": SEQ_LEN, "eval_fraction": 0.1},
         "losses": [

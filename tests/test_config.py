@@ -126,7 +126,7 @@ def test_every_field_has_a_docstring(cls):
 
 
 def test_field_docs_reads_the_string_below_each_field():
-    assert field_docs(TrainConfig)["steps"] == "Optimizer steps."
+    assert field_docs(TrainConfig)["steps"] == "Optimizer steps (the most, when ``max_minutes`` is set)."
     assert "forward" in field_docs(LossConfig)["kind"]
 
 

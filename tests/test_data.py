@@ -10,11 +10,14 @@ import csv
 import json
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+import tiny
 from alignkd.data import (
     BlockSampler,
     DataError,
@@ -23,7 +26,9 @@ from alignkd.data import (
     pack,
     read_labelled,
     read_texts,
+    resolve_bos,
     tokenize_texts,
+    wants_bos,
 )
 
 SPECIALS = ["[PAD]", "[UNK]", "[EOS]", "[CLS]", "[SEP]"]
@@ -382,3 +387,116 @@ def test_sampler_with_fewer_examples_than_a_batch_wraps():
     assert s.next_indices().shape == (4,)
     with pytest.raises(DataError, match="0 examples"):
         BlockSampler(0, 4)
+
+
+# ----------------------------------------------------------------------------- BOS
+
+BOS = len(VOCAB)  # after every other id, so the BOS tokenizer's other ids match make_tokenizer()'s
+
+
+def bos_tokenizer(*, adds: bool = True) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer with a ``[BOS]`` token; ``adds``: put it before every text (Llama/Gemma-like)."""
+    tok = Tokenizer(models.WordLevel(vocab={**VOCAB, "[BOS]": BOS}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if adds:
+        tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", bos_token="[BOS]")
+
+
+def test_wants_bos_is_what_the_tokenizer_does(tokenizer):
+    assert wants_bos(bos_tokenizer())
+    assert not wants_bos(bos_tokenizer(adds=False))  # GPT-2/SmolLM2-like: a BOS token it never adds
+    assert not wants_bos(tokenizer)  # BERT-like: [CLS] first, no BOS at all
+    assert wants_bos(tiny.byte_tokenizer(bos=True)) and not wants_bos(tiny.byte_tokenizer())
+
+
+def test_resolve_bos_auto_always_never(tokenizer):
+    assert resolve_bos("auto", bos_tokenizer()) == BOS
+    assert resolve_bos("auto", bos_tokenizer(adds=False)) is None
+    assert resolve_bos("auto", tokenizer) is None
+    assert resolve_bos("never", bos_tokenizer()) is None
+    assert resolve_bos("always", bos_tokenizer(adds=False)) == BOS
+    with pytest.raises(DataError) as e:
+        resolve_bos("always", tokenizer)
+    assert one_line(e) == "data.bos is always but the tokenizer has no BOS token; set data.bos to never or auto"
+
+
+def test_pack_with_bos_leads_every_block_with_it():
+    docs = [[10, 11, 12], [20, 21], [], [30, 31, 32, 33]]
+    blocks = pack(docs, seq_len=4, eos_id=2, bos_id=9)
+    # stream: 10 11 12 2 20 21 2 30 31 32 33 2 -> 3 stream tokens after each BOS, mid-document or not
+    assert blocks.dtype == torch.int64
+    assert blocks.tolist() == [[9, 10, 11, 12], [9, 2, 20, 21], [9, 2, 30, 31], [9, 32, 33, 2]]
+    assert torch.equal(pack(docs, seq_len=4, eos_id=2, bos_id=None), pack(docs, seq_len=4, eos_id=2))
+    with pytest.raises(DataError) as e:
+        pack(docs, seq_len=1, eos_id=2, bos_id=9)
+    assert one_line(e) == "data.seq_len is 1; set it to at least 2 tokens"
+
+
+def test_lm_blocks_start_with_bos_and_bos_is_never_a_ce_target(tmp_path, tokenizer):
+    from alignkd.terms import _targets
+
+    src = corpus(tmp_path)  # 160 stream tokens
+    plain = build_lm_data(src, tokenizer, seq_len=8, eval_fraction=0)
+    data = build_lm_data(src, bos_tokenizer(), seq_len=8, eval_fraction=0, bos_id=resolve_bos("auto", bos_tokenizer()))
+    assert data.train.shape == (160 // 7, 8)
+    assert (data.train[:, 0] == BOS).all() and (data.train[:, 1:] != BOS).all()
+    # Under the BOS column, the same token stream as without BOS, cut into 7s.
+    assert torch.equal(data.train[:, 1:].flatten(), plain.train.flatten()[: data.train[:, 1:].numel()])
+    # The token cap counts BOS: at most max_train_tokens // seq_len blocks.
+    capped = build_lm_data(src, bos_tokenizer(), seq_len=8, eval_fraction=0, max_train_tokens=40, bos_id=BOS)
+    assert capped.train.shape == (5, 8)
+    # Causal-LM CE: position i predicts token i + 1, so BOS (position 0) is never a target.
+    x = SimpleNamespace(task="causal_lm", input_ids=data.train, mask=torch.ones_like(data.train, dtype=torch.bool), labels=None)
+    tgt, has = _targets(x)
+    assert has.sum() == data.train.numel() - len(data.train)
+    assert not (tgt[has] == BOS).any()
+
+
+def test_lm_blocks_without_bos_are_unchanged(tmp_path, tokenizer):
+    src = corpus(tmp_path)
+    before = build_lm_data(src, tokenizer, seq_len=8, eval_fraction=0.2, seed=3)
+    after = build_lm_data(src, tokenizer, seq_len=8, eval_fraction=0.2, seed=3, bos_id=resolve_bos("auto", tokenizer))
+    assert torch.equal(before.train, after.train) and torch.equal(before.eval, after.eval)
+    never = build_lm_data(src, bos_tokenizer(), seq_len=8, eval_fraction=0, bos_id=resolve_bos("never", bos_tokenizer()))
+    assert not (never.train == BOS).any()
+
+
+def test_classification_rows_start_with_bos_for_a_tokenizer_that_adds_it(tmp_path):
+    p = write_jsonl(tmp_path / "l.jsonl", [{"text": f"w{i} good", "label": i % 2} for i in range(6)])
+    d = build_classification_data(p, bos_tokenizer(), seq_len=4, eval_fraction=0.5)
+    rows_ = torch.cat([d.train_ids, d.eval_ids])
+    assert (rows_[:, 0] == BOS).all()
+    assert sorted(rows_[:, 1:3].tolist()) == sorted(ids(f"w{i}", "good") for i in range(6))
+    assert ((rows_ == BOS).sum(1) == 1).all()
+
+
+def test_data_bos_setting_is_validated():
+    from alignkd.config import ConfigError, load_config
+
+    base = {"teacher": {"path": "t"}, "student": {"from_teacher": {"num_layers": 1}}, "data": {"train": "x.txt"}, "losses": [{"type": "kl"}]}
+    assert load_config(data=base).data.bos == "auto"
+    with pytest.raises(ConfigError, match="^data.bos: 'sometimes' is not one of auto, always, never"):
+        load_config(data={**base, "data": {"train": "x.txt", "bos": "sometimes"}})
+
+
+def test_a_run_records_the_bos_choice_in_its_config(tmp_path):
+    import yaml
+
+    import alignkd
+
+    teacher = tiny.save_model(tmp_path / "teacher", "llama", layers=1, width=16, heads=2, bos=True)
+    corpus_dir = tiny.write_corpus(tmp_path / "corpus", docs=4)
+    cfg = {
+        "teacher": {"path": str(teacher)},
+        "student": {"from_teacher": {"layers": [0]}},
+        "data": {"train": str(corpus_dir), "seq_len": 16, "eval_fraction": 0.1},
+        "losses": [{"type": "kl"}, {"type": "ce"}],
+        "train": {"steps": 1, "batch_size": 2, "warmup": 0, "mixed_precision": "no", "progress": False,
+                  "eval_batches": 1, "output_dir": str(tmp_path / "run")},
+    }
+    alignkd.distill(cfg)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["bos"] == "always"
+    cfg["data"]["bos"], cfg["train"]["output_dir"] = "never", str(tmp_path / "never")
+    alignkd.distill(cfg)
+    assert yaml.safe_load((tmp_path / "never" / "config.yaml").read_text())["data"]["bos"] == "never"

@@ -75,7 +75,7 @@ def teacher(tmp_path_factory) -> Path:
 def make_cfg(teacher: Path, data: Path, out: Path, *, losses, student=None, task="causal_lm", weighting="static", **train) -> dict:
     """A complete run config as a plain dict: fast, deterministic, fp32, no progress bar."""
     return {
-        "teacher": {"path": str(teacher), "task": task},
+        "teacher": {"path": str(teacher), "task": task, "dtype": "float32"},
         "student": copy.deepcopy(student or DEPTH),
         "data": {"train": str(data), "seq_len": 16, "eval_fraction": 0.1},
         "losses": copy.deepcopy(losses),

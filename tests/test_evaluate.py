@@ -27,6 +27,7 @@ from alignkd import cli
 from alignkd.evaluate import (
     EvalError,
     EvalSettings,
+    continuations,
     demo_prefix,
     evaluate_models,
     generation_metrics,
@@ -130,6 +131,65 @@ def test_token_stream_joins_documents_with_eos():
     ids = token_stream(TOK, ["ab", "c"]).tolist()
     assert ids == TOK("ab")["input_ids"] + [TOK.eos_token_id] + TOK("c")["input_ids"]
     assert token_stream(TOK, ["ab", "cd"], 2).tolist() == TOK("ab")["input_ids"]
+
+
+BOS_TOK = tiny.byte_tokenizer(bos=True)  # adds <bos> to every text, as Llama's and Gemma's tokenizers do
+BOS = BOS_TOK.bos_token_id
+
+
+def bos_windows_by_hand(model, ids: torch.Tensor, window: int, stride: int) -> tuple[float, int]:
+    """Plain transformers with BOS first: windows of ``window - 1`` text tokens every ``min(stride, window - 1)``,
+    BOS prepended to each, each text token scored once from the first window that reaches it, BOS never scored."""
+    span, step = window - 1, min(stride, window - 1)
+    n, nll, count, prev_end = ids.numel(), 0.0, 0, 0
+    for begin in range(0, n, step):
+        end = min(begin + span, n)
+        chunk = torch.cat([torch.tensor([BOS]), ids[begin:end]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(chunk[None]).logits[0].double(), -1)
+        for pos in range(1, chunk.numel()):  # position 0 is BOS: nothing predicts it
+            if begin + pos - 1 >= prev_end:  # the text token at chunk position pos is new
+                nll -= logp[pos - 1, chunk[pos]].item()
+                count += 1
+        prev_end = end
+        if end == n:
+            break
+    return math.exp(nll / count), count
+
+
+@pytest.mark.parametrize("window,stride", [(32, 12), (24, 1), (40, 40), (33, 32)])
+def test_perplexity_with_bos_matches_plain_transformers(window, stride):
+    model = tiny.build("llama")
+    ids = token_stream(BOS_TOK, TEXTS, 150)
+    assert BOS not in ids.tolist()  # text tokens only; BOS comes with each window
+    got, n = perplexity(model, BOS_TOK, TEXTS, max_tokens=150, window=window, stride=stride)
+    ref, ref_n = bos_windows_by_hand(model, ids, window, stride)
+    assert n == ref_n == 150  # every text token, the first one too (predicted from BOS)
+    assert got == pytest.approx(ref, rel=1e-4)
+
+
+def test_every_perplexity_window_starts_with_bos_and_fits_the_window():
+    model = tiny.build("gemma3")
+    seen: list[list[int]] = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args[0] if args else kwargs["input_ids"])[0].tolist()), with_kwargs=True)
+    perplexity(model, BOS_TOK, TEXTS, max_tokens=100, window=16, stride=10)
+    assert len(seen) == 1 + -(-(100 - 15) // 10)
+    assert all(w[0] == BOS and BOS not in w[1:] and len(w) <= 16 for w in seen)
+    seen.clear()
+    perplexity(model, TOK, TEXTS, max_tokens=100, window=16, stride=10)  # no BOS: text windows as before
+    assert seen[0] == token_stream(TOK, TEXTS, 16).tolist()
+
+
+def test_generation_prompts_start_with_bos_for_a_tokenizer_that_adds_it():
+    model = tiny.build("llama")
+    prompts, _ = passages(token_stream(BOS_TOK, TEXTS), 2, 4)
+    for tok, lead in ((BOS_TOK, [BOS]), (TOK, [])):
+        first: list[torch.Tensor] = []
+        handle = model.register_forward_pre_hook(lambda m, args, kwargs: first.append(kwargs["input_ids"]) if not first else None, with_kwargs=True)
+        out = continuations(model, tok, prompts, 4)
+        handle.remove()
+        assert len(out) == 2
+        assert first[0].tolist() == [lead + p for p in prompts.tolist()]
 
 
 def test_perplexity_rejects_a_window_past_the_context_and_empty_text():
@@ -305,7 +365,7 @@ def test_retention_formulas():
 SETTINGS = dict(ppl_tokens=300, window=64, stride=32, examples=8, shots=2, prompts=3, new_tokens=6, latency_len=16)
 SETTINGS_KEYS = {"text", "labelled", "device", "dtype", "ppl_tokens", "window", "stride", "examples", "shots", "prompts",
                  "new_tokens", "latency_batch", "latency_len"}
-METRICS = {"perplexity", "ppl_tokens_scored", "accuracy", "accuracy_examples", "bleu", "rouge1", "rouge2", "rougeL", "cer",
+METRICS = {"perplexity", "ppl_tokens_scored", "bos", "accuracy", "accuracy_examples", "bleu", "rouge1", "rouge2", "rougeL", "cer",
            "prefill_ms_per_token", "decode_ms_per_token", "prefill_tokens_per_s", "decode_tokens_per_s", "params",
            "non_embedding_params", "size_mb"}
 FIDELITY = {f"{k}_vs_teacher" for k in ("bleu", "rouge1", "rouge2", "rougeL", "cer")}
@@ -326,7 +386,7 @@ def world(tmp_path_factory):
 
 def test_evaluate_models_writes_eval_json(world, tmp_path):
     models = {"teacher": str(world.teacher), "student": str(world.student), "same": str(world.teacher)}
-    settings = EvalSettings(text=str(world.corpus), labelled=str(world.csv), **SETTINGS)
+    settings = EvalSettings(text=str(world.corpus), labelled=str(world.csv), dtype="float32", **SETTINGS)
     result = evaluate_models(models, settings, teacher="teacher", out=tmp_path, progress=False)
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written == json.loads(json.dumps(result))
@@ -351,7 +411,19 @@ def test_evaluate_models_writes_eval_json(world, tmp_path):
     ppl, n = perplexity(model, TOK, [p.read_text() for p in sorted(world.corpus.glob("*.txt"))], max_tokens=300, window=64, stride=32)
     assert (teacher["perplexity"], teacher["ppl_tokens_scored"]) == (pytest.approx(ppl, rel=1e-5), n)
     assert teacher["accuracy_examples"] == 8
+    assert teacher["bos"] is False  # the byte tokenizer adds no BOS
     assert teacher["params"] == param_counts(model)["params"]
+
+
+def test_eval_of_a_model_whose_tokenizer_adds_bos_records_it(world, tmp_path):
+    model_dir = tiny.save_model(tmp_path / "bos", "llama", layers=1, width=32, bos=True)
+    settings = EvalSettings(text=str(world.corpus), skip=("accuracy", "latency"), dtype="float32", **SETTINGS)
+    metrics = evaluate_models({"model": str(model_dir)}, settings, progress=False)["models"]["model"]["metrics"]
+    assert metrics["bos"] is True
+    texts = [p.read_text() for p in sorted(world.corpus.glob("*.txt"))]
+    model = tiny.AutoModelForCausalLM.from_pretrained(model_dir)
+    ppl, n = perplexity(model, BOS_TOK, texts, max_tokens=300, window=64, stride=32)
+    assert (metrics["perplexity"], metrics["ppl_tokens_scored"]) == (pytest.approx(ppl, rel=1e-5), n) and n == 300
 
 
 def test_skipped_groups_are_absent_and_no_teacher_means_no_retention(world, tmp_path, monkeypatch):

@@ -27,12 +27,12 @@ alignkd.distill(cfg)
 
 def _cfg(root: Path, out: str, batch: int) -> dict:
     return {
-        "teacher": {"path": str(root / "teacher")},
+        "teacher": {"path": str(root / "teacher"), "dtype": "float32"},  # equivalence needs shape-independent maths
         "student": {"config": {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64}},
         "data": {"train": str(root / "data"), "seq_len": 16},
         "losses": [{"type": "kl"}, {"type": "ce"}, {"type": "hidden"}, {"type": "relation"}],
         "weighting": {"strategy": "gradnorm"},
-        "train": {"steps": 3, "batch_size": batch, "warmup": 1, "eval_every": 0, "progress": False, "output_dir": str(root / out)},
+        "train": {"steps": 3, "batch_size": batch, "warmup": 1, "eval_every": 0, "mixed_precision": "no", "progress": False, "output_dir": str(root / out)},
     }
 
 

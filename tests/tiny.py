@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -20,15 +20,25 @@ from transformers import (
 SPECIALS = ["<pad>", "<eos>", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: 256 byte tokens + specials, so any text round-trips."""
+def byte_tokenizer(*, bos: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: 256 byte tokens + specials, so any text round-trips.
+
+    ``bos=True`` adds ``<bos>`` after the bytes (id 261, other ids unchanged) and
+    puts it before every encoded text, as Llama's and Gemma's tokenizers do.
+    """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(alphabet))}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(alphabet) + (["<bos>"] if bos else []))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    extra = {}
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
+        extra["bos_token"] = "<bos>"
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", **extra
     )
 
 
@@ -50,14 +60,14 @@ def config(family: str, *, layers: int = 2, width: int = 32, heads: int = 4, voc
     raise ValueError(family)
 
 
-def save_model(path: Path, family: str = "llama", *, task: str = "causal_lm", seed: int = 0, **kw) -> Path:
-    """Build a random tiny model (+ the byte tokenizer) and save it to ``path``."""
+def save_model(path: Path, family: str = "llama", *, task: str = "causal_lm", seed: int = 0, bos: bool = False, **kw) -> Path:
+    """Build a random tiny model (+ the byte tokenizer, with BOS when ``bos``) and save it to ``path``."""
     torch.manual_seed(seed)
     cfg = config(family, **kw)
     cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
     model = cls.from_config(cfg)
     model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    byte_tokenizer(bos=bos).save_pretrained(path)
     return path
 
 
