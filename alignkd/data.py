@@ -8,6 +8,8 @@ raises :class:`DataError` with a one-line message that says what to fix.
 
 from __future__ import annotations
 
+from alignkd.errors import DataError
+
 import csv
 import json
 import os
@@ -31,10 +33,6 @@ SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 EVAL_SPLIT = "validation"
 # data.bos: auto (what the tokenizer does, see wants_bos), always, never.
 BOS_SETTINGS = ("auto", "always", "never")
-
-
-class DataError(ValueError):
-    """Bad data input; the message is one line saying what to fix."""
 
 
 # ----------------------------------------------------------------------------- sources

@@ -118,7 +118,7 @@ def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float 
     from alignkd.config import load_config
     from alignkd.evaluate import EvalSettings, evaluate_models
     from alignkd.report import write_report
-    from alignkd.train import distill
+    from alignkd.engine.run import distill
 
     console = Console(stderr=True)
     steps = steps or (int(os.environ["DEMO_STEPS"]) if os.environ.get("DEMO_STEPS") else None)

@@ -12,6 +12,8 @@ which ``alignkd report`` reads.
 
 from __future__ import annotations
 
+from alignkd.errors import EvalError
+
 import copy
 import dataclasses
 import gc
@@ -42,10 +44,6 @@ LOWER_IS_BETTER = ("perplexity", "cer")
 GENERATION_BATCH = 16  # prompts generated together; all have the same length, so no padding
 
 Step = Callable[[int, int], None]  # on_step(done, total), for the progress display
-
-
-class EvalError(ValueError):
-    """Bad evaluation input (a path, a CSV, a setting); the message is one line saying what to fix."""
 
 
 @dataclass

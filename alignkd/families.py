@@ -8,6 +8,8 @@ that knows module names; hooks and students go through it, losses never do.
 
 from __future__ import annotations
 
+from alignkd.errors import FamilyError
+
 from dataclasses import dataclass
 
 from torch import nn
@@ -49,10 +51,6 @@ FAMILIES: dict[str, Family] = {
         final_norm=None,
     ),
 }
-
-
-class FamilyError(ValueError):
-    """The model's family is not known and its layout could not be found."""
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:

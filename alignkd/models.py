@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from alignkd.errors import ModelError
+
 from pathlib import Path
 
 from transformers import (
@@ -18,10 +20,6 @@ AUTO_CLASSES = {
     "masked_lm": AutoModelForMaskedLM,
 }
 
-
-
-class ModelError(ValueError):
-    """A model or tokenizer could not be loaded or does not fit; one line says why."""
 
 
 def _check_source(path: str, what: str) -> None:

@@ -18,6 +18,8 @@ fetched), report.md links its plots from ``report_files/``.
 
 from __future__ import annotations
 
+from alignkd.errors import ReportError
+
 import base64
 import html
 import io
@@ -29,10 +31,6 @@ from pathlib import Path
 from typing import Callable
 
 from alignkd import __version__
-
-
-class ReportError(ValueError):
-    """A run folder or file the report cannot use; the message is one line that says what to fix."""
 
 
 # ---------------------------------------------------------------- reading runs

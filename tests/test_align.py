@@ -1,11 +1,11 @@
-"""Tests of alignkd.align: layer maps, projectors and adaptive layer mixtures."""
+"""Tests of alignkd.engine.align: layer maps, projectors and adaptive layer mixtures."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from alignkd.align import AdaptiveMix, LayerMapError, Projector, auto_map, resolve_map
+from alignkd.engine.align import AdaptiveMix, LayerMapError, Projector, auto_map, resolve_map
 
 
 def reference_auto(ls: int, lt: int) -> list[tuple[int, int]]:
@@ -193,7 +193,7 @@ def test_adaptive_gradient_reaches_the_logits():
 
 
 def test_source_map_pairs_copied_blocks_with_their_origin():
-    from alignkd.align import LayerMapError, resolve_map
+    from alignkd.engine.align import LayerMapError, resolve_map
 
     assert resolve_map("source", 3, 30, "losses[0].layers", source=[0, 14, 29]) == [(0, 0), (1, 14), (2, 29)]
     with pytest.raises(LayerMapError, match="from_teacher"):
@@ -201,13 +201,13 @@ def test_source_map_pairs_copied_blocks_with_their_origin():
 
 
 def test_plan_uses_the_blocks_a_depth_pruned_student_came_from():
-    from alignkd.config import LossConfig
-    from alignkd.plan import build_plan
+    from alignkd.engine.plan import build_plan
+    from alignkd.terms.features import HiddenConfig
     from alignkd.student import depth_pruned
     from tiny import build
 
     teacher = build("llama", layers=4, width=32)
     student = depth_pruned(teacher, [0, 3], None)
-    plan = build_plan([LossConfig(type="hidden", name="hidden", layers="source")], student, teacher)
+    plan = build_plan([HiddenConfig(name="hidden", layers="source")], student, teacher)
     assert plan.terms[0].pairs == [(0, 0), (1, 3)]
     assert plan.teacher_needs.hidden == {0, 3}

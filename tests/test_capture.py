@@ -1,4 +1,4 @@
-"""Tests of alignkd.capture (hooks) and alignkd.plan (what each model must expose).
+"""Tests of alignkd.engine.capture (hooks) and alignkd.engine.plan (what each model must expose).
 
 Captured tensors are compared with what transformers itself returns
 (``output_hidden_states`` / ``output_attentions``) or with the projections
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import tiny
-from alignkd.align import AdaptiveMix, Projector
-from alignkd.capture import Capture, Needs
+from alignkd.engine.align import AdaptiveMix, Projector
+from alignkd.engine.capture import Capture, Needs
 from alignkd.config import ConfigError, load_config
 from alignkd.families import FAMILIES, blocks_of, get_path
-from alignkd.plan import StudentSide, build_plan
+from alignkd.engine.plan import StudentSide, build_plan
 
 DECODERS = ["llama", "qwen2", "gemma3", "gpt2"]
 LAYERS = 3
@@ -327,7 +327,7 @@ def test_output_terms_need_nothing(pair_models):
     for needs in (plan.student_needs, plan.teacher_needs):
         assert needs.hidden == set() and needs.attention == set() and needs.qkv == set()
     assert [t.pairs for t in plan.terms] == [[], [], []]
-    assert [t.temperature for t in plan.terms] == [1.0, None, 4.0]
+    assert [getattr(t.cfg, "temperature", None) for t in plan.terms] == [1.0, None, 4.0]
     assert plan.projectors == {} and not plan.needs_eager_attention
 
 
@@ -385,7 +385,7 @@ def test_relation_heads_default_divides_every_width(family, s_kw, t_kw, expected
     student = tiny.build(family, layers=2, **s_kw)
     teacher = tiny.build(family, layers=2, **t_kw)
     plan = build_plan(losses({"type": "relation"}), student, teacher)
-    h = plan.terms[0].relation_heads
+    h = plan.terms[0].params["heads"]
     widths = _qkv_widths(student) + _qkv_widths(teacher)
     assert all(w % h == 0 for w in widths), (h, widths)
     best = max(c for c in range(1, s_kw["heads"] + 1) if all(w % c == 0 for w in widths))
@@ -394,7 +394,7 @@ def test_relation_heads_default_divides_every_width(family, s_kw, t_kw, expected
 
 def test_relation_heads_explicit(pair_models):
     plan = build_plan(losses({"type": "relation", "num_relation_heads": 8}), pair_models["student"], pair_models["wide"])
-    assert plan.terms[0].relation_heads == 8
+    assert plan.terms[0].params["heads"] == 8
     with pytest.raises(ConfigError, match=r"losses\[0\]\.num_relation_heads: 3 does not divide"):
         build_plan(losses({"type": "relation", "num_relation_heads": 3}), pair_models["student"], pair_models["wide"])
 

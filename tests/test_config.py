@@ -18,15 +18,10 @@ import yaml
 import alignkd
 from alignkd import cli
 from alignkd.config import (
-    COMMON_LOSS_FIELDS,
-    DEFAULT_LAYERS,
-    DEFAULT_TEMPERATURE,
-    LOSS_FIELDS,
     Config,
     ConfigError,
     DataConfig,
     FromTeacherConfig,
-    LossConfig,
     ModelConfig,
     ScheduleConfig,
     StudentConfig,
@@ -36,8 +31,9 @@ from alignkd.config import (
     load_config,
 )
 from alignkd.losses import KL_KINDS
-from alignkd.terms import HIDDEN_METRICS, TERMS
-from alignkd.weighting import GradNorm, Uncertainty, Weighting, build_weighting
+from alignkd.terms import HIDDEN_METRICS, TERM_TYPES, TermConfig
+from alignkd.terms.base import Layered, Tempered
+from alignkd.engine.weighting import GradNorm, Uncertainty, Weighting, build_weighting
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -62,7 +58,7 @@ def config_error(data: dict, overrides=()) -> str:
     return msg
 
 
-def losses_of(*terms: dict) -> list[LossConfig]:
+def losses_of(*terms: dict) -> list[TermConfig]:
     return load_config(data=minimal(losses=list(terms))).losses
 
 
@@ -101,8 +97,8 @@ def test_shipped_config_parses_and_is_sensible(path):
     names = [loss.name for loss in cfg.losses]
     assert len(set(names)) == len(names)
     for loss in cfg.losses:
-        assert loss.type in LOSS_FIELDS and loss.weight >= 0
-        if isinstance(loss.layers, list) and loss.type in DEFAULT_LAYERS:
+        assert isinstance(loss, TERM_TYPES[loss.type].config) and loss.weight >= 0
+        if isinstance(getattr(loss, "layers", None), list):
             for s, t in loss.layers:
                 assert -ls <= s < ls and -lt <= t < lt, f"{path.name}: {loss.name} pair {[s, t]} does not fit {ls} / {lt} blocks"
         if loss.type in ("dkd", "ce") and cfg.teacher.task == "sequence_classification":
@@ -113,7 +109,9 @@ def test_shipped_config_parses_and_is_sensible(path):
 
 # ---------------------------------------------------------------- field docs
 
-DATACLASSES = [Config, ModelConfig, FromTeacherConfig, StudentConfig, DataConfig, ScheduleConfig, LossConfig, WeightingConfig, TrainConfig]
+DATACLASSES = [Config, ModelConfig, FromTeacherConfig, StudentConfig, DataConfig, ScheduleConfig, WeightingConfig, TrainConfig] + [
+    t.config for t in TERM_TYPES.values()
+]
 
 
 @pytest.mark.parametrize("cls", DATACLASSES, ids=lambda c: c.__name__)
@@ -127,13 +125,17 @@ def test_every_field_has_a_docstring(cls):
 
 def test_field_docs_reads_the_string_below_each_field():
     assert field_docs(TrainConfig)["steps"] == "Optimizer steps (the most, when ``max_minutes`` is set)."
-    assert "forward" in field_docs(LossConfig)["kind"]
+    assert "forward" in field_docs(TERM_TYPES["kl"].config)["kind"]
+    # A type's own docstring wins over its base's: dkd's alpha is not kl's.
+    assert "target" in field_docs(TERM_TYPES["dkd"].config)["alpha"] and "skew" in field_docs(TERM_TYPES["kl"].config)["alpha"]
 
 
 def test_nested_dataclasses_are_all_listed():
     # A new nested section must get its own docstring test.
     def nested(tp):
-        if dataclasses.is_dataclass(tp):
+        if tp is TermConfig:  # a loss term is the config of its type
+            yield from (t.config for t in TERM_TYPES.values())
+        elif dataclasses.is_dataclass(tp):
             yield tp
         for arg in typing.get_args(tp):
             yield from nested(arg)
@@ -243,8 +245,7 @@ def test_per_type_defaults_are_filled():
     assert hid.layers == "auto" and hid.metric == "mse"
     assert att.layers == "last"
     assert blk.layers == "auto" and blk.temperature == 1.0
-    assert ce.temperature is None
-    assert DEFAULT_TEMPERATURE["dkd"] == 4.0 and DEFAULT_TEMPERATURE["contrastive"] == 0.1
+    assert not hasattr(ce, "temperature") and not hasattr(ce, "layers")
 
 
 def test_explicit_values_win_over_defaults():
@@ -415,25 +416,22 @@ def test_adaptive_is_only_for_hidden(kind):
 # ---------------------------------------------------------------- names resolve to code
 
 
-def test_terms_match_loss_fields():
-    assert set(TERMS) == set(LOSS_FIELDS)
-    for name, fn in TERMS.items():
-        assert callable(fn), name
+@pytest.mark.parametrize("name", sorted(TERM_TYPES))
+def test_every_term_type_is_complete(name):
+    kind = TERM_TYPES[name]
+    assert callable(kind.compute), name
+    assert issubclass(kind.config, TermConfig) and kind.config().type == name  # the map key is the type's own
+    assert kind.matches, f"{name}: the README table needs what it matches"
+    # Captures and projectors only for terms that map layers; a projector needs a projector field.
+    assert (kind.needs is not None) == kind.layered, name
+    assert kind.projected == ("projector" in kind.fields()), name
+    if kind.tempered:
+        assert kind.config().temperature > 0
+    assert issubclass(kind.config, Layered) == ("layers" in kind.fields())
+    assert issubclass(kind.config, Tempered) == ("temperature_schedule" in kind.fields())
 
 
-def test_every_loss_field_is_a_loss_config_field():
-    fields = {f.name for f in dataclasses.fields(LossConfig)}
-    assert COMMON_LOSS_FIELDS <= fields
-    for name, extra in LOSS_FIELDS.items():
-        assert extra <= fields, f"{name}: {extra - fields}"
-    assert set(DEFAULT_TEMPERATURE) <= set(LOSS_FIELDS) and set(DEFAULT_LAYERS) <= set(LOSS_FIELDS)
-    for name in DEFAULT_TEMPERATURE:
-        assert "temperature" in LOSS_FIELDS[name]
-    for name in DEFAULT_LAYERS:
-        assert "layers" in LOSS_FIELDS[name]
-
-
-@pytest.mark.parametrize("loss_type", sorted(LOSS_FIELDS))
+@pytest.mark.parametrize("loss_type", sorted(TERM_TYPES))
 def test_every_loss_type_loads(loss_type):
     (loss,) = losses_of({"type": loss_type})
     assert loss.type == loss_type and loss.name == loss_type

@@ -10,8 +10,6 @@ import csv
 import json
 import sys
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -434,23 +432,17 @@ def test_pack_with_bos_leads_every_block_with_it():
 
 
 def test_lm_blocks_start_with_bos_and_bos_is_never_a_ce_target(tmp_path, tokenizer):
-    from alignkd.terms import _targets
-
     src = corpus(tmp_path)  # 160 stream tokens
     plain = build_lm_data(src, tokenizer, seq_len=8, eval_fraction=0)
     data = build_lm_data(src, bos_tokenizer(), seq_len=8, eval_fraction=0, bos_id=resolve_bos("auto", bos_tokenizer()))
     assert data.train.shape == (160 // 7, 8)
+    # Causal-LM CE: position i predicts token i + 1, so its targets are input_ids[:, 1:]: BOS is never one.
     assert (data.train[:, 0] == BOS).all() and (data.train[:, 1:] != BOS).all()
     # Under the BOS column, the same token stream as without BOS, cut into 7s.
     assert torch.equal(data.train[:, 1:].flatten(), plain.train.flatten()[: data.train[:, 1:].numel()])
     # The token cap counts BOS: at most max_train_tokens // seq_len blocks.
     capped = build_lm_data(src, bos_tokenizer(), seq_len=8, eval_fraction=0, max_train_tokens=40, bos_id=BOS)
     assert capped.train.shape == (5, 8)
-    # Causal-LM CE: position i predicts token i + 1, so BOS (position 0) is never a target.
-    x = SimpleNamespace(task="causal_lm", input_ids=data.train, mask=torch.ones_like(data.train, dtype=torch.bool), labels=None)
-    tgt, has = _targets(x)
-    assert has.sum() == data.train.numel() - len(data.train)
-    assert not (tgt[has] == BOS).any()
 
 
 def test_lm_blocks_without_bos_are_unchanged(tmp_path, tokenizer):

@@ -1,6 +1,6 @@
 """Integration tests of the distillation engine: short real runs on tiny models.
 
-Each test drives ``alignkd.distill`` (or ``alignkd.train.setup`` and the loop
+Each test drives ``alignkd.distill`` (or ``alignkd.engine.run.setup`` and the loop
 pieces) on offline tiny models from ``tiny.py`` and checks what a run wrote or
 what the step did: every loss type and weighting logs finite values, every
 model family distils and saves a student that transformers reloads, projectors
@@ -39,7 +39,9 @@ import tiny
 from alignkd.config import load_config
 from alignkd.losses import KL_KINDS
 from alignkd.models import ModelError
-from alignkd.train import make_batch, setup, teacher_forward, term_losses, train
+from alignkd.engine.loop import next_batches, train
+from alignkd.engine.run import setup
+from alignkd.engine.step import schedules_at, teacher_forward, term_losses
 
 # A student narrower than the 32-wide tiny teacher: every feature term needs a projector.
 NARROW = {"config": {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32}}
@@ -126,7 +128,7 @@ def term_names(losses: list[dict]) -> list[str]:
 
 
 def make_run(cfg: dict):
-    """``alignkd.train.setup`` of a config dict, as ``distill`` would start it."""
+    """``alignkd.engine.run.setup`` of a config dict, as ``distill`` would start it."""
     c = load_config(data=copy.deepcopy(cfg))
     Path(c.train.output_dir).mkdir(parents=True, exist_ok=True)
     set_seed(c.train.seed)
@@ -295,10 +297,10 @@ def test_blockwise_trains_student_and_projector_never_the_teacher(teacher, corpu
     run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses, student=NARROW, steps=2))
     before = {k: v.detach().clone() for k, v in run.teacher.state_dict().items()}
 
-    batch = make_batch(run, run.train_data, run.sampler.next_indices(), seed=0)
+    batch = next_batches(run, 0)[0]
     t_rec = teacher_forward(run, batch)
     s_rec = run.side(batch.input_ids, batch.mask)
-    losses_now = term_losses(run, batch, s_rec, t_rec)
+    losses_now = term_losses(run, batch, s_rec, t_rec, schedules_at(run, 0).temperatures)
     loss = losses_now["blockwise"]
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
@@ -450,13 +452,13 @@ def test_student_path_with_another_tokenizer_is_refused(teacher, corpus, tmp_pat
 def test_an_interrupt_saves_the_finished_steps_and_resume_completes_the_run(teacher, corpus, tmp_path, monkeypatch):
     # Ctrl-C in step 4 of 6: steps 1-3 are kept in a checkpoint, and resuming gives
     # the same student as a run that was never interrupted.
-    import alignkd.train as train_mod
+    import alignkd.engine.step as step_mod
 
     losses = [{"type": "kl"}, {"type": "hidden"}]
     a, b = tmp_path / "a", tmp_path / "b"
     alignkd.distill(make_cfg(teacher, corpus, a, losses=losses, steps=6))
 
-    real, calls = train_mod.term_losses, {"n": 0}
+    real, calls = step_mod.term_losses, {"n": 0}
 
     def interrupt_in_step_4(*args, **kwargs):
         calls["n"] += 1
@@ -464,13 +466,42 @@ def test_an_interrupt_saves_the_finished_steps_and_resume_completes_the_run(teac
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "term_losses", interrupt_in_step_4)
+    monkeypatch.setattr(step_mod, "term_losses", interrupt_in_step_4)
     cfg = make_cfg(teacher, corpus, b, losses=losses, steps=6)
     with pytest.raises(KeyboardInterrupt):
         alignkd.distill(cfg)
     assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-3"]
-    monkeypatch.setattr(train_mod, "term_losses", real)
+    monkeypatch.setattr(step_mod, "term_losses", real)
     assert alignkd.distill(cfg, resume=True)["last_train"]["step"] == 6
     wa, wb = student_weights(a), student_weights(b)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), f"{k} differs after an interrupt and resume"
+
+
+def test_an_interrupt_after_the_optimizer_step_does_not_replay_the_step(teacher, corpus, tmp_path, monkeypatch):
+    # Ctrl-C during step 3's evaluation, after its optimizer step: the checkpoint is
+    # step 3 with the data position after it, and the resumed run equals one never
+    # interrupted (a replayed step 3 would apply its batches twice).
+    from alignkd.engine.run import Run
+
+    losses = [{"type": "kl"}, {"type": "ce"}]
+    a, b = tmp_path / "a", tmp_path / "b"
+    alignkd.distill(make_cfg(teacher, corpus, a, losses=losses, steps=6, eval_every=3))
+    real, calls = Run.evaluate, {"n": 0}
+
+    def interrupt_second_evaluation(self, model):
+        calls["n"] += 1  # 1: the teacher before training; 2: the student after step 3
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, model)
+
+    monkeypatch.setattr(Run, "evaluate", interrupt_second_evaluation)
+    cfg = make_cfg(teacher, corpus, b, losses=losses, steps=6, eval_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        alignkd.distill(cfg)
+    assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-3"]
+    monkeypatch.setattr(Run, "evaluate", real)
+    assert alignkd.distill(cfg, resume=True)["last_train"]["step"] == 6
+    wa, wb = student_weights(a), student_weights(b)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), f"{k} differs after an interrupt in evaluation and resume"

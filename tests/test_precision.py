@@ -13,7 +13,7 @@ from rich.console import Console
 import alignkd
 import tiny
 from alignkd import precision
-from alignkd.horizon import Horizon
+from alignkd.engine.horizon import Horizon
 from alignkd.progress import Progress
 
 

@@ -1,4 +1,4 @@
-"""Tests of alignkd.weighting: schedules, static weights, GradNorm and uncertainty weighting.
+"""Tests of alignkd.engine.weighting: schedules, static weights, GradNorm and uncertainty weighting.
 
 GradNorm is checked on a toy multi-task problem (one shared linear layer, losses
 whose gradients differ by orders of magnitude) for the properties the paper
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alignkd.config import ScheduleConfig
-from alignkd.weighting import GradNorm, Uncertainty, Weighting, build_weighting, schedule_value
+from alignkd.engine.weighting import GradNorm, Uncertainty, Weighting, build_weighting, schedule_value
 
 # ---------------------------------------------------------------- schedules
 

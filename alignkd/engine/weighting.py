@@ -48,6 +48,10 @@ class Weighting(nn.Module):
         w = self.weights().detach()
         return sum(w[i] * multipliers[i] * losses[n] for i, n in enumerate(self.names))
 
+    def due(self, step: int) -> bool:
+        """Whether ``update`` runs at this optimizer step (on its first micro-batch)."""
+        return False
+
     def update(self, losses: dict[str, torch.Tensor], multipliers: list[float], shared: list[nn.Parameter], reduce=None) -> None:
         """Adjust the weights after a step's forward (no-op for static)."""
 
@@ -69,8 +73,10 @@ class GradNorm(Weighting):
     and kept positive.
     """
 
-    def __init__(self, names: list[str], init: list[float], *, alpha: float = 1.5, lr: float = 0.025):
+    def __init__(self, names: list[str], init: list[float], *, alpha: float = 1.5, lr: float = 0.025, every: int = 1):
         super().__init__(names, init)
+        self.every = every
+        """Update every this many optimizer steps (each update costs one extra backward per term)."""
         k = len(names)
         w0 = torch.tensor(init, dtype=torch.float32).clamp(min=1e-3)
         self.w = nn.Parameter(w0 * k / w0.sum())
@@ -80,6 +86,9 @@ class GradNorm(Weighting):
 
     def weights(self) -> torch.Tensor:
         return self.w
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
 
     # The weights' own optimizer state travels in state_dict() with the weights.
     def get_extra_state(self):
@@ -143,9 +152,9 @@ class Uncertainty(Weighting):
         )
 
 
-def build_weighting(strategy: str, names: list[str], init: list[float], *, alpha: float = 1.5, lr: float = 0.025) -> Weighting:
+def build_weighting(strategy: str, names: list[str], init: list[float], *, alpha: float = 1.5, lr: float = 0.025, every: int = 1) -> Weighting:
     if strategy == "gradnorm":
-        return GradNorm(names, init, alpha=alpha, lr=lr)
+        return GradNorm(names, init, alpha=alpha, lr=lr, every=every)
     if strategy == "uncertainty":
         return Uncertainty(names, init)
     if strategy == "static":

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+from alignkd.errors import LayerMapError
+
 import math
 
 import torch
 from torch import nn
-
-
-class LayerMapError(ValueError):
-    """A layer map that does not fit the models; one line says which index and the valid range."""
 
 
 def auto_map(num_student: int, num_teacher: int) -> list[tuple[int, int]]:

@@ -28,6 +28,12 @@ class Needs:
     qkv: set[tuple[int, str]] = field(default_factory=set)
     """(block, 'q' | 'k' | 'v') projections ``[B, T, D_x]`` to record."""
 
+    def merge(self, other: Needs) -> None:
+        """Add what ``other`` asks for (hooks are registered once for the union of all terms)."""
+        self.hidden |= other.hidden
+        self.attention |= other.attention
+        self.qkv |= other.qkv
+
 
 @dataclass
 class Record:

@@ -1,0 +1,24 @@
+"""The run config: typed dataclasses (``schema``), YAML loading and overrides (``load``), cross-field checks (``validate``).
+
+Errors are ``ConfigError`` with one line that names the field and the fix.
+"""
+
+from alignkd.config.load import apply_override, field_docs, from_dict, load_config, to_dict
+from alignkd.config.schema import (
+    Config,
+    DataConfig,
+    FromTeacherConfig,
+    ModelConfig,
+    StudentConfig,
+    TrainConfig,
+    WeightingConfig,
+)
+from alignkd.config.validate import validate
+from alignkd.errors import ConfigError
+from alignkd.terms import ScheduleConfig, TermConfig
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "FromTeacherConfig", "ModelConfig", "ScheduleConfig", "StudentConfig",
+    "TermConfig", "TrainConfig", "WeightingConfig", "apply_override", "field_docs", "from_dict", "load_config",
+    "to_dict", "validate",
+]

@@ -1,0 +1,154 @@
+"""The run config: typed dataclasses, one per section, a docstring under every field.
+
+Loss terms are the dataclasses of ``alignkd.terms`` (one per type). A ``Config``
+validates itself when built, whatever builds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignkd.terms import TermConfig
+
+
+@dataclass
+class ModelConfig:
+    """The teacher model."""
+
+    path: str = ""
+    """Local directory or hub id of a Hugging Face model."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bfloat16 where it is fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else float32), float32, bfloat16 or float16."""
+    task: str = "causal_lm"
+    """Model head: causal_lm, sequence_classification or masked_lm."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with a hub repository."""
+
+
+@dataclass
+class FromTeacherConfig:
+    """A student made by copying some of the teacher's blocks (depth pruning)."""
+
+    layers: list[int] | None = None
+    """Teacher block indices to keep, in order; None picks ``num_layers`` evenly spread blocks."""
+    num_layers: int | None = None
+    """How many blocks to keep when ``layers`` is None (default: a quarter of the teacher's, at least 1)."""
+
+
+@dataclass
+class StudentConfig:
+    """The student: exactly one of ``path``, ``from_teacher`` or ``config``."""
+
+    path: str | None = None
+    """Local directory or hub id of a Hugging Face model to train as the student."""
+    from_teacher: FromTeacherConfig | None = None
+    """Copy embeddings, chosen blocks, final norm and head from the teacher."""
+    config: dict[str, Any] | None = None
+    """Overrides of the teacher's config (e.g. num_hidden_layers, hidden_size) for a new student of its architecture."""
+    init: str = "random"
+    """For a ``config`` student: random (fresh weights) or prune (width-pruned copy of the teacher by weight importance)."""
+    dtype: str = "auto"
+    """Student weights dtype while training: auto (float32, the optimizer's master weights; bf16 compute comes from train.mixed_precision), float32, bfloat16 or float16."""
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation text."""
+
+    train: str = ""
+    """Text file, folder, JSONL, CSV, ``load_from_disk`` folder or ``datasets`` name."""
+    eval: str | None = None
+    """Held-out set in any of the same forms; None splits ``eval_fraction`` off the training blocks."""
+    seq_len: int = 256
+    """Tokens per packed training block."""
+    text_field: str = "text"
+    """JSONL field / CSV column holding the text."""
+    label_field: str = "label"
+    """JSONL field / CSV column holding the class label (classification models)."""
+    eval_fraction: float = 0.05
+    """Share of the training blocks held out when no eval set is named."""
+    max_train_tokens: int | None = None
+    """Cap on training tokens read (None reads everything)."""
+    bos: str = "auto"
+    """BOS at the head of every packed causal-LM block: auto (when the tokenizer adds one itself, as Llama's and Gemma's do), always or never; a run records what auto chose."""
+
+
+@dataclass
+class WeightingConfig:
+    """How the loss terms are combined."""
+
+    strategy: str = "static"
+    """static (fixed weights), gradnorm (Chen et al. 2018) or uncertainty (Kendall et al. 2018)."""
+    alpha: float = 1.5
+    """gradnorm: asymmetry; larger pulls harder on terms that train slowly."""
+    lr: float = 0.025
+    """gradnorm: learning rate of the weights."""
+    every: int = 1
+    """gradnorm: update the weights every this many optimizer steps (each update costs one backward per term)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 300
+    """Optimizer steps (the most, when ``max_minutes`` is set)."""
+    max_minutes: float | None = None
+    """Stop after this many minutes of training, evaluations included (None: run all ``steps``); the schedules then end at the projected last step."""
+    batch_size: int = 8
+    """Blocks per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate of AdamW (student and projectors)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to norms, biases and weighting parameters)."""
+    warmup: int = 30
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    mixed_precision: str = "auto"
+    """auto (bf16 autocast where bf16 is fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else none), no, bf16 or fp16."""
+    seed: int = 0
+    """Seed for weights, data order and sampling."""
+    output_dir: str = "runs/distill"
+    """Where metrics, checkpoints and the student go."""
+    log_every: int = 1
+    """Write a metrics.jsonl record every this many steps."""
+    eval_every: int = 100
+    """Held-out evaluation every this many steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches of held-out data per evaluation."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    progress: bool = True
+    """Show the rich progress bar."""
+
+
+@dataclass
+class Config:
+    """A whole distillation run."""
+
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen teacher."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """The student to train."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and evaluation data."""
+    losses: list[TermConfig] = field(default_factory=list)
+    """The loss terms (at least one)."""
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    """How the terms are weighted."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and output."""
+
+    def __post_init__(self):
+        # Whatever builds a Config (YAML, a dict, Python), it is checked and its defaults filled.
+        from alignkd.config.validate import validate
+
+        validate(self)

@@ -1,0 +1,80 @@
+"""Checks across fields and sections; each term type checks its own fields (``TermConfig.check``)."""
+
+from __future__ import annotations
+
+import os
+
+from alignkd.errors import ConfigError
+from alignkd.terms import TERM_TYPES
+from alignkd.terms.base import one_of
+
+TASKS = ("causal_lm", "sequence_classification", "masked_lm")
+WEIGHTINGS = ("static", "gradnorm", "uncertainty")
+
+
+def validate(cfg) -> None:
+    """Check values and cross-field rules; expand ``~`` in paths and name the loss terms. Idempotent."""
+    from alignkd.data import BOS_SETTINGS
+    from alignkd.precision import DTYPE_NAMES, MIXED_PRECISION
+
+    if not cfg.teacher.path:
+        raise ConfigError("teacher.path: required (a local model folder or a hub id)")
+    # "key=~/x" on a command line reaches us unexpanded (the shell only expands a leading ~).
+    for obj, name in ((cfg.teacher, "path"), (cfg.student, "path"), (cfg.data, "train"), (cfg.data, "eval"), (cfg.train, "output_dir")):
+        value = getattr(obj, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(obj, name, os.path.expanduser(value))
+    one_of(cfg.teacher.dtype, ("auto", *DTYPE_NAMES), "teacher.dtype")
+    one_of(cfg.student.dtype, ("auto", *DTYPE_NAMES), "student.dtype")
+    one_of(cfg.teacher.task, TASKS, "teacher.task")
+    chosen = [k for k in ("path", "from_teacher", "config") if getattr(cfg.student, k) is not None]
+    if len(chosen) != 1:
+        raise ConfigError("student: set exactly one of path, from_teacher or config" + (f" (got {', '.join(chosen)})" if chosen else ""))
+    one_of(cfg.student.init, ("random", "prune"), "student.init")
+    if not cfg.data.train:
+        raise ConfigError("data.train: required (a text file, folder, JSONL, CSV or datasets name)")
+    if cfg.data.seq_len < 2:
+        raise ConfigError("data.seq_len: must be at least 2")
+    one_of(cfg.data.bos, BOS_SETTINGS, "data.bos")
+    _check_losses(cfg)
+    one_of(cfg.weighting.strategy, WEIGHTINGS, "weighting.strategy")
+    if cfg.weighting.every < 1:
+        raise ConfigError("weighting.every: must be >= 1")
+    t = cfg.train
+    for name in ("steps", "batch_size", "grad_accum"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}: must be >= 1")
+    one_of(t.mixed_precision, ("auto", *MIXED_PRECISION), "train.mixed_precision")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        raise ConfigError("train.max_minutes: must be > 0 (or null for no time limit)")
+    if t.lr <= 0:
+        raise ConfigError("train.lr: must be > 0")
+
+
+def _check_losses(cfg) -> None:
+    if not cfg.losses:
+        raise ConfigError("losses: add at least one term, e.g. [{type: kl}]")
+    for i, loss in enumerate(cfg.losses):
+        where = f"losses[{i}]"
+        one_of(loss.type, list(TERM_TYPES), f"{where}.type")
+        if not isinstance(loss, TERM_TYPES[loss.type].config):
+            raise ConfigError(f"{where}: type '{loss.type}' needs a {TERM_TYPES[loss.type].config.__name__}, got a {type(loss).__name__}")
+        loss.check(where)
+        if cfg.weighting.strategy != "static" and loss.weight == 0:
+            raise ConfigError(f"{where}.weight: 0 under {cfg.weighting.strategy} weighting would be learned away from 0; remove the term instead")
+    # Names: the ones given must be unique; the rest take their type, with a suffix when it repeats.
+    used: set[str] = set()
+    for i, loss in enumerate(cfg.losses):
+        if loss.name is not None and not getattr(loss, "_auto_name", False):
+            if loss.name in used:
+                raise ConfigError(f"losses[{i}].name: '{loss.name}' is used by two terms; names must be unique")
+            used.add(loss.name)
+    for loss in cfg.losses:
+        if loss.name is None or getattr(loss, "_auto_name", False):
+            name, k = loss.type, 1
+            while name in used:
+                k += 1
+                name = f"{loss.type}_{k}"
+            loss.name = name
+            object.__setattr__(loss, "_auto_name", True)  # re-validation may rename it, never reject it
+            used.add(name)

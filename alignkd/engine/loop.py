@@ -1,0 +1,109 @@
+"""The training loop: optimizer steps until the horizon, with logging, evaluation, checkpoints and Ctrl-C.
+
+A step counts as done the moment its optimizer step returns: an interrupt during
+that step's logging, evaluation or checkpoint saves at the step, never replays it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from alignkd.engine.checkpoint import save_checkpoint
+from alignkd.engine.step import StepResult, optimizer_step, to_device
+from alignkd.progress import Progress
+
+
+def next_batches(run, step: int) -> list:
+    """This process's micro-batches of ``step``, on its device (the sampler moves on)."""
+    seed = run.cfg.train.seed * 100003 + step * 131
+    return [
+        to_device(run.task.make_batch(run.train_data, run.sampler.next_indices(), run.tokenizer, seed=seed + k), run.accelerator.device)
+        for k in range(run.cfg.train.grad_accum)
+    ]
+
+
+def train_record(run, step: int, r: StepResult) -> dict:
+    """The ``metrics.jsonl`` record of a finished step."""
+    record = {"split": "train", "step": step, "loss": r.means["loss"]}
+    record.update({f"loss/{n}": r.means[n] for n in run.weighting.names})
+    record.update(run.weighting.log())
+    record.update({f"temperature/{t.cfg.name}": v for t, v in zip(run.terms, r.at.temperatures) if v is not None and t.cfg.temperature_schedule})
+    record.update({"lr": r.lr, "tokens_per_s": r.tokens / r.seconds, "step_s": r.seconds, "grad_norm": r.grad_norm})
+    return record
+
+
+def train(run, start_step: int = 0) -> dict:
+    """The loop. Returns the last training and evaluation records: ``{"train": ..., "eval": ...}``."""
+    cfg, acc, horizon = run.cfg, run.accelerator, run.horizon
+    log = _Log(run.out) if acc.is_main_process else None
+    progress = Progress(horizon.total, start_step, enabled=cfg.train.progress and acc.is_main_process)
+    record: dict = {}
+    ev: dict = {}
+    done = start_step  # optimizer steps finished
+    loop_start, elapsed_before = time.perf_counter(), horizon.elapsed
+    try:
+        while not horizon.finished(done):
+            data_position = run.sampler.state_dict()  # where this step's batches start, for an interrupt
+            result = optimizer_step(run, done, next_batches(run, done))
+            done += 1  # from here on the step is applied: an interrupt must not replay it
+            data_position = None
+            elapsed = elapsed_before + time.perf_counter() - loop_start
+            if horizon.max_seconds is not None:  # every process must agree on the last step
+                elapsed = acc.reduce(torch.tensor(elapsed, device=acc.device), "max").item()
+            horizon.advance(done, elapsed)
+            last = horizon.finished(done)
+            record = train_record(run, done, result)
+            progress.update(done, record, total=horizon.total)
+            if log and (done % cfg.train.log_every == 0 or last):
+                log.write(record)
+            if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or last:
+                ev = {**run.evaluate(run.unwrapped.student), "split": "eval", "step": done}
+                progress.note(ev)
+                if log:
+                    log.write(ev)
+            if (cfg.train.save_every and done % cfg.train.save_every == 0) or last:
+                save_checkpoint(run, done)
+    except KeyboardInterrupt:
+        # Never lose work: keep what the finished steps learned, then stop.
+        progress.stop()
+        if done > start_step:
+            if data_position is not None:
+                run.sampler.load_state_dict(data_position)  # the unfinished step's batches come again
+            save_checkpoint(run, done)
+            print(f"interrupted: saved a checkpoint at step {done}; continue with --resume")
+        raise
+    finally:
+        progress.stop()
+        if log:
+            log.close()
+    return {"train": record, "eval": ev}
+
+
+class _Log:
+    """``metrics.jsonl`` (appended, flushed per record) and TensorBoard when it is installed."""
+
+    def __init__(self, out: Path):
+        self.file = (out / "metrics.jsonl").open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+        else:
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()

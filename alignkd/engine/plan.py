@@ -1,0 +1,98 @@
+"""Resolving the configured loss terms against the two models.
+
+From the config and the models this decides which blocks meet, what each model
+must expose (``Needs``), and which projectors and adaptive mixtures are trained
+beside the student (``StudentSide``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from alignkd.engine.align import AdaptiveMix, LayerMapError, Projector, resolve_map
+from alignkd.engine.capture import Capture, Needs, Record
+from alignkd.errors import ConfigError
+from alignkd.families import blocks_of, hidden_size_of
+from alignkd.terms import TERM_TYPES, Term, TermConfig
+
+
+def _key(name: str, block: int | None = None) -> str:
+    # ModuleDict keys may not contain dots.
+    base = name.replace(".", "_")
+    return base if block is None else f"{base}__{block}"
+
+
+class StudentSide(nn.Module):
+    """The trainable side: the student plus projectors and adaptive layer mixtures."""
+
+    def __init__(self, student: nn.Module, needs: Needs, projectors: dict[str, nn.Module], mixes: dict[str, nn.Module]):
+        super().__init__()
+        self.student = student
+        self.projectors = nn.ModuleDict(projectors)
+        self.mixes = nn.ModuleDict(mixes)
+        self.capture = Capture(student, needs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Record:
+        """Student forward: ``[B, T]`` ids and mask -> Record of logits and captured tensors."""
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask.long())
+        rec = self.capture.take()
+        rec.logits = out.logits
+        return rec
+
+    def projector(self, name: str, block: int) -> nn.Module | None:
+        key = _key(name, block)
+        return self.projectors[key] if key in self.projectors else None
+
+    def mix(self, name: str) -> AdaptiveMix | None:
+        key = _key(name)
+        return self.mixes[key] if key in self.mixes else None
+
+    def aux_state(self) -> dict[str, torch.Tensor]:
+        """Projector and mixture weights (saved with the run, never inside the student)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+
+@dataclass
+class Plan:
+    terms: list[Term]
+    student_needs: Needs
+    teacher_needs: Needs
+    projectors: dict[str, nn.Module]
+    mixes: dict[str, nn.Module]
+    needs_eager_attention: bool
+
+
+def build_plan(losses: list[TermConfig], student: nn.Module, teacher: nn.Module) -> Plan:
+    """Resolve each term's layer map and ask its type what to capture and which projectors to train."""
+    ls, lt = len(blocks_of(student)), len(blocks_of(teacher))
+    ds, dt = hidden_size_of(student), hidden_size_of(teacher)
+    s_needs, t_needs = Needs(), Needs()
+    projectors: dict[str, nn.Module] = {}
+    mixes: dict[str, nn.Module] = {}
+    terms: list[Term] = []
+    eager = False
+    for i, cfg in enumerate(losses):
+        where = f"losses[{i}]"
+        kind = TERM_TYPES[cfg.type]
+        pairs: list[tuple[int, int]] = []
+        if kind.layered:
+            try:
+                pairs = resolve_map(cfg.layers, ls, lt, f"{where}.layers", getattr(student, "alignkd_source_layers", None))
+            except LayerMapError as e:
+                raise ConfigError(str(e)) from None
+        if kind.needs is not None:
+            s, t = kind.needs(cfg, pairs, lt)
+            s_needs.merge(s)
+            t_needs.merge(t)
+        if kind.projected and ds != dt:
+            for s_block, _ in pairs:
+                projectors[_key(cfg.name, s_block)] = Projector(ds, dt, norm=cfg.projector == "linear_norm")
+        if kind.layered and cfg.layers == "adaptive":
+            mixes[_key(cfg.name)] = AdaptiveMix([t for _, t in pairs], lt)
+        eager |= kind.eager_attention
+        params = kind.prepare(cfg, student, teacher, where) if kind.prepare is not None else {}
+        terms.append(Term(cfg=cfg, pairs=pairs, params=params))
+    return Plan(terms, s_needs, t_needs, projectors, mixes, eager)

@@ -1,0 +1,248 @@
+"""A whole distillation run: set-up (models, data, plan, optimizer), the loop, the saved student and summary.
+
+``distill(cfg)`` is the run. ``setup`` builds everything once into a ``Run``;
+the loop (``engine.loop``) and the step (``engine.step``) read it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from torch import nn
+
+from alignkd.config import Config, to_dict, validate
+from alignkd.data import BlockSampler
+from alignkd.engine.capture import Capture
+from alignkd.engine.horizon import Horizon
+from alignkd.engine.plan import StudentSide, build_plan
+from alignkd.engine.tasks import TASKS, heldout
+from alignkd.engine.weighting import Weighting, build_weighting
+from alignkd.families import blocks_of, disable_attention_dropout
+from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
+from alignkd.precision import bf16_support, default_device, resolve_dtype, resolve_mixed_precision, resolve_student_dtype
+from alignkd.student import build_student, freeze, param_count
+from alignkd.terms import TERM_TYPES, Term
+
+
+@dataclass
+class Run:
+    cfg: Config
+    accelerator: Accelerator
+    tokenizer: object
+    teacher: nn.Module
+    teacher_capture: Capture
+    side: nn.Module
+    """``StudentSide``, wrapped by Accelerate (DDP etc.)."""
+    terms: list[Term]
+    weighting: Weighting
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_data: dict[str, torch.Tensor]
+    eval_data: dict[str, torch.Tensor]
+    sampler: BlockSampler
+    vocab: int
+    task: object
+    """The task object (``engine.tasks``)."""
+    out: Path
+    horizon: Horizon
+    """When training ends (``train.steps`` or ``train.max_minutes``); the schedules read its ``total``."""
+
+    @property
+    def needs_teacher(self) -> bool:
+        """False for a run of ground-truth terms only (a baseline): then the teacher never runs."""
+        return any(TERM_TYPES[t.cfg.type].uses_teacher for t in self.terms)
+
+    @property
+    def unwrapped(self) -> StudentSide:
+        return self.accelerator.unwrap_model(self.side)
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """Held-out loss (and perplexity, or accuracy) of ``model`` on the eval data."""
+        t = self.cfg.train
+        return heldout(
+            self.task, model, self.eval_data, self.tokenizer, batch_size=t.batch_size, batches=t.eval_batches,
+            device=self.accelerator.device, autocast=self.accelerator.autocast,
+        )
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """Turn every ``auto`` precision of ``cfg`` into what is fast on ``device``, in place; returns the run's precision line.
+
+    The resolved values are what ``config.yaml`` records, so a rerun elsewhere is exact.
+    """
+    support = bf16_support(device)
+    cfg.teacher.dtype = resolve_dtype(cfg.teacher.dtype, device)
+    cfg.student.dtype = resolve_student_dtype(cfg.student.dtype)
+    cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
+    return (
+        f"precision: teacher {cfg.teacher.dtype}, student {cfg.student.dtype}, "
+        f"autocast {cfg.train.mixed_precision} ({device.type}: {support.reason})"
+    )
+
+
+def lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):
+    """Linear warm-up, then cosine decay to ``min_ratio`` at the horizon's projected last step."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = min((step - warmup) / max(horizon.total - warmup, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+def _models(cfg: Config, say):
+    """Tokenizer, frozen teacher, student, and the logit columns they share."""
+    task = cfg.teacher.task
+    tok = load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher = freeze(load_model(cfg.teacher.path, task=task, dtype=cfg.teacher.dtype, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code))
+    student = build_student(cfg.student, teacher, task)
+    if cfg.student.path is not None:
+        try:
+            check_tokenizers(tok, load_tokenizer(cfg.student.path, what="student"))
+        except ValueError as e:
+            if "no tokenizer found" not in str(e):
+                raise
+    vocab = common_vocab(teacher, student, tok) if task != "sequence_classification" else 0
+    return tok, teacher, student, vocab
+
+
+def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases and the weighting's own parameters."""
+    decay, no_decay = [], []
+    for name, p in side.named_parameters():
+        (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay + weighting.model_params(), "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
+
+
+def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
+    """Load models and data and build everything the loop needs."""
+    resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
+    task = TASKS[cfg.teacher.task]
+    tok, teacher, student, vocab = _models(cfg, say)
+    plan = build_plan(cfg.losses, student, teacher)
+    if plan.needs_eager_attention:
+        say("[yellow]attention loss: switching both models to eager attention (slower, O(T^2) memory per layer)[/]")
+        for m in (teacher, student):
+            m.set_attn_implementation("eager")
+        disable_attention_dropout(student)
+    teacher_capture = Capture(teacher, plan.teacher_needs)
+    side = StudentSide(student, plan.student_needs, plan.projectors, plan.mixes)
+    w = cfg.weighting
+    weighting = build_weighting(w.strategy, [t.cfg.name for t in plan.terms], [t.cfg.weight for t in plan.terms], alpha=w.alpha, lr=w.lr, every=w.every)
+    train_data, eval_data = task.load_data(cfg, tok)
+    optimizer = _optimizer(cfg, side, weighting)
+    max_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
+    horizon = Horizon(cfg.train.steps, max_seconds)
+    # Stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio))
+    teacher.to(accelerator.device)
+    weighting.to(accelerator.device)
+    side, optimizer = accelerator.prepare(side, optimizer)
+    sampler = BlockSampler(
+        train_data["input_ids"].shape[0], cfg.train.batch_size, cfg.train.seed,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+    return Run(
+        cfg, accelerator, tok, teacher, teacher_capture, side, plan.terms, weighting, optimizer, scheduler,
+        train_data, eval_data, sampler, vocab, task, Path(cfg.train.output_dir), horizon,
+    )
+
+
+def save_outputs(run: Run) -> Path:
+    """``OUTPUT_DIR/student/`` (loadable with transformers alone) and ``projectors.safetensors``."""
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    dest = run.out / "student"
+    if acc.is_main_process:
+        student = run.unwrapped.student
+        student.save_pretrained(dest)
+        run.tokenizer.save_pretrained(dest)
+        aux = {k: v.detach().cpu().contiguous() for k, v in run.unwrapped.aux_state().items()}
+        if aux:
+            save_file(aux, str(run.out / "projectors.safetensors"))
+    acc.wait_for_everyone()
+    return dest
+
+
+def distill(cfg: Config, *, resume: bool = False) -> dict:
+    """Run a whole distillation; returns a summary (also written to ``OUTPUT_DIR/summary.json``)."""
+    from alignkd.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from alignkd.engine.loop import train
+
+    validate(cfg)  # a Config changed after it was built is checked again
+    # Accelerate keeps its settings in a process-wide singleton; a second run in the
+    # same process (the demo's baseline, a notebook) may ask for other precision.
+    # Resetting it keeps the process group of a distributed launch.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    precision = resolve_precision(cfg, default_device())
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    set_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    say = _say(accelerator)
+    run = setup(cfg, accelerator, say)  # bad input stops here, before the output folder is touched
+    say(precision)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            say(f"[yellow]--resume: no checkpoint under {out / 'checkpoints'}; starting from step 0[/]")
+        else:
+            start = load_checkpoint(run, ckpt)
+            say(f"resuming from {ckpt} (step {start})")
+    student = run.unwrapped.student
+    teacher_eval = run.evaluate(run.teacher)
+    say(
+        f"teacher {param_count(run.teacher) / 1e6:.2f}M params ({len(blocks_of(run.teacher))} blocks), "
+        f"student {param_count(student) / 1e6:.2f}M ({len(blocks_of(student))} blocks); "
+        f"{run.train_data['input_ids'].shape[0]} training blocks; terms: {', '.join(run.weighting.names)}"
+    )
+    t0 = time.perf_counter()
+    last = train(run, start) if start < cfg.train.steps else {"train": {}, "eval": run.evaluate(student)}
+    student_dir = save_outputs(run)
+    summary = {
+        "steps": last["train"].get("step", start),
+        "train_seconds": time.perf_counter() - t0,
+        "teacher_params": param_count(run.teacher),
+        "student_params": param_count(student),
+        "teacher_eval": teacher_eval,
+        "student_eval": last["eval"],
+        "last_train": last["train"],
+        "student_dir": str(student_dir),
+        "precision": {"teacher_dtype": cfg.teacher.dtype, "student_dtype": cfg.student.dtype, "mixed_precision": cfg.train.mixed_precision},
+    }
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _say(accelerator: Accelerator):
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def say(msg: str) -> None:
+        if accelerator.is_main_process:
+            console.print(msg)
+
+    return say

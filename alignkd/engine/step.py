@@ -1,0 +1,132 @@
+"""One optimizer step, read top to bottom: micro-batches in, teacher, student, terms, weights, backward, step.
+
+``micro_step`` is one micro-batch; ``optimizer_step`` runs ``train.grad_accum`` of
+them, clips, steps and returns what the step did. The schedules' values at a
+step (weight multipliers, temperatures) are computed here and passed down; no
+term object is mutated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from alignkd.engine.capture import Record
+from alignkd.engine.tasks import Batch
+from alignkd.engine.weighting import schedule_value
+from alignkd.terms import TERM_TYPES, StepTensors
+
+
+@dataclass
+class Schedules:
+    """Values of the per-term schedules at one step, in the order of ``run.terms``."""
+
+    multipliers: list[float]
+    """Weight multipliers (``weight_schedule``)."""
+    temperatures: list[float | None]
+    """Temperatures (``temperature_schedule``, else the configured one; None for untempered terms)."""
+
+
+def schedules_at(run, step: int) -> Schedules:
+    total = run.horizon.total
+    mult = [schedule_value(t.cfg.weight_schedule, step, total, 1.0) for t in run.terms]
+    temps = [
+        schedule_value(t.cfg.temperature_schedule, step, total, t.cfg.temperature) if TERM_TYPES[t.cfg.type].tempered else None
+        for t in run.terms
+    ]
+    return Schedules(mult, temps)
+
+
+def to_device(batch: Batch, device) -> Batch:
+    return Batch(batch.input_ids.to(device), batch.mask.to(device), batch.labels.to(device) if batch.labels is not None else None)
+
+
+def teacher_forward(run, batch: Batch) -> Record:
+    """Frozen teacher under inference mode; returns its logits and captured tensors."""
+    with torch.inference_mode():
+        out = run.teacher(input_ids=batch.input_ids, attention_mask=batch.mask.long())
+    rec = run.teacher_capture.take()
+    rec.logits = out.logits
+    return rec
+
+
+def term_losses(run, batch: Batch, student: Record, teacher: Record, temperatures: list[float | None]) -> dict[str, torch.Tensor]:
+    """Every term's float32 value on one micro-batch, by term name."""
+    x = StepTensors(
+        input_ids=batch.input_ids, mask=batch.mask, labels=batch.labels, task=run.task,
+        student=student, teacher=teacher, vocab=run.vocab, side=run.unwrapped,
+        teacher_model=run.teacher, teacher_capture=run.teacher_capture,
+    )
+    return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in zip(run.terms, temperatures)}
+
+
+def micro_step(run, batch: Batch, token_share: float, at: Schedules, *, update_weights: bool, sync: bool) -> dict[str, torch.Tensor]:
+    """Teacher forward, student forward, term losses, weighted backward of one micro-batch.
+
+    ``token_share`` is this micro-batch's share of the step's counted positions
+    (over all micro-batches and processes) times the process count, because DDP
+    averages gradients over processes: the step's gradient is then that of the
+    mean over every counted position, whatever the accumulation or world size.
+    ``sync``: all-reduce gradients in this backward (the last micro-batch only).
+    Returns the detached term values and ``loss``, their weighted sum.
+    """
+    acc = run.accelerator
+    teacher = teacher_forward(run, batch) if run.needs_teacher else Record()
+    with contextlib.nullcontext() if sync else acc.no_sync(run.side):
+        with acc.autocast():
+            student = run.side(batch.input_ids, batch.mask)
+            losses = term_losses(run, batch, student, teacher, at.temperatures)
+        if update_weights:
+            shared = [run.unwrapped.student.get_input_embeddings().weight]  # every term's gradient passes through here
+            run.weighting.update(losses, at.multipliers, shared, reduce=lambda v: acc.reduce(v, "sum"))
+        loss = run.weighting.combine(losses, at.multipliers)
+        acc.backward(loss * token_share)
+    return {**{k: v.detach() for k, v in losses.items()}, "loss": loss.detach()}
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    means: dict[str, float]
+    """``loss`` and each term: token-weighted means over micro-batches and processes."""
+    grad_norm: float
+    lr: float
+    """The learning rate the step used."""
+    tokens: int
+    """Real tokens over all micro-batches and processes."""
+    seconds: float
+    at: Schedules
+
+
+def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
+    """Accumulate over ``batches`` (this process's micro-batches), clip, step the optimizer and the schedule."""
+    acc, t0 = run.accelerator, time.perf_counter()
+    at = schedules_at(run, step)
+    counts = [run.task.counted(b) for b in batches]
+    global_count = max(acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum").item(), 1.0)
+    sums: dict[str, torch.Tensor] = {}  # tensors: no device sync per term
+    for k, batch in enumerate(batches):
+        token_share = counts[k] * acc.num_processes / global_count
+        values = micro_step(
+            run, batch, token_share, at,
+            update_weights=k == 0 and run.weighting.due(step), sync=k == len(batches) - 1,
+        )
+        for name, v in values.items():
+            sums[name] = sums.get(name, 0.0) + v.double() * counts[k]
+    # With clipping off, an infinite bound still returns the norm for the log.
+    max_norm = run.cfg.train.max_grad_norm
+    grad_norm = acc.clip_grad_norm_(run.side.parameters(), max_norm if max_norm > 0 else math.inf)
+    keys = ["loss", *run.weighting.names]
+    totals = acc.reduce(torch.stack([sums[k] for k in keys]).to(acc.device), "sum").tolist()
+    tokens = sum(int(b.mask.sum()) for b in batches) * acc.num_processes
+    lr = run.scheduler.get_last_lr()[0]
+    # Last, so that nothing between the update and the loop's step count can be interrupted.
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult({k: float(v) / global_count for k, v in zip(keys, totals)}, float(grad_norm), lr, tokens, time.perf_counter() - t0, at)

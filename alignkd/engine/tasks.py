@@ -1,0 +1,180 @@
+"""What differs between causal LM, masked LM and classification, in one small object per task.
+
+A task knows its data, how a batch is made, which positions count, what the
+logits predict, and how the held-out loss is scored. The loop and the terms
+ask it; nothing else branches on the task's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from alignkd.data import build_classification_data, build_lm_data, resolve_bos
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    """``[B, T]`` token ids (masked-LM: with [MASK] substitutions)."""
+    mask: torch.Tensor
+    """``[B, T]`` bool, True on real tokens."""
+    labels: torch.Tensor | None = None
+    """``[B]`` classes, or ``[B, T]`` masked-LM targets (-100 = not predicted); None for causal LM."""
+
+
+class CausalLM:
+    """Next-token prediction over packed blocks; every real position is counted."""
+
+    name = "causal_lm"
+
+    def load_data(self, cfg, tokenizer) -> tuple[dict, dict]:
+        """``({"input_ids": [N, T]}, {...})``; resolves ``data.bos`` in place, so config.yaml records the choice."""
+        d = cfg.data
+        bos_id = resolve_bos(d.bos, tokenizer)
+        d.bos = "never" if bos_id is None else "always"
+        lm = build_lm_data(
+            d.train, tokenizer, seq_len=d.seq_len, eval=d.eval, eval_fraction=d.eval_fraction,
+            text_field=d.text_field, max_train_tokens=d.max_train_tokens, seed=cfg.train.seed, bos_id=bos_id,
+        )
+        return {"input_ids": lm.train}, {"input_ids": lm.eval}
+
+    def make_batch(self, data: dict, idx: torch.Tensor, tokenizer, seed: int) -> Batch:
+        ids = data["input_ids"][idx]
+        mask = data["mask"][idx].bool() if "mask" in data else torch.ones_like(ids, dtype=torch.bool)
+        return Batch(ids, mask, data["labels"][idx] if "labels" in data else None)
+
+    def counted(self, batch: Batch) -> int:
+        """Positions the token-level losses average over (the grad-accumulation normaliser)."""
+        return int(batch.mask.sum())
+
+    def logits(self, x) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Student and teacher logits cut to the shared vocabulary, and the positions the output terms count."""
+        t = x.teacher.logits
+        return self.cut_vocab(x.student.logits, x.vocab), self.cut_vocab(t, x.vocab) if t is not None else None, x.mask
+
+    def cut_vocab(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
+        # Heads padded past the tokenizer meet on the first `vocab` ids.
+        return logits[..., :vocab]
+
+    def targets(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position i predicts token i + 1; the last position has no target (so a leading BOS is never one)."""
+        tgt = torch.zeros_like(x.input_ids)
+        tgt[:, :-1] = x.input_ids[:, 1:]
+        has = x.mask.clone()
+        has[:, :-1] &= x.mask[:, 1:]
+        has[:, -1] = False
+        return tgt, has
+
+    def scored(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out scoring: ``[N, V]`` logits and ``[N]`` targets of the predicted positions."""
+        has = batch.mask[:, 1:] & batch.mask[:, :-1]
+        return logits[:, :-1][has], batch.input_ids[:, 1:][has]
+
+    def metrics(self, loss: float, correct: int, count: int) -> dict:
+        import math
+
+        return {"eval_ppl": math.exp(min(loss, 50.0))}
+
+
+class MaskedLM(CausalLM):
+    """BERT-style: 15 % of real tokens are targets; counted positions are the targets."""
+
+    name = "masked_lm"
+
+    def make_batch(self, data: dict, idx: torch.Tensor, tokenizer, seed: int) -> Batch:
+        b = super().make_batch(data, idx, tokenizer, seed)
+        ids, labels = _mlm_mask(b.input_ids, b.mask, tokenizer, torch.Generator().manual_seed(seed))
+        return Batch(ids, b.mask, labels)
+
+    def counted(self, batch: Batch) -> int:
+        return int((batch.labels != -100).sum())
+
+    def logits(self, x):
+        s, t, _ = super().logits(x)
+        return s, t, x.labels != -100
+
+    def targets(self, x):
+        return x.labels.clamp(min=0), x.labels != -100
+
+    def scored(self, logits, batch):
+        has = batch.labels != -100
+        return logits[has], batch.labels[has]
+
+
+class Classification(CausalLM):
+    """One label per sequence: the logits are ``[B, classes]`` and each sequence counts once."""
+
+    name = "sequence_classification"
+
+    def load_data(self, cfg, tokenizer) -> tuple[dict, dict]:
+        d = cfg.data
+        c = build_classification_data(
+            d.train, tokenizer, seq_len=d.seq_len, eval=d.eval, eval_fraction=d.eval_fraction,
+            text_field=d.text_field, label_field=d.label_field, seed=cfg.train.seed,
+        )
+        return (
+            {"input_ids": c.train_ids, "mask": c.train_mask, "labels": c.train_labels},
+            {"input_ids": c.eval_ids, "mask": c.eval_mask, "labels": c.eval_labels},
+        )
+
+    def counted(self, batch: Batch) -> int:
+        return batch.input_ids.shape[0]
+
+    def logits(self, x):
+        s = x.student.logits
+        return s, x.teacher.logits, torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+
+    def cut_vocab(self, logits, vocab):
+        return logits  # class logits: nothing to cut
+
+    def targets(self, x):
+        return x.labels, torch.ones_like(x.labels, dtype=torch.bool)
+
+    def scored(self, logits, batch):
+        return logits, batch.labels
+
+    def metrics(self, loss, correct, count):
+        return {"eval_accuracy": correct / count}
+
+
+TASKS = {t.name: t for t in (CausalLM(), MaskedLM(), Classification())}
+
+
+def _mlm_mask(ids: torch.Tensor, mask: torch.Tensor, tokenizer, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-style masking: 15% of real tokens are targets; 80% of those become [MASK], 10% random."""
+    r = torch.rand(ids.shape, generator=gen)
+    target = (r < 0.15) & mask
+    labels = torch.where(target, ids, torch.full_like(ids, -100))
+    ids = ids.clone()
+    r2 = torch.rand(ids.shape, generator=gen)
+    ids[target & (r2 < 0.8)] = tokenizer.mask_token_id
+    rand = target & (r2 >= 0.8) & (r2 < 0.9)
+    ids[rand] = torch.randint(len(tokenizer), ids.shape, generator=gen)[rand]
+    return ids, labels
+
+
+@torch.no_grad()
+def heldout(task, model: nn.Module, data: dict, tokenizer, *, batch_size: int, batches: int, device, autocast) -> dict:
+    """Held-out loss of ``model`` (and perplexity, or accuracy for classifiers) on ``data``."""
+    was_training = model.training
+    model.eval()
+    n = data["input_ids"].shape[0]
+    total_loss, total_count, correct = 0.0, 0, 0
+    for i, start in enumerate(range(0, min(n, batch_size * batches), batch_size)):
+        b = task.make_batch(data, torch.arange(start, min(start + batch_size, n)), tokenizer, seed=10_000 + i)
+        ids, mask = b.input_ids.to(device), b.mask.to(device)
+        b = Batch(ids, mask, b.labels.to(device) if b.labels is not None else None)
+        with autocast():
+            logits = model(input_ids=ids, attention_mask=mask.long()).logits.float()
+        scores, targets = task.scored(logits, b)
+        total_loss += nn.functional.cross_entropy(scores, targets, reduction="sum").item()
+        correct += int((scores.argmax(-1) == targets).sum())
+        total_count += targets.numel()
+    model.train(was_training)
+    if total_count == 0:
+        return {"eval_loss": float("nan")}
+    loss = total_loss / total_count
+    return {"eval_loss": loss, **task.metrics(loss, correct, total_count)}

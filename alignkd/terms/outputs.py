@@ -1,0 +1,95 @@
+"""Terms on the models' outputs: cross-entropy on the ground truth, KL variants, decoupled KD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from alignkd import losses as L
+from alignkd.errors import ConfigError
+from alignkd.terms.base import StepTensors, Tempered, Term, TermConfig, TermType, one_of
+
+
+@dataclass
+class CEConfig(TermConfig):
+    """Cross-entropy on the ground truth (next token, masked token or class label)."""
+
+    type: str = "ce"
+
+
+def ce_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
+    s, _, _ = x.logits()
+    tgt, has = x.targets()
+    # ignore_index instead of s[has]: no [N, V] copy forward and no scatter backward.
+    tgt = torch.where(has, tgt, torch.full_like(tgt, -100))
+    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="sum")
+    return ce / has.sum().clamp(min=1)
+
+
+@dataclass
+class DivergenceFields:
+    """Mixin: which divergence between two distributions, and its shape parameters."""
+
+    kind: str = "forward"
+    """forward, reverse, jsd, skew_forward, skew_reverse or tvd."""
+    beta: float = 0.5
+    """jsd: weight of the teacher in the mixture, 0 < beta < 1."""
+    alpha: float = 0.1
+    """skew_forward / skew_reverse: share of the other distribution mixed in."""
+
+    def check_divergence(self, where: str) -> None:
+        one_of(self.kind, L.KL_KINDS, f"{where}.kind")
+        if self.kind == "jsd" and not 0 < self.beta < 1:
+            raise ConfigError(f"{where}.beta: jsd needs 0 < beta < 1")
+
+
+@dataclass
+class KLConfig(DivergenceFields, Tempered, TermConfig):
+    """A divergence between the student's and the teacher's output distributions."""
+
+    type: str = "kl"
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        self.check_temperature(where)
+        self.check_divergence(where)
+
+
+def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
+    s, t, m = x.logits()
+    c = term.cfg
+    return L.kl_div(s, t, m, kind=c.kind, temperature=temperature, beta=c.beta, alpha=c.alpha)
+
+
+@dataclass
+class DKDConfig(Tempered, TermConfig):
+    """Decoupled KD (Zhao et al., 2022): target-class and non-target-class parts weighted apart."""
+
+    type: str = "dkd"
+
+    temperature: float = 4.0
+    """Softening temperature."""
+    alpha: float = 1.0
+    """Weight of the target-class part (TCKD)."""
+    beta: float = 8.0
+    """Weight of the non-target-class part (NCKD)."""
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        self.check_temperature(where)
+        if self.alpha < 0 or self.beta < 0:
+            raise ConfigError(f"{where}: alpha and beta must be >= 0")
+
+
+def dkd_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
+    s, t, m = x.logits()
+    tgt, has = x.targets()
+    c = term.cfg
+    return L.dkd(s, t, tgt, m & has, alpha=c.alpha, beta=c.beta, temperature=temperature)
+
+
+CE = TermType(CEConfig, ce_term, "ground-truth next token (or label)", uses_teacher=False)
+KL = TermType(KLConfig, kl_term, "output distributions")
+DKD = TermType(DKDConfig, dkd_term, "decoupled KD (target / non-target)")
