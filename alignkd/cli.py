@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from alignkd import __version__
+from alignkd.errors import USER_ERRORS, EvalError, ReportError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,22 +88,76 @@ def _distill(args) -> int:
     return 0
 
 
-def _lazy(module: str):
-    # Subcommands import their heavy dependencies only when run.
-    def run(args) -> int:
-        import importlib
+def _eval(args) -> int:
+    from transformers.utils import logging as hf_logging
 
-        return importlib.import_module(f"alignkd.{module}").cli_main(args)
+    from alignkd.evaluate import EvalSettings, evaluate_models, print_table
 
-    return run
+    hf_logging.disable_progress_bar()  # our own progress display
+    models = {"teacher": args.teacher, "student": args.model} if args.teacher else {"model": args.model}
+    for item in args.baseline:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise EvalError(f"--baseline {item!r} is not NAME=PATH; write e.g. --baseline ce=runs/ce/student")
+        if name in models:
+            raise EvalError(f"--baseline name {name!r} is taken; choose another name")
+        models[name] = path
+    settings = EvalSettings(
+        text=args.text, labelled=args.labelled, ppl_tokens=args.ppl_tokens, window=args.window, stride=args.stride,
+        examples=args.examples, shots=args.shots, prompts=args.prompts, new_tokens=args.new_tokens,
+        latency_batch=args.latency_batch, latency_len=args.latency_len, dtype=args.dtype, skip=tuple(args.skip),
+    )
+    result = evaluate_models(models, settings, teacher="teacher" if args.teacher else None, out=args.out)
+    print_table(result)
+    print(f"wrote {Path(args.out) / 'eval.json'}")
+    return 0
 
 
+def _report(args) -> int:
+    from alignkd.report import write_report
+
+    baselines = {}
+    for spec in args.baseline_run:
+        name, sep, path = spec.partition("=")
+        if not sep:  # a bare folder: named after itself
+            name, path = Path(spec).name, spec
+        if not name or not path:
+            raise ReportError(f"--baseline-run expects NAME=DIR, got {spec!r}")
+        baselines[name] = path
+    paths = write_report(args.run_dir, eval_json=args.eval_json, baselines=baselines, out=args.out)
+    print(f"report: {paths['html']}")
+    print(f"report: {paths['md']}")
+    return 0
+
+
+def _assets(args) -> int:
+    from alignkd.assets import prepare, prepared
+
+    prepare(args.cache, args.only, args.force)
+    for name, folder, holds in prepared(args.cache, args.only):
+        print(f"{name:<9}  {folder}  ({holds})")
+    return 0
+
+
+def _demo(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from alignkd.demo import run
+
+    hf_logging.disable_progress_bar()  # the demo's own stage display is enough
+    result = run(steps=args.steps, out=args.out, minutes=args.minutes)
+    print(f"report: {result['report']}")
+    return 0
+
+
+# Each command translates its flags into the domain's arguments and prints what it returns;
+# heavy dependencies (torch, transformers) are imported only when a command runs.
 COMMANDS = {
     "distill": _distill,
-    "assets": _lazy("assets"),
-    "eval": _lazy("evaluate"),
-    "report": _lazy("report"),
-    "demo": _lazy("demo"),
+    "assets": _assets,
+    "eval": _eval,
+    "report": _report,
+    "demo": _demo,
 }
 
 
@@ -120,9 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except Exception as e:
-        # Imported only now: the error classes live in modules that load torch.
-        from alignkd.errors import USER_ERRORS
-
         if not isinstance(e, USER_ERRORS):
             raise
         # Bad input: one line that says what to fix, not a traceback.

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from alignkd.display import Stages
 
 MAX_STEPS = 200
 DISTILL_MINUTES = 5.0
@@ -33,7 +34,7 @@ def student_layers(teacher: Path) -> list[int]:
     """The teacher blocks the student keeps: 6 of SmolLM2's 30, else a fifth spread evenly."""
     from transformers import AutoConfig
 
-    from alignkd.student import even_layers
+    from alignkd.models.prune import even_layers
 
     n = AutoConfig.from_pretrained(teacher).num_hidden_layers
     return STUDENT_LAYERS if n == len(STUDENT_LAYERS) * 5 else even_layers(n, max(1, n // 5))
@@ -79,104 +80,79 @@ def run_config(assets, out: Path, steps: int, recipe: str, minutes: float | None
     }
 
 
-def _headline(console: Console, ev: dict) -> list[tuple[str, str, str, str]]:
-    models = ev["models"]
+HEADLINE = ("perplexity", "accuracy", "rougeL_vs_teacher", "decode_ms_per_token", "params")
+"""The catalogue's metrics the demo's closing table shows."""
+ROLES = {"teacher": "teacher", "student": "distilled student", "baseline": "CE baseline"}
+
+
+def headline(ev: dict) -> list[tuple[str, ...]]:
+    """``(label, teacher, student, baseline)`` per :data:`HEADLINE` metric, labelled and formatted by the catalogue."""
+    from alignkd.evaluate.catalogue import BY_KEY, shown
+
     rows = []
-    for key, label, fmt in (
-        ("perplexity", "Moby-Dick perplexity (lower is better)", "{:.1f}"),
-        ("accuracy", "Sentiment accuracy, 4-shot", "{:.1%}"),
-        ("rougeL_vs_teacher", "ROUGE-L vs teacher's continuation", "{:.3f}"),
-        ("decode_ms_per_token", "Decode ms / token", "{:.2f}"),
-        ("params", "Parameters (M)", None),
-    ):
-        cells = []
-        for role in ("teacher", "student", "baseline"):
-            v = models.get(role, {}).get("metrics", {}).get(key)
-            if v is None:
-                cells.append("-")
-            elif key == "params":
-                cells.append(f"{v / 1e6:.1f}")
-            else:
-                cells.append(fmt.format(v))
-        rows.append((label, *cells))
-    table = Table(title="What the student kept")
-    for col in ("metric", "teacher", "distilled student", "CE baseline"):
-        table.add_column(col, justify="right" if col != "metric" else "left")
-    for r in rows:
-        table.add_row(*r)
-    console.print(table)
+    for key in HEADLINE:
+        m = BY_KEY[key]
+        label = f"{m.label} ({m.better} is better)" if m.better else m.label
+        rows.append((label, *(shown(ev["models"].get(role, {}).get("metrics", {}).get(key), m.fmt) for role in ROLES)))
     return rows
 
 
+def _print_headline(console: Console, rows: list[tuple[str, ...]]) -> None:
+    table = Table(title="What the student kept")
+    table.add_column("metric", justify="left")
+    for name in ROLES.values():
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+
+
 def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float | None = None) -> dict:
-    """Run every stage; returns the stage timings and headline numbers.
+    """Run every stage; returns the steps, stage timings, headline rows and the report's path.
 
     ``steps``: an exact step count for both runs. Without it, the distillation
     runs at most ``MAX_STEPS`` steps within ``minutes`` (default ``DISTILL_MINUTES``).
     """
     from alignkd.assets import prepare
     from alignkd.config import load_config
+    from alignkd.engine.run import distill
     from alignkd.evaluate import EvalSettings, evaluate_models
     from alignkd.report import write_report
-    from alignkd.engine.run import distill
 
-    console = Console(stderr=True)
     steps = steps or (int(os.environ["DEMO_STEPS"]) if os.environ.get("DEMO_STEPS") else None)
     if steps is None:
         steps, minutes = MAX_STEPS, minutes or DISTILL_MINUTES
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    stages = Stages()
 
-    def stage(name: str, title: str):
-        console.rule(f"[bold]{title}")
-        return name, time.perf_counter()
-
-    def done(mark) -> None:
-        name, t0 = mark
-        timings[name] = round(time.perf_counter() - t0, 1)
-        console.print(f"[green]{name}: {timings[name]:.0f} s")
-
-    mark = stage("assets", "1/5 assets: SmolLM2-135M-Instruct, State of the Union, Moby-Dick, sentiment")
-    assets = prepare(progress=True)
-    done(mark)
+    with stages.stage("assets", "1/5 assets: SmolLM2-135M-Instruct, State of the Union, Moby-Dick, sentiment"):
+        assets = prepare(progress=True)
 
     budget = f"up to {steps} steps or {minutes:g} minutes" if minutes else f"{steps} steps"
-    mark = stage("distill", f"2/5 distil: KL + hidden states + q/k/v relations, GradNorm weights, {budget}")
-    summary = distill(load_config(data=run_config(assets, out / "distilled", steps, "feature", minutes)))
-    steps = summary["steps"]  # the baseline gets as many steps as the distillation had
-    done(mark)
+    with stages.stage("distill", f"2/5 distil: KL + hidden states + q/k/v relations, GradNorm weights, {budget}"):
+        summary = distill(load_config(data=run_config(assets, out / "distilled", steps, "feature", minutes)))
+        steps = summary["steps"]  # the baseline gets as many steps as the distillation had
 
-    mark = stage("baseline", f"3/5 baseline: the same student, cross-entropy only, {steps} steps")
-    distill(load_config(data=run_config(assets, out / "baseline", steps, "ce")))
-    done(mark)
+    with stages.stage("baseline", f"3/5 baseline: the same student, cross-entropy only, {steps} steps"):
+        distill(load_config(data=run_config(assets, out / "baseline", steps, "ce")))
 
-    mark = stage("eval", "4/5 evaluate teacher, distilled student and baseline")
-    settings = EvalSettings(text=str(assets.moby_dick), labelled=str(assets.sentiment / "test.csv"), ppl_tokens=8192, examples=100, prompts=8)
-    ev = evaluate_models(
-        {"teacher": str(assets.teacher), "student": str(out / "distilled" / "student"), "baseline": str(out / "baseline" / "student")},
-        settings,
-        teacher="teacher",
-        out=out / "distilled",
-    )
-    done(mark)
+    with stages.stage("eval", "4/5 evaluate teacher, distilled student and baseline"):
+        settings = EvalSettings(text=str(assets.moby_dick), labelled=str(assets.sentiment / "test.csv"), ppl_tokens=8192, examples=100, prompts=8)
+        ev = evaluate_models(
+            {"teacher": str(assets.teacher), "student": str(out / "distilled" / "student"), "baseline": str(out / "baseline" / "student")},
+            settings,
+            teacher="teacher",
+            out=out / "distilled",
+        )
 
-    mark = stage("report", "5/5 report")
-    paths = write_report(out / "distilled", baselines={"ce-baseline": out / "baseline"})
-    done(mark)
+    with stages.stage("report", "5/5 report"):
+        paths = write_report(out / "distilled", baselines={"ce-baseline": out / "baseline"})
 
-    timings["total"] = round(sum(timings.values()), 1)
-    rows = _headline(console, ev)
+    timings = {**stages.seconds, "total": round(sum(stages.seconds.values()), 1)}
+    rows = headline(ev)
+    _print_headline(stages.console, rows)
     result = {"steps": steps, "timings_s": timings, "headline": rows, "report": str(paths["html"])}
     (out / "demo_timings.json").write_text(json.dumps(result, indent=2))
-    console.print(f"stage seconds: {json.dumps(timings)}")
-    print(f"report: {paths['html']}")
+    stages.console.print(f"stage seconds: {json.dumps(timings)}")
     return result
-
-
-def cli_main(args) -> int:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the demo's own stage display is enough
-    run(steps=args.steps, out=args.out, minutes=args.minutes)
-    return 0

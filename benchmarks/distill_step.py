@@ -5,7 +5,9 @@ distilled into a 6-block student copied from it. Each mode runs the real
 ``alignkd distill`` loop in its own process, so peak memory (max RSS) is per mode;
 the step time is the median of ``step_s`` in metrics.jsonl after warm-up.
 
-    .venv/bin/python benchmarks/distill_step.py [--steps 20] [--batch 4] [--seq 256]
+    .venv/bin/python -m benchmarks.distill_step [--steps 20] [--batch 4] [--seq 256]
+
+(from the repository root: run as a module, it imports the tests' tiny models as ``tests.tiny``).
 
 The ideal for a KD step is (student CE step) + (teacher forward): the ``ratio``
 column divides each mode's step time by that sum.
@@ -22,9 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
 MODES = {
     "student_ce": [{"type": "ce"}],
     "kd_logits": [{"type": "kl", "temperature": 2.0}, {"type": "ce", "weight": 0.5}],
@@ -39,7 +38,7 @@ MODES = {
 
 
 def build(root: Path, vocab: int) -> None:
-    from tiny import save_model, write_corpus
+    from tests.tiny import save_model, write_corpus
 
     save_model(root / "teacher", "llama", layers=30, width=64, heads=4, vocab=vocab)
     write_corpus(root / "data", docs=60)

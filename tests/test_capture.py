@@ -14,7 +14,7 @@ import tiny
 from alignkd.engine.align import AdaptiveMix, Projector
 from alignkd.engine.capture import Capture, Needs
 from alignkd.config import ConfigError, load_config
-from alignkd.families import FAMILIES, blocks_of, get_path
+from alignkd.models.families import FAMILIES, blocks_of, get_path
 from alignkd.engine.plan import StudentSide, build_plan
 
 DECODERS = ["llama", "qwen2", "gemma3", "gpt2"]

@@ -572,3 +572,31 @@ def test_paths_with_a_leading_tilde_are_expanded(tmp_path):
     )
     home = os.path.expanduser("~")
     assert cfg.teacher.path == f"{home}/t" and cfg.data.train == f"{home}/d" and cfg.train.output_dir == f"{home}/runs/x"
+
+
+def test_the_readme_loss_table_is_the_one_derived_from_the_term_types():
+    from alignkd.terms import markdown_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate the README's loss table: python -c 'from alignkd.terms import markdown_table; print(markdown_table())'"
+
+
+def test_a_config_built_in_python_is_validated_and_named():
+    from alignkd.terms.features import HiddenConfig
+    from alignkd.terms.outputs import KLConfig
+
+    cfg = Config(
+        teacher=ModelConfig(path="t"), student=StudentConfig(from_teacher=FromTeacherConfig(num_layers=1)),
+        data=DataConfig(train="x.txt"), losses=[KLConfig(), KLConfig(temperature=2.0), HiddenConfig()],
+    )
+    assert [loss.name for loss in cfg.losses] == ["kl", "kl_2", "hidden"]
+    assert cfg.losses[0].temperature == 1.0 and cfg.losses[2].layers == "auto"
+    with pytest.raises(ConfigError, match=r"^losses\[0\]\.temperature: must be > 0"):
+        Config(teacher=ModelConfig(path="t"), student=StudentConfig(from_teacher=FromTeacherConfig(num_layers=1)),
+               data=DataConfig(train="x.txt"), losses=[KLConfig(temperature=0.0)])
+    with pytest.raises(ConfigError, match="^teacher.path: required"):
+        Config(losses=[KLConfig()])
+    # Changed after it was built: distill() checks it again before touching anything.
+    cfg.train.steps = 0
+    with pytest.raises(ConfigError, match="^train.steps: must be >= 1"):
+        alignkd.distill(cfg)

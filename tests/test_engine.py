@@ -505,3 +505,27 @@ def test_an_interrupt_after_the_optimizer_step_does_not_replay_the_step(teacher,
     wa, wb = student_weights(a), student_weights(b)
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), f"{k} differs after an interrupt in evaluation and resume"
+
+
+def test_a_leading_bos_is_left_out_of_the_state_terms_only(corpus, tmp_path):
+    # BOS states are attention-sink outliers: hidden-state terms skip that position;
+    # the output terms keep it, since its logits predict the block's first token.
+    from alignkd import losses as L
+
+    teacher = tiny.save_model(tmp_path / "teacher", "llama", layers=2, width=32, bos=True)
+    losses = [{"type": "hidden", "layers": [[0, 1]]}, {"type": "kl"}]
+    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses))
+    assert run.cfg.data.bos == "always"
+    batch = next_batches(run, 0)[0]
+    assert (batch.input_ids[:, 0] == run.tokenizer.bos_token_id).all()
+    t_rec = teacher_forward(run, batch)
+    s_rec = run.side(batch.input_ids, batch.mask)
+    got = term_losses(run, batch, s_rec, t_rec, schedules_at(run, 0).temperatures)
+    after_bos = batch.mask.clone()
+    after_bos[:, 0] = False
+    want_hidden = L.hidden_mse(s_rec.hidden[0], t_rec.hidden[1], after_bos)
+    with_bos = L.hidden_mse(s_rec.hidden[0], t_rec.hidden[1], batch.mask)
+    want_kl = L.kl_div(s_rec.logits[..., : run.vocab], t_rec.logits[..., : run.vocab], batch.mask)
+    assert got["hidden"].item() == pytest.approx(want_hidden.item(), rel=1e-6)
+    assert got["hidden"].item() != pytest.approx(with_bos.item(), rel=1e-6)
+    assert got["kl"].item() == pytest.approx(want_kl.item(), rel=1e-6)

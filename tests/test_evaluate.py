@@ -11,15 +11,18 @@ on tiny saved models and the written ``eval.json`` is checked key by key.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import tiny
@@ -37,11 +40,13 @@ from alignkd.evaluate import (
     param_counts,
     passages,
     perplexity,
+    print_table,
     retention,
     size_on_disk,
     split_shots,
     token_stream,
 )
+from alignkd.evaluate.catalogue import BY_KEY, KEPT, METRICS as CATALOGUE
 
 TOK = tiny.byte_tokenizer()
 TEXTS = [tiny.TEXT, tiny.TEXT[::-1], tiny.TEXT.upper()]
@@ -469,6 +474,50 @@ def test_cli_eval_end_to_end(world, tmp_path, capsys):
     assert set(result["retention"]) == {"student", "ce"}
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "student kept" in printed and "eval.json" in printed
+
+
+def test_every_metric_eval_writes_is_in_the_one_catalogue():
+    assert METRICS | FIDELITY <= set(BY_KEY)
+    assert {m.key for m in CATALOGUE if m.fidelity} == FIDELITY
+    assert RETENTION == {k.key for k in KEPT}
+
+
+def _result_of(names: list[str]) -> dict:
+    """An eval.json of real-looking numbers for a teacher and the other ``names``."""
+    teacher = {"perplexity": 18.12, "ppl_tokens_scored": 16128, "bos": False, "accuracy": 0.81, "accuracy_examples": 200,
+               "bleu": 3.2, "rouge1": 0.214, "rouge2": 0.052, "rougeL": 0.184, "cer": 0.703, "prefill_ms_per_token": 1.234,
+               "decode_ms_per_token": 9.01, "prefill_tokens_per_s": 810.4, "decode_tokens_per_s": 111.0, "params": 134515008,
+               "non_embedding_params": 106204416, "size_mb": 513.1}
+    models = {"teacher": {"path": "t", "metrics": teacher}}
+    for i, name in enumerate(names):
+        m = {k: v * (1.5 + i) if isinstance(v, float) else v for k, v in teacher.items()}
+        m.update({f"{k}_vs_teacher": 0.25 + i for k in ("bleu", "rouge1", "rouge2", "rougeL", "cer")})
+        models[name] = {"path": name, "metrics": m}
+    kept = {n: retention(teacher, e["metrics"]) for n, e in models.items() if n != "teacher"}
+    return {"settings": {}, "models": models, "retention": kept}
+
+
+def test_eval_table_fits_80_columns_without_cutting_a_cell():
+    names = ["student", "ce-baseline", "kl-only", "feature"]
+    out = io.StringIO()
+    print_table(_result_of(names), Console(width=80, file=out, force_terminal=False))
+    text = out.getvalue()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for name in ["teacher", *names]:
+        assert re.search(rf"\b{re.escape(name)}\b", text), name
+        if name != "teacher":
+            assert f"{name} kept" in text
+    # Every metric row in every table, whole.
+    for m in CATALOGUE:
+        if not m.fidelity or m.key.startswith("bleu"):
+            assert m.label in text, m.label
+
+
+def test_eval_table_is_one_table_when_it_fits():
+    out = io.StringIO()
+    print_table(_result_of(["student"]), Console(width=200, file=out, force_terminal=False))
+    assert out.getvalue().count("Perplexity") == 1 and "student kept" in out.getvalue()
 
 
 def test_settings_defaults_are_the_cli_defaults():

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alignkd.losses import attention_kl, relation_kl
+from tiny import assert_equal
 
 B, H, T = 2, 3, 13
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -97,10 +98,6 @@ def make_attention(gen, bsz, heads, length, mask=None, *, causal=True, scale=2.0
         allowed &= torch.ones(length, length, dtype=torch.bool).tril()
     p = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     return torch.nan_to_num(p, nan=0.0)
-
-
-def assert_equal(a, b, atol=1e-6):
-    torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=1e-5, atol=atol)
 
 
 def garbage_like(shape, fill, gen):

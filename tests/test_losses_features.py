@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from alignkd.losses import hidden_cosine, hidden_mse, hidden_standardized_mse, info_nce
+from tiny import assert_equal, pad_rows
 
 B, T, D = 3, 17, 37  # odd sizes on purpose
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -102,25 +103,6 @@ ALL_IDS = HIDDEN_IDS + ["info_nce"]
 
 def feats(gen, *shape, scale=1.0, offset=0.0):
     return torch.randn(*shape, generator=gen) * scale + offset
-
-
-def pad_rows(rows_, length, side, fill, gen):
-    """Stack ``[L_i, D]`` rows into ``[B, length, D]`` padded on ``side`` with garbage."""
-    out = torch.empty(len(rows_), length, rows_[0].shape[-1])
-    if math.isfinite(fill):
-        out.copy_(fill * torch.sign(torch.randn(out.shape, generator=gen)))
-    else:
-        out.fill_(fill)
-    mask = torch.zeros(len(rows_), length, dtype=torch.bool)
-    for b, r in enumerate(rows_):
-        sl = slice(0, r.shape[0]) if side == "right" else slice(length - r.shape[0], length)
-        out[b, sl] = r
-        mask[b, sl] = True
-    return out, mask
-
-
-def assert_equal(a, b, atol=1e-6):
-    torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=1e-5, atol=atol)
 
 
 # ----------------------------------------------------------------------------- parity

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alignkd.losses import KL_KINDS, dkd, kl_div
+from tiny import assert_equal, pad_rows
 
 KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
 # Non-default mixture weights too: at beta=0.5 jsd is symmetric and a swapped
@@ -116,27 +117,6 @@ def logits(gen, *shape, scale=3.0):
     return torch.randn(*shape, generator=gen) * scale
 
 
-def pad_rows(rows_: list[torch.Tensor], length: int, side: str, fill: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack variable-length rows ``[L_i, ...]`` into ``[B, length, ...]`` padded on ``side``.
-
-    Padding is filled with ``fill`` (random signs for finite values) so that any
-    leak of padded content into the result shows up.
-    """
-    tail = rows_[0].shape[1:]
-    out = torch.empty(len(rows_), length, *tail)
-    if math.isfinite(fill):
-        out.copy_(fill * torch.sign(torch.randn(out.shape, generator=gen)))
-    else:
-        out.fill_(fill)
-    mask = torch.zeros(len(rows_), length, dtype=torch.bool)
-    for b, r in enumerate(rows_):
-        n = r.shape[0]
-        sl = slice(0, n) if side == "right" else slice(length - n, length)
-        out[b, sl] = r
-        mask[b, sl] = True
-    return out, mask
-
-
 # ----------------------------------------------------------------------------- kl_div parity
 
 
@@ -183,10 +163,6 @@ def test_kl_div_mask_none_counts_everything(parity, gen, kind):
 def test_kl_div_float64_input_gives_float32(gen, kind):
     s, t = logits(gen, 4, 11).double(), logits(gen, 4, 11).double()
     assert kl_div(s, t, kind=kind).dtype == torch.float32
-
-
-def assert_equal(a, b, atol=1e-6):
-    torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=1e-5, atol=atol)
 
 
 # ----------------------------------------------------------------------------- kl_div properties

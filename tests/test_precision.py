@@ -14,7 +14,7 @@ import alignkd
 import tiny
 from alignkd import precision
 from alignkd.engine.horizon import Horizon
-from alignkd.progress import Progress
+from alignkd.display import Progress
 
 
 @pytest.fixture(autouse=True)
@@ -173,7 +173,7 @@ def test_a_run_with_a_time_budget_stops_early_and_ends_its_schedule(tmp_path):
 def test_progress_prints_plain_lines_when_not_on_a_terminal(monkeypatch):
     out = io.StringIO()
     console = Console(file=out, force_terminal=False, width=200)
-    monkeypatch.setattr("alignkd.progress.PLAIN_EVERY_S", 0.0)
+    monkeypatch.setattr("alignkd.display.PLAIN_EVERY_S", 0.0)
     p = Progress(3, console=console)
     for step in (1, 2, 3):
         p.update(step, {"loss": 1.5, "loss/kl": 0.25, "tokens_per_s": 1000.0})

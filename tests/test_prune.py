@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignkd.models import ModelError
-from alignkd.prune import width_prune
-from alignkd.student import from_config
+from alignkd.models.prune import width_prune
+from alignkd.models.student import from_config
 from tiny import config
 
 NARROW = {"hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 96, "num_hidden_layers": 2}

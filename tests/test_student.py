@@ -1,4 +1,4 @@
-"""Tests of alignkd.student (and the vocabulary checks of alignkd.models).
+"""Tests of alignkd.models.student (and the vocabulary checks of alignkd.models.loading).
 
 Depth pruning must copy exactly the chosen blocks and everything around them,
 renumber what carries a layer index, and leave a model that saves and loads
@@ -13,9 +13,10 @@ from transformers import AutoModelForCausalLM
 
 import tiny
 from alignkd.config import FromTeacherConfig, StudentConfig
-from alignkd.families import FAMILIES, blocks_of, get_path
 from alignkd.models import ModelError, check_tokenizers, common_vocab
-from alignkd.student import build_student, depth_pruned, even_layers, freeze, from_config
+from alignkd.models.families import FAMILIES, blocks_of, get_path
+from alignkd.models.prune import even_layers
+from alignkd.models.student import build_student, depth_pruned, freeze, from_config
 
 FAMILY_NAMES = ["llama", "qwen2", "gemma3", "gpt2"]
 # Mixed layer types, so a wrong layer_types after pruning changes the masks.

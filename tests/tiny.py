@@ -1,7 +1,12 @@
-"""Tiny models, tokenizer and text for the engine tests, built offline from configs."""
+"""What the tests share: tiny models, tokenizer and text built offline from configs, and tensor helpers of the loss tests.
+
+Imported as ``tiny`` by the tests (pytest puts tests/ on the path) and as
+``tests.tiny`` by the benchmarks, run from the repository root as modules.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -93,3 +98,32 @@ def build(family: str = "llama", *, task: str = "causal_lm", seed: int = 0, attn
     cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return cls.from_config(config(family, **kw), **extra).eval()
+
+
+# ----------------------------------------------------------------------------- tensors for the loss tests
+
+
+def pad_rows(rows_: list[torch.Tensor], length: int, side: str, fill: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length rows ``[L_i, ...]`` into ``[B, length, ...]`` padded on ``side``; returns ``(x, mask)``.
+
+    Padding is filled with ``fill`` (random signs for finite values) so that any
+    leak of padded content into the result shows up.
+    """
+    tail = rows_[0].shape[1:]
+    out = torch.empty(len(rows_), length, *tail)
+    if math.isfinite(fill):
+        out.copy_(fill * torch.sign(torch.randn(out.shape, generator=gen)))
+    else:
+        out.fill_(fill)
+    mask = torch.zeros(len(rows_), length, dtype=torch.bool)
+    for b, r in enumerate(rows_):
+        n = r.shape[0]
+        sl = slice(0, n) if side == "right" else slice(length - n, length)
+        out[b, sl] = r
+        mask[b, sl] = True
+    return out, mask
+
+
+def assert_equal(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-6) -> None:
+    """Equal up to float32 rounding, compared in float64."""
+    torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=1e-5, atol=atol)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from alignkd.families import blocks_of, family_of, get_path
+from alignkd.models.families import blocks_of, family_of, get_path
 
 
 @dataclass

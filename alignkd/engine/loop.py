@@ -14,7 +14,7 @@ import torch
 
 from alignkd.engine.checkpoint import save_checkpoint
 from alignkd.engine.step import StepResult, optimizer_step, to_device
-from alignkd.progress import Progress
+from alignkd.display import Progress
 
 
 def next_batches(run, step: int) -> list:

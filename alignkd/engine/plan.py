@@ -15,7 +15,7 @@ from torch import nn
 from alignkd.engine.align import AdaptiveMix, LayerMapError, Projector, resolve_map
 from alignkd.engine.capture import Capture, Needs, Record
 from alignkd.errors import ConfigError
-from alignkd.families import blocks_of, hidden_size_of
+from alignkd.models.families import blocks_of, hidden_size_of
 from alignkd.terms import TERM_TYPES, Term, TermConfig
 
 

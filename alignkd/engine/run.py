@@ -27,10 +27,10 @@ from alignkd.engine.horizon import Horizon
 from alignkd.engine.plan import StudentSide, build_plan
 from alignkd.engine.tasks import TASKS, heldout
 from alignkd.engine.weighting import Weighting, build_weighting
-from alignkd.families import blocks_of, disable_attention_dropout
+from alignkd.models.families import blocks_of, disable_attention_dropout
 from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
 from alignkd.precision import bf16_support, default_device, resolve_dtype, resolve_mixed_precision, resolve_student_dtype
-from alignkd.student import build_student, freeze, param_count
+from alignkd.models.student import build_student, freeze, param_count
 from alignkd.terms import TERM_TYPES, Term
 
 

@@ -60,6 +60,7 @@ def term_losses(run, batch: Batch, student: Record, teacher: Record, temperature
         input_ids=batch.input_ids, mask=batch.mask, labels=batch.labels, task=run.task,
         student=student, teacher=teacher, vocab=run.vocab, side=run.unwrapped,
         teacher_model=run.teacher, teacher_capture=run.teacher_capture,
+        feature_mask=run.task.feature_mask(batch, run.cfg.data.bos == "always"),
     )
     return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in zip(run.terms, temperatures)}
 

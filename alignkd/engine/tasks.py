@@ -55,6 +55,17 @@ class CausalLM:
         t = x.teacher.logits
         return self.cut_vocab(x.student.logits, x.vocab), self.cut_vocab(t, x.vocab) if t is not None else None, x.mask
 
+    def feature_mask(self, batch: Batch, leading_bos: bool) -> torch.Tensor | None:
+        """Positions the feature terms compare: all real ones, less a leading BOS (None: same as ``mask``).
+
+        The logits at BOS still count for the output terms: they predict the block's first token.
+        """
+        if not leading_bos:
+            return None
+        m = batch.mask.clone()
+        m[:, 0] = False
+        return m
+
     def cut_vocab(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
         # Heads padded past the tokenizer meet on the first `vocab` ids.
         return logits[..., :vocab]
@@ -99,6 +110,9 @@ class MaskedLM(CausalLM):
     def targets(self, x):
         return x.labels.clamp(min=0), x.labels != -100
 
+    def feature_mask(self, batch, leading_bos):
+        return None  # BOS choice applies to packed causal-LM blocks only
+
     def scored(self, logits, batch):
         has = batch.labels != -100
         return logits[has], batch.labels[has]
@@ -129,6 +143,9 @@ class Classification(CausalLM):
 
     def cut_vocab(self, logits, vocab):
         return logits  # class logits: nothing to cut
+
+    def feature_mask(self, batch, leading_bos):
+        return None
 
     def targets(self, x):
         return x.labels, torch.ones_like(x.labels, dtype=torch.bool)

@@ -161,6 +161,13 @@ class StepTensors:
     """The ``StudentSide``: projectors and adaptive mixtures, keyed by term name."""
     teacher_model: nn.Module | None = None
     teacher_capture: Capture | None = None
+    feature_mask: torch.Tensor | None = None
+    """``[B, T]`` bool: the positions feature terms compare; ``mask`` without a leading BOS, whose
+    states are attention-sink outliers (norms far above every other token's) in the models that use one."""
+
+    def features(self) -> torch.Tensor:
+        """The positions the state terms (hidden, attention queries, contrastive) count."""
+        return self.mask if self.feature_mask is None else self.feature_mask
 
     def logits(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Student logits, teacher logits (cut to the shared vocabulary; None without a teacher forward) and the counted positions."""

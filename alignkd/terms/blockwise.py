@@ -8,7 +8,7 @@ import torch
 
 from alignkd import losses as L
 from alignkd.engine.capture import Needs
-from alignkd.families import blocks_of
+from alignkd.models.families import blocks_of
 from alignkd.terms.base import Layered, Projected, StepTensors, Tempered, Term, TermConfig, TermType, mean
 from alignkd.terms.features import projected
 from alignkd.terms.outputs import DivergenceFields

@@ -12,7 +12,7 @@ from torch import nn
 from alignkd import losses as L
 from alignkd.engine.capture import Needs
 from alignkd.errors import ConfigError
-from alignkd.families import blocks_of, family_of, get_path, hidden_size_of, num_heads_of
+from alignkd.models.families import blocks_of, family_of, get_path, hidden_size_of, num_heads_of
 from alignkd.terms.base import Layered, Projected, StepTensors, Tempered, Term, TermConfig, TermType, mean, one_of
 
 
@@ -60,8 +60,8 @@ def hidden_term(term: Term, x: StepTensors, temperature: float | None) -> torch.
     mix = x.side.mix(term.cfg.name)
     if mix is not None:
         teacher_all = [x.teacher.hidden[j] for j in range(mix.logits.shape[1])]
-        return mean([metric(projected(term, x, s), mix(i, teacher_all), x.mask) for i, (s, _) in enumerate(term.pairs)])
-    return mean([metric(projected(term, x, s), x.teacher.hidden[t], x.mask) for s, t in term.pairs])
+        return mean([metric(projected(term, x, s), mix(i, teacher_all), x.features()) for i, (s, _) in enumerate(term.pairs)])
+    return mean([metric(projected(term, x, s), x.teacher.hidden[t], x.features()) for s, t in term.pairs])
 
 
 # ----------------------------------------------------------------------------- attention
@@ -86,7 +86,7 @@ def attention_needs(cfg, pairs, teacher_blocks: int) -> tuple[Needs, Needs]:
 
 
 def attention_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
-    return mean([L.attention_kl(x.student.attention[s], x.teacher.attention[t], x.mask) for s, t in term.pairs])
+    return mean([L.attention_kl(x.student.attention[s], x.teacher.attention[t], x.features()) for s, t in term.pairs])
 
 
 # ----------------------------------------------------------------------------- relation
@@ -146,6 +146,7 @@ def relation_heads(cfg: RelationConfig, student: nn.Module, teacher: nn.Module, 
 
 
 def relation_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
+    # The full mask: a leading BOS stays a key, since the relations' softmax over keys includes the sink.
     return mean(
         [
             L.relation_kl(x.student.qkv[(s, part)], x.teacher.qkv[(t, part)], x.mask, num_relation_heads=term.params["heads"], temperature=temperature)
@@ -190,7 +191,7 @@ def contrastive_term(term: Term, x: StepTensors, temperature: float | None) -> t
     c = term.cfg
     return mean(
         [
-            L.info_nce(projected(term, x, s), x.teacher.hidden[t], x.mask, temperature=temperature, symmetric=c.symmetric, max_tokens=c.max_tokens)
+            L.info_nce(projected(term, x, s), x.teacher.hidden[t], x.features(), temperature=temperature, symmetric=c.symmetric, max_tokens=c.max_tokens)
             for s, t in term.pairs
         ]
     )

@@ -8,18 +8,11 @@ import difflib
 from torch import nn
 
 from alignkd.config import StudentConfig
-from alignkd.families import blocks_of, family_of, get_path
-from alignkd.models import AUTO_CLASSES, ModelError, load_model
+from alignkd.errors import ModelError
+from alignkd.models.families import blocks_of, family_of, get_path
+from alignkd.models.loading import AUTO_CLASSES, load_model
+from alignkd.models.prune import even_layers, width_prune
 from alignkd.precision import DTYPES, resolve_student_dtype
-
-
-def even_layers(num_teacher: int, num_student: int) -> list[int]:
-    """``num_student`` teacher block indices spread evenly from the first to the last."""
-    if not 1 <= num_student <= num_teacher:
-        raise ModelError(f"student.from_teacher.num_layers: must be between 1 and {num_teacher}, got {num_student}")
-    if num_student == 1:
-        return [0]
-    return [round(i * (num_teacher - 1) / (num_student - 1)) for i in range(num_student)]
 
 
 def _renumber(block: nn.Module, new_idx: int) -> None:
@@ -94,8 +87,6 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, task: str) -> nn.Modul
     else:
         student = from_config(teacher, cfg.config or {}, task)
         if cfg.init == "prune":
-            from alignkd.prune import width_prune
-
             width_prune(student, teacher)
     student.to(DTYPES[resolve_student_dtype(cfg.dtype)])
     for p in student.parameters():

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from alignkd.errors import ModelError
-
+import os
 from pathlib import Path
 
 from transformers import (
@@ -12,6 +11,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
+
+from alignkd.errors import ModelError
 from alignkd.precision import DTYPES, default_device, resolve_dtype
 
 AUTO_CLASSES = {
@@ -21,12 +22,26 @@ AUTO_CLASSES = {
 }
 
 
+def looks_local(path: str, file_suffixes: tuple[str, ...] = ()) -> bool:
+    """True when ``path`` can only mean a local file or folder, never a hub id.
+
+    A hub id is ``name`` or ``owner/name``; anything else that does not exist is a
+    missing local path: absolute, starting with "." or "~", more than one "/", a
+    backslash (os.sep) on Windows, or ending in one of ``file_suffixes`` (the data
+    readers pass their file kinds, so a typo'd ``corpus.jsonl`` is not sent to the hub).
+    """
+    return (
+        os.path.isabs(path)
+        or path.startswith((".", "/", "~"))
+        or path.count("/") > 1
+        or (os.sep != "/" and os.sep in path)
+        or path.lower().endswith(file_suffixes)
+    )
+
 
 def _check_source(path: str, what: str) -> None:
     p = Path(path).expanduser()
-    # A hub id is "name" or "org/name"; anything else that does not exist is a missing folder.
-    looks_local = path.startswith((".", "/", "~")) or path.rstrip("/").count("/") > 1
-    if looks_local and not p.exists():
+    if looks_local(path) and not p.exists():
         raise ModelError(f"{what}: model folder not found: {path}")
     if p.is_dir() and not (p / "config.json").is_file():
         raise ModelError(f"{what}: {path} has no config.json; point it at a save_pretrained folder")

@@ -13,6 +13,9 @@ receives the teacher's weights restricted to the most important channels:
 Blocks are taken evenly spread when the student has fewer. This follows the
 Minitron recipe in spirit (Muralidharan et al., 2024) with weight magnitudes
 instead of activations, so it needs no calibration data.
+
+:func:`even_layers` (which teacher blocks a shallower student keeps) lives here
+too; depth pruning in :mod:`alignkd.models.student` uses it, never the other way.
 """
 
 from __future__ import annotations
@@ -20,10 +23,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alignkd.families import FAMILIES, blocks_of
-from alignkd.models import ModelError
+from alignkd.errors import ModelError
+from alignkd.models.families import FAMILIES, blocks_of
 
 _LLAMA_TYPES = {k for k, v in FAMILIES.items() if v is FAMILIES["llama"]}
+
+
+def even_layers(num_teacher: int, num_student: int) -> list[int]:
+    """``num_student`` teacher block indices spread evenly from the first to the last."""
+    if not 1 <= num_student <= num_teacher:
+        raise ModelError(f"student.from_teacher.num_layers: must be between 1 and {num_teacher}, got {num_student}")
+    if num_student == 1:
+        return [0]
+    return [round(i * (num_teacher - 1) / (num_student - 1)) for i in range(num_student)]
 
 
 def _cfg(model, name, default=None):
@@ -61,8 +73,6 @@ def width_prune(student: nn.Module, teacher: nn.Module) -> None:
             f"student.init=prune keeps head_dim ({hd}); set student.config.num_attention_heads = hidden_size / {hd} or head_dim: {hd}"
         )
     t_blocks, s_blocks = blocks_of(teacher), blocks_of(student)
-    from alignkd.student import even_layers
-
     chosen = even_layers(len(t_blocks), len(s_blocks))
     t_heads, t_kv = teacher.config.num_attention_heads, _cfg(teacher, "num_key_value_heads", teacher.config.num_attention_heads)
     s_heads, s_kv = student.config.num_attention_heads, _cfg(student, "num_key_value_heads", student.config.num_attention_heads)

@@ -1,0 +1,80 @@
+"""The report's opening paragraph: sizes, perplexities, retention and speed-up, training length."""
+
+from __future__ import annotations
+
+import math
+
+from alignkd.evaluate.catalogue import fixed, millions, number, percent, times
+from alignkd.report.evaluation import fmt_or_nan, model_order
+from alignkd.report.runlog import RunLog, finite, first_finite, last_finite
+
+
+def headline(run: RunLog, summary: dict | None, ev: dict | None, baselines: list[RunLog]) -> str:
+    """One paragraph: sizes, perplexities, retention and speed-up, training length."""
+    metrics = {}
+    if ev and isinstance(ev.get("models"), dict):
+        metrics = {n: m.get("metrics", {}) for n, m in ev["models"].items() if isinstance(m, dict) and isinstance(m.get("metrics"), dict)}
+    summary = summary or {}
+    out = []
+
+    tp = number(metrics.get("teacher", {}).get("params", summary.get("teacher_params")))
+    sp = number(metrics.get("student", {}).get("params", summary.get("student_params")))
+    if math.isfinite(tp) and math.isfinite(sp) and tp > 0:
+        change = "fewer" if sp <= tp else "more"
+        out.append(f"The student has {millions(sp)} parameters against the teacher's {millions(tp)} ({abs(1 - sp / tp):.1%} {change}).")
+
+    ppl = {n: m["perplexity"] for n, m in metrics.items() if "perplexity" in m}
+    if ppl:
+        shown = ", ".join(f"{n} {fmt_or_nan(ppl[n], fixed(2))}" for n in model_order(list(ppl)))
+        out.append(f"Held-out perplexity: {shown}.")
+    else:
+        # No eval.json: the eval split the run itself scored, before (teacher) and after training.
+        ev_ppl = {}
+        if isinstance(summary.get("teacher_eval"), dict) and "eval_ppl" in summary["teacher_eval"]:
+            ev_ppl["teacher"] = summary["teacher_eval"]["eval_ppl"]
+        last = last_finite(run.series("eval_ppl", "eval")[1])
+        if last is not None:
+            ev_ppl["student"] = last
+        for b in baselines:
+            v = last_finite(b.series("eval_ppl", "eval")[1])
+            if v is not None:
+                ev_ppl[b.name] = v
+        if ev_ppl:
+            out.append("Eval-split perplexity at the end of training: " + ", ".join(f"{n} {fmt_or_nan(v, fixed(2))}" for n, v in ev_ppl.items()) + ".")
+
+    ret = (ev or {}).get("retention")
+    if isinstance(ret, dict) and ret:
+        name = "student" if isinstance(ret.get("student"), dict) else next((n for n, r in ret.items() if isinstance(r, dict)), None)
+        r = ret.get(name, {}) if name else {}
+        kept = [f"{label} {percent(number(r[k]))}" for k, label in (("perplexity", "perplexity"), ("accuracy", "accuracy"), ("bleu", "BLEU")) if finite(r.get(k))]
+        fast = [f"{times(number(r[k]))} faster at {kind}" for k, kind in (("prefill_speedup", "prefill"), ("decode_speedup", "decoding")) if finite(r.get(k))]
+        if kept:
+            out.append(f"Against the teacher the {name} keeps {', '.join(kept)}" + (f"; it is {' and '.join(fast)}." if fast else "."))
+        elif fast:
+            out.append(f"The {name} is {' and '.join(fast)} than the teacher.")
+
+    steps = len(run.train)
+    if steps:
+        _, loss = run.series("loss")
+        first, last = first_finite(loss), last_finite(loss)
+        text = f"Trained {int(run.train[-1]['step'])} steps"
+        if finite(summary.get("train_seconds")):
+            text += f" in {duration(number(summary['train_seconds']))}"
+        if first is not None and last is not None:
+            text += f"; total loss {first:.4g} → {last:.4g}"
+        out.append(text + ".")
+    else:
+        out.append("The run logged no training steps.")
+    if baselines:
+        out.append("Baseline runs drawn for comparison: " + ", ".join(f"{b.name} ({b.path})" for b in baselines) + ".")
+    return " ".join(out)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,77 @@
+"""``write_report``: read a run folder, build the blocks once, write report.html and report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alignkd.errors import ReportError
+from alignkd.report.document import Block
+from alignkd.report.evaluation import evaluation_blocks
+from alignkd.report.headline import headline
+from alignkd.report.plots import plots
+from alignkd.report.render import to_html, to_markdown
+from alignkd.report.runlog import read_json, read_run
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    eval_json: str | Path | None = None,
+    baselines: dict[str, str | Path] | None = None,
+    out: str | Path | None = None,
+) -> dict[str, Path]:
+    """Write ``OUT/report.html`` and ``OUT/report.md`` (plots in ``OUT/report_files/``) for a run folder.
+
+    ``eval_json`` defaults to ``RUN_DIR/eval.json`` (skipped when absent); ``baselines``
+    maps a name to another run folder whose CE loss and eval curves are overlaid;
+    ``out`` defaults to ``RUN_DIR``. Returns ``{"html": path, "md": path}``.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"no metrics.jsonl in {run_dir}: is it an alignkd distill output_dir? (no such folder)")
+    run = read_run(run_dir)
+    base_runs = []
+    for name, path in (baselines or {}).items():
+        try:
+            base_runs.append(read_run(path, name))
+        except ReportError as e:
+            raise ReportError(f"baseline run {name!r}: {e}") from None
+    summary = read_json(run_dir / "summary.json", "summary")
+    if eval_json is not None and not Path(eval_json).is_file():
+        raise ReportError(f"no eval.json at {eval_json}: write one with `alignkd eval` or leave out --eval")
+    ev = read_json(Path(eval_json) if eval_json is not None else run_dir / "eval.json", "eval results")
+    config = run_dir / "config.yaml"
+    config_text = config.read_text(errors="replace") if config.is_file() else None
+
+    out = Path(out) if out is not None else run_dir
+    files_dir = out / "report_files"
+    files_dir.mkdir(parents=True, exist_ok=True)
+    for stale in files_dir.glob("*.png"):  # the folder is the report's own: no plots from an earlier report
+        stale.unlink()
+
+    curves, schedules = plots(run, base_runs, summary)
+    blocks: list[Block] = [
+        ("h1", f"Distillation report: {run.name}"),
+        ("meta", f"Run folder: {run_dir.resolve()}"),
+        ("p", headline(run, summary, ev, base_runs)),
+    ]
+    skipped = run.skipped + sum(b.skipped for b in base_runs)
+    if skipped:
+        blocks.append(("p", f"{skipped} line(s) of metrics.jsonl were not JSON records (a write cut off mid-line?) and were skipped."))
+    if curves:
+        blocks += [("h2", "Training curves")] + [("plot", p) for p in curves]
+    if schedules:
+        blocks += [("h2", "Weights and schedules")] + [("plot", p) for p in schedules]
+    if ev:
+        blocks += evaluation_blocks(ev)
+    if config_text is not None:
+        blocks += [("h2", "Config"), ("code", config_text)]
+
+    files = {}
+    for p in curves + schedules:
+        (files_dir / f"{p.name}.png").write_bytes(p.png)
+        files[p.name] = f"{files_dir.name}/{p.name}.png"
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text(to_html(blocks, f"alignkd report: {run.name}"), encoding="utf-8")
+    md_path.write_text(to_markdown(blocks, files), encoding="utf-8")
+    return {"html": html_path, "md": md_path}

@@ -1,0 +1,49 @@
+"""The one rule for "local path or hub id" that model loading, data reading and evaluation share."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from alignkd.data import FILE_SUFFIXES, DataError, read_texts
+from alignkd.models import ModelError, load_tokenizer, looks_local
+
+
+@pytest.mark.parametrize(
+    "path, local",
+    [
+        ("gpt2", False),  # name
+        ("HuggingFaceTB/SmolLM2-135M", False),  # owner/name
+        ("Qwen/Qwen2.5-0.5B", False),  # a dot inside a hub name
+        ("./teacher", True),
+        ("../runs/student", True),
+        (".teacher", True),
+        ("~/models/teacher", True),
+        ("/abs/teacher", True),
+        ("runs/a/student", True),  # more than one "/"
+        ("owner/name/", True),
+        ("corpus.jsonl", False),  # a suffix counts only where the caller names it
+    ],
+)
+def test_looks_local(path, local):
+    assert looks_local(path) is local
+
+
+@pytest.mark.parametrize("path", ["corpus.jsonl", "owner/notes.TXT", "data.csv", "dump.parquet"])
+def test_a_data_file_suffix_makes_it_local(path):
+    assert looks_local(path, FILE_SUFFIXES)
+    assert not looks_local("owner/corpus", FILE_SUFFIXES)
+
+
+@pytest.mark.skipif(os.sep == "/", reason="backslash is a separator only on Windows")
+def test_backslash_is_local_on_windows():
+    assert looks_local("runs\\student")
+
+
+def test_missing_local_paths_name_what_is_missing(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ModelError, match=f"^teacher: model folder not found: {missing}$"):
+        load_tokenizer(missing, what="teacher")
+    with pytest.raises(DataError, match=f"^data file not found: {missing}$"):
+        read_texts(missing)
