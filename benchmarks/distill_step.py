@@ -50,14 +50,14 @@ def run_mode(root: Path, mode: str, args) -> dict:
     if isinstance(losses, str):
         losses, strategy = MODES[losses], "gradnorm"
     cfg = {
-        "teacher": {"path": str(root / "teacher")},
+        "teacher": {"path": str(root / "teacher"), "dtype": "float32"},  # as the teacher-forward timing below
         "student": {"from_teacher": {"layers": [0, 6, 12, 18, 24, 29]}},
         "data": {"train": str(root / "data"), "seq_len": args.seq},
         "losses": losses,
         "weighting": {"strategy": strategy},
         "train": {
             "steps": args.steps, "batch_size": args.batch, "warmup": 2, "eval_every": 0, "eval_batches": 1,
-            "progress": False, "output_dir": str(root / mode),
+            "progress": False, "mixed_precision": "no", "output_dir": str(root / mode),
         },
     }
     code = (

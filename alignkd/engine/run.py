@@ -80,13 +80,15 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 
     The resolved values are what ``config.yaml`` records, so a rerun elsewhere is exact.
     """
-    support = bf16_support(device)
+    # Probe the hardware only when asked to choose: the probe runs a bf16 matmul.
+    auto = "auto" in (cfg.teacher.dtype, cfg.train.mixed_precision)
+    why = bf16_support(device).reason if auto else "as configured"
     cfg.teacher.dtype = resolve_dtype(cfg.teacher.dtype, device)
     cfg.student.dtype = resolve_student_dtype(cfg.student.dtype)
     cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
     return (
         f"precision: teacher {cfg.teacher.dtype}, student {cfg.student.dtype}, "
-        f"autocast {cfg.train.mixed_precision} ({device.type}: {support.reason})"
+        f"autocast {cfg.train.mixed_precision} ({device.type}: {why})"
     )
 
 
@@ -102,7 +104,7 @@ def lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):
     return f
 
 
-def _models(cfg: Config, say):
+def _models(cfg: Config):
     """Tokenizer, frozen teacher, student, and the logit columns they share."""
     task = cfg.teacher.task
     tok = load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
@@ -134,7 +136,7 @@ def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
     """Load models and data and build everything the loop needs."""
     resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
     task = TASKS[cfg.teacher.task]
-    tok, teacher, student, vocab = _models(cfg, say)
+    tok, teacher, student, vocab = _models(cfg)
     plan = build_plan(cfg.losses, student, teacher)
     if plan.needs_eager_attention:
         say("[yellow]attention loss: switching both models to eager attention (slower, O(T^2) memory per layer)[/]")
