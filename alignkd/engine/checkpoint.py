@@ -1,76 +1,133 @@
-"""Checkpoints: ``OUTPUT_DIR/checkpoints/step-N/`` with the student and projectors, optimizer, scheduler,
-weighting, RNG states, data position and training time; and resuming from the latest one."""
+"""Checkpoints: ``OUTPUT_DIR/checkpoints/step-N/``, written atomically, loaded without running pickled code.
+
+A checkpoint folder holds ``side.safetensors`` (student and projectors),
+``state.pt`` (optimizer, scheduler, weighting and the torch RNG: tensors and
+plain containers only, read with ``weights_only=True``) and ``state.json``
+(step, data position, training time, Python's RNG). It is written under a
+hidden temporary name and renamed into place, so a kill at any moment leaves
+either the whole checkpoint or none. At resume a checkpoint that fails to load
+is reported and the previous one is used.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+def _rng_tensors() -> dict:
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _python_rng() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished folder ``tmp`` to ``dest``, replacing an old one; a reader sees either, never a mix."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
 
 
 def save_checkpoint(run, step: int) -> Path:
     """Write ``step-N`` after ``step`` finished optimizer steps; keep the newest ``train.keep_checkpoints``."""
     acc = run.accelerator
     acc.wait_for_everyone()
-    path = run.out / "checkpoints" / f"step-{step}"
+    root = run.out / "checkpoints"
+    path = root / f"step-{step}"
     if acc.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-        save_model(run.unwrapped, str(path / "side.safetensors"))  # student and projectors; handles tied weights
+        tmp = root / f".step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(run.unwrapped, str(tmp / "side.safetensors"))  # student and projectors; handles tied weights
         torch.save(
             {
-                "step": step,
                 "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
                 "weighting": run.weighting.state_dict(),
-                "rng": _rng_state(),
-                "sampler": run.sampler.state_dict(),
-                "train_seconds": run.horizon.elapsed,
+                "rng": _rng_tensors(),
             },
-            path / "state.pt",
+            tmp / "state.pt",
         )
-        old = sorted(_checkpoints(run.out), key=lambda p: int(p.name.split("-")[1]))
+        meta = {
+            "step": step,
+            "sampler": run.sampler.state_dict(),
+            "train_seconds": run.horizon.elapsed,
+            "python_rng": _python_rng(),
+        }
+        (tmp / "state.json").write_text(json.dumps(meta))
+        replace_dir(tmp, path)
+        old = sorted(checkpoints(run.out), key=_step_of)
         for stale in old[: max(len(old) - run.cfg.train.keep_checkpoints, 0)]:
             shutil.rmtree(stale, ignore_errors=True)
     acc.wait_for_everyone()
     return path
 
 
-def _checkpoints(out: Path) -> list[Path]:
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoint folders (temporary ones start with a dot and are never listed)."""
     root = out / "checkpoints"
-    return [p for p in root.glob("step-*") if (p / "state.pt").is_file()] if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return [p for p in root.glob("step-*") if p.name.split("-")[1].isdigit() and (p / "state.json").is_file()]
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = _checkpoints(out)
-    return max(ckpts, key=lambda p: int(p.name.split("-")[1])) if ckpts else None
+    ckpts = checkpoints(out)
+    return max(ckpts, key=_step_of) if ckpts else None
 
 
 def load_checkpoint(run, path: Path) -> int:
-    """Restore a checkpoint into ``run``; returns the step to continue from."""
+    """Restore a checkpoint into ``run``; returns the step to continue from. Raises on a damaged checkpoint."""
+    meta = json.loads((path / "state.json").read_text())
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     load_model(run.unwrapped, str(path / "side.safetensors"), device=str(run.accelerator.device))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.weighting.load_state_dict(state["weighting"])
-    run.sampler.load_state_dict(state["sampler"])
-    _set_rng_state(state["rng"])
-    step = int(state["step"])
-    run.horizon.resume(step, float(state.get("train_seconds", 0.0)))
+    run.sampler.load_state_dict(meta["sampler"])
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    step = int(meta["step"])
+    run.horizon.resume(step, float(meta["train_seconds"]))
     return step
+
+
+def resume_latest(run, say) -> int:
+    """Load the newest checkpoint that loads; a damaged one is reported and skipped. Returns the step (0: none)."""
+    for path in sorted(checkpoints(run.out), key=_step_of, reverse=True):
+        try:
+            step = load_checkpoint(run, path)
+        except Exception as e:  # a truncated or corrupt file shows up as many error types
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(f"checkpoint {path} could not be loaded ({reason[:200]}); trying the one before", stacklevel=2)
+            say(f"[yellow]checkpoint {path.name} is damaged ({type(e).__name__}); trying the one before[/]")
+            continue
+        say(f"resuming from {path} (step {step})")
+        return step
+    say(f"[yellow]--resume: no loadable checkpoint under {run.out / 'checkpoints'}; starting from step 0[/]")
+    return 0

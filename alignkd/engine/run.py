@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from alignkd.config import Config, to_dict, validate
+from alignkd.errors import ConfigError
 from alignkd.data import BlockSampler
 from alignkd.engine.capture import Capture
 from alignkd.engine.horizon import Horizon
@@ -172,9 +174,13 @@ def save_outputs(run: Run) -> Path:
     acc.wait_for_everyone()
     dest = run.out / "student"
     if acc.is_main_process:
-        student = run.unwrapped.student
-        student.save_pretrained(dest)
-        run.tokenizer.save_pretrained(dest)
+        from alignkd.engine.checkpoint import replace_dir
+
+        tmp = run.out / ".student.tmp"  # written whole, then renamed into place
+        shutil.rmtree(tmp, ignore_errors=True)
+        run.unwrapped.student.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, dest)
         aux = {k: v.detach().cpu().contiguous() for k, v in run.unwrapped.aux_state().items()}
         if aux:
             save_file(aux, str(run.out / "projectors.safetensors"))
@@ -182,12 +188,69 @@ def save_outputs(run: Run) -> Path:
     return dest
 
 
-def distill(cfg: Config, *, resume: bool = False) -> dict:
-    """Run a whole distillation; returns a summary (also written to ``OUTPUT_DIR/summary.json``)."""
-    from alignkd.engine.checkpoint import latest_checkpoint, load_checkpoint
+# What a run writes into its output folder; --overwrite removes exactly these.
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "projectors.safetensors", "eval.json", "report.html", "report.md")
+RUN_DIRS = ("checkpoints", "student", "tensorboard")
+# Settings a resumed run may change: they do not change what a step computes.
+RESUMABLE = {"train.steps", "train.max_minutes", "train.log_every", "train.eval_every", "train.eval_batches",
+             "train.save_every", "train.keep_checkpoints", "train.progress", "train.output_dir"}
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / f).exists() for f in ("metrics.jsonl", "summary.json", "checkpoints", "student"))
+
+
+def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    if not resume and not overwrite and holds_run(out):
+        raise ConfigError(f"train.output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir {out} is a file; choose a folder")
+
+
+def _clear(out: Path) -> None:
+    for f in RUN_FILES:
+        (out / f).unlink(missing_ok=True)
+    for d in RUN_DIRS:
+        shutil.rmtree(out / d, ignore_errors=True)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flat(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def check_resumable(saved: dict, now: dict) -> None:
+    """A resumed run must compute what the saved one did: only the ``RESUMABLE`` keys may change."""
+    a, b = _flat(saved), _flat(now)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE)
+    if changed:
+        shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
+        raise ConfigError(
+            f"--resume with a config that changes what the run computes: {shown}; "
+            "restore those values, or start a new run with --overwrite or another train.output_dir"
+        )
+
+
+def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run a whole distillation; returns a summary (also written to ``OUTPUT_DIR/summary.json``).
+
+    An output folder that already holds a run needs ``resume`` (continue it, with
+    a config that computes the same) or ``overwrite`` (replace it).
+    """
+    from alignkd.engine.checkpoint import resume_latest
     from alignkd.engine.loop import train
 
     validate(cfg)  # a Config changed after it was built is checked again
+    out = Path(cfg.train.output_dir)
+    _check_output(out, resume, overwrite)
     # Accelerate keeps its settings in a process-wide singleton; a second run in the
     # same process (the demo's baseline, a notebook) may ask for other precision.
     # Resetting it keeps the process group of a distributed launch.
@@ -195,23 +258,22 @@ def distill(cfg: Config, *, resume: bool = False) -> dict:
     precision = resolve_precision(cfg, default_device())
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     set_seed(cfg.train.seed)
-    out = Path(cfg.train.output_dir)
     say = _say(accelerator)
     run = setup(cfg, accelerator, say)  # bad input stops here, before the output folder is touched
-    say(precision)
+    saved = out / "config.yaml"
+    if resume and saved.is_file():
+        check_resumable(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    say(precision)  # the run's first line, once nothing can stop it any more
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    start = 0
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            say(f"[yellow]--resume: no checkpoint under {out / 'checkpoints'}; starting from step 0[/]")
-        else:
-            start = load_checkpoint(run, ckpt)
-            say(f"resuming from {ckpt} (step {start})")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"train.output_dir {out}: cannot create it ({e.strerror}); choose a writable folder") from None
+        if overwrite:
+            _clear(out)
+        saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    accelerator.wait_for_everyone()
+    start = resume_latest(run, say) if resume else 0
     student = run.unwrapped.student
     teacher_eval = run.evaluate(run.teacher)
     say(

@@ -1,0 +1,328 @@
+"""Tests of lm_head_kl: the chunked LM-head loss equals kl_div on the materialised logits.
+
+Two references: ``kl_div`` (and ``F.cross_entropy``) on ``h @ W.T + b`` with plain
+autograd, which must agree to float32 rounding (1e-5 relative) for every kind,
+chunk size and mask; and a naive float64 one written here, sharing no code with
+the library, for forward KL and JSD with cross-entropy, biases and softcap.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignkd.losses import KL_KINDS, kl_div, lm_head_kl
+from alignkd.losses import lm_head as lm_head_module
+from conftest import LOOSE, assert_close, assert_grad_close
+
+# Odd sizes on purpose, student and teacher of different widths.
+B, T, DS, DT, V = 3, 17, 24, 40, 123
+KIND_ARGS = [
+    ("forward", {}),
+    ("reverse", {}),
+    ("jsd", {}),
+    ("jsd", {"beta": 0.3}),
+    ("skew_forward", {"alpha": 0.35}),
+    ("skew_reverse", {"alpha": 0.35}),
+    ("tvd", {}),
+]
+KIND_IDS = [k + "".join(f"-{a}{v}" for a, v in kw.items()) for k, kw in KIND_ARGS]
+# float32 against float32: only the order of the sums differs.
+F32 = {"rtol": 1e-5, "atol": 1e-5}
+
+
+# ----------------------------------------------------------------------------- data and references
+
+
+def make(gen, *, lead=(B, T), ds=DS, dt=DT, vs=V, vt=V, bias=True, dtype=torch.float32):
+    """Student and teacher hidden states, heads and biases; the head scale gives logits of std ~3."""
+
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    d = {
+        "hs": t(*lead, ds), "ws": t(vs, ds, scale=3 / ds**0.5), "bs": t(vs) if bias else None,
+        "ht": t(*lead, dt), "wt": t(vt, dt, scale=3 / dt**0.5), "bt": t(vt) if bias else None,
+    }
+    d["mask"] = torch.rand(lead, generator=gen) < 0.7
+    d["mask"].view(-1)[0] = True
+    d["mask"].view(-1)[-1] = False
+    labels = torch.randint(0, min(vs, vt), lead, generator=gen)
+    labels[torch.rand(lead, generator=gen) < 0.2] = -100
+    d["labels"] = labels
+    return d
+
+
+def student_leaves(d):
+    """Fresh leaves for the student tensors (those that get gradients)."""
+    return [None if d[k] is None else d[k].detach().clone().requires_grad_(True) for k in ("hs", "ws", "bs")]
+
+
+def grads_of(out, leaves):
+    got = torch.autograd.grad(out, [x for x in leaves if x is not None])
+    it = iter(got)
+    return [None if x is None else next(it) for x in leaves]
+
+
+def capped(z, softcap):
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def materialised(d, hs, ws, bs, *, vocab=None, softcap=None, ce_weight=0.0, mask="default", **kw):
+    """The reference: kl_div (+ cross-entropy) on the full logits, plain autograd."""
+    mask = d["mask"] if mask == "default" else mask
+    zs = capped(F.linear(hs.float(), ws.float(), None if bs is None else bs.float()), softcap)
+    zt = capped(F.linear(d["ht"].float(), d["wt"].float(), None if d["bt"] is None else d["bt"].float()), softcap)
+    vocab = vocab or min(zs.shape[-1], zt.shape[-1])
+    zs, zt = zs[..., :vocab], zt[..., :vocab]
+    out = kl_div(zs, zt, mask, **kw)
+    if ce_weight:
+        sel = (torch.ones_like(d["labels"], dtype=torch.bool) if mask is None else mask) & (d["labels"] >= 0)
+        out = out + ce_weight * (F.cross_entropy(zs[sel], d["labels"][sel]) if sel.any() else zs.sum() * 0)
+    return out
+
+
+def fused(d, hs, ws, bs, *, mask="default", ce_weight=0.0, **kw):
+    mask = d["mask"] if mask == "default" else mask
+    labels = d["labels"] if ce_weight else None
+    return lm_head_kl(hs, ws, d["ht"], d["wt"], mask, student_bias=bs, teacher_bias=d["bt"], labels=labels, ce_weight=ce_weight, **kw)
+
+
+def check_against_materialised(d, tol=F32, **kw):
+    a = student_leaves(d)
+    out = fused(d, *a, **kw)
+    assert out.dtype == torch.float32 and out.dim() == 0
+    ga = grads_of(out, a)
+    b = student_leaves(d)
+    ref_kw = {k: v for k, v in kw.items() if k != "chunk_tokens"}
+    ref = materialised(d, *b, **ref_kw)
+    gb = grads_of(ref, b)
+    assert_close(out, ref, **tol, what="value")
+    for name, x, g, r in zip(("hidden", "head", "bias"), a, ga, gb):
+        if x is not None:
+            assert g.dtype == x.dtype and g.shape == x.shape, name
+            assert_grad_close(g, r, **tol, what=f"{name} gradient")
+    return out, ga
+
+
+def reference_f64(d, *, kind, temperature, beta=0.5, ce_weight=0.0, softcap=None):
+    """Row by row in float64 with textbook softmax, KL and cross-entropy; autograd in float64."""
+    hs, ws, bs = (d[k].detach().double().requires_grad_(True) for k in ("hs", "ws", "bs"))
+    ht, wt, bt = (d[k].double() for k in ("ht", "wt", "bt"))
+    mask, labels = d["mask"].reshape(-1).tolist(), d["labels"].reshape(-1).tolist()
+    h2s, h2t = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
+    kl_total, ce_total, n_kl, n_ce = 0.0, 0.0, 0, 0
+    for i, keep in enumerate(mask):
+        if not keep:
+            continue
+        zs, zt = capped(ws @ h2s[i] + bs, softcap), capped(wt @ h2t[i] + bt, softcap)
+        ps, pt = torch.softmax(zs / temperature, 0), torch.softmax(zt / temperature, 0)
+        if kind == "forward":
+            kl = torch.sum(pt * torch.log(pt / ps))
+        else:  # jsd
+            m = beta * pt + (1 - beta) * ps
+            kl = beta * torch.sum(pt * torch.log(pt / m)) + (1 - beta) * torch.sum(ps * torch.log(ps / m))
+        kl_total, n_kl = kl_total + kl * temperature**2, n_kl + 1
+        if labels[i] >= 0:
+            ce_total, n_ce = ce_total - torch.log(torch.softmax(zs, 0)[labels[i]]), n_ce + 1
+    out = kl_total / n_kl + ce_weight * ce_total / n_ce
+    out.backward()
+    return out, [hs.grad, ws.grad, bs.grad]
+
+
+# ----------------------------------------------------------------------------- parity with kl_div
+
+
+def test_every_kind_is_tested():
+    assert {k for k, _ in KIND_ARGS} == set(KL_KINDS)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, None])
+@pytest.mark.parametrize("kind,kw", KIND_ARGS, ids=KIND_IDS)
+def test_parity_with_kl_div_on_logits(gen, kind, kw, chunk_tokens):
+    check_against_materialised(make(gen), kind=kind, temperature=1.5, chunk_tokens=chunk_tokens, **kw)
+
+
+@pytest.mark.parametrize("kind,kw", KIND_ARGS, ids=KIND_IDS)
+def test_parity_bf16(gen, kind, kw):
+    # The reference sees the same bf16 values upcast; the gradients come back in bf16.
+    check_against_materialised(make(gen, dtype=torch.bfloat16), tol=LOOSE, kind=kind, temperature=2.0, chunk_tokens=7, **kw)
+
+
+@pytest.mark.parametrize("chunk_tokens", [5, None])
+@pytest.mark.parametrize("kind", ["forward", "jsd", "tvd"])
+def test_cross_entropy_is_added_in_the_same_pass(gen, kind, chunk_tokens):
+    check_against_materialised(make(gen), kind=kind, temperature=2.0, ce_weight=0.7, chunk_tokens=chunk_tokens)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_softcap_equals_kl_div_on_capped_logits(gen, kind):
+    check_against_materialised(make(gen), kind=kind, temperature=1.3, softcap=2.5, ce_weight=0.5, chunk_tokens=4)
+
+
+@pytest.mark.parametrize("kind", ["forward", "jsd"])
+def test_padded_heads_use_the_shared_columns(gen, kind):
+    d = make(gen, vs=130, vt=123)
+    _, (_, g_head, g_bias) = check_against_materialised(d, kind=kind, vocab=123, ce_weight=0.3, chunk_tokens=6)
+    assert (g_head[123:] == 0).all() and (g_bias[123:] == 0).all()
+    # vocab below both sizes: both sides are cut
+    _, (_, g_head, _) = check_against_materialised(d, kind=kind, vocab=100, chunk_tokens=6)
+    assert (g_head[100:] == 0).all()
+
+
+def test_default_chunk_size_splits_large_inputs(gen, monkeypatch):
+    # 1000 elements per chunk at V = 123: 8 rows per chunk with a ragged last one.
+    monkeypatch.setattr(lm_head_module, "CHUNK_ELEMENTS", 1000)
+    check_against_materialised(make(gen), kind="jsd", ce_weight=0.2)
+
+
+@pytest.mark.parametrize("kind", ["forward", "skew_reverse"])
+def test_flat_inputs_and_no_mask(gen, kind):
+    d = make(gen, lead=(29,), bias=False)
+    check_against_materialised(d, kind=kind, chunk_tokens=4)
+    check_against_materialised(d, kind=kind, chunk_tokens=4, mask=None, ce_weight=0.4)
+
+
+def test_tied_embedding_gradient_adds_up(gen):
+    # The student's head is its input embedding: the gradient through the lookup
+    # and the one through the head add up, as with the materialised logits.
+    d = make(gen, bias=False)
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    proj = torch.randn(DS, DS, generator=gen) / DS**0.5
+
+    def run(loss):
+        emb = d["ws"].detach().clone().requires_grad_(True)
+        hidden = torch.tanh(emb[ids] @ proj) * 3
+        (g,) = torch.autograd.grad(loss(hidden, emb), emb)
+        return g
+
+    got = run(lambda h, e: lm_head_kl(h, e, d["ht"], d["wt"], d["mask"], kind="reverse", chunk_tokens=5))
+    ref = run(lambda h, e: kl_div(h @ e.T, d["ht"] @ d["wt"].T, d["mask"], kind="reverse"))
+    assert_grad_close(got, ref, **F32, what="tied embedding gradient")
+
+
+# ----------------------------------------------------------------------------- float64 reference
+
+
+@pytest.mark.parametrize("kind,beta", [("forward", 0.5), ("jsd", 0.3)])
+def test_float64_reference(gen, kind, beta):
+    d = make(gen)
+    ref, ref_grads = reference_f64(d, kind=kind, temperature=1.7, beta=beta, ce_weight=0.4, softcap=4.0)
+    a = student_leaves(d)
+    out = fused(d, *a, kind=kind, temperature=1.7, beta=beta, ce_weight=0.4, softcap=4.0, chunk_tokens=5)
+    got = grads_of(out, a)
+    assert_close(out, ref, **F32, what="value")
+    for name, g, r in zip(("hidden", "head", "bias"), got, ref_grads):
+        assert_grad_close(g, r, **F32, what=f"{name} gradient")
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_identical_models_give_zero(gen, kind):
+    d = make(gen, dt=DS)
+    out = lm_head_kl(d["hs"], d["ws"], d["hs"].clone(), d["ws"].clone(), d["mask"], kind=kind, chunk_tokens=5)
+    assert abs(out.item()) < 1e-6
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_all_masked_gives_zero_and_zero_gradients(gen, kind, ce_weight):
+    d = make(gen)
+    a = student_leaves(d)
+    out = fused(d, *a, kind=kind, ce_weight=ce_weight, mask=torch.zeros(B, T, dtype=torch.bool))
+    assert out.dtype == torch.float32 and out.item() == 0.0
+    for g in grads_of(out, a):
+        assert torch.isfinite(g).all() and (g == 0).all()
+
+
+def test_no_labelled_rows_gives_kl_alone(gen):
+    d = make(gen)
+    d["labels"] = torch.full((B, T), -100)
+    a = student_leaves(d)
+    with_ce = fused(d, *a, ce_weight=0.9, chunk_tokens=4)
+    without = fused(d, *a, chunk_tokens=4)
+    assert torch.isfinite(with_ce) and with_ce.item() == without.item()
+
+
+def test_padding_content_does_not_matter(gen):
+    # NaN/inf in the hidden states of positions that are not counted never leak.
+    d = make(gen)
+    a = student_leaves(d)
+    clean = fused(d, *a, kind="jsd", ce_weight=0.3, chunk_tokens=4)
+    g_clean = grads_of(clean, a)
+    d["hs"][~d["mask"]] = float("nan")
+    d["ht"][~d["mask"]] = float("inf")
+    b = student_leaves(d)
+    dirty = fused(d, *b, kind="jsd", ce_weight=0.3, chunk_tokens=4)
+    g_dirty = grads_of(dirty, b)
+    assert dirty.item() == clean.item()
+    for g, r in zip(g_dirty, g_clean):
+        assert torch.equal(g, r)
+    assert (g_dirty[0][~d["mask"]] == 0).all()
+
+
+def test_teacher_gets_no_gradient_and_grad_output_scales(gen):
+    d = make(gen)
+    d["ht"].requires_grad_(True)
+    d["wt"].requires_grad_(True)
+    a = student_leaves(d)
+    out = fused(d, *a, kind="forward", ce_weight=0.5, chunk_tokens=6)
+    g1 = grads_of(out, a)
+    out2 = fused(d, *a, kind="forward", ce_weight=0.5, chunk_tokens=6)
+    (2.5 * out2).backward()
+    assert d["ht"].grad is None and d["wt"].grad is None
+    for x, g in zip(a, g1):
+        torch.testing.assert_close(x.grad, 2.5 * g)
+
+
+def test_no_grad_and_autocast_give_the_same_value(gen):
+    d = make(gen)
+    a = student_leaves(d)
+    out = fused(d, *a, kind="skew_forward", ce_weight=0.2, chunk_tokens=8)
+    with torch.no_grad():
+        quiet = fused(d, *a, kind="skew_forward", ce_weight=0.2, chunk_tokens=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = fused(d, *a, kind="skew_forward", ce_weight=0.2, chunk_tokens=8)
+    assert quiet.grad_fn is None
+    assert quiet.item() == out.item() and cast.item() == out.item()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _call(d, **kw):
+    args = {"student_hidden": d["hs"], "student_head": d["ws"], "teacher_hidden": d["ht"], "teacher_head": d["wt"], "mask": d["mask"]}
+    args.update(kw)
+    return lm_head_kl(**args)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"kind": "backward"}, "lm_head_kl: unknown kind"),
+        ({"kind": "jsd", "beta": 1.0}, "lm_head_kl: jsd needs"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"student_head": torch.zeros(V, DS + 1)}, "student head has shape"),
+        ({"teacher_head": torch.zeros(V)}, "teacher head has shape"),
+        ({"teacher_hidden": torch.zeros(B, T + 1, DT)}, "different positions"),
+        ({"student_hidden": torch.zeros(DS)}, "hidden states have shape"),
+        ({"student_bias": torch.zeros(V + 1)}, "student bias has shape"),
+        ({"vocab": V + 1}, "vocab"),
+        ({"vocab": 0}, "vocab"),
+        ({"softcap": 0.0}, "softcap"),
+        ({"chunk_tokens": 0}, "chunk_tokens"),
+        ({"ce_weight": 0.5}, "needs labels"),
+        ({"ce_weight": -1.0, "labels": torch.zeros(B, T, dtype=torch.long)}, "ce_weight"),
+        ({"ce_weight": 1.0, "labels": torch.zeros(B * T, dtype=torch.long)}, "labels have shape"),
+        ({"ce_weight": 1.0, "labels": torch.zeros(B, T)}, "integer"),
+        ({"ce_weight": 1.0, "labels": torch.full((B, T), V)}, "out of range"),
+        ({"mask": torch.ones(B, dtype=torch.bool)}, "mask has shape"),
+    ],
+)
+def test_bad_arguments_raise_one_line(gen, bad, match):
+    with pytest.raises(ValueError, match=match) as e:
+        _call(make(gen), **bad)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,135 @@
+"""Never lose or mix work: atomic checkpoints, damaged ones skipped, existing runs kept, resumes that compute the same."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import alignkd
+import tiny
+from alignkd.config import ConfigError
+from alignkd.engine.checkpoint import checkpoints, latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("safety")
+    return tiny.save_model(root / "teacher", "llama", layers=2, width=32), tiny.write_corpus(root / "corpus")
+
+
+def cfg_for(models, out: Path, **train) -> dict:
+    teacher, corpus = models
+    return {
+        "teacher": {"path": str(teacher), "dtype": "float32"},
+        "student": {"from_teacher": {"layers": [1]}},
+        "data": {"train": str(corpus), "seq_len": 16, "eval_fraction": 0.1},
+        "losses": [{"type": "kl"}, {"type": "hidden"}],
+        "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "warmup": 0, "mixed_precision": "no", "progress": False,
+                  "eval_every": 0, "eval_batches": 1, "output_dir": str(out), **train},
+    }
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "student" / "model.safetensors"))
+
+
+def test_a_second_run_into_a_run_folder_stops_and_overwrite_replaces_it(models, tmp_path):
+    out = tmp_path / "run"
+    alignkd.distill(cfg_for(models, out, steps=2))
+    log = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError) as e:
+        alignkd.distill(cfg_for(models, out, steps=3))
+    msg = str(e.value)
+    assert "\n" not in msg and "already holds a run" in msg and "--resume" in msg and "--overwrite" in msg
+    assert (out / "metrics.jsonl").read_text() == log  # nothing touched
+    with pytest.raises(ConfigError, match="contradict"):
+        alignkd.distill(cfg_for(models, out, steps=3), resume=True, overwrite=True)
+    alignkd.distill(cfg_for(models, out, steps=3), overwrite=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]  # the old run's log is gone
+    assert [p.name for p in checkpoints(out)] == ["step-3"]  # and so are its checkpoints
+
+
+def test_the_cli_says_it_in_one_line_and_exits_2(models, tmp_path):
+    out = tmp_path / "run"
+    alignkd.distill(cfg_for(models, out, steps=1))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg_for(models, out, steps=2)))
+    proc = subprocess.run([sys.executable, "-m", "alignkd.cli", "distill", str(config)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"alignkd distill: error: train.output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it"]
+
+
+def test_checkpoints_are_renamed_into_place_and_load_without_pickled_code(models, tmp_path):
+    out = tmp_path / "run"
+    alignkd.distill(cfg_for(models, out, steps=4, save_every=2, keep_checkpoints=5))
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-4"]  # no temporary folder left
+    state = torch.load(root / "step-4" / "state.pt", weights_only=True)  # tensors and plain containers only
+    assert set(state) == {"optimizer", "scheduler", "weighting", "rng"}
+    meta = json.loads((root / "step-4" / "state.json").read_text())
+    assert meta["step"] == 4 and set(meta) == {"step", "sampler", "train_seconds", "python_rng"}
+    # A kill while writing leaves only a hidden temporary folder, which is never taken for a checkpoint.
+    (root / ".step-6.tmp").mkdir()
+    (root / ".step-6.tmp" / "side.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(out).name == "step-4"
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "truncate_state", "delete_state"])
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(models, tmp_path, damage):
+    a, b = tmp_path / "a", tmp_path / "b"
+    alignkd.distill(cfg_for(models, a))
+    alignkd.distill(cfg_for(models, b, save_every=2, keep_checkpoints=5))
+    # As if the run had been killed after writing step 4, whose files were then damaged.
+    import shutil
+
+    shutil.rmtree(b / "checkpoints" / "step-6")
+    shutil.rmtree(b / "student")
+    bad = b / "checkpoints" / "step-4"
+    if damage == "truncate_weights":
+        data = (bad / "side.safetensors").read_bytes()
+        (bad / "side.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "truncate_state":
+        data = (bad / "state.pt").read_bytes()
+        (bad / "state.pt").write_bytes(data[: len(data) // 3])
+    else:
+        (bad / "state.pt").unlink()
+    with pytest.warns(UserWarning, match="step-4 could not be loaded"):
+        summary = alignkd.distill(cfg_for(models, b), resume=True)
+    assert summary["last_train"]["step"] == 6
+    records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"][-4:] == [3, 4, 5, 6]  # resumed from step 2
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), f"{k}: resuming from the earlier checkpoint changed the result"
+
+
+def test_a_resume_that_changes_what_the_run_computes_names_the_keys(models, tmp_path):
+    out = tmp_path / "run"
+    alignkd.distill(cfg_for(models, out, steps=2))
+    changed = cfg_for(models, out, steps=4, batch_size=2)
+    changed["losses"][0]["temperature"] = 2.0
+    with pytest.raises(ConfigError) as e:
+        alignkd.distill(changed, resume=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "train.batch_size (4 -> 2)" in msg and "losses" in msg
+    assert [p.name for p in checkpoints(out)] == ["step-2"]
+    # More steps, other logging and evaluation are fine; so is a moved folder.
+    assert alignkd.distill(cfg_for(models, out, steps=3, eval_every=1, log_every=2), resume=True)["last_train"]["step"] == 3
