@@ -93,7 +93,11 @@ class Progress:
     def note(self, record: dict) -> None:
         if not self.enabled:
             return
-        parts = " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+        parts = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}: {v}"
+            for k, v in record.items()
+            if isinstance(v, float) or (isinstance(v, str) and k != "split")
+        )
         self.console.print(f"step {record.get('step')}: {parts}", highlight=False)
 
     def stop(self) -> None:

@@ -37,6 +37,10 @@ class ReportError(UserError):
     """A run folder that cannot be reported on."""
 
 
+class TrainingError(UserError):
+    """The run cannot go on (e.g. several steps in a row with non-finite losses); says what to change."""
+
+
 class AssetError(UserError):
     """A packaged asset could not be fetched or prepared; the message says which step and how to retry."""
 

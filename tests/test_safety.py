@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import alignkd
+import alignkd.errors
 import tiny
 from alignkd.config import ConfigError
 from alignkd.engine.checkpoint import checkpoints, latest_checkpoint
@@ -133,3 +135,60 @@ def test_a_resume_that_changes_what_the_run_computes_names_the_keys(models, tmp_
     assert [p.name for p in checkpoints(out)] == ["step-2"]
     # More steps, other logging and evaluation are fine; so is a moved folder.
     assert alignkd.distill(cfg_for(models, out, steps=3, eval_every=1, log_every=2), resume=True)["last_train"]["step"] == 3
+
+
+# ----------------------------------------------------------------------------- numerical guards
+
+
+def _nan_in(monkeypatch, term: str, steps: set[int]):
+    """Make ``term`` NaN in the given (1-based) optimizer steps; returns the call counter."""
+    import alignkd.engine.step as step_mod
+
+    real, calls = step_mod.term_losses, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        losses = real(*args, **kwargs)
+        if calls["n"] in steps:
+            losses[term] = losses[term] * float("nan")
+        return losses
+
+    monkeypatch.setattr(step_mod, "term_losses", poisoned)
+    return calls
+
+
+@pytest.mark.parametrize("weighting", ["static", "gradnorm", "uncertainty"])
+def test_a_step_with_a_nan_term_is_skipped_and_named(models, tmp_path, monkeypatch, weighting):
+    _nan_in(monkeypatch, "hidden", {2})
+    cfg = cfg_for(models, tmp_path / "run", steps=4)
+    cfg["weighting"] = {"strategy": weighting}
+    alignkd.distill(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r.get("bad") for r in train] == [None, "hidden", None, None]
+    assert train[1]["skipped"] == 1 and all(math.isfinite(r["loss"]) for r in train if "bad" not in r)
+    assert all(math.isfinite(r[k]) for r in train for k in r if k.startswith("w/"))  # the weights were not poisoned
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values())
+
+
+def test_a_skipped_step_changes_nothing_but_the_data_position(models, tmp_path, monkeypatch):
+    # Step 1 applied, step 2 skipped: the student equals one trained on step 1 alone.
+    one = tmp_path / "one"
+    alignkd.distill(cfg_for(models, one, steps=1, warmup=0, min_lr_ratio=1.0))
+    _nan_in(monkeypatch, "kl", {2})
+    two = tmp_path / "two"
+    alignkd.distill(cfg_for(models, two, steps=2, warmup=0, min_lr_ratio=1.0))
+    a, b = weights(one), weights(two)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_repeated_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(models, tmp_path, monkeypatch):
+    _nan_in(monkeypatch, "kl", set(range(3, 100)))
+    out = tmp_path / "run"
+    with pytest.raises(alignkd.errors.TrainingError) as e:
+        alignkd.distill(cfg_for(models, out, steps=20, save_every=2, max_bad_steps=3))
+    msg = str(e.value)
+    assert "\n" not in msg and "3 steps in a row had a non-finite kl" in msg and "step-2" in msg
+    assert [p.name for p in checkpoints(out)] == ["step-2"]  # intact: nothing saved after the bad steps
+    assert not (out / "student").exists()

@@ -110,6 +110,8 @@ class TrainConfig:
     """Final learning rate as a fraction of ``lr``."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
+    max_bad_steps: int = 5
+    """A step with a non-finite loss or gradient is skipped; this many in a row stop the run."""
     mixed_precision: str = "auto"
     """auto (bf16 autocast where bf16 is fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else none), no, bf16 or fp16."""
     seed: int = 0

@@ -45,6 +45,8 @@ def validate(cfg) -> None:
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}: must be >= 1")
     one_of(t.mixed_precision, ("auto", *MIXED_PRECISION), "train.mixed_precision")
+    if t.max_bad_steps < 1:
+        raise ConfigError("train.max_bad_steps: must be >= 1")
     if t.max_minutes is not None and t.max_minutes <= 0:
         raise ConfigError("train.max_minutes: must be > 0 (or null for no time limit)")
     if t.lr <= 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from alignkd.engine.checkpoint import save_checkpoint
+from alignkd.errors import TrainingError
 from alignkd.engine.step import StepResult, optimizer_step, to_device
 from alignkd.display import Progress
 
@@ -33,6 +34,8 @@ def train_record(run, step: int, r: StepResult) -> dict:
     record.update(run.weighting.log())
     record.update({f"temperature/{t.cfg.name}": v for t, v in zip(run.terms, r.at.temperatures) if v is not None and t.cfg.temperature_schedule})
     record.update({"lr": r.lr, "tokens_per_s": r.tokens / r.seconds, "step_s": r.seconds, "grad_norm": r.grad_norm})
+    if r.bad:
+        record.update({"skipped": 1, "bad": ",".join(r.bad)})
     return record
 
 
@@ -44,6 +47,7 @@ def train(run, start_step: int = 0) -> dict:
     record: dict = {}
     ev: dict = {}
     done = start_step  # optimizer steps finished
+    bad_in_a_row = 0
     loop_start, elapsed_before = time.perf_counter(), horizon.elapsed
     try:
         while not horizon.finished(done):
@@ -57,6 +61,13 @@ def train(run, start_step: int = 0) -> dict:
             horizon.advance(done, elapsed)
             last = horizon.finished(done)
             record = train_record(run, done, result)
+            bad_in_a_row = bad_in_a_row + 1 if result.bad else 0
+            if result.bad:
+                progress.note({"step": done, "skipped": f"non-finite {', '.join(result.bad)}"})
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                if log:
+                    log.write(record)
+                _stop_bad(run, bad_in_a_row, result.bad)
             progress.update(done, record, total=horizon.total)
             if log and (done % cfg.train.log_every == 0 or last):
                 log.write(record)
@@ -65,7 +76,8 @@ def train(run, start_step: int = 0) -> dict:
                 progress.note(ev)
                 if log:
                     log.write(ev)
-            if (cfg.train.save_every and done % cfg.train.save_every == 0) or last:
+            # A skipped step is not saved on its own: the last good checkpoint stays the newest.
+            if ((cfg.train.save_every and done % cfg.train.save_every == 0) and not result.bad) or last:
                 save_checkpoint(run, done)
     except KeyboardInterrupt:
         # Never lose work: keep what the finished steps learned, then stop.
@@ -81,6 +93,17 @@ def train(run, start_step: int = 0) -> dict:
         if log:
             log.close()
     return {"train": record, "eval": ev}
+
+
+def _stop_bad(run, count: int, bad: list[str]) -> None:
+    from alignkd.engine.checkpoint import latest_checkpoint
+
+    good = latest_checkpoint(run.out)
+    where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
+    raise TrainingError(
+        f"{count} steps in a row had a non-finite {', '.join(bad)}; {where} (kept as it is): "
+        "lower train.lr, check the data, or use float32 and --resume"
+    )
 
 
 class _Log:

@@ -81,7 +81,7 @@ def micro_step(run, batch: Batch, token_share: float, at: Schedules, *, update_w
         with acc.autocast():
             student = run.side(batch.input_ids, batch.mask)
             losses = term_losses(run, batch, student, teacher, at.temperatures)
-        if update_weights:
+        if update_weights and _all_finite(acc, losses):  # a NaN would poison the learned weights
             shared = [run.unwrapped.student.get_input_embeddings().weight]  # every term's gradient passes through here
             run.weighting.update(losses, at.multipliers, shared, reduce=lambda v: acc.reduce(v, "sum"))
         loss = run.weighting.combine(losses, at.multipliers)
@@ -102,6 +102,8 @@ class StepResult:
     """Real tokens over all micro-batches and processes."""
     seconds: float
     at: Schedules
+    bad: list[str]
+    """Why the step was skipped (terms with a non-finite value, or "gradient"); empty when it was applied."""
 
 
 def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
@@ -121,13 +123,26 @@ def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
             sums[name] = sums.get(name, 0.0) + v.double() * counts[k]
     # With clipping off, an infinite bound still returns the norm for the log.
     max_norm = run.cfg.train.max_grad_norm
-    grad_norm = acc.clip_grad_norm_(run.side.parameters(), max_norm if max_norm > 0 else math.inf)
+    grad_norm = float(acc.clip_grad_norm_(run.side.parameters(), max_norm if max_norm > 0 else math.inf))
     keys = ["loss", *run.weighting.names]
     totals = acc.reduce(torch.stack([sums[k] for k in keys]).to(acc.device), "sum").tolist()
     tokens = sum(int(b.mask.sum()) for b in batches) * acc.num_processes
     lr = run.scheduler.get_last_lr()[0]
-    # Last, so that nothing between the update and the loop's step count can be interrupted.
-    run.optimizer.step()
-    run.scheduler.step()
+    # Every process sees the same reduced values, so all skip or all step. Under fp16 an
+    # infinite gradient is the loss scaler's business: it skips the step and rescales.
+    bad = [k for k, v in zip(keys[1:], totals[1:]) if not math.isfinite(v)]
+    if not bad and not math.isfinite(grad_norm) and run.cfg.train.mixed_precision != "fp16":
+        bad.append("gradient")
+    if not bad:
+        # Last, so that nothing between the update and the loop's step count can be interrupted.
+        run.optimizer.step()
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult({k: float(v) / global_count for k, v in zip(keys, totals)}, float(grad_norm), lr, tokens, time.perf_counter() - t0, at)
+    means = {k: float(v) / global_count for k, v in zip(keys, totals)}
+    return StepResult(means, grad_norm, lr, tokens, time.perf_counter() - t0, at, bad)
+
+
+def _all_finite(acc, losses: dict[str, torch.Tensor]) -> bool:
+    """Whether every term is finite on every process (a collective: all processes must call it)."""
+    bad = torch.stack([~torch.isfinite(v.detach()) for v in losses.values()]).any().float()
+    return acc.reduce(bad.to(acc.device), "sum").item() == 0
