@@ -77,7 +77,14 @@ def _distill(args) -> int:
 
     hf_logging.disable_progress_bar()  # our own progress display; errors stay one line
 
-    summary = distill(cfg, resume=args.resume, overwrite=args.overwrite)
+    from alignkd.engine.loop import Preempted
+
+    try:
+        summary = distill(cfg, resume=args.resume, overwrite=args.overwrite)
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(stop)
+        return 0  # a preempted job ended as asked; the scheduler may restart it with --resume
     if os.environ.get("RANK", "0") != "0":  # one summary line per run, not per process
         return 0
     s, t = summary["student_eval"], summary["teacher_eval"]

@@ -192,3 +192,95 @@ def test_repeated_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(model
     assert "\n" not in msg and "3 steps in a row had a non-finite kl" in msg and "step-2" in msg
     assert [p.name for p in checkpoints(out)] == ["step-2"]  # intact: nothing saved after the bad steps
     assert not (out / "student").exists()
+
+
+# ----------------------------------------------------------------------------- kills and preemption
+
+
+def _cli_env() -> dict:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def _start(config: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "alignkd.cli", "distill", str(config), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_cli_env(),
+    )
+
+
+def _wait_for_steps(proc: subprocess.Popen, log: Path, steps: int) -> None:
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and sum('"train"' in line for line in log.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the run ended or stalled before step {steps}: {proc.communicate()[1][-2000:]}")
+
+
+def _curve(out: Path) -> dict[int, float]:
+    """Training loss per step; a step logged twice (before a kill, then after the resume) keeps its last record."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference(models, tmp_path_factory) -> tuple[dict, Path]:
+    """An uninterrupted 30-step run: its config (as a dict) and its output folder."""
+    root = tmp_path_factory.mktemp("reference")
+    cfg = cfg_for(models, root / "run", steps=30, save_every=1, keep_checkpoints=2)
+    config = root / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "alignkd.cli", "distill", str(config)], capture_output=True, text=True, cwd=REPO, env=_cli_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return cfg, root / "run"
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_curve(reference, tmp_path):
+    import random
+    import signal
+
+    cfg, ref = reference
+    cfg = {**cfg, "train": {**cfg["train"], "output_dir": str(tmp_path / "run")}}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    kill_after = random.Random(0).randint(3, 25)
+    proc = _start(config)
+    _wait_for_steps(proc, tmp_path / "run" / "metrics.jsonl", kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = subprocess.run([sys.executable, "-m", "alignkd.cli", "distill", str(config), "--resume"], capture_output=True, text=True, cwd=REPO, env=_cli_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    want, got = _curve(ref), _curve(tmp_path / "run")
+    assert sorted(got) == sorted(want) == list(range(1, 31))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-9), f"step {step} after a kill at step >= {kill_after}"
+
+
+def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(reference, tmp_path):
+    import signal
+
+    cfg, ref = reference
+    cfg = {**cfg, "train": {**cfg["train"], "save_every": 0, "output_dir": str(tmp_path / "run")}}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = _start(config)
+    _wait_for_steps(proc, tmp_path / "run" / "metrics.jsonl", 5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    (line,) = [line for line in out.splitlines() if line.strip()]
+    assert line.startswith("stopped by SIGTERM: saved a checkpoint at step ") and line.endswith("continue with --resume")
+    step = int(line.split("at step ")[1].split()[0])
+    assert [p.name for p in checkpoints(tmp_path / "run")] == [f"step-{step}"] and 5 <= step < 30
+    assert not (tmp_path / "run" / "student").exists()
+    done = subprocess.run([sys.executable, "-m", "alignkd.cli", "distill", str(config), "--resume"], capture_output=True, text=True, cwd=REPO, env=_cli_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    want, got = _curve(ref), _curve(tmp_path / "run")
+    assert sorted(got) == list(range(1, 31))
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-9), s

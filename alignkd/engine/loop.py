@@ -7,6 +7,8 @@ that step's logging, evaluation or checkpoint saves at the step, never replays i
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +41,45 @@ def train_record(run, step: int, r: StepResult) -> dict:
     return record
 
 
+class Preempted(Exception):
+    """SIGTERM arrived (a scheduler preempting the job): a checkpoint was saved at a step boundary."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"stopped by SIGTERM: saved a checkpoint at step {step} ({path}); continue with --resume")
+        self.step, self.path = step, path
+
+
+class _Sigterm:
+    """Records a SIGTERM instead of dying of it, so the loop can stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def agreed(self, acc) -> bool:
+        """Whether any process got SIGTERM (a collective with several processes: all stop at the same step)."""
+        if acc.num_processes == 1:
+            return self.requested
+        return acc.reduce(torch.tensor(float(self.requested), device=acc.device), "sum").item() > 0
+
+
 def train(run, start_step: int = 0) -> dict:
-    """The loop. Returns the last training and evaluation records: ``{"train": ..., "eval": ...}``."""
+    """The loop. Returns the last training and evaluation records: ``{"train": ..., "eval": ...}``.
+
+    Raises ``Preempted`` after SIGTERM, once the step in progress is done and saved.
+    """
     cfg, acc, horizon = run.cfg, run.accelerator, run.horizon
     log = _Log(run.out) if acc.is_main_process else None
     progress = Progress(horizon.total, start_step, enabled=cfg.train.progress and acc.is_main_process)
@@ -49,7 +88,9 @@ def train(run, start_step: int = 0) -> dict:
     done = start_step  # optimizer steps finished
     bad_in_a_row = 0
     loop_start, elapsed_before = time.perf_counter(), horizon.elapsed
+    sigterm = _Sigterm()
     try:
+        sigterm.__enter__()
         while not horizon.finished(done):
             data_position = run.sampler.state_dict()  # where this step's batches start, for an interrupt
             result = optimizer_step(run, done, next_batches(run, done))
@@ -77,8 +118,12 @@ def train(run, start_step: int = 0) -> dict:
                 if log:
                     log.write(ev)
             # A skipped step is not saved on its own: the last good checkpoint stays the newest.
-            if ((cfg.train.save_every and done % cfg.train.save_every == 0) and not result.bad) or last:
+            saved = ((cfg.train.save_every and done % cfg.train.save_every == 0) and not result.bad) or last
+            if saved:
                 save_checkpoint(run, done)
+            if sigterm.agreed(acc) and not last:
+                progress.stop()
+                raise Preempted(done, save_checkpoint(run, done) if not saved else run.out / "checkpoints" / f"step-{done}")
     except KeyboardInterrupt:
         # Never lose work: keep what the finished steps learned, then stop.
         progress.stop()
@@ -89,6 +134,7 @@ def train(run, start_step: int = 0) -> dict:
             print(f"interrupted: saved a checkpoint at step {done}; continue with --resume")
         raise
     finally:
+        sigterm.__exit__()
         progress.stop()
         if log:
             log.close()
