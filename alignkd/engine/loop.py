@@ -1,7 +1,8 @@
-"""The training loop: optimizer steps until the horizon, with logging, evaluation, checkpoints and Ctrl-C.
+"""The training loop: optimizer steps until the horizon, with logging, evaluation, checkpoints, Ctrl-C and SIGTERM.
 
 A step counts as done the moment its optimizer step returns: an interrupt during
 that step's logging, evaluation or checkpoint saves at the step, never replays it.
+SIGTERM lets the step in progress finish, then saves and stops (``Preempted``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from alignkd.engine.checkpoint import save_checkpoint
-from alignkd.errors import TrainingError
-from alignkd.engine.step import StepResult, optimizer_step, to_device
 from alignkd.display import Progress
+from alignkd.engine.checkpoint import save_checkpoint
+from alignkd.engine.step import StepResult, optimizer_step, to_device
+from alignkd.errors import TrainingError
 
 
 def next_batches(run, step: int) -> list:
