@@ -8,11 +8,18 @@ import sys
 from pathlib import Path
 
 from alignkd import __version__
-from alignkd.errors import USER_ERRORS, EvalError, ReportError
+from alignkd.errors import USER_ERRORS, ConfigError, EvalError, ReportError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad flag gives one line, like every other bad input; the usage is one --help away."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="alignkd",
         description="Distil transformer language models with feature alignment and representation transfer.",
     )
@@ -148,6 +155,13 @@ def _assets(args) -> int:
 
 
 def _demo(args) -> int:
+    # Checked before the first stage: the demo starts by fetching its assets.
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: give at least 1 step, or leave --steps out for the time budget")
+    if args.minutes is not None and not args.minutes > 0:
+        raise ConfigError(f"--minutes {args.minutes:g}: the time budget must be > 0 minutes")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; choose a folder for the demo's runs and report")
     from transformers.utils import logging as hf_logging
 
     from alignkd.demo import run
@@ -175,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if "=" not in e or e.startswith("-")]
     if stray or (extra and args.command != "distill"):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        prog = f"alignkd {args.command}" if args.command else "alignkd"
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(stray or extra)}; see {prog} --help\n")
     if extra:
         args.overrides = list(args.overrides) + extra
     if args.command is None:

@@ -514,7 +514,7 @@ def test_a_leading_bos_is_left_out_of_the_state_terms_only(corpus, tmp_path):
 
     teacher = tiny.save_model(tmp_path / "teacher", "llama", layers=2, width=32, bos=True)
     losses = [{"type": "hidden", "layers": [[0, 1]]}, {"type": "kl"}]
-    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses))
+    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses, fused_head=False))  # logits to compare with
     assert run.cfg.data.bos == "always"
     batch = next_batches(run, 0)[0]
     assert (batch.input_ids[:, 0] == run.tokenizer.bos_token_id).all()
@@ -529,3 +529,38 @@ def test_a_leading_bos_is_left_out_of_the_state_terms_only(corpus, tmp_path):
     assert got["hidden"].item() == pytest.approx(want_hidden.item(), rel=1e-6)
     assert got["hidden"].item() != pytest.approx(with_bos.item(), rel=1e-6)
     assert got["kl"].item() == pytest.approx(want_kl.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- the fused LM head
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("gemma3", {"final_logit_softcapping": 5.0}), ("gpt2", {}), ("qwen2", {})])
+def test_fused_head_terms_equal_the_logit_terms(corpus, tmp_path, family, extra):
+    """kl and ce through the heads in chunks: same values and same student gradients as on full logits."""
+    teacher = tiny.save_model(tmp_path / "teacher", family, layers=2, width=32, **extra)
+    losses = [{"type": "kl", "kind": "jsd", "temperature": 2.0}, {"type": "ce"}, {"type": "hidden"}]
+    grads, values = {}, {}
+    for fused in (True, False):
+        run = make_run(make_cfg(teacher, corpus, tmp_path / f"out{fused}", losses=losses, fused_head=fused))
+        assert run.unwrapped.fused_head is fused and (run.heads is not None) is fused
+        batch = next_batches(run, 0)[0]
+        t_rec = teacher_forward(run, batch)
+        s_rec = run.side(batch.input_ids, batch.mask)
+        assert (s_rec.logits is None and t_rec.logits is None) is fused
+        got = term_losses(run, batch, s_rec, t_rec, schedules_at(run, 0).temperatures)
+        sum(got.values()).backward()
+        values[fused] = {k: v.item() for k, v in got.items()}
+        grads[fused] = {n: p.grad.clone() for n, p in run.unwrapped.student.named_parameters() if p.grad is not None}
+    for k in values[False]:
+        assert values[True][k] == pytest.approx(values[False][k], rel=1e-5), k
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6 * grads[False][n].abs().max().item() + 1e-9, msg=n)
+
+
+def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
+    for losses in ([{"type": "dkd"}], [{"type": "kl"}, {"type": "blockwise"}]):
+        run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses))
+        assert not run.unwrapped.fused_head and run.heads is None
+    cls = make_run(make_cfg(tiny.save_model(tmp_path / "bert", "bert", task="sequence_classification"), _classification_jsonl(tmp_path / "c.jsonl"), tmp_path / "cls", losses=[{"type": "kl"}], task="sequence_classification"))
+    assert cls.heads is None

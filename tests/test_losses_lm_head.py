@@ -326,3 +326,43 @@ def test_bad_arguments_raise_one_line(gen, bad, match):
     with pytest.raises(ValueError, match=match) as e:
         _call(make(gen), **bad)
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- cross-entropy alone
+
+
+@pytest.mark.parametrize("chunk", [1, 5, None])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_lm_head_ce_matches_cross_entropy_on_full_logits(chunk, softcap):
+    from alignkd.losses import lm_head_ce
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 11, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(130, 24, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(130, generator=g, dtype=torch.float64) * 0.1
+    labels = torch.randint(0, 123, (3, 11), generator=g)
+    labels[0, :4] = -100
+    hf, wf, bf = (t.float().requires_grad_(True) for t in (h, w, b))
+    got = lm_head_ce(hf, wf, labels, bias=bf, softcap=softcap, vocab=123, chunk_tokens=chunk)
+    got.backward()
+    hr, wr, br = (t.clone().requires_grad_(True) for t in (h, w, b))
+    z = (hr @ wr.T + br)[..., :123]
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    ref = torch.nn.functional.cross_entropy(z.reshape(-1, 123), labels.reshape(-1), ignore_index=-100)
+    ref.backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for mine, want in ((hf, hr), (wf, wr), (bf, br)):
+        torch.testing.assert_close(mine.grad.double(), want.grad, rtol=1e-5, atol=1e-6 * want.grad.abs().max().item())
+    assert wf.grad[123:].abs().sum() == 0  # padded rows get nothing
+
+
+def test_lm_head_ce_with_no_labelled_position_is_zero_with_zero_gradients():
+    from alignkd.losses import lm_head_ce
+
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    out = lm_head_ce(h, w, torch.full((2, 5), -100))
+    out.backward()
+    assert out.item() == 0 and h.grad.abs().sum() == 0 and w.grad.abs().sum() == 0

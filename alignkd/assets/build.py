@@ -48,6 +48,8 @@ def prepare(
     given = _given_sources(sources or {})
     root = cache_dir(cache)
     retry = f"alignkd assets --cache {root}" if cache else "alignkd assets"
+    if root.exists() and not root.is_dir():
+        raise AssetError(f"cache: {root} is a file; pass --cache DIR or set ALIGNKD_CACHE to a folder")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:

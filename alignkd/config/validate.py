@@ -36,6 +36,8 @@ def validate(cfg) -> None:
     if cfg.data.seq_len < 2:
         raise ConfigError("data.seq_len: must be at least 2")
     one_of(cfg.data.bos, BOS_SETTINGS, "data.bos")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: {cfg.data.eval_fraction:g} is outside [0, 1); set the share of training blocks held out, e.g. 0.05")
     _check_losses(cfg)
     one_of(cfg.weighting.strategy, WEIGHTINGS, "weighting.strategy")
     if cfg.weighting.every < 1:

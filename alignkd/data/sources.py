@@ -34,9 +34,12 @@ EVAL_SPLIT = "validation"
 
 def _read_file(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; convert it or give a .txt/.md/.jsonl/.csv file") from None
+    if "\x00" in text:  # valid UTF-8, but no text file holds NUL bytes: a binary file under a text name
+        raise DataError(f"{path} holds NUL bytes, so it is binary, not text; give a .txt/.md/.jsonl/.csv file")
+    return text
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:

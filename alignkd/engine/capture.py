@@ -40,6 +40,8 @@ class Record:
     """Tensors of one forward pass."""
 
     logits: torch.Tensor | None = None
+    final_hidden: torch.Tensor | None = None
+    """``[B, T, D]`` post-norm states, recorded instead of the logits when the run fuses the LM head."""
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     qkv: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)

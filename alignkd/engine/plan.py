@@ -34,13 +34,12 @@ class StudentSide(nn.Module):
         self.projectors = nn.ModuleDict(projectors)
         self.mixes = nn.ModuleDict(mixes)
         self.capture = Capture(student, needs)
+        self.fused_head = False
+        """Stop at the final norm: the output terms read the head's weights, not logits."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Record:
-        """Student forward: ``[B, T]`` ids and mask -> Record of logits and captured tensors."""
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask.long())
-        rec = self.capture.take()
-        rec.logits = out.logits
-        return rec
+        """Student forward: ``[B, T]`` ids and mask -> Record of logits (or final hidden states) and captured tensors."""
+        return forward_record(self.student, self.capture, input_ids, attention_mask, self.fused_head)
 
     def projector(self, name: str, block: int) -> nn.Module | None:
         key = _key(name, block)
@@ -53,6 +52,20 @@ class StudentSide(nn.Module):
     def aux_state(self) -> dict[str, torch.Tensor]:
         """Projector and mixture weights (saved with the run, never inside the student)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+
+def forward_record(model: nn.Module, capture: Capture, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_head: bool) -> Record:
+    """One model's forward as a Record: its logits, or with ``fused_head`` its final hidden states (no head call)."""
+    if fused_head:
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask.long())
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask.long())
+    rec = capture.take()
+    if fused_head:
+        rec.final_hidden = out[0]
+    else:
+        rec.logits = out.logits
+    return rec
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ from alignkd.engine.horizon import Horizon
 from alignkd.engine.plan import StudentSide, build_plan
 from alignkd.engine.tasks import TASKS, heldout
 from alignkd.engine.weighting import Weighting, build_weighting
-from alignkd.models.families import blocks_of, disable_attention_dropout
+from alignkd.models.families import OutputHead, blocks_of, disable_attention_dropout, output_head
 from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
+from alignkd.models.loading import check_positions
 from alignkd.precision import bf16_support, default_device, resolve_dtype, resolve_mixed_precision, resolve_student_dtype
 from alignkd.models.student import build_student, freeze, param_count
 from alignkd.terms import TERM_TYPES, Term
@@ -58,6 +60,8 @@ class Run:
     out: Path
     horizon: Horizon
     """When training ends (``train.steps`` or ``train.max_minutes``); the schedules read its ``total``."""
+    heads: tuple[OutputHead, OutputHead] | None = None
+    """(student, teacher) output heads when the run fuses them into the output terms."""
 
     @property
     def needs_teacher(self) -> bool:
@@ -112,6 +116,8 @@ def _models(cfg: Config):
     tok = load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
     teacher = freeze(load_model(cfg.teacher.path, task=task, dtype=cfg.teacher.dtype, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code))
     student = build_student(cfg.student, teacher, task)
+    for model, what in ((teacher, "teacher"), (student, "student")):
+        check_positions(model, cfg.data.seq_len, what)
     if cfg.student.path is not None:
         try:
             check_tokenizers(tok, load_tokenizer(cfg.student.path, what="student"))
@@ -120,6 +126,22 @@ def _models(cfg: Config):
                 raise
     vocab = common_vocab(teacher, student, tok) if task != "sequence_classification" else 0
     return tok, teacher, student, vocab
+
+
+def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tuple[OutputHead, OutputHead] | None:
+    """The two output heads when the output terms can skip the logits, else None.
+
+    Needs ``train.fused_head``, a causal LM, every logit-reading term able to run
+    fused (kl, ce; not dkd or blockwise), and both families' logits a plain head
+    with the same soft-capping.
+    """
+    kinds = [TERM_TYPES[t.type] for t in cfg.losses]
+    if not cfg.train.fused_head or task.name != "causal_lm" or any(k.reads_logits and not k.fused for k in kinds):
+        return None
+    s, t = output_head(student), output_head(teacher)
+    if s is None or t is None or s.softcap != t.softcap:
+        return None
+    return s, t
 
 
 def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting) -> torch.optim.Optimizer:
@@ -147,6 +169,8 @@ def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
         disable_attention_dropout(student)
     teacher_capture = Capture(teacher, plan.teacher_needs)
     side = StudentSide(student, plan.student_needs, plan.projectors, plan.mixes)
+    heads = fused_heads(cfg, task, student, teacher)
+    side.fused_head = heads is not None
     w = cfg.weighting
     weighting = build_weighting(w.strategy, [t.cfg.name for t in plan.terms], [t.cfg.weight for t in plan.terms], alpha=w.alpha, lr=w.lr, every=w.every)
     train_data, eval_data = task.load_data(cfg, tok)
@@ -164,7 +188,7 @@ def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
     )
     return Run(
         cfg, accelerator, tok, teacher, teacher_capture, side, plan.terms, weighting, optimizer, scheduler,
-        train_data, eval_data, sampler, vocab, task, Path(cfg.train.output_dir), horizon,
+        train_data, eval_data, sampler, vocab, task, Path(cfg.train.output_dir), horizon, heads,
     )
 
 
@@ -207,6 +231,11 @@ def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"train.output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir {out} is a file; choose a folder")
+    # The folder is made only once nothing can stop the run; find out now whether it can be.
+    near = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not (near.is_dir() and os.access(near, os.W_OK | os.X_OK)):
+        why = "is not writable" if near.is_dir() else "is a file"
+        raise ConfigError(f"train.output_dir {out}: cannot write there ({near} {why}); choose a writable folder")
 
 
 def _clear(out: Path) -> None:
@@ -259,11 +288,14 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     set_seed(cfg.train.seed)
     say = _say(accelerator)
-    run = setup(cfg, accelerator, say)  # bad input stops here, before the output folder is touched
+    notes: list[str] = []  # setup's notes wait too: bad input gets its one line and nothing else
+    run = setup(cfg, accelerator, notes.append)  # bad input stops here, before the output folder is touched
     saved = out / "config.yaml"
     if resume and saved.is_file():
         check_resumable(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
     say(precision)  # the run's first line, once nothing can stop it any more
+    for note in notes:
+        say(note)
     if accelerator.is_main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)

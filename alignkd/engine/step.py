@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkd.engine.capture import Record
+from alignkd.engine.plan import forward_record
 from alignkd.engine.tasks import Batch
 from alignkd.engine.weighting import schedule_value
 from alignkd.terms import TERM_TYPES, StepTensors
@@ -48,10 +49,7 @@ def to_device(batch: Batch, device) -> Batch:
 def teacher_forward(run, batch: Batch) -> Record:
     """Frozen teacher under inference mode; returns its logits and captured tensors."""
     with torch.inference_mode():
-        out = run.teacher(input_ids=batch.input_ids, attention_mask=batch.mask.long())
-    rec = run.teacher_capture.take()
-    rec.logits = out.logits
-    return rec
+        return forward_record(run.teacher, run.teacher_capture, batch.input_ids, batch.mask, run.unwrapped.fused_head)
 
 
 def term_losses(run, batch: Batch, student: Record, teacher: Record, temperatures: list[float | None]) -> dict[str, torch.Tensor]:
@@ -61,6 +59,7 @@ def term_losses(run, batch: Batch, student: Record, teacher: Record, temperature
         student=student, teacher=teacher, vocab=run.vocab, side=run.unwrapped,
         teacher_model=run.teacher, teacher_capture=run.teacher_capture,
         feature_mask=run.task.feature_mask(batch, run.cfg.data.bos == "always"),
+        heads=run.heads if run.unwrapped.fused_head else None,
     )
     return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in zip(run.terms, temperatures)}
 

@@ -116,6 +116,8 @@ def evaluate_models(models: dict[str, str], settings: EvalSettings, *, teacher: 
     order = ([teacher] if teacher else []) + [r for r in models if r != teacher]
     for role in order:  # fail before the first long evaluation, not after it
         check_model_path(role, models[role])
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise EvalError(f"--out {out} is a file; give the folder eval.json goes in")
     inputs = _read_inputs(settings)
     device = settings.device or str(default_device())
     settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, device))

@@ -33,8 +33,8 @@ CHUNK_ELEMENTS = 1 << 24
 class _Plan:
     """Everything of one call except the three student tensors that get gradients."""
 
-    teacher_hidden: torch.Tensor  # [N, D_t], detached
-    teacher_head: torch.Tensor  # [vocab, D_t] float32, detached
+    teacher_hidden: torch.Tensor | None  # [N, D_t], detached; None: cross-entropy only
+    teacher_head: torch.Tensor | None  # [vocab, D_t] float32, detached
     teacher_bias: torch.Tensor | None  # [vocab] float32
     rows: torch.Tensor  # 1-D index of the counted rows (KL rows)
     labels: torch.Tensor | None  # [N] long (negative = not counted), None without CE
@@ -144,6 +144,46 @@ def lm_head_kl(
     return _LMHeadLoss.apply(student_hidden, student_head, student_bias, plan)
 
 
+def lm_head_ce(
+    hidden: torch.Tensor,
+    head: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    vocab: int | None = None,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``h @ W.T (+ b)`` on ``labels``, chunked like :func:`lm_head_kl` (no ``[tokens, V]`` logits).
+
+    Args:
+        hidden: final hidden states ``[B, T, D]`` or ``[N, D]``.
+        head: output-head weight ``[V, D]``; ``bias``: ``[V]``.
+        labels: int, same leading shape: the target at each position; negative ids are not counted.
+        softcap, vocab, chunk_tokens: as in :func:`lm_head_kl`.
+
+    Returns:
+        float32 scalar: the mean over the labelled positions; none gives 0 with zero gradients.
+    """
+    _check_shapes(hidden, head, hidden, head, bias, bias)
+    vocab = head.shape[0] if vocab is None else int(vocab)
+    if not 1 <= vocab <= head.shape[0]:
+        raise ValueError(f"{NAME}: vocab={vocab} must be in [1, {head.shape[0]}]")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{NAME}: labels have shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:-1])} (one id per position)")
+    flat = _check_labels(labels, torch.ones(labels.shape, dtype=torch.bool, device=labels.device), vocab)
+    rows = (flat >= 0).nonzero().squeeze(1)
+    grad_on = torch.is_grad_enabled()
+    plan = _Plan(
+        teacher_hidden=None, teacher_head=None, teacher_bias=None, rows=rows, labels=flat, n_ce=rows.numel(),
+        vocab=vocab, kind="forward", temperature=1.0, beta=0.5, alpha=0.1, ce_weight=1.0,
+        softcap=None if softcap is None else float(softcap),
+        chunk_tokens=int(chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)),
+        needs=tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, head, bias)),
+    )
+    return _LMHeadLoss.apply(hidden, head, bias, plan)
+
+
 def _check_shapes(hs, ws, ht, wt, bs, bt) -> None:
     for side, h, w, b in (("student", hs, ws, bs), ("teacher", ht, wt, bt)):
         if h.dim() not in (2, 3):
@@ -210,10 +250,13 @@ def _evaluate(hidden, head, bias, p: _Plan) -> tuple[torch.Tensor, list[torch.Te
         idx = p.rows[i : i + p.chunk_tokens]
         hs = h.index_select(0, idx).float()
         zs = _logits(hs, w, b, p.softcap)
-        zt = _logits(p.teacher_hidden.index_select(0, idx).float(), p.teacher_head, p.teacher_bias, p.softcap)
-        kl, g = _kl_and_grad(zs, zt, p, want_grad)
-        kl_sum += kl
-        g = g.div_(n_kl) if g is not None else None
+        if p.teacher_hidden is None:  # cross-entropy only
+            g = torch.zeros_like(zs) if want_grad else None
+        else:
+            zt = _logits(p.teacher_hidden.index_select(0, idx).float(), p.teacher_head, p.teacher_bias, p.softcap)
+            kl, g = _kl_and_grad(zs, zt, p, want_grad)
+            kl_sum += kl
+            g = g.div_(n_kl) if g is not None else None
         if p.labels is not None:
             ce_sum += _add_ce(zs, p.labels.index_select(0, idx), g, p.ce_weight / max(p.n_ce, 1))
         if g is None:

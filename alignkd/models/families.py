@@ -8,11 +8,12 @@ that knows module names; hooks and students go through it, losses never do.
 
 from __future__ import annotations
 
-from alignkd.errors import FamilyError
-
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from alignkd.errors import FamilyError
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,45 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Causal LMs whose logits are exactly head(base_model(...)[0]), capped by
+# config.final_logit_softcapping when set: the fused LM-head losses may then
+# skip the logits. Others (extra logit scaling, unknown layouts) keep them.
+PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "gpt2"}
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output head, for losses computed from the final hidden states."""
+
+    weight: torch.Tensor
+    """``[V, D]`` (the input embedding when tied)."""
+    bias: torch.Tensor | None
+    softcap: float | None
+    """Logits = softcap * tanh(logits / softcap) when set (Gemma-2/3)."""
+
+
+def output_head(model: nn.Module) -> OutputHead | None:
+    """The head, when the family's logits are a plain function of the base model's last hidden states; else None."""
+    if getattr(model.config, "model_type", "") not in PLAIN_HEAD:
+        return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return None
+    return OutputHead(head.weight, head.bias, getattr(model.config, "final_logit_softcapping", None))
+
+
 def get_path(root: nn.Module, path: str) -> nn.Module:
     obj = root
     for part in path.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            # e.g. GPT-NeoX read with llama's layout: its blocks exist, its q/k/v are elsewhere.
+            raise FamilyError(
+                f"{type(root).__name__} has no '{path}': alignkd does not know this model's layout "
+                f"(known families: {', '.join(sorted(FAMILIES))}); use terms that need only logits and "
+                "block outputs (kl, dkd, ce, hidden, contrastive)"
+            ) from None
     return obj
 
 
@@ -69,7 +105,7 @@ def family_of(model: nn.Module) -> Family:
         try:
             get_path(model.base_model, _LLAMA_LIKE.blocks)
             fam = _LLAMA_LIKE
-        except AttributeError:
+        except FamilyError:
             raise FamilyError(
                 f"model type '{model_type}' is not supported yet: known families are {', '.join(sorted(FAMILIES))}"
             ) from None

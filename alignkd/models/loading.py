@@ -47,6 +47,24 @@ def _check_source(path: str, what: str) -> None:
         raise ModelError(f"{what}: {path} has no config.json; point it at a save_pretrained folder")
 
 
+def _offline_miss(path: str, what: str) -> ModelError | None:
+    """The error for a hub id that is not cached while HF_HUB_OFFLINE forbids the download, else None."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE or Path(path).expanduser().exists():
+        return None
+    try:
+        cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        cached = False
+    if not cached:
+        return ModelError(
+            f"{what}: {path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "unset HF_HUB_OFFLINE to download it, or give a local model folder"
+        )
+    return None
+
+
 def load_model(path: str, *, task: str, dtype: str = "float32", what: str = "model", trust_remote_code: bool = False, attn_implementation: str | None = None):
     """Load a pretrained model for ``task`` from a folder or hub id."""
     _check_source(path, what)
@@ -56,7 +74,7 @@ def load_model(path: str, *, task: str, dtype: str = "float32", what: str = "mod
     try:
         return AUTO_CLASSES[task].from_pretrained(path, **kwargs)
     except OSError as e:
-        raise ModelError(f"{what}: could not load {path!r} ({str(e).splitlines()[0]})") from None
+        raise _offline_miss(path, what) or ModelError(f"{what}: could not load {path!r} ({str(e).splitlines()[0]})") from None
 
 
 def load_tokenizer(path: str, *, what: str = "model", trust_remote_code: bool = False):
@@ -64,7 +82,7 @@ def load_tokenizer(path: str, *, what: str = "model", trust_remote_code: bool = 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{what}: no tokenizer found for {path!r} ({str(e).splitlines()[0]})") from None
+        raise _offline_miss(path, what) or ModelError(f"{what}: no tokenizer found for {path!r} ({str(e).splitlines()[0]})") from None
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token  # packing never pads; this only helps evaluation batches
     return tok
@@ -100,3 +118,10 @@ def common_vocab(teacher, student, tokenizer) -> int:
             "both heads must cover the tokenizer"
         )
     return min(vt, vs)
+
+
+def check_positions(model, seq_len: int, what: str) -> None:
+    """``data.seq_len`` must fit the model's position table (``max_position_embeddings``)."""
+    most = getattr(model.config, "max_position_embeddings", None)
+    if most is not None and seq_len > most:
+        raise ModelError(f"data.seq_len {seq_len} is beyond the {what}'s maximum of {most} positions; set data.seq_len to {most} or less")

@@ -29,6 +29,8 @@ def write_report(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"no metrics.jsonl in {run_dir}: is it an alignkd distill output_dir? (no such folder)")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ReportError(f"--out {out} is a file; give the folder report.html and report.md go in")
     run = read_run(run_dir)
     base_runs = []
     for name, path in (baselines or {}).items():

@@ -165,6 +165,9 @@ class StepTensors:
     """``[B, T]`` bool: the positions feature terms compare; ``mask`` without a leading BOS, whose
     states are attention-sink outliers (norms far above every other token's) in the models that use one."""
 
+    heads: tuple[Any, Any] | None = None
+    """(student, teacher) ``OutputHead`` when the run fuses the LM head: records hold final hidden states, not logits."""
+
     def features(self) -> torch.Tensor:
         """The positions the state terms (hidden, attention queries, contrastive) count."""
         return self.mask if self.feature_mask is None else self.feature_mask
@@ -202,6 +205,10 @@ class TermType:
     """False only for ground-truth terms: a run of those alone never runs the teacher."""
     prepare: Callable[[Any, nn.Module, nn.Module, str], dict[str, Any]] | None = None
     """``(cfg, student, teacher, where) -> params``: values resolved against the models."""
+    reads_logits: bool = False
+    """Reads the models' output logits."""
+    fused: bool = False
+    """Can compute from the final hidden states and the output heads instead (no ``[tokens, V]`` logits)."""
 
     @property
     def layered(self) -> bool:

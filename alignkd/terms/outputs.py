@@ -20,8 +20,12 @@ class CEConfig(TermConfig):
 
 
 def ce_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
-    s, _, _ = x.logits()
     tgt, has = x.targets()
+    if x.heads is not None:  # fused: chunked through the head, no logits
+        head = x.heads[0]
+        labels = torch.where(has, tgt, torch.full_like(tgt, -100))
+        return L.lm_head_ce(x.student.final_hidden, head.weight, labels, bias=head.bias, softcap=head.softcap, vocab=x.vocab)
+    s, _, _ = x.logits()
     # ignore_index instead of s[has]: no [N, V] copy forward and no scatter backward.
     tgt = torch.where(has, tgt, torch.full_like(tgt, -100))
     ce = F.cross_entropy(s.reshape(-1, s.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="sum")
@@ -58,8 +62,15 @@ class KLConfig(DivergenceFields, Tempered, TermConfig):
 
 
 def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
-    s, t, m = x.logits()
     c = term.cfg
+    if x.heads is not None:  # fused: chunked through both heads, no logits
+        s, t = x.heads
+        return L.lm_head_kl(
+            x.student.final_hidden, s.weight, x.teacher.final_hidden, t.weight, x.mask,
+            kind=c.kind, temperature=temperature, beta=c.beta, alpha=c.alpha,
+            student_bias=s.bias, teacher_bias=t.bias, softcap=s.softcap, vocab=x.vocab,
+        )
+    s, t, m = x.logits()
     return L.kl_div(s, t, m, kind=c.kind, temperature=temperature, beta=c.beta, alpha=c.alpha)
 
 
@@ -90,6 +101,6 @@ def dkd_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Ten
     return L.dkd(s, t, tgt, m & has, alpha=c.alpha, beta=c.beta, temperature=temperature)
 
 
-CE = TermType(CEConfig, ce_term, "ground-truth next token (or label)", uses_teacher=False)
-KL = TermType(KLConfig, kl_term, "output distributions")
-DKD = TermType(DKDConfig, dkd_term, "decoupled KD (target / non-target)")
+CE = TermType(CEConfig, ce_term, "ground-truth next token (or label)", uses_teacher=False, reads_logits=True, fused=True)
+KL = TermType(KLConfig, kl_term, "output distributions", reads_logits=True, fused=True)
+DKD = TermType(DKDConfig, dkd_term, "decoupled KD (target / non-target)", reads_logits=True)
