@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-"""Dtype settings besides ``auto``."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = tuple(DTYPES)
+"""Dtype settings besides ``auto``."""
 MIXED_PRECISION = ("no", "bf16", "fp16")
 """``train.mixed_precision`` settings besides ``auto`` (Accelerate's names)."""
 

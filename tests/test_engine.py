@@ -449,6 +449,19 @@ def test_student_path_with_another_tokenizer_is_refused(teacher, corpus, tmp_pat
     assert not (tmp_path / "out" / "student").exists()
 
 
+def interrupt_then_resume(cfg: dict, a: Path, b: Path, undo) -> None:
+    """Run ``cfg`` into ``b`` until the patched code interrupts it once step 3 is applied,
+    ``undo`` the patch, resume: the student must equal the uninterrupted run in ``a``."""
+    with pytest.raises(KeyboardInterrupt):
+        alignkd.distill(cfg)
+    assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-3"]
+    undo()
+    assert alignkd.distill(cfg, resume=True)["last_train"]["step"] == 6
+    wa, wb = student_weights(a), student_weights(b)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), f"{k} differs after an interrupt and resume"
+
+
 def test_an_interrupt_saves_the_finished_steps_and_resume_completes_the_run(teacher, corpus, tmp_path, monkeypatch):
     # Ctrl-C in step 4 of 6: steps 1-3 are kept in a checkpoint, and resuming gives
     # the same student as a run that was never interrupted.
@@ -468,14 +481,7 @@ def test_an_interrupt_saves_the_finished_steps_and_resume_completes_the_run(teac
 
     monkeypatch.setattr(step_mod, "term_losses", interrupt_in_step_4)
     cfg = make_cfg(teacher, corpus, b, losses=losses, steps=6)
-    with pytest.raises(KeyboardInterrupt):
-        alignkd.distill(cfg)
-    assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-3"]
-    monkeypatch.setattr(step_mod, "term_losses", real)
-    assert alignkd.distill(cfg, resume=True)["last_train"]["step"] == 6
-    wa, wb = student_weights(a), student_weights(b)
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), f"{k} differs after an interrupt and resume"
+    interrupt_then_resume(cfg, a, b, lambda: monkeypatch.setattr(step_mod, "term_losses", real))
 
 
 def test_an_interrupt_after_the_optimizer_step_does_not_replay_the_step(teacher, corpus, tmp_path, monkeypatch):
@@ -497,14 +503,7 @@ def test_an_interrupt_after_the_optimizer_step_does_not_replay_the_step(teacher,
 
     monkeypatch.setattr(Run, "evaluate", interrupt_second_evaluation)
     cfg = make_cfg(teacher, corpus, b, losses=losses, steps=6, eval_every=3)
-    with pytest.raises(KeyboardInterrupt):
-        alignkd.distill(cfg)
-    assert [p.name for p in (b / "checkpoints").iterdir()] == ["step-3"]
-    monkeypatch.setattr(Run, "evaluate", real)
-    assert alignkd.distill(cfg, resume=True)["last_train"]["step"] == 6
-    wa, wb = student_weights(a), student_weights(b)
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), f"{k} differs after an interrupt in evaluation and resume"
+    interrupt_then_resume(cfg, a, b, lambda: monkeypatch.setattr(Run, "evaluate", real))
 
 
 def test_a_leading_bos_is_left_out_of_the_state_terms_only(corpus, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 import textwrap
 import types
@@ -17,6 +16,7 @@ import yaml
 from alignkd.config.schema import Config
 from alignkd.errors import ConfigError
 from alignkd.terms import TERM_TYPES, TermConfig
+from alignkd.terms.base import closest
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -31,11 +31,6 @@ def field_docs(cls: type) -> dict[str, str]:
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
-
-
-def closest(key: str, options: list[str]) -> str:
-    near = difflib.get_close_matches(key, options, n=1)
-    return f"; did you mean '{near[0]}'?" if near else ""
 
 
 def _term(value: Any, where: str) -> TermConfig:

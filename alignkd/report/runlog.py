@@ -50,7 +50,7 @@ def read_run(path: str | Path, name: str | None = None) -> RunLog:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)  # Python's json reads the NaN and Infinity that train.py writes
+            rec = json.loads(line)  # Python's json reads the NaN and Infinity that the training loop writes
         except json.JSONDecodeError:
             skipped += 1
             continue

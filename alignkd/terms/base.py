@@ -9,6 +9,7 @@ planning, ``--print-config`` and the README's loss table all read these.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,14 +24,16 @@ PROJECTORS = ("linear", "linear_norm")
 SCHEDULE_KINDS = ("constant", "warmup", "linear", "cosine")
 
 
+def closest(key: str, options) -> str:
+    """``"; did you mean 'x'?"`` for the option nearest ``key``, or ``""``."""
+    near = difflib.get_close_matches(str(key), [str(o) for o in options], n=1)
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
 def one_of(value: Any, options, where: str) -> None:
     """Raise ConfigError naming ``where`` unless ``value`` is among ``options`` (with a did-you-mean)."""
-    import difflib
-
     if value not in options:
-        near = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
-        hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(map(str, options))}{hint}")
+        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(map(str, options))}{closest(value, options)}")
 
 
 # ----------------------------------------------------------------------------- configs

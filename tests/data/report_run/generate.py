@@ -2,7 +2,7 @@
 
     python tests/data/report_run/generate.py
 
-Synthetic but shaped exactly like ``alignkd distill`` output (see alignkd/train.py):
+Synthetic but shaped exactly like ``alignkd distill`` output (see alignkd/engine/loop.py):
 a 60-step feature-alignment run (kl, ce, hidden, relation under GradNorm, a linear
 temperature schedule on kl, eval every 20 steps) in ``report_run/`` with its
 config, summary and an ``alignkd eval`` eval.json (teacher, student, baseline), and
