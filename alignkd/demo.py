@@ -80,13 +80,16 @@ def run_config(assets, out: Path, steps: int, recipe: str, minutes: float | None
     }
 
 
-HEADLINE = ("perplexity", "accuracy", "rougeL_vs_teacher", "decode_ms_per_token", "params")
+HEADLINE = ("perplexity", "accuracy", "accuracy_above_chance", "rougeL_vs_teacher", "decode_ms_per_token", "params")
 """The catalogue's metrics the demo's closing table shows."""
+HEADLINE_KEPT = ("accuracy", "accuracy_above_chance")
+"""Metrics whose retention (the share of the teacher's) follows: accuracy's, and the same above chance."""
 ROLES = {"teacher": "teacher", "student": "distilled student", "baseline": "CE baseline"}
 
 
 def headline(ev: dict) -> list[tuple[str, ...]]:
-    """``(label, teacher, student, baseline)`` per :data:`HEADLINE` metric, labelled and formatted by the catalogue."""
+    """``(label, teacher, student, baseline)`` per :data:`HEADLINE` metric, then per :data:`HEADLINE_KEPT`
+    retention (the teacher's cell empty), labelled and formatted by the catalogue."""
     from alignkd.evaluate.catalogue import BY_KEY, shown
 
     rows = []
@@ -94,6 +97,10 @@ def headline(ev: dict) -> list[tuple[str, ...]]:
         m = BY_KEY[key]
         label = f"{m.label} ({m.better} is better)" if m.better else m.label
         rows.append((label, *(shown(ev["models"].get(role, {}).get("metrics", {}).get(key), m.fmt) for role in ROLES)))
+    for key in HEADLINE_KEPT:
+        k = BY_KEY[key].kept
+        cells = [shown(ev.get("retention", {}).get(role, {}).get(k.key), k.fmt) for role in ROLES if role != "teacher"]
+        rows.append((k.label, "", *cells))
     return rows
 
 
@@ -152,7 +159,9 @@ def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float 
     timings = {**stages.seconds, "total": round(sum(stages.seconds.values()), 1)}
     rows = headline(ev)
     _print_headline(stages.console, rows)
-    result = {"steps": steps, "timings_s": timings, "headline": rows, "report": str(paths["html"])}
+    for warning in ev.get("warnings", []):  # e.g. a teacher near chance
+        stages.console.print(f"[yellow]warning:[/] {warning}")
+    result = {"steps": steps, "timings_s": timings, "headline": rows, "warnings": ev.get("warnings", []), "report": str(paths["html"])}
     (out / "demo_timings.json").write_text(json.dumps(result, indent=2))
     stages.console.print(f"stage seconds: {json.dumps(timings)}")
     return result

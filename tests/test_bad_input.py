@@ -202,6 +202,12 @@ CASES: list[Case] = [
          skip="running as root, chmod 0o500 does not stop writes" if os.geteuid() == 0 else ""),
     Case("output_dir_holds_a_run", lambda w: ["distill", str(w.config), f"train.output_dir={w.old_run}"], ("already holds a run", "--resume", "--overwrite")),
     Case("resume_with_another_batch_size", lambda w: ["distill", str(w.config), f"train.output_dir={w.run}", "train.batch_size=2", "--resume"], ("--resume with a config that changes", "train.batch_size (4 -> 2)", "--overwrite"), needs_run=True),
+    # ---------------------------------------------------------------- cache-teacher, and distill from a cache
+    Case("cache_folder_unset", lambda w: ["cache-teacher", str(w.config)], ("teacher.cache: name the folder",)),
+    Case("cache_folder_is_a_file", lambda w: ["cache-teacher", str(w.config), f"teacher.cache={w.a_file}"], ("teacher.cache", "a_file is a file", "choose a folder")),
+    Case("cache_top_k_zero", lambda w: ["cache-teacher", str(w.config), f"teacher.cache={w.out('cache_top_k_zero')}", "teacher.cache_top_k=0"], ("teacher.cache_top_k: must be >= 1",)),
+    Case("cache_with_attention_term", lambda w: D(w, "cache_with_attention_term", f"teacher.cache={w.root / 'no_cache'}", "losses.2={type: attention}"), ("losses[2]", "the attention term needs the live teacher", "remove the term or teacher.cache")),
+    Case("cache_missing", lambda w: D(w, "cache_missing", f"teacher.cache={w.root / 'no_cache'}"), ("no_cache holds no teacher cache", "alignkd cache-teacher CONFIG")),
     # ---------------------------------------------------------------- eval
     Case("eval_not_a_model", lambda w: ["eval", str(w.corpus), "--out", str(w.out("eval_not_a_model"))], ("has no config.json", "save_pretrained")),
     Case("eval_model_missing", lambda w: ["eval", str(w.root / "no_model"), "--out", str(w.out("eval_model_missing"))], ("model folder not found", "no_model")),

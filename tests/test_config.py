@@ -36,11 +36,14 @@ from alignkd.terms.base import Layered, Tempered
 from alignkd.engine.weighting import GradNorm, Uncertainty, Weighting, build_weighting
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# alignkd run configs: configs/*.yaml and the recipes. configs/accelerate/ holds `accelerate launch` configs.
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 
-# Depths of the teachers the shipped configs name (checked against their model cards),
+# Depths of the models the shipped configs name (checked against their model cards),
 # so explicit layer indices in those configs can be checked without downloading them.
-TEACHER_BLOCKS = {"HuggingFaceTB/SmolLM2-135M-Instruct": 30, "textattack/bert-base-uncased-SST-2": 12}
+TEACHER_BLOCKS = {"HuggingFaceTB/SmolLM2-135M-Instruct": 30, "textattack/bert-base-uncased-SST-2": 12, "meta-llama/Llama-2-7b-hf": 32}
+STUDENT_BLOCKS = {"TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": 22}
 
 
 def minimal(**extra) -> dict:
@@ -77,7 +80,8 @@ def _student_depth(cfg: Config, teacher_blocks: int) -> int:
         return s.from_teacher.num_layers or max(1, teacher_blocks // 4)
     if s.config is not None:
         return s.config.get("num_hidden_layers", teacher_blocks)
-    raise AssertionError("shipped configs build their student from the teacher")
+    assert s.path in STUDENT_BLOCKS, f"add the depth of {s.path} to STUDENT_BLOCKS"
+    return STUDENT_BLOCKS[s.path]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -105,6 +109,22 @@ def test_shipped_config_parses_and_is_sensible(path):
             assert cfg.data.label_field
     assert any(loss.weight > 0 for loss in cfg.losses)
     assert cfg.train.steps >= 1 and cfg.train.lr > 0 and cfg.train.output_dir
+
+
+def test_recipes_and_accelerate_configs_are_shipped():
+    assert any(p.parent.name == "recipes" for p in CONFIGS) and ACCELERATE_CONFIGS
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_shipped_accelerate_config_loads_and_launches_several_processes(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    cfg = load_config_from_file(str(path))
+    # A MULTI_CPU config starts one process unless under mpirun; alignkd turns a MULTI_GPU launch on CPUs into a gloo group.
+    assert cfg.distributed_type == DistributedType.MULTI_GPU and cfg.num_processes > 1
+    assert cfg.mixed_precision == "no"  # alignkd passes train.mixed_precision itself
+    assert f"--config_file configs/accelerate/{path.name}" in path.read_text()
 
 
 # ---------------------------------------------------------------- field docs
@@ -202,6 +222,7 @@ def test_float_fields_accept_yaml_exponent_strings():
     [
         (minimal(teacher={"path": "t", "dtype": "bfloat"}), "teacher.dtype", "bfloat16"),
         (minimal(teacher={"path": "t", "task": "causal"}), "teacher.task", "causal_lm"),
+        (minimal(teacher={"path": "t", "placement": "sharded"}), "teacher.placement", "shard"),
         (minimal(losses=[{"type": "kl", "kind": "revers"}]), "losses[0].kind", "reverse"),
         (minimal(losses=[{"type": "hiden"}]), "losses[0].type", "hidden"),
         (minimal(losses=[{"type": "hidden", "metric": "cosin"}]), "losses[0].metric", "cosine"),

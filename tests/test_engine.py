@@ -566,3 +566,57 @@ def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
     assert not run.unwrapped.fused_head
     cls = make_run(make_cfg(tiny.save_model(tmp_path / "bert", "bert", task="sequence_classification"), _classification_jsonl(tmp_path / "c.jsonl"), tmp_path / "cls", losses=[{"type": "kl"}], task="sequence_classification"))
     assert cls.heads is None
+
+
+# ---------------------------------------------------------------- the Minitron recipe: post-norm states, embeddings, ratio weights
+
+MINITRON = [
+    {"type": "kl"},
+    {"type": "hidden", "metric": "cosine", "final_norm": True, "layers": "auto"},
+    {"type": "embedding", "metric": "cosine"},
+]
+# A same-width student trained from scratch (seeded apart from the teacher, which seed 0 drew), and the
+# teacher width-pruned to 16 (head_dim 8 kept): projectors.
+MINITRON_STUDENTS = {
+    "random": {"config": {"num_hidden_layers": 1}},
+    "pruned": {"config": {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32}, "init": "prune"},
+}
+
+
+@pytest.mark.parametrize("student", list(MINITRON_STUDENTS))
+def test_minitron_recipe_trains(teacher, corpus, tmp_path, student):
+    """KL + post-norm cosine hidden term + cosine embedding term under ratio weights: finite, decreasing, balanced."""
+    out = tmp_path / "out"
+    alignkd.distill(make_cfg(teacher, corpus, out, losses=MINITRON, student=MINITRON_STUDENTS[student], weighting="ratio", steps=8, lr=3e-3, seed=1))
+    rows = check_logged(out, ["kl", "hidden", "embedding"], steps=8)
+    for r in rows:  # one micro-batch, one process: each feature term weighs exactly what the KL does
+        for n in ("hidden", "embedding"):
+            assert r[f"w/{n}"] * r[f"loss/{n}"] == pytest.approx(r["loss/kl"], rel=1e-4), (r["step"], n)
+        assert r["w/kl"] == 1.0
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["loss/kl"] < rows[0]["loss/kl"], [r["loss"] for r in rows]
+    narrow = student == "pruned"
+    assert (out / "projectors.safetensors").exists() == narrow
+    if narrow:
+        proj = load_file(str(out / "projectors.safetensors"))
+        assert {k.split(".")[1] for k in proj} == {"hidden__0", "hidden__1", "embedding"}, sorted(proj)
+        assert proj["projectors.embedding.linear.weight"].shape == (32, 16)
+
+
+def test_final_norm_compares_each_models_own_post_norm_states(teacher, corpus, tmp_path):
+    """At the last blocks, the post-norm hidden term is the metric between the two models' final states."""
+    from alignkd.losses import hidden_cosine, hidden_mse
+
+    # mse: the norms' gains start at 1, and cosine would not see a per-position scale.
+    losses = [{"type": "hidden", "metric": "mse", "final_norm": True, "layers": [[0, 1]]}, {"type": "embedding", "metric": "cosine"}]
+    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses, student=MINITRON_STUDENTS["random"], seed=1))
+    batch = next_batches(run, 0)[0]
+    got = term_losses(run, batch, run.side(batch.input_ids, batch.mask), teacher_forward(run, batch), [None, None])
+    student = run.unwrapped.student
+    with torch.no_grad():
+        s_final = student.base_model(input_ids=batch.input_ids, attention_mask=batch.mask.long()).last_hidden_state
+        t_final = run.teacher.base_model(input_ids=batch.input_ids, attention_mask=batch.mask.long()).last_hidden_state
+        s_emb, t_emb = student.get_input_embeddings()(batch.input_ids), run.teacher.get_input_embeddings()(batch.input_ids)
+    features = batch.mask  # the byte tokenizer adds no BOS: every real position counts
+    assert got["hidden"].item() == pytest.approx(hidden_mse(s_final, t_final, features).item(), rel=1e-5)
+    assert got["embedding"].item() == pytest.approx(hidden_cosine(s_emb, t_emb, batch.mask).item(), rel=1e-5)
+    assert got["hidden"].item() > 0.01  # a random student: the check compares something

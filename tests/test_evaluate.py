@@ -41,12 +41,13 @@ from alignkd.evaluate import (
     passages,
     perplexity,
     print_table,
+    read_labelled,
     retention,
     size_on_disk,
     split_shots,
     token_stream,
 )
-from alignkd.evaluate.catalogue import BY_KEY, KEPT, METRICS as CATALOGUE
+from alignkd.evaluate.catalogue import BY_KEY, KEPT, METRICS as CATALOGUE, NEAR_CHANCE, chance_level, near_chance
 
 TOK = tiny.byte_tokenizer()
 TEXTS = [tiny.TEXT, tiny.TEXT[::-1], tiny.TEXT.upper()]
@@ -370,11 +371,11 @@ def test_retention_formulas():
 SETTINGS = dict(ppl_tokens=300, window=64, stride=32, examples=8, shots=2, prompts=3, new_tokens=6, latency_len=16)
 SETTINGS_KEYS = {"text", "labelled", "device", "dtype", "ppl_tokens", "window", "stride", "examples", "shots", "prompts",
                  "new_tokens", "latency_batch", "latency_len"}
-METRICS = {"perplexity", "ppl_tokens_scored", "bos", "accuracy", "accuracy_examples", "bleu", "rouge1", "rouge2", "rougeL", "cer",
+METRICS = {"perplexity", "ppl_tokens_scored", "bos", "accuracy", "accuracy_above_chance", "accuracy_chance", "accuracy_examples", "bleu", "rouge1", "rouge2", "rougeL", "cer",
            "prefill_ms_per_token", "decode_ms_per_token", "prefill_tokens_per_s", "decode_tokens_per_s", "params",
            "non_embedding_params", "size_mb"}
 FIDELITY = {f"{k}_vs_teacher" for k in ("bleu", "rouge1", "rouge2", "rougeL", "cer")}
-RETENTION = {"perplexity", "accuracy", "bleu", "rouge1", "rouge2", "rougeL", "cer", "prefill_speedup", "decode_speedup", "params"}
+RETENTION = {"perplexity", "accuracy", "accuracy_above_chance", "bleu", "rouge1", "rouge2", "rougeL", "cer", "prefill_speedup", "decode_speedup", "params"}
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +396,7 @@ def test_evaluate_models_writes_eval_json(world, tmp_path):
     result = evaluate_models(models, settings, teacher="teacher", out=tmp_path, progress=False)
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written == json.loads(json.dumps(result))
-    assert set(written) == {"settings", "models", "retention"}
+    assert set(written) == {"settings", "models", "retention", "warnings"}
     assert set(written["settings"]) == SETTINGS_KEYS
     assert written["settings"]["device"] == "cpu" and written["settings"]["window"] == 64
     assert list(written["models"]) == ["teacher", "student", "same"]
@@ -416,6 +417,17 @@ def test_evaluate_models_writes_eval_json(world, tmp_path):
     ppl, n = perplexity(model, TOK, [p.read_text() for p in sorted(world.corpus.glob("*.txt"))], max_tokens=300, window=64, stride=32)
     assert (teacher["perplexity"], teacher["ppl_tokens_scored"]) == (pytest.approx(ppl, rel=1e-5), n)
     assert teacher["accuracy_examples"] == 8
+    # Chance: the majority class's share of the scored examples (the CSV is 2/3 positive), not 1/2.
+    texts, labels, _ = read_labelled(str(world.csv))
+    _, scored = split_shots(labels, shots=2, examples=8)
+    majority = max(sum(labels[i] == c for i in scored) for c in ("positive", "negative")) / 8
+    assert majority > 0.5
+    for name in ("teacher", "student", "same"):
+        m = written["models"][name]["metrics"]
+        assert m["accuracy_chance"] == majority and m["accuracy_above_chance"] == pytest.approx(m["accuracy"] - majority), name
+    margin = teacher["accuracy"] - majority
+    assert kept["accuracy_above_chance"] == (pytest.approx(1.0) if margin > 0 else None)
+    assert written["warnings"] == ([near_chance(teacher)] if margin < NEAR_CHANCE else [])
     assert teacher["bos"] is False  # the byte tokenizer adds no BOS
     assert teacher["params"] == param_counts(model)["params"]
 
@@ -484,7 +496,8 @@ def test_every_metric_eval_writes_is_in_the_one_catalogue():
 
 def _result_of(names: list[str]) -> dict:
     """An eval.json of real-looking numbers for a teacher and the other ``names``."""
-    teacher = {"perplexity": 18.12, "ppl_tokens_scored": 16128, "bos": False, "accuracy": 0.81, "accuracy_examples": 200,
+    teacher = {"perplexity": 18.12, "ppl_tokens_scored": 16128, "bos": False, "accuracy": 0.81, "accuracy_above_chance": 0.29,
+               "accuracy_chance": 0.52, "accuracy_examples": 200,
                "bleu": 3.2, "rouge1": 0.214, "rouge2": 0.052, "rougeL": 0.184, "cer": 0.703, "prefill_ms_per_token": 1.234,
                "decode_ms_per_token": 9.01, "prefill_tokens_per_s": 810.4, "decode_tokens_per_s": 111.0, "params": 134515008,
                "non_embedding_params": 106204416, "size_mb": 513.1}
@@ -494,7 +507,7 @@ def _result_of(names: list[str]) -> dict:
         m.update({f"{k}_vs_teacher": 0.25 + i for k in ("bleu", "rouge1", "rouge2", "rougeL", "cer")})
         models[name] = {"path": name, "metrics": m}
     kept = {n: retention(teacher, e["metrics"]) for n, e in models.items() if n != "teacher"}
-    return {"settings": {}, "models": models, "retention": kept}
+    return {"settings": {}, "models": models, "retention": kept, "warnings": []}
 
 
 def test_eval_table_fits_80_columns_without_cutting_a_cell():
@@ -571,3 +584,75 @@ def test_empty_text_is_an_eval_error(world, tmp_path):
     settings = EvalSettings(text=str(tmp_path / "empty.txt"), skip=("accuracy", "latency"))
     with pytest.raises(EvalError, match="no text found"):
         evaluate_models({"model": str(world.student)}, settings, progress=False)
+
+
+# ----------------------------------------------------------------------------- retention above chance
+
+
+def test_chance_is_the_majority_share():
+    assert chance_level(["a", "b", "a", "a"]) == 0.75
+    assert chance_level(["x", "y", "z"]) == pytest.approx(1 / 3)
+    assert chance_level(["pos"] * 5) == 1.0
+
+
+def test_retention_above_chance_of_a_teacher_near_chance():
+    """The demo's case: a teacher at 63 % on two balanced classes, a student at 61 %."""
+    chance = 0.5
+    teacher = {"accuracy": 0.63, "accuracy_above_chance": 0.63 - chance, "accuracy_chance": chance}
+    student = {"accuracy": 0.61, "accuracy_above_chance": 0.61 - chance, "accuracy_chance": chance}
+    kept = retention(teacher, student)
+    assert kept["accuracy"] == pytest.approx(0.61 / 0.63)  # 96.8 %: looks like nearly all of it
+    assert kept["accuracy_above_chance"] == pytest.approx(0.11 / 0.13)  # 84.6 % of what the teacher adds to chance
+    # A student below chance keeps a negative share; a teacher at or below chance leaves nothing to keep.
+    below = {"accuracy_above_chance": 0.45 - chance}
+    assert retention(teacher, below)["accuracy_above_chance"] == pytest.approx(-0.05 / 0.13)
+    for t in (0.5, 0.4):
+        assert retention({"accuracy_above_chance": t - chance}, student)["accuracy_above_chance"] is None
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "chance", "says"),
+    [
+        (0.63, 0.5, "only 13.0 points above chance (50.0%"),
+        (0.50, 0.5, "is not above chance"),
+        (0.40, 0.5, "is not above chance"),
+        (0.40, 0.26, "only 14.0 points above chance (26.0%"),
+        (0.65, 0.5, None),  # 15 points: no longer near
+        (0.81, 0.52, None),
+    ],
+)
+def test_near_chance_warning(accuracy, chance, says):
+    warning = near_chance({"accuracy": accuracy, "accuracy_chance": chance})
+    if says is None:
+        assert warning is None
+    else:
+        assert says in warning and "\n" not in warning and warning.startswith("the teacher's accuracy")
+    assert near_chance({"accuracy": 0.55}) is None and near_chance({}) is None  # an eval.json from before chance was recorded
+
+
+def test_eval_table_shows_the_retention_above_chance_and_the_warning():
+    result = _result_of(["student"])
+    teacher = result["models"]["teacher"]["metrics"]
+    teacher.update(accuracy=0.6, accuracy_above_chance=0.1)
+    result["retention"]["student"] = retention(teacher, result["models"]["student"]["metrics"])
+    result["warnings"] = [near_chance(teacher)]
+    out = io.StringIO()
+    print_table(result, Console(width=300, file=out, force_terminal=False))
+    text = out.getvalue()
+    row = next(line for line in text.splitlines() if "Accuracy above chance" in line)
+    student_margin = result["models"]["student"]["metrics"]["accuracy_above_chance"]
+    assert "+10.0 pts" in row and f"{100 * student_margin:+.1f} pts" in row
+    assert f"{100 * student_margin / 0.1:.1f}%" in row  # (student - chance) / (teacher - chance), beside it
+    assert "Chance accuracy (majority class)" in text
+    assert "warning: the teacher's accuracy (60.0%) is only 10.0 points above chance" in " ".join(text.split())
+
+
+def test_demo_headline_shows_both_retentions():
+    from alignkd import demo
+
+    result = _result_of(["student", "baseline"])
+    rows = {r[0]: r[1:] for r in demo.headline(result)}
+    kept = result["retention"]
+    assert rows["Accuracy retained"] == ("", f"{100 * kept['student']['accuracy']:.1f}%", f"{100 * kept['baseline']['accuracy']:.1f}%")
+    assert rows["Accuracy retained above chance"][1] == f"{100 * kept['student']['accuracy_above_chance']:.1f}%"
+    assert rows["Accuracy above chance (higher is better)"][0] == "+29.0 pts"

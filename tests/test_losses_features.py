@@ -338,3 +338,222 @@ def test_info_nce_non_positive_max_tokens_raises(gen):
     s = feats(gen, 4, 5)
     with pytest.raises(ValueError, match="max_tokens"):
         info_nce(s, s, max_tokens=0)
+
+
+# ----------------------------------------------------------------------------- terms: post-norm hidden states, embeddings
+#
+# The hidden term with ``final_norm`` and the embedding term, called as the engine
+# calls them, against references that normalise, project, look up and compare row
+# by row in float64.
+
+from torch import nn  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+
+import tiny  # noqa: E402
+from conftest import tolerance  # noqa: E402
+from alignkd.engine.align import Projector  # noqa: E402
+from alignkd.engine.capture import Capture, Needs, Record  # noqa: E402
+from alignkd.errors import ConfigError  # noqa: E402
+from alignkd.models.families import blocks_of, final_norm_of  # noqa: E402
+from alignkd.terms import TERM_TYPES, StepTensors, Term  # noqa: E402
+from alignkd.terms.features import EmbeddingConfig, HiddenConfig, hidden_norms  # noqa: E402
+
+METRIC_REFS = {"mse": hidden_mse_ref, "cosine": hidden_cosine_ref, "standardized": hidden_standardized_mse_ref}
+DS, V = 19, 23  # a narrower student width, and a vocabulary for the embedding term
+
+
+class Side:
+    """What the feature terms read of the StudentSide: projectors by (term, block), no adaptive mixtures."""
+
+    def __init__(self, projectors: dict | None = None):
+        self.projectors = projectors or {}
+
+    def projector(self, name, block):
+        return self.projectors.get((name, block))
+
+    def mix(self, name):
+        return None
+
+
+def step_tensors(student: Record, teacher: Record, mask, ids=None, side=None) -> StepTensors:
+    return StepTensors(input_ids=ids, mask=mask, labels=None, task=None, student=student, teacher=teacher, vocab=0, side=side or Side())
+
+
+def rms_norm_ref(v: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return v / torch.sqrt(torch.sum(v * v) / v.shape[0] + eps) * w
+
+
+def rows_metric_ref(metric: str, srows: list[torch.Tensor], trows: list[torch.Tensor]) -> torch.Tensor:
+    return METRIC_REFS[metric](torch.stack(srows), torch.stack(trows))
+
+
+def norm(width: int, gen) -> LlamaRMSNorm:
+    n = LlamaRMSNorm(width, eps=1e-6)
+    with torch.no_grad():
+        n.weight.copy_(torch.rand(width, generator=gen) + 0.5)
+    return n
+
+
+def linear(d_in: int, d_out: int, gen) -> Projector:
+    """The engine's projector (float32 weights; it casts its input), seeded."""
+    proj = Projector(d_in, d_out)
+    with torch.no_grad():
+        proj.linear.weight.copy_(torch.randn(d_out, d_in, generator=gen) / math.sqrt(d_in))
+    return proj
+
+
+def grads_close(got: torch.Tensor, ref: torch.Tensor, tol: dict, what: str) -> None:
+    assert got is not None, f"{what}: no gradient"
+    scale = ref.abs().max().item() or 1.0
+    torch.testing.assert_close(got.double(), ref, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("narrow", [False, True], ids=["same-width", "projected"])
+@pytest.mark.parametrize("metric", list(METRIC_REFS))
+def test_hidden_final_norm_parity(gen, rand_mask, metric, narrow, dtype):
+    """norm_S(h_S) -> projector -> metric against norm_T(h_T): values and gradients (states, student norm, projector)."""
+    ds = DS if narrow else D
+    hs = feats(gen, B, T, ds, scale=4.0).to(dtype).requires_grad_(True)
+    ht = feats(gen, B, T, D, scale=2.0, offset=0.3).to(dtype)
+    mask = rand_mask((B, T), gen)
+    s_norm, t_norm = norm(ds, gen), norm(D, gen)
+    proj = linear(ds, D, gen) if narrow else None
+    term = Term(HiddenConfig(name="hidden", metric=metric, final_norm=True), pairs=[(0, 1)], params={"norms": (s_norm, t_norm)})
+    x = step_tensors(Record(hidden={0: hs}), Record(hidden={1: ht}), mask, side=Side({("hidden", 0): proj}))
+    out = TERM_TYPES["hidden"].compute(term, x, None)
+    assert out.dtype == torch.float32 and out.dim() == 0
+    out.backward()
+
+    hs64 = hs.detach().double().requires_grad_(True)
+    sw64 = s_norm.weight.detach().double().requires_grad_(True)
+    pw64 = proj.linear.weight.detach().double().requires_grad_(True) if narrow else None
+    tw64 = t_norm.weight.detach().double()
+    srows = [rms_norm_ref(v, sw64, 1e-6) for v in counted_rows(hs64, mask)]
+    srows = [pw64 @ v for v in srows] if narrow else srows
+    trows = [rms_norm_ref(v, tw64, 1e-6) for v in counted_rows(ht.double(), mask)]
+    ref = rows_metric_ref(metric, srows, trows)
+    ref.backward()
+
+    tol = tolerance(dtype)
+    torch.testing.assert_close(out.double(), ref.detach(), **tol)
+    grads_close(hs.grad, hs64.grad, tol, "student states")
+    grads_close(s_norm.weight.grad, sw64.grad, tol, "student final norm")
+    if narrow:
+        grads_close(proj.linear.weight.grad, pw64.grad, tol, "projector")
+    assert t_norm.weight.grad is None, "the teacher's norm must get no gradient"
+
+
+@pytest.mark.parametrize("metric", list(METRIC_REFS))
+def test_hidden_final_norm_is_switchable(gen, rand_mask, metric):
+    """Off, the term is the plain metric on the block outputs; on, each position's scale is normalised away."""
+    hs = feats(gen, B, T, D)
+    ht = hs * (torch.rand(B, T, 1, generator=gen) * 20 + 2)  # the same directions, other norms
+    mask = rand_mask((B, T), gen)
+    shared = norm(D, gen)
+    x = step_tensors(Record(hidden={0: hs}), Record(hidden={0: ht}), mask)
+    off = Term(HiddenConfig(name="hidden", metric=metric), pairs=[(0, 0)])
+    on = Term(HiddenConfig(name="hidden", metric=metric, final_norm=True), pairs=[(0, 0)], params={"norms": (shared, shared)})
+    assert_equal(TERM_TYPES["hidden"].compute(off, x, None), HIDDEN[list(METRIC_REFS).index(metric)][0](hs, ht, mask))
+    assert TERM_TYPES["hidden"].compute(on, x, None).item() < 1e-4
+    if metric == "mse":
+        assert TERM_TYPES["hidden"].compute(off, x, None).item() > 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("narrow", [False, True], ids=["same-width", "projected"])
+@pytest.mark.parametrize("metric", list(METRIC_REFS))
+def test_embedding_term_parity(gen, rand_mask, metric, narrow, dtype):
+    """Student embedding rows (through the projector) against the teacher's: values and gradients (table, projector)."""
+    ds = DS if narrow else D
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    mask = rand_mask((B, T), gen)
+    s_emb, t_emb = nn.Embedding(V, ds).to(dtype), nn.Embedding(V, D).to(dtype)
+    with torch.no_grad():
+        s_emb.weight.copy_(feats(gen, V, ds))
+        t_emb.weight.copy_(feats(gen, V, D, scale=3.0, offset=0.5))
+    proj = linear(ds, D, gen) if narrow else None
+    term = Term(EmbeddingConfig(name="embedding", metric=metric), params={"embeddings": (s_emb, t_emb)})
+    x = step_tensors(Record(), Record(), mask, ids=ids, side=Side({("embedding", None): proj}))
+    out = TERM_TYPES["embedding"].compute(term, x, None)
+    assert out.dtype == torch.float32 and out.dim() == 0
+    out.backward()
+
+    sw64 = s_emb.weight.detach().double().requires_grad_(True)
+    pw64 = proj.linear.weight.detach().double().requires_grad_(True) if narrow else None
+    kept = [i for i, k in zip(ids.reshape(-1).tolist(), mask.reshape(-1).tolist()) if k]
+    srows = [pw64 @ sw64[i] if narrow else sw64[i] for i in kept]
+    trows = [t_emb.weight.detach().double()[i] for i in kept]
+    ref = rows_metric_ref(metric, srows, trows)
+    ref.backward()
+
+    tol = tolerance(dtype)
+    torch.testing.assert_close(out.double(), ref.detach(), **tol)
+    grads_close(s_emb.weight.grad, sw64.grad, tol, "student embeddings")
+    if narrow:
+        grads_close(proj.linear.weight.grad, pw64.grad, tol, "projector")
+    assert t_emb.weight.grad is None, "the teacher's embeddings must get no gradient"
+
+
+@pytest.mark.parametrize("metric", list(METRIC_REFS))
+def test_feature_terms_all_masked_are_zero(gen, metric):
+    """Nothing counted: exactly 0, and finite zero gradients for the states, norm, table and projectors."""
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    hs = feats(gen, B, T, DS).requires_grad_(True)
+    s_norm, proj = norm(DS, gen), linear(DS, D, gen)
+    term = Term(HiddenConfig(name="hidden", metric=metric, final_norm=True), pairs=[(0, 0)], params={"norms": (s_norm, norm(D, gen))})
+    x = step_tensors(Record(hidden={0: hs}), Record(hidden={0: feats(gen, B, T, D)}), mask, side=Side({("hidden", 0): proj}))
+    out = TERM_TYPES["hidden"].compute(term, x, None)
+    s_emb, e_proj = nn.Embedding(V, DS), linear(DS, D, gen)
+    term = Term(EmbeddingConfig(name="embedding", metric=metric), params={"embeddings": (s_emb, nn.Embedding(V, D))})
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    out_emb = TERM_TYPES["embedding"].compute(term, step_tensors(Record(), Record(), mask, ids=ids, side=Side({("embedding", None): e_proj})), None)
+    for value in (out, out_emb):
+        assert value.dtype == torch.float32 and value.item() == 0.0
+    (out + out_emb).backward()
+    for what, p in (("states", hs), ("norm", s_norm.weight), ("projector", proj.linear.weight), ("table", s_emb.weight), ("embedding projector", e_proj.linear.weight)):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and (p.grad == 0).all(), what
+
+
+def test_embedding_term_ignores_the_ids_at_padded_positions(gen, rand_mask):
+    mask = rand_mask((B, T), gen)
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    other = torch.where(mask, ids, (ids + 7) % V)
+    s_emb, t_emb = nn.Embedding(V, D), nn.Embedding(V, D)
+    term = Term(EmbeddingConfig(name="embedding", metric="cosine"), params={"embeddings": (s_emb, t_emb)})
+    values = []
+    for i in (ids, other):
+        s_emb.zero_grad()
+        out = TERM_TYPES["embedding"].compute(term, step_tensors(Record(), Record(), mask, ids=i), None)
+        out.backward()
+        values.append((out.detach(), s_emb.weight.grad.clone()))
+    assert_equal(values[0][0], values[1][0])
+    assert_equal(values[0][1], values[1][1])
+
+
+# ----------------------------------------------------------------------------- the final norm of each family
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_final_norm_of_the_last_block_output_is_the_models_final_state(family):
+    """What ``final_norm`` compares at the last block is exactly the state the model's head reads."""
+    model = tiny.build(family, layers=2, width=32).eval()
+    capture = Capture(model, Needs(hidden={1}))
+    ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        final = model.base_model(input_ids=ids).last_hidden_state
+        normed = final_norm_of(model)(capture.take().hidden[1])
+    assert_equal(normed, final, atol=1e-5)
+    assert len(blocks_of(model)) == 2
+
+
+def test_hidden_norms_resolves_or_names_the_fix():
+    llama, bert = tiny.build("llama"), tiny.build("bert", task="sequence_classification")
+    assert hidden_norms(HiddenConfig(), llama, llama, "losses[1]") == {}
+    norms = hidden_norms(HiddenConfig(final_norm=True), llama, llama, "losses[1]")["norms"]
+    assert norms[0] is llama.model.norm and norms[1] is llama.model.norm
+    with pytest.raises(ConfigError, match=r"^losses\[1\]\.final_norm: the teacher \(bert\) has no final norm; set final_norm: false$"):
+        hidden_norms(HiddenConfig(final_norm=True), llama, bert, "losses[1]")
+    skeleton = tiny.build("llama").to("meta")  # a teacher left unloaded under teacher.cache
+    with pytest.raises(ConfigError, match=r"final_norm: the teacher's final norm is not loaded"):
+        hidden_norms(HiddenConfig(final_norm=True), llama, skeleton, "losses[1]")

@@ -4,6 +4,10 @@ Two references: ``kl_div`` (and ``F.cross_entropy``) on ``h @ W.T + b`` with pla
 autograd, which must agree to float32 rounding (1e-5 relative) for every kind,
 chunk size and mask; and a naive float64 one written here, sharing no code with
 the library, for forward KL and JSD with cross-entropy, biases and softcap.
+
+Under bf16 autocast the reference logits are made as the unfused engine makes
+them: the student's ``F.linear`` under autocast (bf16), the teacher's in its own
+bf16 dtype outside autocast; both are then upcast for ``kl_div``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ KIND_ARGS = [
 KIND_IDS = [k + "".join(f"-{a}{v}" for a, v in kw.items()) for k, kw in KIND_ARGS]
 # float32 against float32: only the order of the sums differs.
 F32 = {"rtol": 1e-5, "atol": 1e-5}
+# bf16 autocast against the unfused engine's logits: both sides make the same bf16
+# logits, so the values differ by float32 summation order only (the value computed
+# with float32 logits differs by ~1e-4); the head gradient is rounded to bf16 once
+# per chunk here and once in the reference, ~4e-3 of its largest entry.
+AUTOCAST_VALUE = {"rtol": 2e-5, "atol": 1e-6}
 
 
 # ----------------------------------------------------------------------------- data and references
@@ -69,11 +78,17 @@ def capped(z, softcap):
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
-def materialised(d, hs, ws, bs, *, vocab=None, softcap=None, ce_weight=0.0, mask="default", **kw):
-    """The reference: kl_div (+ cross-entropy) on the full logits, plain autograd."""
+def materialised(d, hs, ws, bs, *, vocab=None, softcap=None, ce_weight=0.0, mask="default", autocast=None, **kw):
+    """The reference: kl_div (+ cross-entropy) on the full logits, plain autograd.
+
+    Each model's logits come out of its head as the model makes them: in the inputs'
+    dtype, the student's under ``autocast`` (a dtype) when given; then upcast.
+    """
     mask = d["mask"] if mask == "default" else mask
-    zs = capped(F.linear(hs.float(), ws.float(), None if bs is None else bs.float()), softcap)
-    zt = capped(F.linear(d["ht"].float(), d["wt"].float(), None if d["bt"] is None else d["bt"].float()), softcap)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        zs = F.linear(hs, ws, bs)
+    zs = capped(zs.float(), softcap)
+    zt = capped(F.linear(d["ht"], d["wt"], d["bt"]).float(), softcap)
     vocab = vocab or min(zs.shape[-1], zt.shape[-1])
     zs, zt = zs[..., :vocab], zt[..., :vocab]
     out = kl_div(zs, zt, mask, **kw)
@@ -83,13 +98,14 @@ def materialised(d, hs, ws, bs, *, vocab=None, softcap=None, ce_weight=0.0, mask
     return out
 
 
-def fused(d, hs, ws, bs, *, mask="default", ce_weight=0.0, **kw):
+def fused(d, hs, ws, bs, *, mask="default", ce_weight=0.0, autocast=None, **kw):
     mask = d["mask"] if mask == "default" else mask
     labels = d["labels"] if ce_weight else None
-    return lm_head_kl(hs, ws, d["ht"], d["wt"], mask, student_bias=bs, teacher_bias=d["bt"], labels=labels, ce_weight=ce_weight, **kw)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        return lm_head_kl(hs, ws, d["ht"], d["wt"], mask, student_bias=bs, teacher_bias=d["bt"], labels=labels, ce_weight=ce_weight, **kw)
 
 
-def check_against_materialised(d, tol=F32, **kw):
+def check_against_materialised(d, tol=F32, value_tol=None, **kw):
     a = student_leaves(d)
     out = fused(d, *a, **kw)
     assert out.dtype == torch.float32 and out.dim() == 0
@@ -98,12 +114,17 @@ def check_against_materialised(d, tol=F32, **kw):
     ref_kw = {k: v for k, v in kw.items() if k != "chunk_tokens"}
     ref = materialised(d, *b, **ref_kw)
     gb = grads_of(ref, b)
-    assert_close(out, ref, **tol, what="value")
+    assert_close(out, ref, **(value_tol or tol), what="value")
     for name, x, g, r in zip(("hidden", "head", "bias"), a, ga, gb):
         if x is not None:
             assert g.dtype == x.dtype and g.shape == x.shape, name
             assert_grad_close(g, r, **tol, what=f"{name} gradient")
     return out, ga
+
+
+def bf16_teacher(d):
+    """The teacher as the engine holds it under mixed precision: loaded in bf16."""
+    return {**d, **{k: None if d[k] is None else d[k].bfloat16() for k in ("ht", "wt", "bt")}}
 
 
 def reference_f64(d, *, kind, temperature, beta=0.5, ce_weight=0.0, softcap=None):
@@ -146,7 +167,8 @@ def test_parity_with_kl_div_on_logits(gen, kind, kw, chunk_tokens):
 
 @pytest.mark.parametrize("kind,kw", KIND_ARGS, ids=KIND_IDS)
 def test_parity_bf16(gen, kind, kw):
-    # The reference sees the same bf16 values upcast; the gradients come back in bf16.
+    # bf16 inputs without autocast: both sides run the heads in bf16, as a bf16
+    # model's own head does; the maths is float32 and the gradients come back in bf16.
     check_against_materialised(make(gen, dtype=torch.bfloat16), tol=LOOSE, kind=kind, temperature=2.0, chunk_tokens=7, **kw)
 
 
@@ -278,16 +300,100 @@ def test_teacher_gets_no_gradient_and_grad_output_scales(gen):
         torch.testing.assert_close(x.grad, 2.5 * g)
 
 
-def test_no_grad_and_autocast_give_the_same_value(gen):
+def test_no_grad_gives_the_same_value(gen):
     d = make(gen)
     a = student_leaves(d)
     out = fused(d, *a, kind="skew_forward", ce_weight=0.2, chunk_tokens=8)
     with torch.no_grad():
         quiet = fused(d, *a, kind="skew_forward", ce_weight=0.2, chunk_tokens=8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        cast = fused(d, *a, kind="skew_forward", ce_weight=0.2, chunk_tokens=8)
     assert quiet.grad_fn is None
-    assert quiet.item() == out.item() and cast.item() == out.item()
+    assert quiet.item() == out.item()
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, None])
+@pytest.mark.parametrize("kind,kw", KIND_ARGS, ids=KIND_IDS)
+def test_parity_under_bf16_autocast(gen, kind, kw, chunk_tokens):
+    # float32 student (as under autocast: float32 weights and hidden states), bf16 teacher.
+    d = bf16_teacher(make(gen))
+    check_against_materialised(
+        d, tol=LOOSE, value_tol=AUTOCAST_VALUE, autocast=torch.bfloat16,
+        kind=kind, temperature=1.5, ce_weight=0.3, chunk_tokens=chunk_tokens, **kw,
+    )
+
+
+@pytest.mark.parametrize("kind", ["forward", "jsd"])
+def test_bf16_autocast_with_softcap_padded_heads_and_default_chunks(gen, kind, monkeypatch):
+    monkeypatch.setattr(lm_head_module, "CHUNK_ELEMENTS", 1000)  # 7 rows per chunk at V = 130, a ragged last one
+    d = bf16_teacher(make(gen, vs=130, vt=123, lead=(5, 13)))
+    _, (_, g_head, g_bias) = check_against_materialised(
+        d, tol=LOOSE, value_tol=AUTOCAST_VALUE, autocast=torch.bfloat16,
+        kind=kind, temperature=1.3, softcap=2.5, ce_weight=0.5, vocab=123,
+    )
+    assert (g_head[123:] == 0).all() and (g_bias[123:] == 0).all()
+
+
+def test_autocast_sets_the_matmul_dtype(gen):
+    # Under autocast both heads run in its dtype: the value is bit for bit that of the
+    # same call on bf16 copies without autocast, and not the float32 one.
+    d = make(gen)
+    low = {k: v.bfloat16() if k in ("hs", "ws", "bs", "ht", "wt", "bt") else v for k, v in d.items()}
+    kw = {"kind": "skew_forward", "ce_weight": 0.2, "chunk_tokens": 8}
+    cast = fused(d, *student_leaves(d), autocast=torch.bfloat16, **kw)
+    plain_bf16 = fused(low, *student_leaves(low), **kw)
+    plain_f32 = fused(d, *student_leaves(d), **kw)
+    assert cast.dtype == torch.float32
+    assert cast.item() == plain_bf16.item() and cast.item() != plain_f32.item()
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert lm_head_module.matmul_dtype(d["hs"]) == torch.float16
+    assert lm_head_module.matmul_dtype(d["hs"]) == torch.float32
+    assert lm_head_module.matmul_dtype(d["hs"].double()) == torch.float32
+
+
+def test_float16_autocast_keeps_the_gradient_of_rare_tokens(gen):
+    # A mean over ~1400 tokens: the gradient w.r.t. the logits of a token that both
+    # models find unlikely (bias -8) is ~1e-9, below fp16's smallest subnormal
+    # once divided by the count; unscaled, its head row came out 15 % off.
+    d = make(gen, lead=(40, 50))
+    d["bs"][5], d["bt"][5] = -8.0, -7.5
+    d["labels"][d["labels"] == 5] = 6  # no label on it either (a label's -1 would dominate its row)
+    a = student_leaves(d)
+    out = fused(d, *a, autocast=torch.float16, kind="forward", ce_weight=0.3, chunk_tokens=64)
+    ga = grads_of(out, a)
+    b = student_leaves(d)
+    ref = materialised(d, *b, kind="forward", ce_weight=0.3)  # float32 logits
+    gb = grads_of(ref, b)
+    assert_close(out, ref, rtol=1e-3, atol=1e-5, what="value")
+    for name, g, r in zip(("hidden", "head", "bias"), ga, gb):
+        assert_grad_close(g, r, rtol=1e-2, atol=1e-2, what=f"{name} gradient")
+    row_error = (ga[1] - gb[1]).norm(dim=1) / gb[1].norm(dim=1)
+    assert row_error[5] < 1e-2, f"rare token's head row is {row_error[5].item():.1%} off"
+
+
+def test_lm_head_ce_under_bf16_autocast():
+    from alignkd.losses import lm_head_ce
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 11, 24, generator=g)
+    w = torch.randn(130, 24, generator=g) * 0.3
+    labels = torch.randint(0, 123, (3, 11), generator=g)
+    labels[1, 3:] = -100
+    hf, wf = (t.clone().requires_grad_(True) for t in (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lm_head_ce(hf, wf, labels, vocab=123, chunk_tokens=4)
+    got.backward()
+    hr, wr = (t.clone().requires_grad_(True) for t in (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = F.linear(hr, wr)[..., :123]
+    ref = F.cross_entropy(z.float().reshape(-1, 123), labels.reshape(-1), ignore_index=-100)
+    ref.backward()
+    assert got.dtype == torch.float32
+    assert_close(got, ref, **AUTOCAST_VALUE, what="value")
+    for what, mine, want in (("hidden", hf, hr), ("head", wf, wr)):
+        assert mine.grad.dtype == torch.float32
+        assert_grad_close(mine.grad, want.grad, **LOOSE, what=f"{what} gradient")
 
 
 # ----------------------------------------------------------------------------- errors

@@ -16,7 +16,7 @@ from alignkd.config import FromTeacherConfig, StudentConfig
 from alignkd.models import ModelError, check_tokenizers, common_vocab
 from alignkd.models.families import FAMILIES, blocks_of, get_path
 from alignkd.models.prune import even_layers
-from alignkd.models.student import build_student, depth_pruned, freeze, from_config
+from alignkd.models.student import build_student, depth_pruned, freeze, from_config, kept_count
 
 FAMILY_NAMES = ["llama", "qwen2", "gemma3", "gpt2"]
 # Mixed layer types, so a wrong layer_types after pruning changes the masks.
@@ -182,6 +182,26 @@ def test_depth_pruned_picks_even_blocks_when_only_a_count_is_given(teachers):
     default = depth_pruned(teacher, None, None)  # a quarter of 4 blocks
     assert len(blocks_of(default)) == 1
     assert_same_tensors(blocks_of(default)[0], blocks_of(teacher)[0], "first block")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_depth_pruned_view_shares_the_teachers_tensors(teachers, family, ids):
+    # The view that scoring a removal runs: same weights, its own modules and config.
+    teacher = teachers[family]
+    view = depth_pruned(teacher, KEEP, None, share_weights=True).eval()
+    for j, i in enumerate(KEEP):
+        for (name, p), q in zip(blocks_of(view)[j].named_parameters(), blocks_of(teacher)[i].parameters()):
+            assert p is q, f"block {j} {name} is a copy"
+    assert view.get_input_embeddings().weight is teacher.get_input_embeddings().weight
+    assert len(blocks_of(teacher)) == 4 and teacher.config.num_hidden_layers == 4 and view.config.num_hidden_layers == 3
+    copied = depth_pruned(teacher, KEEP, None).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(view(input_ids=ids).logits, copied(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("n", "num_layers", "expected"), [(30, None, 7), (3, None, 1), (4, None, 1), (30, 6, 6)])
+def test_kept_count(n, num_layers, expected):
+    assert kept_count(n, num_layers) == expected
 
 
 @pytest.mark.parametrize("layers", [[0, 4], [-1], [7]])

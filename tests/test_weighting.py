@@ -1,4 +1,4 @@
-"""Tests of alignkd.engine.weighting: schedules, static weights, GradNorm and uncertainty weighting.
+"""Tests of alignkd.engine.weighting: schedules, static weights, GradNorm, uncertainty and ratio weighting.
 
 GradNorm is checked on a toy multi-task problem (one shared linear layer, losses
 whose gradients differ by orders of magnitude) for the properties the paper
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alignkd.config import ScheduleConfig
-from alignkd.engine.weighting import GradNorm, Uncertainty, Weighting, build_weighting, schedule_value
+from alignkd.engine.weighting import GradNorm, Ratio, Uncertainty, Weighting, build_weighting, schedule_value
 
 # ---------------------------------------------------------------- schedules
 
@@ -302,3 +302,101 @@ def test_uncertainty_trains_with_the_main_optimizer():
         opt.step()
     # Terms with large losses are down-weighted: the weights approach 1 / L.
     torch.testing.assert_close(u.weights().detach(), torch.tensor([0.25, 4.0]), rtol=0.05, atol=0.0)
+
+
+# ---------------------------------------------------------------- ratio (Minitron)
+
+RATIO_TERMS = {"kl": "kl", "ce": "ce", "hidden": "hidden", "embedding": "embedding", "kl_2": "kl"}
+
+
+def ratio(init=None) -> Ratio:
+    init = init or [1.0, 0.5, 1.0, 2.0, 0.3]
+    return build_weighting("ratio", list(RATIO_TERMS), init, kinds=list(RATIO_TERMS.values()))
+
+
+def test_ratio_scales_each_feature_term_to_the_first_output_term():
+    w = ratio()
+    assert isinstance(w, Ratio)
+    values = {"kl": 3.0, "ce": 5.0, "hidden": 0.25, "embedding": 12.0, "kl_2": 7.0}
+    w.update({n: torch.tensor(v) for n, v in values.items()}, [1.0] * 5, [])
+    # Feature terms: configured weight * L_kl / L_term; kl, ce and the second kl keep theirs.
+    expected = [1.0, 0.5, 1.0 * 3.0 / 0.25, 2.0 * 3.0 / 12.0, 0.3]
+    assert w.weights().tolist() == pytest.approx(expected)
+    assert w.log() == pytest.approx({f"w/{n}": e for n, e in zip(RATIO_TERMS, expected)})
+    assert w.due(0) and w.due(7) and w.model_params() == []
+
+
+def test_ratio_combine_value_and_gradients_against_the_plain_formula():
+    """total = sum_i m_i * w_i * L_i with w_i = weight_i * L_kl / L_i held fixed: a weighted feature term is worth
+    its configured weight times L_kl, and its gradient is that weight times L_kl * grad(L_i) / L_i."""
+    w = ratio()
+    x = torch.tensor([0.7, 1.3, -0.4, 2.2, 0.9], dtype=torch.float64, requires_grad=True)
+    losses = {"kl": x[0] ** 2 + 1, "ce": x[1] ** 2, "hidden": (x[2] - 1) ** 2, "embedding": x[3] ** 4, "kl_2": x[4] ** 2}
+    mult = [1.0, 0.5, 2.0, 1.0, 1.0]
+    w.update(losses, mult, [])
+    total = w.combine(losses, mult)
+    total.backward()
+
+    kl, ce, hid, emb, kl2 = (float(v.detach()) for v in losses.values())
+    ref = 1.0 * kl + 0.5 * 0.5 * ce + 2.0 * 1.0 * kl + 1.0 * 2.0 * kl + 0.3 * kl2
+    assert total.item() == pytest.approx(ref)
+    a, b, c, d, e = x.tolist()
+    grads = [
+        2 * a,  # the reference term's own gradient: no gradient through the ratio (detached)
+        0.5 * 0.5 * 2 * b,
+        2.0 * 1.0 * (kl / hid) * 2 * (c - 1),
+        1.0 * 2.0 * (kl / emb) * 4 * d**3,
+        0.3 * 2 * e,
+    ]
+    torch.testing.assert_close(x.grad, torch.tensor(grads, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+def test_ratio_keeps_the_last_weight_when_a_side_is_zero_or_not_finite(bad):
+    """A term with nothing counted gives 0: its ratio is skipped, never inf or NaN (nor is a bad reference's)."""
+    w = ratio()
+    w.update({"kl": torch.tensor(2.0), "ce": torch.tensor(1.0), "hidden": torch.tensor(4.0), "embedding": torch.tensor(1.0), "kl_2": torch.tensor(1.0)}, [1.0] * 5, [])
+    before = w.weights().tolist()
+    assert before[2] == pytest.approx(0.5) and before[3] == pytest.approx(4.0)
+    w.update({"kl": torch.tensor(2.0), "ce": torch.tensor(1.0), "hidden": torch.tensor(bad), "embedding": torch.tensor(8.0), "kl_2": torch.tensor(1.0)}, [1.0] * 5, [])
+    after = w.weights().tolist()
+    assert after[2] == pytest.approx(before[2]) and after[3] == pytest.approx(2.0 * 2.0 / 8.0)
+    w.update({"kl": torch.tensor(bad), "ce": torch.tensor(1.0), "hidden": torch.tensor(1.0), "embedding": torch.tensor(1.0), "kl_2": torch.tensor(1.0)}, [1.0] * 5, [])
+    assert w.weights().tolist() == pytest.approx(after)
+    assert all(math.isfinite(v) for v in w.weights().tolist())
+    if bad == 0.0:  # an all-masked feature term contributes exactly 0 to a finite total
+        total = w.combine({"kl": torch.tensor(2.0), "ce": torch.tensor(1.0), "hidden": torch.tensor(0.0), "embedding": torch.tensor(1.0), "kl_2": torch.tensor(1.0)}, [1.0] * 5)
+        assert math.isfinite(total.item())
+
+
+def test_ratio_uses_the_mean_over_processes():
+    """Every process gets the same weights: the values are summed over processes and divided by their count."""
+    w = ratio([1.0, 1.0, 1.0, 1.0, 1.0])
+    here = {"kl": torch.tensor(1.0), "ce": torch.tensor(1.0), "hidden": torch.tensor(1.0), "embedding": torch.tensor(2.0), "kl_2": torch.tensor(1.0)}
+    there = torch.tensor([3.0, 1.0, 5.0, 2.0, 1.0])  # the other process's values, in term order
+
+    def reduce(v):  # a 2-process all-reduce(sum) as the engine's reduce sees it
+        return v + (there if v.dim() else torch.tensor(1.0))
+
+    w.update(here, [1.0] * 5, [], reduce=reduce)
+    assert w.weights().tolist() == pytest.approx([1.0, 1.0, 2.0 / 3.0, 2.0 / 2.0, 1.0])
+
+
+def test_ratio_state_dict_round_trips():
+    a = ratio()
+    a.update({"kl": torch.tensor(2.0), "ce": torch.tensor(1.0), "hidden": torch.tensor(0.1), "embedding": torch.tensor(3.0), "kl_2": torch.tensor(1.0)}, [1.0] * 5, [])
+    b = ratio()
+    b.load_state_dict(_roundtrip(a.state_dict()))
+    torch.testing.assert_close(b.weights(), a.weights(), rtol=0, atol=0)
+
+
+def test_ratio_needs_an_output_term_and_the_types():
+    from alignkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^weighting.strategy: ratio .* kl or dkd"):
+        build_weighting("ratio", ["ce", "hidden"], [1.0, 1.0], kinds=["ce", "hidden"])
+    with pytest.raises(ValueError, match="kinds"):
+        build_weighting("ratio", ["kl"], [1.0])
+    dkd = build_weighting("ratio", ["dkd", "blockwise"], [1.0, 1.0], kinds=["dkd", "blockwise"])
+    dkd.update({"dkd": torch.tensor(4.0), "blockwise": torch.tensor(2.0)}, [1.0, 1.0], [])
+    assert dkd.weights().tolist() == pytest.approx([1.0, 2.0])  # block-wise KD is a feature term

@@ -22,8 +22,16 @@ class ModelConfig:
     """Weights dtype: auto (bfloat16 where it is fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else float32), float32, bfloat16 or float16."""
     task: str = "causal_lm"
     """Model head: causal_lm, sequence_classification or masked_lm."""
+    placement: str = "replicate"
+    """With several processes: replicate (a whole copy on each, in ``dtype``) or shard (its blocks split over the processes: FSDP2, or ZeRO-3 under DeepSpeed)."""
     trust_remote_code: bool = False
     """Allow model code shipped with a hub repository."""
+    cache: str | None = None
+    """Folder of a teacher cache (``alignkd cache-teacher`` writes it): training then reads the teacher's top-k log-probabilities and states from it and never runs the teacher (causal LM; kl, ce, hidden, relation, contrastive terms)."""
+    cache_top_k: int = 64
+    """Teacher cache: log-probabilities kept per position (the rest is one tail bucket)."""
+    cache_dtype: str = "bfloat16"
+    """Teacher cache: dtype of the stored hidden states and q/k/v projections: bfloat16, float16 or float32."""
 
 
 @dataclass
@@ -31,9 +39,19 @@ class FromTeacherConfig:
     """A student made by copying some of the teacher's blocks (depth pruning)."""
 
     layers: list[int] | None = None
-    """Teacher block indices to keep, in order; None picks ``num_layers`` evenly spread blocks."""
+    """Teacher block indices to keep, in order; None lets ``select`` choose ``num_layers`` blocks (a run then writes its choice here, in config.yaml)."""
     num_layers: int | None = None
     """How many blocks to keep when ``layers`` is None (default: a quarter of the teacher's, at least 1)."""
+    select: str = "even"
+    """How blocks are chosen when ``layers`` is None: even (spread evenly), importance (highest Block Influence, 1 - cos(block input, output), on calibration text), perplexity (those whose removal raises the teacher's calibration loss most) or search (a short distillation probe of each candidate set the other rules give; the best is kept)."""
+    contiguous: bool = False
+    """importance, perplexity: remove one contiguous span of blocks instead (the span whose input and output are closest by angular distance, or whose removal costs least loss)."""
+    calibration_sequences: int = 64
+    """Training blocks the scores are measured on (cost: one teacher forward over them; perplexity: one per block or span)."""
+    search_candidates: int = 4
+    """search: candidate sets probed, in order: importance, importance_span, perplexity, even, perplexity_span (a set given twice is probed once)."""
+    search_probe_steps: int = 20
+    """search: optimizer steps of each candidate's probe, scored by the held-out loss after it."""
 
 
 @dataclass
@@ -72,6 +90,8 @@ class DataConfig:
     """Cap on training tokens read (None reads everything)."""
     bos: str = "auto"
     """BOS at the head of every packed causal-LM block: auto (when the tokenizer adds one itself, as Llama's and Gemma's do), always or never; a run records what auto chose."""
+    token_cache: str = "auto"
+    """Language-model text: auto tokenises a local source of 16 MiB or more once into an int32 token file beside it (in .alignkd-tokens/, or $ALIGNKD_CACHE/tokens when that folder is read-only), memory-mapped and reused while the tokenizer and files are unchanged; off tokenises in memory every run; a folder path caches there whatever the size. The blocks are the same either way."""
 
 
 @dataclass
@@ -79,7 +99,7 @@ class WeightingConfig:
     """How the loss terms are combined."""
 
     strategy: str = "static"
-    """static (fixed weights), gradnorm (Chen et al. 2018) or uncertainty (Kendall et al. 2018)."""
+    """static (fixed weights), gradnorm (Chen et al. 2018), uncertainty (Kendall et al. 2018) or ratio (Minitron: every step each feature term's weight is its configured weight times L_kl / L_term, L_kl being the first kl or dkd term, which ratio requires)."""
     alpha: float = 1.5
     """gradnorm: asymmetry; larger pulls harder on terms that train slowly."""
     lr: float = 0.025

@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 
 from alignkd.errors import ConfigError
-from alignkd.terms import TERM_TYPES
+from alignkd.terms import TERM_TYPES, role
 from alignkd.terms.base import one_of
 
 TASKS = ("causal_lm", "sequence_classification", "masked_lm")
-WEIGHTINGS = ("static", "gradnorm", "uncertainty")
+WEIGHTINGS = ("static", "gradnorm", "uncertainty", "ratio")
 
 
 def validate(cfg) -> None:
     """Check values and cross-field rules; expand ``~`` in paths and name the loss terms. Idempotent."""
     from alignkd.data import BOS_SETTINGS
+    from alignkd.engine.distributed import PLACEMENTS
+    from alignkd.models.select import check_selection
     from alignkd.precision import DTYPE_NAMES, MIXED_PRECISION
 
     if not cfg.teacher.path:
@@ -27,6 +29,8 @@ def validate(cfg) -> None:
     one_of(cfg.teacher.dtype, ("auto", *DTYPE_NAMES), "teacher.dtype")
     one_of(cfg.student.dtype, ("auto", *DTYPE_NAMES), "student.dtype")
     one_of(cfg.teacher.task, TASKS, "teacher.task")
+    one_of(cfg.teacher.placement, PLACEMENTS, "teacher.placement")
+    check_selection(cfg.student)  # first: a select beside a path or config gets its own line
     chosen = [k for k in ("path", "from_teacher", "config") if getattr(cfg.student, k) is not None]
     if len(chosen) != 1:
         raise ConfigError("student: set exactly one of path, from_teacher or config" + (f" (got {', '.join(chosen)})" if chosen else ""))
@@ -39,9 +43,12 @@ def validate(cfg) -> None:
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: {cfg.data.eval_fraction:g} is outside [0, 1); set the share of training blocks held out, e.g. 0.05")
     _check_losses(cfg)
+    _check_cache(cfg)
     one_of(cfg.weighting.strategy, WEIGHTINGS, "weighting.strategy")
     if cfg.weighting.every < 1:
         raise ConfigError("weighting.every: must be >= 1")
+    if cfg.weighting.strategy == "ratio" and not any(role(loss.type) == "output" for loss in cfg.losses):
+        raise ConfigError("weighting.strategy: ratio scales each feature term to the first kl or dkd term's value, and losses has none; add {type: kl} or choose static, gradnorm or uncertainty")
     t = cfg.train
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(t, name) < 1:
@@ -64,7 +71,7 @@ def _check_losses(cfg) -> None:
         if not isinstance(loss, TERM_TYPES[loss.type].config):
             raise ConfigError(f"{where}: type '{loss.type}' needs a {TERM_TYPES[loss.type].config.__name__}, got a {type(loss).__name__}")
         loss.check(where)
-        if cfg.weighting.strategy != "static" and loss.weight == 0:
+        if cfg.weighting.strategy in ("gradnorm", "uncertainty") and loss.weight == 0:
             raise ConfigError(f"{where}.weight: 0 under {cfg.weighting.strategy} weighting would be learned away from 0; remove the term instead")
     # Names: the ones given must be unique; the rest take their type, with a suffix when it repeats.
     used: set[str] = set()
@@ -82,3 +89,24 @@ def _check_losses(cfg) -> None:
             loss.name = name
             object.__setattr__(loss, "_auto_name", True)  # re-validation may rename it, never reject it
             used.add(name)
+
+
+def _check_cache(cfg) -> None:
+    t = cfg.teacher
+    if t.cache_top_k < 1:
+        raise ConfigError("teacher.cache_top_k: must be >= 1")
+    one_of(t.cache_dtype, ("bfloat16", "float16", "float32"), "teacher.cache_dtype")
+    if t.cache is None:
+        return
+    if isinstance(t.cache, str) and t.cache.startswith("~"):
+        t.cache = os.path.expanduser(t.cache)
+    if t.task != "causal_lm":
+        raise ConfigError(f"teacher.cache: a teacher cache holds causal-LM outputs; teacher.task is {t.task}: remove teacher.cache")
+    for i, loss in enumerate(cfg.losses):
+        if not TERM_TYPES[loss.type].cached:
+            able = ", ".join(k for k, v in TERM_TYPES.items() if v.cached)
+            raise ConfigError(
+                f"losses[{i}]: the {loss.type} term needs the live teacher, not teacher.cache (cached terms: {able}); "
+                "remove the term or teacher.cache"
+            )
+

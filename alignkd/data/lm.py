@@ -6,13 +6,18 @@ Whether each block starts with BOS is decided from what the tokenizer does
 
 from __future__ import annotations
 
+import os
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from alignkd.data.blocks import Blocks, block_count
 from alignkd.data.sampler import split_indices
-from alignkd.data.sources import EVAL_SPLIT, read_texts
+from alignkd.data.sources import EVAL_SPLIT, iter_pieces, source_files
+from alignkd.data.tokens import cached_stream, memory_stream, wants_cache
 from alignkd.errors import DataError
 
 # data.bos: auto (what the tokenizer does, see wants_bos), always, never.
@@ -66,27 +71,15 @@ def pack(token_ids: list[list[int]], seq_len: int, eos_id: int | None, bos_id: i
     of the stream, so a block that begins mid-document still starts the way the
     model saw every text in pre-training. The tail shorter than a block is dropped.
     """
-    lead = 0 if bos_id is None else 1
-    if seq_len < 1 + lead:
-        raise DataError(f"data.seq_len is {seq_len}; set it to at least {1 + lead} tokens")
-    stream = array("q")  # 8 bytes per token, where a list of ints costs ~36
+    stream = array("i")
     for doc in token_ids:
         if not len(doc):
             continue
         stream.extend(doc)
         if eos_id is not None:
             stream.append(eos_id)
-    body = seq_len - lead  # stream tokens per block
-    num_blocks = len(stream) // body
-    if num_blocks == 0:
-        raise DataError(
-            f"the text holds {len(stream)} tokens but data.seq_len is {seq_len}; lower data.seq_len or add text"
-        )
-    flat = torch.frombuffer(stream, dtype=torch.int64)
-    blocks = flat[: num_blocks * body].view(num_blocks, body)
-    if bos_id is None:
-        return blocks.clone()
-    return torch.cat([torch.full((num_blocks, 1), bos_id, dtype=torch.int64), blocks], dim=1)
+    flat = np.frombuffer(stream, dtype=np.int32)
+    return Blocks(flat, seq_len, bos_id, block_count(len(flat), seq_len, bos_id)).tensor()
 
 
 def _eos_id(tokenizer) -> int | None:
@@ -99,48 +92,48 @@ def _eos_id(tokenizer) -> int | None:
 class LMData:
     """Packed token blocks for language modelling."""
 
-    train: torch.Tensor
-    """``[N_train, seq_len]`` int64 token ids."""
-    eval: torch.Tensor
+    train: torch.Tensor | Blocks
+    """``[N_train, seq_len]`` int64 token ids: a tensor, or :class:`Blocks` read from a token cache file."""
+    eval: torch.Tensor | Blocks
     """``[N_eval, seq_len]`` int64; empty ``[0, seq_len]`` only when eval_fraction is 0."""
 
 
-def _tokenize_bounded(texts: list[str], tokenizer, max_tokens: int | None, eos_id: int | None) -> list[list[int]]:
-    """Token ids of the leading documents whose stream (with EOS) reaches ``max_tokens``; all if None."""
-    if max_tokens is None:
-        return tokenize_texts(texts, tokenizer)
-    docs, total, step = [], 0, 1000
-    for start in range(0, len(texts), step):
-        for doc in tokenize_texts(texts[start : start + step], tokenizer):
-            docs.append(doc)
-            total += len(doc) + (eos_id is not None)
-            if total >= max_tokens:
-                return docs
-    return docs
+# data.token_cache: auto (cache local sources of tokens.AUTO_MIN_BYTES or more), off (tokenise in memory), or a folder.
+TOKEN_CACHE_SETTINGS = ("auto", "off")
 
 
-def _packed(
-    source: str,
-    tokenizer,
-    seq_len: int,
-    text_field: str,
-    split: str,
-    max_tokens: int | None = None,
-    bos_id: int | None = None,
-) -> torch.Tensor:
-    """``source`` read, tokenised and packed -> ``[N, seq_len]``; at most ``max_tokens // seq_len`` blocks."""
+def _stream(source: str, tokenizer, text_field: str, split: str, max_tokens: int | None, setting: str, say):
+    """``source``'s token stream (``[L]`` int32) and whether it came from a cache file."""
+    eos_id = _eos_id(tokenizer)
+    files = source_files(source)
+    pieces = lambda: iter_pieces(source, text_field=text_field, split=split)  # noqa: E731
+    if not wants_cache(files, setting):
+        return memory_stream(pieces(), tokenizer, eos_id, max_tokens), False
+    return cached_stream(
+        source, files, tokenizer, eos_id, pieces, text_field=text_field, setting=setting, max_tokens=max_tokens, say=say,
+    ), True
+
+
+def _blocks(source, tokenizer, seq_len, text_field, split, max_tokens, bos_id, setting, say) -> torch.Tensor | Blocks:
+    """``source`` tokenised and packed -> ``[N, seq_len]``; at most ``max_tokens // seq_len`` blocks.
+
+    A tensor when tokenised in memory; :class:`Blocks` over the file when cached.
+    """
     if max_tokens is not None and max_tokens < seq_len:
         raise DataError(
             f"data.max_train_tokens is {max_tokens}, below data.seq_len {seq_len}; raise it or leave it unset"
         )
-    eos_id = _eos_id(tokenizer)
-    ids = _tokenize_bounded(read_texts(source, text_field=text_field, split=split), tokenizer, max_tokens, eos_id)
-    try:
-        blocks = pack(ids, seq_len, eos_id, bos_id)
-    except DataError as e:
-        raise DataError(f"{source}: {e}") from None
-    # Cutting the packed blocks equals cutting the token stream to max_tokens first (BOS counted).
-    return blocks if max_tokens is None else blocks[: max_tokens // seq_len]
+
+    def count(tokens: int) -> int:
+        try:
+            return block_count(tokens, seq_len, bos_id, max_tokens)
+        except DataError as e:
+            raise DataError(f"{source}: {e}") from None
+
+    count(seq_len)  # a seq_len too short for BOS fails before any tokenising
+    stream, cached = _stream(source, tokenizer, text_field, split, max_tokens, setting, say)
+    blocks = Blocks(stream, seq_len, bos_id, count(len(stream)))
+    return blocks if cached else blocks.tensor()
 
 
 def build_lm_data(
@@ -154,6 +147,8 @@ def build_lm_data(
     max_train_tokens: int | None = None,
     seed: int = 0,
     bos_id: int | None = None,
+    token_cache: str = "auto",
+    say: Callable[[str], None] = lambda _: None,
 ) -> LMData:
     """Read, tokenise and pack ``train`` (and ``eval``) into ``[N, seq_len]`` blocks.
 
@@ -162,10 +157,21 @@ def build_lm_data(
     train token stream before packing (and before the split), to bound work.
     With ``bos_id`` (see :func:`resolve_bos`) every block starts with it; None packs text only.
     A ``datasets`` source reads split "train" for ``train`` and "validation" for ``eval``.
+
+    ``token_cache`` (``data.token_cache``): "auto" tokenises a local source of
+    at least ``tokens.AUTO_MIN_BYTES`` (16 MiB) once into a token file beside it (see
+    :mod:`~alignkd.data.tokens`) and returns :class:`Blocks` read from it; "off"
+    tokenises in memory; any other value is the folder for the token files
+    (used whatever the size). Either way the blocks are the same. ``say`` gets
+    a line when a cache file is made or reused.
     """
-    blocks = _packed(train, tokenizer, seq_len, text_field, "train", max_train_tokens, bos_id)
+    setting = token_cache if token_cache in TOKEN_CACHE_SETTINGS else os.path.expanduser(token_cache)
+    blocks = _blocks(train, tokenizer, seq_len, text_field, "train", max_train_tokens, bos_id, setting, say)
     if eval is not None:
-        return LMData(train=blocks, eval=_packed(eval, tokenizer, seq_len, text_field, EVAL_SPLIT, bos_id=bos_id))
+        held = _blocks(eval, tokenizer, seq_len, text_field, EVAL_SPLIT, None, bos_id, setting, say)
+        return LMData(train=blocks, eval=held)
     what = f"{train} packs into {len(blocks)} block of data.seq_len={seq_len} tokens"
     train_idx, eval_idx = split_indices(len(blocks), eval_fraction, seed, what)
+    if isinstance(blocks, Blocks):  # views: a cached corpus is never copied whole
+        return LMData(train=blocks.select(train_idx), eval=blocks.select(eval_idx))
     return LMData(train=blocks[train_idx], eval=blocks[eval_idx])

@@ -7,14 +7,12 @@ A source is a text file, a folder, a .jsonl/.json or .csv/.tsv file, a
 
 from __future__ import annotations
 
-import csv
-import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from alignkd.data.files import csv_records, jsonl_records, text_pieces
 from alignkd.errors import DataError
 from alignkd.models.loading import looks_local
 
@@ -27,69 +25,6 @@ FILE_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + CSV_SUFFIXES + (".parquet", ".a
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 # Split read from a `datasets` source given as the eval set (train sources read "train").
 EVAL_SPLIT = "validation"
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _read_file(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; convert it or give a .txt/.md/.jsonl/.csv file") from None
-    if "\x00" in text:  # valid UTF-8, but no text file holds NUL bytes: a binary file under a text name
-        raise DataError(f"{path} holds NUL bytes, so it is binary, not text; give a .txt/.md/.jsonl/.csv file")
-    return text
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, record)`` per JSON line; a .json file holding one JSON array also works."""
-    text = _read_file(path)
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
-        for i, record in enumerate(records):
-            yield f"{path} record {i + 1}", record
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path} line {lineno} is not valid JSON ({e.msg}); write one JSON object per line"
-            ) from None
-        yield f"{path} line {lineno}", record
-
-
-def _csv_records(path: Path, needed: dict[str, str]) -> Iterator[tuple[str, dict]]:
-    """Yield ``(where, row)`` per CSV/TSV row after checking that the ``needed`` columns exist.
-
-    ``needed`` maps column name -> the setting that names it, for the error message.
-    """
-    # Documents can be long; the stdlib's default cap is 128 KiB per field.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as f:
-        try:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            columns = reader.fieldnames or []
-            if not columns:
-                return
-            for name, setting in needed.items():
-                if name not in columns:
-                    raise DataError(
-                        f"{path} has no column {name!r} (columns: {', '.join(columns)}); set {setting}"
-                    )
-            for row in reader:
-                yield f"{path} row {reader.line_num}", row
-        except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text; save the CSV as UTF-8") from None
-        except csv.Error as e:
-            raise DataError(f"{path} is not valid CSV near line {reader.line_num} ({e}); fix the file") from None
 
 
 def _load_dataset(source: str, split: str, needed: dict[str, str]):
@@ -164,6 +99,41 @@ def _text(where: str, value: Any) -> str:
 # ----------------------------------------------------------------------------- text
 
 
+def source_files(source: str) -> list[Path] | None:
+    """The files :func:`read_texts` reads for ``source``, in order; None for a ``datasets`` source."""
+    _check_exists(source)
+    path = Path(source)
+    if not path.exists() or _is_saved_dataset(path):
+        return None
+    return _folder_files(path) if path.is_dir() else [path]
+
+
+def iter_pieces(source: str, *, text_field: str = "text", split: str = "train") -> Iterator[tuple[str, bool]]:
+    """``(text, ends_document)`` for the documents of ``source`` in order, read as they are consumed.
+
+    A document is one piece, except a text file over ``WHOLE_TEXT_BYTES``, which
+    comes in pieces (only the last ends it). Empty and whitespace-only documents
+    are skipped; a source without text raises :class:`DataError` once read through.
+    Sources as in :func:`read_texts`; a ``datasets`` source is read into memory first.
+    """
+    files = source_files(source)
+    if files is None:
+        ds = _load_dataset(source, split, {text_field: "data.text_field"})
+        docs = (_text(f"{source} row {i}", t) for i, t in enumerate(ds[text_field]))
+        pieces = ((d, True) for d in docs)
+    else:
+        pieces = (p for file in files for p in _file_pieces(file, text_field))
+    found, first = False, True  # first: this piece starts a document
+    for text, ends in pieces:
+        # Only a one-piece document can be blank: every piece but the last holds text before its cut.
+        if not (first and ends and not text.strip()):
+            found = True
+            yield text, ends
+        first = ends
+    if not found:
+        raise DataError(f"no text found in {source}; give a source with non-empty documents")
+
+
 def read_texts(source: str, *, text_field: str = "text", split: str = "train") -> list[str]:
     """Documents from ``source``, in file order; empty and whitespace-only documents skipped.
 
@@ -172,30 +142,30 @@ def read_texts(source: str, *, text_field: str = "text", split: str = "train") -
     a .jsonl/.json file (``text_field`` of each record), a .csv/.tsv file (column
     ``text_field``), a ``save_to_disk`` folder, or a ``datasets`` hub name.
     """
-    _check_exists(source)
-    path = Path(source)
-    if not path.exists() or _is_saved_dataset(path):
-        ds = _load_dataset(source, split, {text_field: "data.text_field"})
-        docs = [_text(f"{source} row {i}", t) for i, t in enumerate(ds[text_field])]
-    elif path.is_dir():
-        docs = []
-        for file in _folder_files(path):
-            docs += _file_texts(file, text_field)
-    else:
-        docs = _file_texts(path, text_field)
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise DataError(f"no text found in {source}; give a source with non-empty documents")
+    docs, parts = [], []
+    for text, ends in iter_pieces(source, text_field=text_field, split=split):
+        parts.append(text)
+        if ends:
+            docs.append("".join(parts))
+            parts = []
     return docs
 
 
-def _file_texts(path: Path, text_field: str) -> list[str]:
+def _file_pieces(path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        return [_text(w, _field(w, r, text_field, "data.text_field")) for w, r in _jsonl_records(path)]
-    if suffix in CSV_SUFFIXES:
-        return [_text(w, r[text_field]) for w, r in _csv_records(path, {text_field: "data.text_field"})]
-    return [_read_file(path)]
+        for w, r in jsonl_records(path):
+            yield _text(w, _field(w, r, text_field, "data.text_field")), True
+    elif suffix in CSV_SUFFIXES:
+        for w, r in csv_records(path, {text_field: "data.text_field"}):
+            yield _text(w, r[text_field]), True
+    else:
+        pieces = text_pieces(path)
+        piece = next(pieces)
+        for following in pieces:
+            yield piece, False
+            piece = following
+        yield piece, True
 
 
 # ----------------------------------------------------------------------------- labelled
@@ -231,9 +201,9 @@ def read_labelled_raw(
         names = getattr(ds.features[label_field], "names", None)
         records = ((f"{source} row {i}", r) for i, r in enumerate(ds))
     elif path.is_file() and path.suffix.lower() in JSONL_SUFFIXES:
-        records = _jsonl_records(path)
+        records = jsonl_records(path)
     elif path.is_file() and path.suffix.lower() in CSV_SUFFIXES:
-        records = _csv_records(path, needed)
+        records = csv_records(path, needed)
     else:
         raise DataError(
             f"{source} is not labelled data; give a .jsonl, .csv or datasets source with text and label fields"

@@ -42,6 +42,12 @@ class Record:
     logits: torch.Tensor | None = None
     final_hidden: torch.Tensor | None = None
     """``[B, T, D]`` post-norm states, recorded instead of the logits when the run fuses the LM head."""
+    topk_ids: torch.Tensor | None = None
+    """Teacher from a cache: ``[B, T, k]`` its top-k token ids, instead of logits."""
+    topk_logprobs: torch.Tensor | None = None
+    """``[B, T, k]`` their log-probabilities (temperature 1)."""
+    tail: torch.Tensor | None = None
+    """``[B, T]`` log of the mass outside the top k (``-inf`` when none)."""
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     qkv: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,16 +23,21 @@ from torch import nn
 
 from alignkd.config import Config, to_dict, validate
 from alignkd.errors import ConfigError
+from alignkd.cache.read import TeacherCache
 from alignkd.data import BlockSampler
 from alignkd.engine.capture import Capture
+from alignkd.engine.choose import Inputs, choose_blocks
+from alignkd.engine.distributed import make_accelerator, place_teacher
 from alignkd.engine.horizon import Horizon
+from alignkd.engine.output_dir import check_output, check_resumable, clear
 from alignkd.engine.plan import StudentSide, build_plan
 from alignkd.engine.tasks import TASKS, heldout
 from alignkd.engine.weighting import Weighting, build_weighting
 from alignkd.models.families import OutputHead, blocks_of, disable_attention_dropout, output_head
 from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
-from alignkd.models.loading import check_positions
+from alignkd.models.loading import check_positions, load_skeleton
 from alignkd.precision import bf16_support, default_device, resolve_dtype, resolve_mixed_precision, resolve_student_dtype
+from alignkd.models.select import Selection, write_scores
 from alignkd.models.student import build_student, freeze, param_count
 from alignkd.terms import TERM_TYPES, Term
 
@@ -62,6 +66,10 @@ class Run:
     """When training ends (``train.steps`` or ``train.max_minutes``); the schedules read its ``total``."""
     heads: tuple[OutputHead, OutputHead] | None = None
     """(student, teacher) output heads when the run fuses them into the output terms."""
+    cache: TeacherCache | None = None
+    """The teacher cache (``teacher.cache``) the run reads instead of running the teacher."""
+    selection: Selection | None = None
+    """How the student's blocks were chosen (``student.from_teacher.select``), when the run chose them."""
 
     @property
     def needs_teacher(self) -> bool:
@@ -110,12 +118,28 @@ def lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):
     return f
 
 
-def _models(cfg: Config):
-    """Tokenizer, frozen teacher, student, and the logit columns they share."""
+def _models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs | None = None):
+    """Tokenizer, frozen teacher, student, and the logit columns they share.
+
+    Without ``teacher_weights`` (default: when the run reads a teacher cache) the
+    teacher is left on the meta device: its structure, no weights. A student
+    copied from the teacher still needs them, so the teacher is then loaded,
+    copied from and emptied. ``inputs``: tokenizer and teacher already loaded.
+    """
     task = cfg.teacher.task
-    tok = load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
-    teacher = freeze(load_model(cfg.teacher.path, task=task, dtype=cfg.teacher.dtype, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code))
+    weights = cfg.teacher.cache is None if teacher_weights is None else teacher_weights
+    tok = inputs.tokenizer if inputs else load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
+    copies_teacher = cfg.student.from_teacher is not None or (cfg.student.config is not None and cfg.student.init == "prune")
+    if inputs:
+        teacher = inputs.teacher
+    elif weights or copies_teacher:
+        teacher = load_model(cfg.teacher.path, task=task, dtype=cfg.teacher.dtype, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
+    else:
+        teacher = load_skeleton(cfg.teacher.path, task=task, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher = freeze(teacher)
     student = build_student(cfg.student, teacher, task)
+    if not weights:
+        teacher.to("meta")  # frees the weights; the run reads the cache instead
     for model, what in ((teacher, "teacher"), (student, "student")):
         check_positions(model, cfg.data.seq_len, what)
     if cfg.student.path is not None:
@@ -160,11 +184,12 @@ def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
 
 
-def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
-    """Load models and data and build everything the loop needs."""
+def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | None = None) -> Run:
+    """Load models and data (unless ``inputs`` holds them), choose the student's blocks if asked, and build everything the loop needs."""
     resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
     task = TASKS[cfg.teacher.task]
-    tok, teacher, student, vocab = _models(cfg)
+    selection, inputs = choose_blocks(cfg, accelerator, setup, say) if inputs is None else (None, inputs)
+    tok, teacher, student, vocab = _models(cfg, inputs=inputs)
     plan = build_plan(cfg.losses, student, teacher)
     if plan.needs_eager_attention:
         say("[yellow]attention loss: switching both models to eager attention (slower, O(T^2) memory per layer)[/]")
@@ -173,17 +198,22 @@ def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
         disable_attention_dropout(student)
     teacher_capture = Capture(teacher, plan.teacher_needs)
     side = StudentSide(student, plan.student_needs, plan.projectors, plan.mixes)
-    heads = fused_heads(cfg, task, student, teacher)
+    cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
+    # The cached teacher has no head to fuse with; its top-k rows meet the student's logits.
+    heads = fused_heads(cfg, task, student, teacher) if cache is None else None
     side.fused_head = heads is not None
     w = cfg.weighting
     weighting = build_weighting(w.strategy, [t.cfg.name for t in plan.terms], [t.cfg.weight for t in plan.terms], alpha=w.alpha, lr=w.lr, every=w.every)
-    train_data, eval_data = task.load_data(cfg, tok)
+    train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok)
+    if cache is not None:
+        cache.check(cfg, train_data["input_ids"], eval_data["input_ids"], plan.teacher_needs, vocab)
     optimizer = _optimizer(cfg, side, weighting)
     max_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
     horizon = Horizon(cfg.train.steps, max_seconds)
     # Stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio))
-    teacher.to(accelerator.device)
+    if cache is None:
+        teacher = place_teacher(teacher, accelerator, cfg.teacher.placement, say)
     weighting.to(accelerator.device)
     side, optimizer = accelerator.prepare(side, optimizer)
     sampler = BlockSampler(
@@ -192,7 +222,7 @@ def setup(cfg: Config, accelerator: Accelerator, say=print) -> Run:
     )
     return Run(
         cfg, accelerator, tok, teacher, teacher_capture, side, plan.terms, weighting, optimizer, scheduler,
-        train_data, eval_data, sampler, vocab, task, Path(cfg.train.output_dir), horizon, heads,
+        train_data, eval_data, sampler, vocab, task, Path(cfg.train.output_dir), horizon, heads, cache, selection,
     )
 
 
@@ -216,62 +246,6 @@ def save_outputs(run: Run) -> Path:
     return dest
 
 
-# What a run writes into its output folder; --overwrite removes exactly these.
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "projectors.safetensors", "eval.json", "report.html", "report.md")
-RUN_DIRS = ("checkpoints", "student", "tensorboard")
-# Settings a resumed run may change: they do not change what a step computes.
-RESUMABLE = {"train.steps", "train.max_minutes", "train.log_every", "train.eval_every", "train.eval_batches",
-             "train.save_every", "train.keep_checkpoints", "train.progress", "train.output_dir"}
-
-
-def holds_run(out: Path) -> bool:
-    return any((out / f).exists() for f in ("metrics.jsonl", "summary.json", "checkpoints", "student"))
-
-
-def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: continue the run, or replace it")
-    if not resume and not overwrite and holds_run(out):
-        raise ConfigError(f"train.output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"train.output_dir {out} is a file; choose a folder")
-    # The folder is made only once nothing can stop the run; find out now whether it can be.
-    near = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not (near.is_dir() and os.access(near, os.W_OK | os.X_OK)):
-        why = "is not writable" if near.is_dir() else "is a file"
-        raise ConfigError(f"train.output_dir {out}: cannot write there ({near} {why}); choose a writable folder")
-
-
-def _clear(out: Path) -> None:
-    for f in RUN_FILES:
-        (out / f).unlink(missing_ok=True)
-    for d in RUN_DIRS:
-        shutil.rmtree(out / d, ignore_errors=True)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(_flat(v, key + "."))
-        else:
-            flat[key] = v
-    return flat
-
-
-def check_resumable(saved: dict, now: dict) -> None:
-    """A resumed run must compute what the saved one did: only the ``RESUMABLE`` keys may change."""
-    a, b = _flat(saved), _flat(now)
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE)
-    if changed:
-        shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
-        raise ConfigError(
-            f"--resume with a config that changes what the run computes: {shown}; "
-            "restore those values, or start a new run with --overwrite or another train.output_dir"
-        )
-
-
 def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run a whole distillation; returns a summary (also written to ``OUTPUT_DIR/summary.json``).
 
@@ -283,13 +257,13 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
 
     validate(cfg)  # a Config changed after it was built is checked again
     out = Path(cfg.train.output_dir)
-    _check_output(out, resume, overwrite)
+    check_output(out, resume, overwrite)
     # Accelerate keeps its settings in a process-wide singleton; a second run in the
     # same process (the demo's baseline, a notebook) may ask for other precision.
     # Resetting it keeps the process group of a distributed launch.
     AcceleratorState._reset_state(reset_partial_state=False)
     precision = resolve_precision(cfg, default_device())
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.train.seed)
     say = _say(accelerator)
     notes: list[str] = []  # setup's notes wait too: bad input gets its one line and nothing else
@@ -306,12 +280,20 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
         except OSError as e:
             raise ConfigError(f"train.output_dir {out}: cannot create it ({e.strerror}); choose a writable folder") from None
         if overwrite:
-            _clear(out)
+            clear(out)
         saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if run.selection is not None:
+            write_scores(run.selection, out)
     accelerator.wait_for_everyone()
     start = resume_latest(run, say) if resume else 0
     student = run.unwrapped.student
-    teacher_eval = run.evaluate(run.teacher)
+    if run.cache is None:
+        teacher_eval = run.evaluate(run.teacher)
+    else:  # measured when the cache was built, on the same eval data
+        teacher_eval = run.cache.meta["teacher_eval"]
+        blocks = min(run.eval_data["input_ids"].shape[0], cfg.train.batch_size * cfg.train.eval_batches)
+        if blocks != run.cache.meta["teacher_eval_blocks"]:
+            say(f"teacher held-out numbers from the cache: {run.cache.meta['teacher_eval_blocks']} eval blocks (the student's: {blocks})")
     say(
         f"teacher {param_count(run.teacher) / 1e6:.2f}M params ({len(blocks_of(run.teacher))} blocks), "
         f"student {param_count(student) / 1e6:.2f}M ({len(blocks_of(student))} blocks); "
@@ -334,6 +316,20 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def select_blocks(cfg: Config, say=print) -> tuple[Selection, Path]:
+    """``alignkd prune``: choose the student's blocks as the config says (listed ``layers`` are chosen anew), and write ``block_scores.json``."""
+    validate(cfg)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    notes = [resolve_precision(cfg, default_device())]  # said once nothing can stop it: bad input gets one line
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    set_seed(cfg.train.seed)
+    selection, _ = choose_blocks(cfg, accelerator, setup, notes.append, again=True)
+    for note in notes:
+        say(note)
+    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+    return selection, write_scores(selection, cfg.train.output_dir)
 
 
 def _say(accelerator: Accelerator):

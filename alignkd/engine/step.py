@@ -43,11 +43,14 @@ def schedules_at(run, step: int) -> Schedules:
 
 
 def to_device(batch: Batch, device) -> Batch:
-    return Batch(batch.input_ids.to(device), batch.mask.to(device), batch.labels.to(device) if batch.labels is not None else None)
+    labels = batch.labels.to(device) if batch.labels is not None else None
+    return Batch(batch.input_ids.to(device), batch.mask.to(device), labels, batch.index)
 
 
 def teacher_forward(run, batch: Batch) -> Record:
-    """Frozen teacher under inference mode; returns its logits and captured tensors."""
+    """Frozen teacher under inference mode; returns its logits and captured tensors (from the cache, when the run has one)."""
+    if run.cache is not None:
+        return run.cache.record(batch.index, run.accelerator.device)
     with torch.inference_mode():
         return forward_record(run.teacher, run.teacher_capture, batch.input_ids, batch.mask, run.unwrapped.fused_head)
 

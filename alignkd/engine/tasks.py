@@ -23,6 +23,8 @@ class Batch:
     """``[B, T]`` bool, True on real tokens."""
     labels: torch.Tensor | None = None
     """``[B]`` classes, or ``[B, T]`` masked-LM targets (-100 = not predicted); None for causal LM."""
+    index: torch.Tensor | None = None
+    """``[B]`` the examples' indices in the training data (a teacher cache is read by them)."""
 
 
 class CausalLM:
@@ -30,21 +32,25 @@ class CausalLM:
 
     name = "causal_lm"
 
-    def load_data(self, cfg, tokenizer) -> tuple[dict, dict]:
-        """``({"input_ids": [N, T]}, {...})``; resolves ``data.bos`` in place, so config.yaml records the choice."""
+    def load_data(self, cfg, tokenizer, say=lambda _: None) -> tuple[dict, dict]:
+        """``({"input_ids": [N, T]}, {...})``; resolves ``data.bos`` in place, so config.yaml records the choice.
+
+        ``input_ids`` may be :class:`alignkd.data.Blocks` read from a token cache file (``say`` hears about it).
+        """
         d = cfg.data
         bos_id = resolve_bos(d.bos, tokenizer)
         d.bos = "never" if bos_id is None else "always"
         lm = build_lm_data(
             d.train, tokenizer, seq_len=d.seq_len, eval=d.eval, eval_fraction=d.eval_fraction,
             text_field=d.text_field, max_train_tokens=d.max_train_tokens, seed=cfg.train.seed, bos_id=bos_id,
+            token_cache=d.token_cache, say=say,
         )
         return {"input_ids": lm.train}, {"input_ids": lm.eval}
 
     def make_batch(self, data: dict, idx: torch.Tensor, tokenizer, seed: int) -> Batch:
         ids = data["input_ids"][idx]
         mask = data["mask"][idx].bool() if "mask" in data else torch.ones_like(ids, dtype=torch.bool)
-        return Batch(ids, mask, data["labels"][idx] if "labels" in data else None)
+        return Batch(ids, mask, data["labels"][idx] if "labels" in data else None, idx)
 
     def counted(self, batch: Batch) -> int:
         """Positions the token-level losses average over (the grad-accumulation normaliser)."""
@@ -123,8 +129,8 @@ class Classification(CausalLM):
 
     name = "sequence_classification"
 
-    def load_data(self, cfg, tokenizer) -> tuple[dict, dict]:
-        d = cfg.data
+    def load_data(self, cfg, tokenizer, say=lambda _: None) -> tuple[dict, dict]:
+        d = cfg.data  # labelled sets stay in memory: no token cache to report
         c = build_classification_data(
             d.train, tokenizer, seq_len=d.seq_len, eval=d.eval, eval_fraction=d.eval_fraction,
             text_field=d.text_field, label_field=d.label_field, seed=cfg.train.seed,

@@ -1,4 +1,4 @@
-"""Combining loss terms: static weights, GradNorm, uncertainty weighting, and schedules.
+"""Combining loss terms: static weights, GradNorm, uncertainty weighting, ratio weighting, and schedules.
 
 A weighting turns the per-term losses ``{name: scalar}`` into the one scalar that
 is back-propagated. The term weights are what get logged.
@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from alignkd.config import ScheduleConfig
+from alignkd.errors import ConfigError
+from alignkd.terms import role
 
 
 def schedule_value(s: ScheduleConfig | None, step: int, total_steps: int, default: float) -> float:
@@ -152,11 +154,57 @@ class Uncertainty(Weighting):
         )
 
 
-def build_weighting(strategy: str, names: list[str], init: list[float], *, alpha: float = 1.5, lr: float = 0.025, every: int = 1) -> Weighting:
+class Ratio(Weighting):
+    """Each feature term scaled to the output-distribution term's value (Minitron, Muralidharan et al. 2024).
+
+    At every optimizer step (on its first micro-batch, the values averaged over
+    processes) feature term i gets w_i = weight_i * L_ref / L_i, both values
+    detached, where L_ref is the first kl or dkd term: each feature term then
+    weighs as much as the output KL, whatever its own scale. The reference and
+    ground-truth terms keep their configured weights. A ratio with a side that is
+    0 or not finite (a term with nothing counted) is skipped: the weight keeps its
+    last value. The weighted term's gradient is L_ref * grad(log L_i), large while
+    L_i is near 0 (an embedding term on a student that copied the teacher's
+    embeddings), so such a term is better left to static weights.
+    """
+
+    def __init__(self, names: list[str], init: list[float], roles: list[str]):
+        super().__init__(names, init)
+        if "output" not in roles:
+            raise ConfigError("weighting.strategy: ratio scales feature terms to the first kl or dkd term, and there is none; add one or choose another strategy")
+        self.reference = roles.index("output")
+        self.scaled = [r == "feature" for r in roles]
+        self.register_buffer("w", self.init.clone())
+
+    def weights(self) -> torch.Tensor:
+        return self.w
+
+    def due(self, step: int) -> bool:
+        return True
+
+    def update(self, losses, multipliers, shared, reduce=None) -> None:
+        values = torch.stack([losses[n].detach().float() for n in self.names]).to(self.w.device)
+        if reduce is not None:  # every process must use the same weights
+            values = reduce(values) / reduce(torch.ones((), device=values.device))
+        ref = values[self.reference]
+        for i, scaled in enumerate(self.scaled):
+            v = values[i]
+            if scaled and bool(torch.isfinite(ref) & torch.isfinite(v) & (ref > 0) & (v > 0)):
+                self.w[i] = self.init[i] * ref / v
+
+
+def build_weighting(
+    strategy: str, names: list[str], init: list[float], *, alpha: float = 1.5, lr: float = 0.025, every: int = 1, kinds: list[str] | None = None
+) -> Weighting:
+    """The weighting of terms ``names`` (configured weights ``init``; ``kinds``: their types, which ``ratio`` needs)."""
+    if strategy == "ratio":
+        if kinds is None:
+            raise ValueError("ratio weighting needs the term types (kinds)")
+        return Ratio(names, init, [role(k) for k in kinds])
     if strategy == "gradnorm":
         return GradNorm(names, init, alpha=alpha, lr=lr, every=every)
     if strategy == "uncertainty":
         return Uncertainty(names, init)
     if strategy == "static":
         return Weighting(names, init)
-    raise ValueError(f"unknown weighting strategy {strategy!r}; choose static, gradnorm or uncertainty")
+    raise ValueError(f"unknown weighting strategy {strategy!r}; choose static, gradnorm, uncertainty or ratio")

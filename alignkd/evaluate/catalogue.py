@@ -26,6 +26,11 @@ def percent(v: float) -> str:
     return f"{100 * v:.1f}%"
 
 
+def points(v: float) -> str:
+    """A difference of two accuracies, in percentage points."""
+    return f"{100 * v:+.1f} pts"
+
+
 def count(v: float) -> str:
     return f"{round(v):,}"
 
@@ -112,6 +117,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("ppl_tokens_scored", "Tokens scored (perplexity)", None, count),
     Metric("bos", "Tokenizer adds BOS", None, general),  # a bool: shown as yes or no
     Metric("accuracy", "Accuracy", "higher", percent, Kept("accuracy", "Accuracy retained", "model/teacher")),
+    # Accuracy minus chance: its model/teacher ratio is the retention above chance,
+    # (model - chance) / (teacher - chance), which a teacher near chance cannot inflate.
+    Metric(
+        "accuracy_above_chance", "Accuracy above chance", "higher", points,
+        Kept("accuracy_above_chance", "Accuracy retained above chance", "model/teacher"),
+    ),
+    Metric("accuracy_chance", "Chance accuracy (majority class)", None, percent),
     Metric("accuracy_examples", "Examples (accuracy)", None, count),
     *(score for score, _ in _GENERATION),
     Metric("prefill_ms_per_token", "Prefill ms/token", "lower", fixed(2), Kept("prefill_speedup", "Prefill speed-up", "teacher/model", times)),
@@ -137,8 +149,10 @@ def retention(teacher_metrics: dict, metrics: dict) -> dict:
 
     Higher-is-better scores give model/teacher, lower-is-better ones
     (perplexity, CER) teacher/model, latencies the speed-up teacher_ms/model_ms,
-    and ``params`` the size ratio model/teacher. A metric missing on either side
-    is left out; a zero or missing denominator gives None.
+    and ``params`` the size ratio model/teacher; accuracy above chance gives
+    (model - chance) / (teacher - chance). A metric missing on either side is
+    left out; a missing, zero or negative denominator gives None (a teacher at or
+    below chance leaves nothing to retain).
     """
     out = {}
     for m in METRICS:
@@ -147,5 +161,32 @@ def retention(teacher_metrics: dict, metrics: dict) -> dict:
         num, den = metrics[m.key], teacher_metrics[m.key]
         if m.kept.ratio == "teacher/model":
             num, den = den, num
-        out[m.kept.key] = None if num is None or den is None or den == 0 else num / den
+        out[m.kept.key] = None if num is None or den is None or den <= 0 else num / den
     return out
+
+
+NEAR_CHANCE = 0.15
+"""A teacher whose accuracy is less than this above chance gets a warning. With the
+demo's 100 examples an accuracy near 60 % has a standard error of about 5 points,
+so a smaller margin is within 3 standard errors of chance; the demo's teacher (about
+63 % on two balanced classes) is below it."""
+
+
+def chance_level(labels: list[str]) -> float:
+    """The accuracy of always answering the most frequent of ``labels`` (the scored examples' classes)."""
+    return max(labels.count(c) for c in set(labels)) / len(labels)
+
+
+def near_chance(teacher_metrics: dict) -> str | None:
+    """A one-line warning when the teacher's accuracy is within :data:`NEAR_CHANCE` of chance, else None."""
+    acc, chance = number(teacher_metrics.get("accuracy")), number(teacher_metrics.get("accuracy_chance"))
+    if not (math.isfinite(acc) and math.isfinite(chance)) or acc - chance >= NEAR_CHANCE:
+        return None
+    said = f"the teacher's accuracy ({percent(acc)}) is"
+    base = f"chance ({percent(chance)}: always answering the majority class)"
+    if acc <= chance:
+        return f"{said} not above {base}, so no share of it means anything; evaluate on a task the teacher does well"
+    return (
+        f"{said} only {100 * (acc - chance):.1f} points above {base}, so the share of it a model keeps says little; "
+        "compare the accuracy above chance, or evaluate on a task the teacher does well"
+    )

@@ -5,8 +5,9 @@ numbers (:mod:`.perplexity`, :mod:`.accuracy`, :mod:`.generation`, :mod:`.cost`)
 :func:`evaluate_models` loads one model at a time (the teacher first), runs the
 metric groups that are not skipped, frees the model, scores every other model's
 continuations against the teacher's (fidelity) and works out the retention of
-the teacher's numbers (:func:`.catalogue.retention`). Its result is ``eval.json``,
-which ``alignkd report`` reads.
+the teacher's numbers (:func:`.catalogue.retention`), with a warning when the
+teacher's accuracy is near chance. Its result is ``eval.json``, which ``alignkd
+report`` reads.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from alignkd.data import wants_bos
 from alignkd.display import Tasks
 from alignkd.errors import EvalError
 from alignkd.evaluate.accuracy import label_accuracy, split_shots
-from alignkd.evaluate.catalogue import retention
+from alignkd.evaluate.catalogue import chance_level, near_chance, retention
 from alignkd.evaluate.cost import latency, param_counts, size_on_disk
 from alignkd.evaluate.generation import PROMPT_TOKENS, continuations, generation_metrics, passages
 from alignkd.evaluate.inputs import packaged, read_held_out, read_labelled, token_stream
@@ -78,7 +79,8 @@ def _evaluate_one(role: str, path: str, s: EvalSettings, inputs: _Inputs, device
         with show.running(f"{role} accuracy") as step:
             _, scored = split_shots(labels, shots=s.shots, examples=s.examples, seed=s.seed)
             acc = label_accuracy(model, tok, texts, labels, shots=s.shots, seed=s.seed, examples=s.examples, names=names, on_step=step)
-        metrics.update(accuracy=acc, accuracy_examples=len(scored))
+        chance = chance_level([labels[i] for i in scored])
+        metrics.update(accuracy=acc, accuracy_above_chance=acc - chance, accuracy_chance=chance, accuracy_examples=len(scored))
         show.say(f"  accuracy {acc:.3f} on {len(scored)} examples ({show.seconds:.1f} s)")
     if "generation" not in s.skip and causal:
         with show.running(f"{role} generation") as step:
@@ -128,6 +130,7 @@ def evaluate_models(models: dict[str, str], settings: EvalSettings, *, teacher: 
         },
         "models": {},
         "retention": {},
+        "warnings": [],
     }
     reference = None
     with Tasks(progress, bar=True, transient=True) as show:
@@ -142,6 +145,7 @@ def evaluate_models(models: dict[str, str], settings: EvalSettings, *, teacher: 
     if teacher is not None:
         base = result["models"][teacher]["metrics"]
         result["retention"] = {r: retention(base, e["metrics"]) for r, e in result["models"].items() if r != teacher}
+        result["warnings"] = [w for w in (near_chance(base),) if w]
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)

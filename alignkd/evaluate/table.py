@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from alignkd.evaluate.catalogue import METRICS, Metric, shown
 
 ARROWS = {"higher": " ↑", "lower": " ↓", None: ""}
 CAPTION = (
     "kept: the share of the teacher's score the model keeps (teacher/model for perplexity and CER, "
-    "where lower is better); speed-up: teacher ms / model ms; parameters: model / teacher"
+    "where lower is better; (model - chance) / (teacher - chance) for accuracy above chance); "
+    "speed-up: teacher ms / model ms; parameters: model / teacher"
 )
 
 
@@ -75,7 +77,9 @@ def eval_tables(result: dict, console: Console) -> list[Table]:
 
 
 def print_table(result: dict, console: Console | None = None) -> None:
-    """Print :func:`eval_tables` (to stdout unless ``console`` says otherwise)."""
+    """Print :func:`eval_tables` and ``eval.json``'s warnings (to stdout unless ``console`` says otherwise)."""
     console = console or Console()
     for table in eval_tables(result, console):
         console.print(table)
+    for warning in result.get("warnings", []):
+        console.print(Text.assemble(("warning: ", "yellow"), warning))

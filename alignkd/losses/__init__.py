@@ -8,6 +8,7 @@ from alignkd.losses.attention import attention_kl, relation_kl
 from alignkd.losses.features import hidden_cosine, hidden_mse, hidden_standardized_mse, info_nce
 from alignkd.losses.lm_head import lm_head_ce, lm_head_kl
 from alignkd.losses.logits import KL_KINDS, dkd, kl_div, kl_rows
+from alignkd.losses.sparse import sparse_kl
 
 __all__ = [
     "KL_KINDS",
@@ -22,4 +23,5 @@ __all__ = [
     "lm_head_ce",
     "lm_head_kl",
     "relation_kl",
+    "sparse_kl",
 ]

@@ -11,18 +11,24 @@ w.r.t. its logits is pushed through the head at once into float32 buffers for th
 student hidden states, head and bias. The backward pass is a multiplication by
 ``grad_output``. So the extra memory is a few ``[chunk_tokens, V]`` temporaries
 plus the gradient buffers, whatever the number of tokens, and neither model's
-``[tokens, V]`` logits ever exist.
+``[tokens, V]`` logits ever exist. The loop itself is in ``_head_chunks``.
+
+Precision: the head matmuls (logits, and the gradient pushed into the hidden
+states and the head) run in the dtype the model's own head would use: autocast's
+when autocast is on for the device (bf16 / fp16), else the hidden states' dtype
+when it is bf16 / fp16, else float32. Softmax, the divergence, the cross-entropy
+and their gradient w.r.t. the logits are float32 whatever that dtype, and the
+gradient buffers accumulate in float32. In bf16 / fp16 the matmuls run on blocks
+of a few chunks (``_head_chunks.BLOCK_ELEMENTS``: 64 MB of bf16 logits per model).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
-from alignkd.losses._reduce import check_mask, float32_math, mean_over
-from alignkd.losses.logits import _check_kl_args, _forward_kl_value_and_grad, kl_rows
+from alignkd.losses._head_chunks import HeadLoss, Plan, matmul_dtype
+from alignkd.losses._reduce import check_mask
+from alignkd.losses.logits import _check_kl_args
 
 NAME = "lm_head_kl"
 # Elements of one [chunk_tokens, V] float32 temporary by default. On a CPU the
@@ -39,27 +45,6 @@ def _chunk_rows(chunk_tokens: int | None, vocab: int, device: torch.device) -> i
         return int(chunk_tokens)
     elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
     return max(1, elements // vocab)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Everything of one call except the three student tensors that get gradients."""
-
-    teacher_hidden: torch.Tensor | None  # [N, D_t], detached; None: cross-entropy only
-    teacher_head: torch.Tensor | None  # [vocab, D_t] float32, detached
-    teacher_bias: torch.Tensor | None  # [vocab] float32
-    rows: torch.Tensor  # 1-D index of the counted rows (KL rows)
-    labels: torch.Tensor | None  # [N] long (negative = not counted), None without CE
-    n_ce: int  # rows counted by the cross-entropy
-    vocab: int
-    kind: str
-    temperature: float
-    beta: float
-    alpha: float
-    ce_weight: float
-    softcap: float | None
-    chunk_tokens: int
-    needs: tuple[bool, bool, bool]  # gradient wanted for (hidden, head, bias)
 
 
 def lm_head_kl(
@@ -103,10 +88,70 @@ def lm_head_kl(
     Returns:
         float32 scalar: mean KL over the counted positions, plus ``ce_weight`` times the
         mean cross-entropy over the counted positions with a label. Nothing counted
-        gives 0 with zero gradients. Maths in float32; a bf16 head is copied to float32
-        once per call. Gradients w.r.t. ``student_hidden``, ``student_head`` and
-        ``student_bias`` are computed in the forward pass.
+        gives 0 with zero gradients. Softmax and divergence maths in float32; the head
+        matmuls in the autocast dtype when autocast is on (else the hidden states'
+        dtype if bf16 / fp16, else float32), each head cast once per call. Gradients
+        w.r.t. ``student_hidden``, ``student_head`` and ``student_bias`` are computed in
+        the forward pass.
     """
+    plan = _kl_plan(
+        student_hidden, student_head, teacher_hidden, teacher_head, mask, kind=kind, temperature=temperature,
+        beta=beta, alpha=alpha, labels=labels, ce_weight=ce_weight, chunk_tokens=chunk_tokens,
+        student_bias=student_bias, teacher_bias=teacher_bias, softcap=softcap, vocab=vocab, split=False,
+    )
+    return HeadLoss.apply(student_hidden, student_head, student_bias, plan)[0]
+
+
+def lm_head_kl_ce(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor,
+    mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    kind: str = "forward",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    chunk_tokens: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    vocab: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(KL, CE)`` from one pass over the student's head, each with its own gradient.
+
+    The same two values as ``lm_head_kl(..., mask)`` and ``lm_head_ce`` on the labels of
+    the positions in ``mask``, for the price of one walk: the student's logits and their
+    log-softmax are made once per chunk. The gradients of the two are kept apart (two
+    sets of float32 buffers), so a backward through any weighted sum of them, or
+    through one alone (per-term gradients, e.g. GradNorm), is exact.
+
+    Args:
+        labels: int, the leading shape of ``mask``: the target token at each position;
+            positions outside ``mask`` or with a negative id are not counted by the CE.
+        Everything else as in :func:`lm_head_kl`.
+
+    Returns:
+        Two float32 scalars: the mean KL over the counted positions and the mean
+        cross-entropy over the counted positions with a label (0 with zero gradients
+        when there are none).
+    """
+    plan = _kl_plan(
+        student_hidden, student_head, teacher_hidden, teacher_head, mask, kind=kind, temperature=temperature,
+        beta=beta, alpha=alpha, labels=labels, ce_weight=1.0, chunk_tokens=chunk_tokens,
+        student_bias=student_bias, teacher_bias=teacher_bias, softcap=softcap, vocab=vocab, split=True,
+    )
+    kl, ce = HeadLoss.apply(student_hidden, student_head, student_bias, plan)
+    return kl, ce
+
+
+def _kl_plan(
+    student_hidden, student_head, teacher_hidden, teacher_head, mask, *, kind, temperature, beta, alpha,
+    labels, ce_weight, chunk_tokens, student_bias, teacher_bias, softcap, vocab, split: bool,
+) -> Plan:
+    """Check the arguments of :func:`lm_head_kl` / :func:`lm_head_kl_ce` and lay out their walk."""
     try:
         _check_kl_args(kind, temperature, beta, alpha)
     except ValueError as e:  # same checks as kl_div, under this function's name
@@ -136,10 +181,11 @@ def lm_head_kl(
     grad_on = torch.is_grad_enabled()
     needs = tuple(bool(grad_on and x is not None and x.requires_grad) for x in (student_hidden, student_head, student_bias))
     d_t = teacher_hidden.shape[-1]
-    plan = _Plan(
+    t_dtype = matmul_dtype(teacher_hidden)
+    return Plan(
         teacher_hidden=teacher_hidden.detach().reshape(-1, d_t),
-        teacher_head=teacher_head.detach()[:vocab].float(),
-        teacher_bias=None if teacher_bias is None else teacher_bias.detach()[:vocab].float(),
+        teacher_head=teacher_head.detach()[:vocab].to(t_dtype),
+        teacher_bias=None if teacher_bias is None else teacher_bias.detach()[:vocab].to(t_dtype),
         rows=rows,
         labels=flat_labels,
         n_ce=n_ce,
@@ -152,8 +198,10 @@ def lm_head_kl(
         softcap=None if softcap is None else float(softcap),
         chunk_tokens=_chunk_rows(chunk_tokens, vocab, student_hidden.device),
         needs=needs,
+        dtype=matmul_dtype(student_hidden),
+        teacher_dtype=t_dtype,
+        split=split,
     )
-    return _LMHeadLoss.apply(student_hidden, student_head, student_bias, plan)
 
 
 def lm_head_ce(
@@ -176,6 +224,7 @@ def lm_head_ce(
 
     Returns:
         float32 scalar: the mean over the labelled positions; none gives 0 with zero gradients.
+        Precision as in :func:`lm_head_kl`.
     """
     _check_shapes(hidden, head, hidden, head, bias, bias)
     vocab = head.shape[0] if vocab is None else int(vocab)
@@ -186,14 +235,15 @@ def lm_head_ce(
     flat = _check_labels(labels, torch.ones(labels.shape, dtype=torch.bool, device=labels.device), vocab)
     rows = (flat >= 0).nonzero().squeeze(1)
     grad_on = torch.is_grad_enabled()
-    plan = _Plan(
+    plan = Plan(
         teacher_hidden=None, teacher_head=None, teacher_bias=None, rows=rows, labels=flat, n_ce=rows.numel(),
         vocab=vocab, kind="forward", temperature=1.0, beta=0.5, alpha=0.1, ce_weight=1.0,
         softcap=None if softcap is None else float(softcap),
         chunk_tokens=_chunk_rows(chunk_tokens, vocab, hidden.device),
         needs=tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, head, bias)),
+        dtype=matmul_dtype(hidden), teacher_dtype=torch.float32,
     )
-    return _LMHeadLoss.apply(hidden, head, bias, plan)
+    return HeadLoss.apply(hidden, head, bias, plan)[0]
 
 
 def _check_shapes(hs, ws, ht, wt, bs, bt) -> None:
@@ -226,103 +276,3 @@ def _check_labels(labels: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch
     return flat
 
 
-class _LMHeadLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None, plan: _Plan):
-        with float32_math(hidden):
-            total, grads = _evaluate(hidden, head, bias, plan)
-        ctx.save_for_backward(*grads)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # The usual caller backpropagates the loss itself (grad_out == 1): hand the
-        # buffers over as they are instead of allocating scaled copies.
-        one = bool(grad_out == 1)
-        grads = [g if g is None or one else g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None)
-
-
-def _evaluate(hidden, head, bias, p: _Plan) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """The loss and its gradients w.r.t. (hidden, head, bias), one chunk of counted rows at a time."""
-    h = hidden.detach().reshape(-1, hidden.shape[-1])
-    w = head.detach()[: p.vocab].float()  # a view when the head is float32
-    b = None if bias is None else bias.detach()[: p.vocab].float()
-    need_h, need_w, need_b = p.needs
-    f32 = {"dtype": torch.float32, "device": h.device}
-    grad_h = torch.zeros(h.shape, **f32) if need_h else None
-    grad_w = torch.zeros(head.shape, **f32) if need_w else None
-    grad_b = torch.zeros(bias.shape, **f32) if need_b else None
-    want_grad = need_h or need_w or need_b
-    kl_sum = torch.zeros((), **f32)
-    ce_sum = torch.zeros((), **f32)
-    n_kl = p.rows.numel()
-
-    for i in range(0, n_kl, p.chunk_tokens):
-        idx = p.rows[i : i + p.chunk_tokens]
-        hs = h.index_select(0, idx).float()
-        zs = _logits(hs, w, b, p.softcap)
-        if p.teacher_hidden is None:  # cross-entropy only
-            g = torch.zeros_like(zs) if want_grad else None
-        else:
-            zt = _logits(p.teacher_hidden.index_select(0, idx).float(), p.teacher_head, p.teacher_bias, p.softcap)
-            kl, g = _kl_and_grad(zs, zt, p, want_grad)
-            kl_sum += kl
-            g = g.div_(n_kl) if g is not None else None
-        if p.labels is not None:
-            ce_sum += _add_ce(zs, p.labels.index_select(0, idx), g, p.ce_weight / max(p.n_ce, 1))
-        if g is None:
-            continue
-        if p.softcap is not None:  # chain rule through cap * tanh(z / cap): 1 - tanh^2
-            g.mul_(1.0 - (zs / p.softcap).square())
-        if need_h:
-            grad_h.index_copy_(0, idx, g @ w)
-        if need_w:
-            grad_w[: p.vocab].addmm_(g.T, hs)
-        if need_b:
-            grad_b[: p.vocab] += g.sum(0)
-
-    total = mean_over(kl_sum, n_kl) + p.ce_weight * mean_over(ce_sum, p.n_ce)
-    grads = [
-        None if grad_h is None else grad_h.reshape(hidden.shape).to(hidden.dtype),
-        None if grad_w is None else grad_w.to(head.dtype),
-        None if grad_b is None else grad_b.to(bias.dtype),
-    ]
-    return total, grads
-
-
-def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
-    z = F.linear(x, w, b)
-    if softcap is not None:
-        z = torch.tanh(z.div_(softcap)).mul_(softcap)
-    return z
-
-
-def _kl_and_grad(zs: torch.Tensor, zt: torch.Tensor, p: _Plan, want_grad: bool):
-    """Summed divergence of the chunk and its gradient w.r.t. the (capped) student logits."""
-    kw = {"kind": p.kind, "temperature": p.temperature, "beta": p.beta, "alpha": p.alpha}
-    if not want_grad:
-        return kl_rows(zs, zt, **kw).sum(), None
-    if p.kind == "forward":  # closed form T * (p_S - p_T), as kl_div does
-        per, g = _forward_kl_value_and_grad(p.temperature)(zs, zt)
-        return per.sum(), g
-    leaf = zs.detach().requires_grad_(True)
-    with torch.enable_grad():
-        value = kl_rows(leaf, zt, **kw).sum()
-    (g,) = torch.autograd.grad(value, leaf)
-    return value.detach(), g
-
-
-def _add_ce(zs: torch.Tensor, labels: torch.Tensor, g: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Summed cross-entropy of the chunk's labelled rows; adds ``scale`` times its gradient to ``g``."""
-    sel = (labels >= 0).nonzero().squeeze(1)
-    if sel.numel() == 0:
-        return zs.new_zeros(())
-    z = zs.index_select(0, sel)
-    tgt = labels.index_select(0, sel).unsqueeze(1)
-    logp = z.log_softmax(-1)
-    ce = -logp.gather(1, tgt).sum()
-    if g is not None:  # d/dz of -log softmax(z)[y] = softmax(z) - onehot(y)
-        d = logp.exp_().scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=z.dtype))
-        g.index_add_(0, sel, d.mul_(scale))
-    return ce

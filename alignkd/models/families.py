@@ -117,6 +117,12 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
     return get_path(model.base_model, family_of(model).blocks)
 
 
+def final_norm_of(model: nn.Module) -> nn.Module | None:
+    """The norm after the last block (the one before the LM head); None when the family has none."""
+    path = family_of(model).final_norm
+    return get_path(model.base_model, path) if path is not None else None
+
+
 def hidden_size_of(model: nn.Module) -> int:
     cfg = model.config
     return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")

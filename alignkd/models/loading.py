@@ -77,6 +77,20 @@ def load_model(path: str, *, task: str, dtype: str = "float32", what: str = "mod
         raise _offline_miss(path, what) or ModelError(f"{what}: could not load {path!r} ({str(e).splitlines()[0]})") from None
 
 
+def load_skeleton(path: str, *, task: str, what: str = "model", trust_remote_code: bool = False):
+    """The model of ``path`` on the meta device: its modules and config, no weights read or allocated."""
+    import torch
+    from transformers import AutoConfig
+
+    _check_source(path, what)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _offline_miss(path, what) or ModelError(f"{what}: could not load {path!r} ({str(e).splitlines()[0]})") from None
+    with torch.device("meta"):
+        return AUTO_CLASSES[task].from_config(config, trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(path: str, *, what: str = "model", trust_remote_code: bool = False):
     _check_source(path, what)
     try:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from alignkd.config import StudentConfig
 from alignkd.errors import ModelError
 from alignkd.models.families import blocks_of, family_of, get_path
 from alignkd.models.loading import AUTO_CLASSES, load_model
 from alignkd.models.prune import even_layers, width_prune
 from alignkd.precision import DTYPES, resolve_student_dtype
+
+if TYPE_CHECKING:  # the config package validates through models.select, which builds on this module
+    from alignkd.config import StudentConfig
 
 
 def _renumber(block: nn.Module, new_idx: int) -> None:
@@ -23,20 +27,29 @@ def _renumber(block: nn.Module, new_idx: int) -> None:
             mod.layer_idx = new_idx
 
 
-def depth_pruned(teacher: nn.Module, layers: list[int] | None, num_layers: int | None) -> nn.Module:
+def kept_count(num_teacher: int, num_layers: int | None) -> int:
+    """How many blocks a student made from the teacher keeps: ``num_layers``, else a quarter of the teacher's (at least 1)."""
+    return num_layers if num_layers is not None else max(1, num_teacher // 4)
+
+
+def depth_pruned(teacher: nn.Module, layers: list[int] | None, num_layers: int | None, *, share_weights: bool = False) -> nn.Module:
     """A copy of ``teacher`` that keeps only the blocks ``layers`` (DistilBERT / Minitron depth pruning).
 
-    Embeddings, final norm and head are copied with them.
+    Embeddings, final norm and head are copied with them. ``share_weights``: the
+    copy holds the teacher's own tensors (modules and config are new, weights are
+    not): a cheap view for scoring a removal, never one to train.
     """
     n = len(blocks_of(teacher))
     if layers is None:
-        layers = even_layers(n, num_layers if num_layers is not None else max(1, n // 4))
+        layers = even_layers(n, kept_count(n, num_layers))
     if not layers:
         raise ModelError("student.from_teacher.layers: list at least one teacher block")
     for i in layers:
         if not 0 <= i < n:
             raise ModelError(f"student.from_teacher.layers: block {i} does not exist; the teacher has {n} blocks (0..{n - 1})")
-    student = copy.deepcopy(teacher)
+    # deepcopy takes what the memo already holds as is: preset, the tensors are shared.
+    memo = {id(t): t for t in itertools.chain(teacher.parameters(), teacher.buffers())} if share_weights else None
+    student = copy.deepcopy(teacher, memo)
     fam = family_of(student)
     old = blocks_of(student)
     # A block listed twice gets its own copy, so the two are trained independently.

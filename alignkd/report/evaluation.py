@@ -99,12 +99,20 @@ def evaluation_blocks(ev: dict) -> list[Block]:
                 "p",
                 "Each model against the teacher, as alignkd eval computed it: the share of the teacher's score it "
                 "keeps (model / teacher; teacher / model for perplexity and CER, where lower is better; 100% matches "
-                "the teacher, above beats it), how many times faster it runs per token, and its parameters as a "
-                "share of the teacher's.",
+                "the teacher, above beats it), the share of the teacher's accuracy above chance it keeps "
+                "((model - chance) / (teacher - chance), chance being the majority class's share of the examples), "
+                "how many times faster it runs per token, and its parameters as a share of the teacher's.",
             ),
             ("table", table),
         ]
+        blocks += [("p", f"Warning: {w}.") for w in warnings_of(ev)]
     return blocks
+
+
+def warnings_of(ev: dict) -> list[str]:
+    """``eval.json``'s warnings (e.g. a teacher near chance), as written by alignkd eval."""
+    warnings = ev.get("warnings")
+    return [w for w in warnings if isinstance(w, str)] if isinstance(warnings, list) else []
 
 
 def settings_sentence(s) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from alignkd.evaluate.catalogue import fixed, millions, number, percent, times
-from alignkd.report.evaluation import fmt_or_nan, model_order
+from alignkd.report.evaluation import fmt_or_nan, model_order, warnings_of
 from alignkd.report.runlog import RunLog, finite, first_finite, last_finite
 
 
@@ -46,12 +46,15 @@ def headline(run: RunLog, summary: dict | None, ev: dict | None, baselines: list
     if isinstance(ret, dict) and ret:
         name = "student" if isinstance(ret.get("student"), dict) else next((n for n, r in ret.items() if isinstance(r, dict)), None)
         r = ret.get(name, {}) if name else {}
-        kept = [f"{label} {percent(number(r[k]))}" for k, label in (("perplexity", "perplexity"), ("accuracy", "accuracy"), ("bleu", "BLEU")) if finite(r.get(k))]
+        shares = (("perplexity", "perplexity"), ("accuracy", "accuracy"), ("accuracy_above_chance", "accuracy above chance"), ("bleu", "BLEU"))
+        kept = [f"{label} {percent(number(r[k]))}" for k, label in shares if finite(r.get(k))]
         fast = [f"{times(number(r[k]))} faster at {kind}" for k, kind in (("prefill_speedup", "prefill"), ("decode_speedup", "decoding")) if finite(r.get(k))]
         if kept:
             out.append(f"Against the teacher the {name} keeps {', '.join(kept)}" + (f"; it is {' and '.join(fast)}." if fast else "."))
         elif fast:
             out.append(f"The {name} is {' and '.join(fast)} than the teacher.")
+        if warnings_of(ev):
+            out.append("The teacher's accuracy is near chance, so accuracy retention says little (see Retention and speed-up).")
 
     steps = len(run.train)
     if steps:

@@ -6,7 +6,7 @@ Adding a type is one pure function in ``alignkd.losses``, one definition here
 
 from alignkd.terms.base import ScheduleConfig, StepTensors, Term, TermConfig, TermType
 from alignkd.terms.blockwise import BLOCKWISE
-from alignkd.terms.features import ATTENTION, CONTRASTIVE, HIDDEN, HIDDEN_METRICS, RELATION
+from alignkd.terms.features import ATTENTION, CONTRASTIVE, EMBEDDING, HIDDEN, HIDDEN_METRICS, RELATION
 from alignkd.terms.outputs import CE, DKD, KL
 
 TERM_TYPES: dict[str, TermType] = {
@@ -14,13 +14,27 @@ TERM_TYPES: dict[str, TermType] = {
     "kl": KL,
     "dkd": DKD,
     "hidden": HIDDEN,
+    "embedding": EMBEDDING,
     "attention": ATTENTION,
     "relation": RELATION,
     "contrastive": CONTRASTIVE,
     "blockwise": BLOCKWISE,
 }
 
-__all__ = ["HIDDEN_METRICS", "TERM_TYPES", "ScheduleConfig", "StepTensors", "Term", "TermConfig", "TermType"]
+__all__ = ["HIDDEN_METRICS", "TERM_TYPES", "ScheduleConfig", "StepTensors", "Term", "TermConfig", "TermType", "role"]
+
+
+def role(type_name: str) -> str:
+    """What a term of this type matches: ``truth`` (the ground truth: ce), ``output`` (the teacher's
+    output distribution: kl, dkd) or ``feature`` (the teacher's internals: every other type).
+
+    Ratio weighting scales each feature term to the first output term's value.
+    """
+    kind = TERM_TYPES[type_name]
+    if not kind.uses_teacher:
+        return "truth"
+    # Block-wise KD reads logits too, but of the teacher's blocks run on a student state.
+    return "output" if kind.reads_logits and not kind.layered else "feature"
 
 
 def markdown_table() -> str:
@@ -28,12 +42,12 @@ def markdown_table() -> str:
     import dataclasses
 
     common = {f.name for f in dataclasses.fields(TermConfig)} | {"temperature_schedule"}
-    rows = ["| `type` | what it matches | its fields (defaults) |", "|---|---|---|"]
+    rows = ["| `type` | what it matches | its fields (defaults) | from `teacher.cache` |", "|---|---|---|---|"]
     for name, kind in TERM_TYPES.items():
         own = [f for f in dataclasses.fields(kind.config) if f.name not in common]
         cells = []
         for f in own:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             cells.append(f"`{f.name}`" + (f" ({default})" if default is not None else ""))
-        rows.append(f"| `{name}` | {kind.matches} | {', '.join(cells) or '-'} |")
+        rows.append(f"| `{name}` | {kind.matches} | {', '.join(cells) or '-'} | {'yes' if kind.cached else 'no'} |")
     return "\n".join(rows)

@@ -212,6 +212,8 @@ class TermType:
     """Reads the models' output logits."""
     fused: bool = False
     """Can compute from the final hidden states and the output heads instead (no ``[tokens, V]`` logits)."""
+    cached: bool = False
+    """Can train from a teacher cache (``teacher.cache``): the teacher's top-k log-probabilities and cached states."""
 
     @property
     def layered(self) -> bool:

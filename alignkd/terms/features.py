@@ -1,4 +1,4 @@
-"""Terms on intermediate representations: hidden states, attention maps, q/k/v relations, contrastive."""
+"""Terms on intermediate representations: hidden states, input embeddings, attention maps, q/k/v relations, contrastive."""
 
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ from torch import nn
 from alignkd import losses as L
 from alignkd.engine.capture import Needs
 from alignkd.errors import ConfigError
-from alignkd.models.families import blocks_of, family_of, get_path, hidden_size_of, num_heads_of
+from alignkd.models.families import blocks_of, family_of, final_norm_of, get_path, hidden_size_of, num_heads_of
 from alignkd.terms.base import Layered, Projected, StepTensors, Tempered, Term, TermConfig, TermType, mean, one_of
 
 
-def projected(term: Term, x: StepTensors, s_block: int) -> torch.Tensor:
-    """The student's output of ``s_block`` ``[B, T, Ds]``, through the term's projector when widths differ: ``[B, T, Dt]``."""
-    h = x.student.hidden[s_block]
+def projected(term: Term, x: StepTensors, s_block: int | None, h: torch.Tensor | None = None) -> torch.Tensor:
+    """The student's output of ``s_block`` (or ``h``) ``[B, T, Ds]``, through the term's projector when widths differ: ``[B, T, Dt]``.
+
+    ``s_block`` None: the term's one projector (a term without a layer map).
+    """
+    h = x.student.hidden[s_block] if h is None else h
     proj = x.side.projector(term.cfg.name, s_block)
     return proj(h) if proj is not None else h
 
@@ -46,7 +49,9 @@ class HiddenConfig(Projected, Layered, TermConfig):
     type: str = "hidden"
 
     metric: str = "mse"
-    """mse, cosine or standardized (MSE after standardising each feature over the batch's tokens)."""
+    """mse, cosine (1 - cosine similarity per position) or standardized (MSE after standardising each position's feature vector)."""
+    final_norm: bool = False
+    """Compare post-norm states: each model's final norm (the one before its LM head) applied to its own block outputs, the student's before its projector (Minitron)."""
 
     def check(self, where: str) -> None:
         super().check(where)
@@ -55,13 +60,74 @@ class HiddenConfig(Projected, Layered, TermConfig):
         one_of(self.metric, list(HIDDEN_METRICS), f"{where}.metric")
 
 
+def hidden_norms(cfg: HiddenConfig, student: nn.Module, teacher: nn.Module, where: str) -> dict:
+    """``{"norms": (student's, teacher's)}`` final norm modules when ``final_norm`` is set, else ``{}``."""
+    if not cfg.final_norm:
+        return {}
+    norms = (final_norm_of(student), final_norm_of(teacher))
+    for role, model, norm in zip(("student", "teacher"), (student, teacher), norms):
+        if norm is None:
+            raise ConfigError(f"{where}.final_norm: the {role} ({model.config.model_type}) has no final norm; set final_norm: false")
+        if any(p.is_meta for p in norm.parameters()):
+            raise ConfigError(f"{where}.final_norm: the {role}'s final norm is not loaded (teacher.cache); set final_norm: false or remove teacher.cache")
+    return {"norms": norms}
+
+
 def hidden_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
     metric = HIDDEN_METRICS[term.cfg.metric]
+    s_norm, t_norm = term.params.get("norms", (None, None))
+
+    def student(s: int) -> torch.Tensor:
+        h = x.student.hidden[s]
+        return projected(term, x, s, s_norm(h) if s_norm is not None else h)
+
+    def teacher(t: int) -> torch.Tensor:
+        h = x.teacher.hidden[t]
+        if t_norm is None:
+            return h
+        with torch.no_grad():  # the teacher is frozen: no graph through its norm
+            return t_norm(h)
+
     mix = x.side.mix(term.cfg.name)
     if mix is not None:
-        teacher_all = [x.teacher.hidden[j] for j in range(mix.logits.shape[1])]
-        return mean([metric(projected(term, x, s), mix(i, teacher_all), x.features()) for i, (s, _) in enumerate(term.pairs)])
-    return mean([metric(projected(term, x, s), x.teacher.hidden[t], x.features()) for s, t in term.pairs])
+        teacher_all = [teacher(j) for j in range(mix.logits.shape[1])]
+        return mean([metric(student(s), mix(i, teacher_all), x.features()) for i, (s, _) in enumerate(term.pairs)])
+    return mean([metric(student(s), teacher(t), x.features()) for s, t in term.pairs])
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+@dataclass
+class EmbeddingConfig(Projected, TermConfig):
+    """Outputs of the input embedding layers (token vectors before the first block)."""
+
+    type: str = "embedding"
+
+    metric: str = "mse"
+    """mse, cosine or standardized, as for ``hidden``."""
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        self.check_projector(where)
+        one_of(self.metric, list(HIDDEN_METRICS), f"{where}.metric")
+
+
+def embedding_modules(cfg: EmbeddingConfig, student: nn.Module, teacher: nn.Module, where: str) -> dict:
+    """``{"embeddings": (student's, teacher's)}`` input embedding modules."""
+    return {"embeddings": (student.get_input_embeddings(), teacher.get_input_embeddings())}
+
+
+def embedding_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
+    # A lookup costs next to nothing, so the embeddings are computed here from the ids
+    # rather than captured during the forwards. The embedding module's own output: GPT-2's
+    # position embeddings and Gemma 1/2's sqrt(D) scale are added later and left out.
+    s_emb, t_emb = term.params["embeddings"]
+    with torch.no_grad():
+        teacher = t_emb(x.input_ids)
+    student = projected(term, x, None, s_emb(x.input_ids))
+    # The full mask: a leading BOS's embedding is an ordinary row of the table, not an attention-sink state.
+    return HIDDEN_METRICS[term.cfg.metric](student, teacher, x.mask)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -197,7 +263,10 @@ def contrastive_term(term: Term, x: StepTensors, temperature: float | None) -> t
     )
 
 
-HIDDEN = TermType(HiddenConfig, hidden_term, "block outputs through a projector when widths differ", needs=hidden_needs, projected=True)
+HIDDEN = TermType(
+    HiddenConfig, hidden_term, "block outputs through a projector when widths differ", needs=hidden_needs, projected=True, cached=True, prepare=hidden_norms,
+)
+EMBEDDING = TermType(EmbeddingConfig, embedding_term, "input embedding outputs through a projector when widths differ", projected=True, prepare=embedding_modules)
 ATTENTION = TermType(AttentionConfig, attention_term, "attention maps (eager attention is switched on, with a warning)", needs=attention_needs, eager_attention=True)
-RELATION = TermType(RelationConfig, relation_term, "MiniLMv2 q/k/v self-relations (works with SDPA/flash)", needs=relation_needs, prepare=relation_heads)
-CONTRASTIVE = TermType(ContrastiveConfig, contrastive_term, "InfoNCE between student and teacher token features", needs=contrastive_needs, projected=True)
+RELATION = TermType(RelationConfig, relation_term, "MiniLMv2 q/k/v self-relations (works with SDPA/flash)", needs=relation_needs, prepare=relation_heads, cached=True)
+CONTRASTIVE = TermType(ContrastiveConfig, contrastive_term, "InfoNCE between student and teacher token features", needs=contrastive_needs, projected=True, cached=True)

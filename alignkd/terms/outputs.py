@@ -63,6 +63,10 @@ class KLConfig(DivergenceFields, Tempered, TermConfig):
 
 def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
     c = term.cfg
+    if x.teacher.topk_ids is not None:  # teacher from a cache: its top-k and tail mass
+        s, _, m = x.logits()
+        t = x.teacher
+        return L.sparse_kl(s, t.topk_ids, t.topk_logprobs, t.tail, m, kind=c.kind, temperature=temperature, beta=c.beta, alpha=c.alpha)
     if x.heads is not None:  # fused: chunked through both heads, no logits
         s, t = x.heads
         return L.lm_head_kl(
@@ -101,6 +105,6 @@ def dkd_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Ten
     return L.dkd(s, t, tgt, m & has, alpha=c.alpha, beta=c.beta, temperature=temperature)
 
 
-CE = TermType(CEConfig, ce_term, "ground-truth next token (or label)", uses_teacher=False, reads_logits=True, fused=True)
-KL = TermType(KLConfig, kl_term, "output distributions", reads_logits=True, fused=True)
+CE = TermType(CEConfig, ce_term, "ground-truth next token (or label)", uses_teacher=False, reads_logits=True, fused=True, cached=True)
+KL = TermType(KLConfig, kl_term, "output distributions", reads_logits=True, fused=True, cached=True)
 DKD = TermType(DKDConfig, dkd_term, "decoupled KD (target / non-target)", reads_logits=True)

@@ -1,0 +1,158 @@
+"""``alignkd cache-teacher``: run the teacher once over the training blocks and store what the run's terms read.
+
+The teacher's top-k log-probabilities and tail mass, and the hidden states and
+q/k/v projections that the config's feature terms map to, are written shard by
+shard (``alignkd.cache.format``) into a hidden temporary folder, which is renamed
+into place at the end: a kill leaves no half cache where a run would read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from alignkd.cache.format import META, VERSION, bytes_per_token, data_hash, hidden_key, qkv_key, shard_name, teacher_fingerprint
+from alignkd.config import validate
+from alignkd.errors import ConfigError
+
+# A shard holds about this many bytes, so a reader maps a few files, not thousands.
+SHARD_BYTES = 256 << 20
+
+
+def _check_dest(dest: Path, overwrite: bool) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"teacher.cache {dest} is a file; choose a folder for the cache")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise ConfigError(f"teacher.cache {dest} is not empty; pass --overwrite to replace it, or choose another folder")
+    near = next(p for p in (dest.absolute(), *dest.absolute().parents) if p.exists())
+    if not os.access(near, os.W_OK | os.X_OK):
+        raise ConfigError(f"teacher.cache {dest}: cannot write there ({near} is not writable); choose a writable folder")
+
+
+class _ShardWriter:
+    """Buffers per-block tensors and writes a shard whenever ``rows`` blocks are buffered."""
+
+    def __init__(self, folder: Path, rows: int):
+        self.folder, self.rows = folder, rows
+        self.buffer: dict[str, list[torch.Tensor]] = {}
+        self.buffered = 0
+        self.written = 0  # blocks in finished shards
+        self.shards: list[dict] = []
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, t in tensors.items():
+            self.buffer.setdefault(key, []).append(t.cpu())
+        self.buffered += next(iter(tensors.values())).shape[0]
+        if self.buffered >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffered:
+            return
+        name = shard_name(len(self.shards))
+        save_file({k: torch.cat(v).contiguous() for k, v in self.buffer.items()}, str(self.folder / name))
+        self.shards.append({"file": name, "start": self.written, "end": self.written + self.buffered})
+        self.written += self.buffered
+        self.buffer, self.buffered = {}, 0
+
+
+def _topk(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """``[B, T, V]`` logits -> top-k ids (int32), their log-probabilities and the log of the rest (float32)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(k, dim=-1)
+    if k < logp.shape[-1]:
+        tail = logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)  # exact, not log(1 - sum)
+    else:
+        tail = logp.new_full(logp.shape[:-1], float("-inf"))
+    return {"ids": top.indices.to(torch.int32), "logprobs": top.values, "tail": tail}
+
+
+def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
+    """Write the teacher cache of ``cfg`` into ``cfg.teacher.cache``; returns its ``meta.json`` content."""
+    from alignkd.engine.capture import Capture, Needs
+    from alignkd.engine.plan import build_plan, forward_record
+    from alignkd.engine.run import _models, resolve_precision
+    from alignkd.engine.tasks import TASKS, heldout
+    from alignkd.precision import DTYPES, default_device
+
+    validate(cfg)
+    if not cfg.teacher.cache:
+        raise ConfigError("teacher.cache: name the folder to write the cache to, e.g. teacher.cache=runs/teacher-cache")
+    dest = Path(cfg.teacher.cache)
+    _check_dest(dest, overwrite)
+    device = default_device()
+    precision = resolve_precision(cfg, device)
+    task = TASKS[cfg.teacher.task]
+    tok, teacher, student, vocab = _models(cfg, teacher_weights=True)
+    needs = build_plan(cfg.losses, student, teacher).teacher_needs
+    del student
+    capture = Capture(teacher, Needs(hidden=needs.hidden, qkv=needs.qkv))
+    train, held = task.load_data(cfg, tok)
+    blocks = train["input_ids"]
+    n, seq_len = blocks.shape[0], blocks.shape[1]
+    k = min(cfg.teacher.cache_top_k, vocab)
+    dtype = DTYPES[cfg.teacher.cache_dtype]
+    say(f"{precision}; caching {n} blocks of {seq_len} tokens: top-{k} log-probabilities"
+        + (f", {len(needs.hidden)} hidden and {len(needs.qkv)} q/k/v layers in {cfg.teacher.cache_dtype}" if needs.hidden or needs.qkv else ""))
+    teacher.to(device)
+    tmp = dest.absolute().parent / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = None
+    specs: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    from alignkd.display import Tasks
+
+    bs = cfg.train.batch_size
+    with Tasks(bar=True) as shown, torch.inference_mode():
+        for start in range(0, n, bs):
+            ids = torch.as_tensor(blocks[start : start + bs]).to(device)
+            rec = forward_record(teacher, capture, ids, torch.ones_like(ids, dtype=torch.bool), False)
+            out = _topk(rec.logits[..., :vocab], k)
+            out.update({hidden_key(b): h.to(dtype) for b, h in rec.hidden.items()})
+            out.update({qkv_key(b, p): x.to(dtype) for (b, p), x in rec.qkv.items()})
+            if writer is None:  # the first batch tells the bytes per block
+                per_block = sum(t[0].numel() * t.element_size() for t in out.values())
+                writer = _ShardWriter(tmp, max(1, SHARD_BYTES // per_block))
+                specs = {key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])} for key, t in out.items()}
+            writer.add(out)
+            shown.update("cache-teacher", f"{len(writer.shards)} shards written", done=min(start + bs, n), total=n)
+        writer.flush()
+    autocast = contextlib.nullcontext
+    teacher_eval = heldout(task, teacher, held, tok, batch_size=bs, batches=cfg.train.eval_batches, device=device, autocast=autocast)
+    meta = {
+        "version": VERSION,
+        "blocks": n,
+        "seq_len": seq_len,
+        "top_k": k,
+        "vocab": vocab,
+        "data_hash": data_hash(blocks, held["input_ids"]),
+        "teacher": cfg.teacher.path,
+        "teacher_fingerprint": teacher_fingerprint(cfg.teacher.path),
+        "teacher_dtype": cfg.teacher.dtype,
+        "bos": cfg.data.bos,
+        "tensors": specs,
+        "shards": writer.shards,
+        "teacher_eval": teacher_eval,
+        "teacher_eval_blocks": min(held["input_ids"].shape[0], bs * cfg.train.eval_batches),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=1))  # last: a folder without it is not a cache
+    from alignkd.engine.checkpoint import replace_dir
+
+    replace_dir(tmp, dest)
+    per = bytes_per_token(meta)
+    total = sum((dest / s["file"]).stat().st_size for s in meta["shards"])
+    say(
+        f"teacher cache: {dest} ({total / 1e6:.1f} MB, {n * seq_len} tokens, {meta['seconds']:.0f} s); bytes per token: "
+        + ", ".join(f"{key} {b}" for key, b in per.items())
+    )
+    return meta

@@ -1,0 +1,249 @@
+"""The chunk loop behind ``lm_head_kl``, ``lm_head_ce`` and ``lm_head_kl_ce``.
+
+The counted rows are walked in chunks of ``chunk_tokens``: each chunk's logits are
+made from the hidden states and the heads, the float32 maths gives the losses and
+their gradient w.r.t. the logits, and that gradient is pushed through the head
+into float32 buffers for the student's hidden states, head and bias. The backward
+pass multiplies those buffers by ``grad_output``.
+
+Precision: the head matmuls run in the plan's dtypes (see :func:`matmul_dtype`).
+In float32 they run per chunk, as before. In bf16 / fp16 they run per *block*
+of several chunks (``BLOCK_ELEMENTS``): a matmul of a few dozen rows wastes most
+of a bf16 unit, and pushing each chunk's gradient into the float32 ``[V, D]``
+head buffer rewrites that buffer once per chunk. A block's student logits are
+made in one matmul, its chunks are upcast one at a time for the float32 maths,
+each chunk's gradient is written back (rounded) over the block's logits, and the
+block's gradient is pushed through the head in two matmuls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from alignkd.losses._reduce import float32_math, mean_over
+from alignkd.losses.logits import _forward_kl_value_and_grad, kl_rows
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Elements of one [block rows, V] low-precision logits buffer (64 MB in bf16). On
+# an AMX CPU (V = 49152, D = 576, 1024 tokens) per-chunk bf16 matmuls of 85 rows
+# made the fused loss slower than full bf16 logits; blocks of 512 rows made it
+# faster. Never fewer rows than a chunk (on CUDA a chunk is already bigger).
+BLOCK_ELEMENTS = 1 << 25
+
+
+def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype of the head matmuls on ``hidden``: what the model's own head would run in.
+
+    Autocast's dtype when autocast is on for the device (the student's head under
+    mixed precision); else ``hidden``'s own when it is bf16 / fp16 (a model loaded
+    in that dtype, e.g. the teacher, whose forward runs outside autocast); else float32.
+    """
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype if hidden.dtype in LOW_PRECISION else torch.float32
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything of one call except the three student tensors that get gradients."""
+
+    teacher_hidden: torch.Tensor | None  # [N, D_t], detached; None: cross-entropy only
+    teacher_head: torch.Tensor | None  # [vocab, D_t] in teacher_dtype, detached
+    teacher_bias: torch.Tensor | None  # [vocab] in teacher_dtype
+    rows: torch.Tensor  # 1-D index of the rows walked (the KL's counted rows; CE alone: the labelled ones)
+    labels: torch.Tensor | None  # [N] long (negative = not counted), None without CE
+    n_ce: int  # rows counted by the cross-entropy
+    vocab: int
+    kind: str
+    temperature: float
+    beta: float
+    alpha: float
+    ce_weight: float  # weight of the CE in the single output; 1 when split
+    softcap: float | None
+    chunk_tokens: int
+    needs: tuple[bool, bool, bool]  # gradient wanted for (hidden, head, bias)
+    dtype: torch.dtype  # of the student's head matmuls (logits and gradient pushes)
+    teacher_dtype: torch.dtype  # of the teacher's head matmul
+    split: bool = False  # two outputs (KL, CE) with their own gradients, instead of KL + ce_weight * CE
+
+
+class HeadLoss(torch.autograd.Function):
+    """``apply(hidden, head, bias, plan)`` -> a tuple of float32 scalars (one, or (KL, CE) when split)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None, plan: Plan):
+        with float32_math(hidden):  # the dtypes are the plan's, not autocast's
+            values, grads = _evaluate(hidden, head, bias, plan)
+        ctx.save_for_backward(*(g for per_output in grads for g in per_output))
+        return tuple(values)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        saved = ctx.saved_tensors
+        total: list[torch.Tensor | None] = [None, None, None]
+        for i in range(3):
+            parts = [(saved[3 * k + i], go) for k, go in enumerate(grad_outs) if saved[3 * k + i] is not None]
+            # An output that does not reach the loss (a split call's unused half) adds
+            # nothing; the first one stays so that a gradient of zeros still flows.
+            parts = [(g, go) for g, go in parts if not bool(go == 0)] or parts[:1]
+            for g, go in parts:
+                # The usual caller backpropagates the loss itself (grad_out == 1): hand the
+                # buffers over as they are instead of allocating scaled copies.
+                g = g if bool(go == 1) else g * go.to(g.dtype)
+                total[i] = g if total[i] is None else total[i] + g
+        return (*total, None)
+
+
+class _Grads:
+    """float32 gradient buffers of one output w.r.t. (hidden ``[N, D]``, head, bias)."""
+
+    def __init__(self, h: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]):
+        f32 = {"dtype": torch.float32, "device": h.device}
+        self.h = torch.zeros(h.shape, **f32) if needs[0] else None
+        self.w = torch.zeros(head.shape, **f32) if needs[1] else None
+        self.b = torch.zeros(bias.shape, **f32) if needs[2] else None
+
+    def push(self, g: torch.Tensor, idx: torch.Tensor, hs: torch.Tensor, w: torch.Tensor, unscale: float) -> None:
+        """Add the gradient ``g`` ``[rows, vocab]`` w.r.t. the logits of rows ``idx`` (hidden ``hs``)."""
+        vocab = g.shape[1]
+        if g.dtype == torch.float32:  # straight into the buffers, no temporaries
+            if self.h is not None:
+                self.h.index_copy_(0, idx, g @ w)
+            if self.w is not None:
+                self.w[:vocab].addmm_(g.T, hs)
+            return
+        if self.h is not None:
+            self.h.index_copy_(0, idx, (g @ w).float().mul_(unscale))
+        if self.w is not None:
+            self.w[:vocab].add_(g.T @ hs, alpha=unscale)
+
+    def out(self, hidden, head, bias) -> list[torch.Tensor | None]:
+        return [
+            None if self.h is None else self.h.reshape(hidden.shape).to(hidden.dtype),
+            None if self.w is None else self.w.to(head.dtype),
+            None if self.b is None else self.b.to(bias.dtype),
+        ]
+
+
+def _block_rows(n: int, p: Plan) -> int:
+    """Rows per block of head matmuls: one chunk in float32; in bf16 / fp16 about
+    ``BLOCK_ELEMENTS // vocab``, evened out over the blocks (no ragged little last one)."""
+    if p.dtype not in LOW_PRECISION:
+        return p.chunk_tokens
+    most = max(p.chunk_tokens, BLOCK_ELEMENTS // p.vocab, 1)
+    blocks = max(1, -(-n // most))
+    return -(-n // blocks)
+
+
+def _evaluate(hidden, head, bias, p: Plan) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]]]:
+    """The outputs and, per output, their gradients w.r.t. (hidden, head, bias)."""
+    h = hidden.detach().reshape(-1, hidden.shape[-1])
+    w = head.detach()[: p.vocab].to(p.dtype)  # a view when the head is already in that dtype
+    b = None if bias is None else bias.detach()[: p.vocab].to(p.dtype)
+    want_grad = any(p.needs)
+    grads = [_Grads(h, head, bias, p.needs) for _ in range(2 if p.split else 1)]
+    low = p.dtype in LOW_PRECISION
+    n = p.rows.numel()
+    # fp16: push the gradient of the loss *sum* (entries O(1)) and divide after the
+    # matmul; that of the mean has most entries below fp16's smallest normal (6e-5).
+    # A power of two, so the scaling is exact. bf16 has float32's range.
+    scale = float(2 ** (max(n, 1).bit_length() - 1)) if p.dtype == torch.float16 else 1.0
+    f32 = {"dtype": torch.float32, "device": h.device}
+    kl_sum, ce_sum = torch.zeros((), **f32), torch.zeros((), **f32)
+    block = _block_rows(n, p)
+
+    for start in range(0, n, block):
+        blk = p.rows[start : start + block]
+        hs = h.index_select(0, blk).to(p.dtype)
+        zs_blk = F.linear(hs, w, b)  # [rows, vocab] in p.dtype
+        zt_blk = None
+        if p.teacher_hidden is not None:
+            zt_blk = F.linear(p.teacher_hidden.index_select(0, blk).to(p.teacher_dtype), p.teacher_head, p.teacher_bias)
+        # Low precision: each chunk's gradient (rounded) overwrites the block's logits
+        # once they are upcast; the CE of a split call gets a buffer of its own.
+        g_blks = None
+        if low and want_grad:
+            g_blks = [zs_blk] + [torch.empty_like(zs_blk) for _ in grads[1:]]
+        for j in range(0, blk.numel(), p.chunk_tokens):
+            sl = slice(j, j + p.chunk_tokens)
+            zs = _capped(zs_blk[sl].float(), p.softcap)
+            zt = None if zt_blk is None else _capped(zt_blk[sl].float(), p.softcap)
+            kl, ce, gs = _chunk(zs, zt, None if p.labels is None else p.labels.index_select(0, blk[sl]), p, want_grad, n)
+            kl_sum += kl
+            ce_sum += ce
+            for k, g in enumerate(gs):
+                if p.softcap is not None:  # chain rule through cap * tanh(z / cap): 1 - tanh^2
+                    g.mul_(1.0 - (zs / p.softcap).square())
+                if grads[k].b is not None:
+                    grads[k].b[: p.vocab] += g.sum(0)
+                if g_blks is None:
+                    grads[k].push(g, blk[sl], hs[sl], w, 1.0)
+                else:
+                    g_blks[k][sl].copy_(g if scale == 1.0 else g.mul_(scale))
+        if g_blks is not None:
+            for k, g_blk in enumerate(g_blks):
+                grads[k].push(g_blk, blk, hs, w, 1.0 / scale)
+
+    kl_mean, ce_mean = mean_over(kl_sum, n if p.teacher_hidden is not None else 0), mean_over(ce_sum, p.n_ce)
+    values = [kl_mean, ce_mean] if p.split else [kl_mean + p.ce_weight * ce_mean]
+    return values, [g.out(hidden, head, bias) for g in grads]
+
+
+def _chunk(zs, zt, labels, p: Plan, want_grad: bool, n: int):
+    """One chunk's summed KL and CE and the gradients w.r.t. its (capped) student logits:
+    one per output, each already divided by its count (and CE weighted)."""
+    kl = zs.new_zeros(())
+    g = None
+    if zt is not None:
+        kl, g = _kl_and_grad(zs, zt, p, want_grad)
+        if g is not None:
+            g.div_(n)
+    elif want_grad:  # cross-entropy only
+        g = torch.zeros_like(zs)
+    ce = zs.new_zeros(())
+    g_ce = None
+    if labels is not None:
+        g_ce = (torch.zeros_like(zs) if want_grad else None) if p.split else g
+        ce = _add_ce(zs, labels, g_ce, p.ce_weight / max(p.n_ce, 1))
+    gs = [] if g is None else [g, g_ce] if p.split else [g]
+    return kl, ce, gs
+
+
+def _capped(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    if softcap is not None:
+        z = torch.tanh(z.div_(softcap)).mul_(softcap)
+    return z
+
+
+def _kl_and_grad(zs: torch.Tensor, zt: torch.Tensor, p: Plan, want_grad: bool):
+    """Summed divergence of the chunk and its gradient w.r.t. the (capped) student logits."""
+    kw = {"kind": p.kind, "temperature": p.temperature, "beta": p.beta, "alpha": p.alpha}
+    if not want_grad:
+        return kl_rows(zs, zt, **kw).sum(), None
+    if p.kind == "forward":  # closed form T * (p_S - p_T), as kl_div does
+        per, g = _forward_kl_value_and_grad(p.temperature)(zs, zt)
+        return per.sum(), g
+    leaf = zs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = kl_rows(leaf, zt, **kw).sum()
+    (g,) = torch.autograd.grad(value, leaf)
+    return value.detach(), g
+
+
+def _add_ce(zs: torch.Tensor, labels: torch.Tensor, g: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Summed cross-entropy of the chunk's labelled rows; adds ``scale`` times its gradient to ``g``."""
+    sel = (labels >= 0).nonzero().squeeze(1)
+    if sel.numel() == 0:
+        return zs.new_zeros(())
+    z = zs.index_select(0, sel)
+    tgt = labels.index_select(0, sel).unsqueeze(1)
+    logp = z.log_softmax(-1)
+    ce = -logp.gather(1, tgt).sum()
+    if g is not None:  # d/dz of -log softmax(z)[y] = softmax(z) - onehot(y)
+        d = logp.exp_().scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=z.dtype))
+        g.index_add_(0, sel, d.mul_(scale))
+    return ce

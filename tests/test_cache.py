@@ -1,0 +1,205 @@
+"""The offline teacher cache: the top-k divergence against plain references, and cached runs against live ones.
+
+``sparse_kl`` is checked against a bucketed KL written out here and, with
+k = V, against the dense ``kl_div`` (values and gradients). A cache written with
+k = V in float32 must train exactly like the live teacher; a cache built for
+other data or layers, or a run whose terms need the live teacher, is a one-line
+error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import alignkd
+import tiny
+from alignkd.cache.format import META, bytes_per_token
+from alignkd.cache.write import cache_teacher
+from alignkd.config import load_config
+from alignkd.errors import ConfigError
+from alignkd.losses import KL_KINDS, kl_div, sparse_kl
+from test_engine import make_cfg, make_run, read_metrics
+
+
+def top_k(teacher_logits: torch.Tensor, k: int):
+    """The cache's view of teacher logits ``[..., V]``: top-k ids, log-probabilities and log tail mass."""
+    logp = torch.log_softmax(teacher_logits.float(), -1)
+    top = logp.topk(k, -1)
+    rest = logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+    return top.indices, top.values, rest
+
+
+def grads(fn, *xs):
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    value = fn(*xs)
+    value.backward()
+    return value.detach(), [x.grad for x in xs]
+
+
+# ---------------------------------------------------------------- the loss
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_k_equal_to_v_is_the_dense_divergence(kind, temperature):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 7, 37, generator=g) * 3, torch.randn(3, 7, 37, generator=g) * 3
+    mask = torch.rand(3, 7, generator=g) > 0.3
+    ids, lp, tail = top_k(t, 37)
+    assert torch.isinf(tail).all()
+    dense, (g_dense,) = grads(lambda x: kl_div(x, t, mask, kind=kind, temperature=temperature), s)
+    sparse, (g_sparse,) = grads(lambda x: sparse_kl(x, ids, lp, tail, mask, kind=kind, temperature=temperature), s)
+    tiny.assert_equal(sparse, dense)
+    tiny.assert_equal(g_sparse, g_dense)
+
+
+def bucket_forward_kl(s: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
+    """Plain reference: KL between the (top-k of the teacher, rest) coarsenings, row by row, in float64."""
+    total = []
+    for srow, trow in zip(s.double(), t.double()):
+        p, q = trow.softmax(-1), srow.softmax(-1)
+        top = p.topk(k).indices
+        rest = torch.ones_like(p, dtype=torch.bool)
+        rest[top] = False
+        pb = torch.cat([p[top], p[rest].sum().reshape(1)])
+        qb = torch.cat([q[top], q[rest].sum().reshape(1)])
+        total.append((pb * (pb.log() - qb.log())).sum())
+    return torch.stack(total).mean()
+
+
+@pytest.mark.parametrize("k", [1, 5, 36])
+def test_top_k_forward_kl_matches_the_bucketed_reference(k):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(11, 37, generator=g) * 2, torch.randn(11, 37, generator=g) * 2
+    ids, lp, tail = top_k(t, k)
+    got, (g_got,) = grads(lambda x: sparse_kl(x, ids, lp, tail), s)
+    want, (g_want,) = grads(lambda x: bucket_forward_kl(x, t, k), s.double())
+    tiny.assert_equal(got, want.float())
+    tiny.assert_equal(g_got, g_want.float())
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+def test_top_k_never_exceeds_the_dense_kl(kind):
+    """Coarsening loses information: the bucketed KL is a lower bound, and tightens as k grows."""
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(64, 50, generator=g) * 2, torch.randn(64, 50, generator=g) * 2
+    dense = kl_div(s, t, kind=kind)
+    values = [sparse_kl(s, *top_k(t, k), kind=kind) for k in (1, 4, 16, 49, 50)]
+    assert all(v <= dense + 1e-6 for v in values)
+    assert all(a <= b + 1e-6 for a, b in zip(values, values[1:]))
+    tiny.assert_equal(values[-1], dense)
+
+
+def test_edge_cases_all_masked_identical_and_bf16():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 5, 40, generator=g)
+    ids, lp, tail = top_k(s, 8)
+    # Nothing counted: 0 with a zero gradient, not NaN.
+    v, (gs,) = grads(lambda x: sparse_kl(x, ids, lp, tail, torch.zeros(2, 5, dtype=torch.bool)), s)
+    assert v.item() == 0 and torch.equal(gs, torch.zeros_like(gs))
+    # The student equal to the teacher: 0 for every kind.
+    for kind in KL_KINDS:
+        assert abs(sparse_kl(s, ids, lp, tail, kind=kind).item()) < 1e-6
+    # bf16 student logits: float32 maths inside, close to the float32 value.
+    t = torch.randn(2, 5, 40, generator=g)
+    ids, lp, tail = top_k(t, 8)
+    full = sparse_kl(s, ids, lp, tail)
+    half = sparse_kl(s.bfloat16(), ids, lp, tail)
+    assert half.dtype == torch.float32 and math.isclose(half.item(), full.item(), rel_tol=2e-2)
+
+
+def test_bad_shapes_say_what_is_wrong():
+    s = torch.randn(4, 10)
+    ids, lp, tail = top_k(torch.randn(4, 10), 3)
+    with pytest.raises(ValueError, match="positions"):
+        sparse_kl(s[:3], ids, lp, tail)
+
+
+# ---------------------------------------------------------------- cache and runs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return tiny.write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return tiny.save_model(tmp_path_factory.mktemp("teacher") / "llama", "llama", layers=2, width=32)
+
+
+LOSSES = [{"type": "kl"}, {"type": "ce", "weight": 0.5}, {"type": "hidden", "layers": [[0, 1]]}, {"type": "relation", "layers": [[0, 1]]}]
+
+
+def cached_cfg(teacher, corpus, out, cache, **teacher_fields):
+    cfg = make_cfg(teacher, corpus, out, losses=LOSSES, steps=4, fused_head=False)
+    cfg["teacher"].update({"cache": str(cache), **teacher_fields})
+    return cfg
+
+
+def test_a_full_cache_trains_exactly_like_the_live_teacher(teacher, corpus, tmp_path):
+    """k = V and float32 states: the cached run's losses equal the live run's, step by step."""
+    cache = tmp_path / "cache"
+    cfg = cached_cfg(teacher, corpus, tmp_path / "cached", cache, cache_top_k=100_000, cache_dtype="float32")
+    lines = []
+    meta = cache_teacher(load_config(data=copy.deepcopy(cfg)), say=lines.append)
+    assert meta["top_k"] == meta["vocab"] == 272
+    assert sorted(meta["tensors"]) == ["hidden.1", "ids", "logprobs", "qkv.1.k", "qkv.1.q", "qkv.1.v", "tail"]
+    assert "bytes per token" in lines[-1] and "hidden.1 128" in lines[-1]  # 32 float32 values
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the temporary folder was renamed away
+    live = copy.deepcopy(cfg)
+    del live["teacher"]["cache"]
+    live["train"]["output_dir"] = str(tmp_path / "live")
+    s_live, s_cached = alignkd.distill(load_config(data=live)), alignkd.distill(load_config(data=cfg))
+    rows_live, rows_cached = read_metrics(tmp_path / "live")[0], read_metrics(tmp_path / "cached")[0]
+    for a, b in zip(rows_live, rows_cached, strict=True):
+        for key in ("loss/kl", "loss/ce", "loss/hidden", "loss/relation", "loss"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (a["step"], key, a[key], b[key])
+    assert s_cached["teacher_eval"] == pytest.approx(s_live["teacher_eval"], rel=1e-5)
+
+
+def test_a_cached_run_never_loads_the_teacher_weights(teacher, corpus, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = cached_cfg(teacher, corpus, tmp_path / "run", cache, cache_top_k=8)
+    cfg["student"] = {"config": {"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32}}
+    cfg["losses"] = [{"type": "kl"}, {"type": "hidden", "layers": [[0, 1]]}]
+    cache_teacher(load_config(data=copy.deepcopy(cfg)), say=lambda m: None)
+    meta = json.loads((cache / META).read_text())
+    assert bytes_per_token(meta) == {"logits": 8 * 4 + 8 * 4 + 4, "hidden.1": 32 * 2}  # bfloat16 states
+    run = make_run(cfg)
+    assert all(p.device.type == "meta" for p in run.teacher.parameters())
+    from alignkd.engine.loop import next_batches
+    from alignkd.engine.step import optimizer_step
+
+    result = optimizer_step(run, 0, next_batches(run, 0))
+    assert not result.bad and all(math.isfinite(v) for v in result.means.values())
+
+
+def test_cache_mismatches_are_one_line_errors(teacher, corpus, tmp_path):
+    cache = tmp_path / "cache"
+    cfg = cached_cfg(teacher, corpus, tmp_path / "run", cache, cache_top_k=8)
+    cfg["losses"] = [{"type": "kl"}]
+    with pytest.raises(ConfigError, match="holds no teacher cache"):
+        make_run(cfg)
+    cache_teacher(load_config(data=copy.deepcopy(cfg)), say=lambda m: None)
+    with pytest.raises(ConfigError, match="not empty; pass --overwrite"):
+        cache_teacher(load_config(data=copy.deepcopy(cfg)), say=lambda m: None)
+    other_data = copy.deepcopy(cfg)
+    other_data["data"]["max_train_tokens"] = 400
+    with pytest.raises(ConfigError, match="other tokenised data.*cache-teacher"):
+        make_run(other_data)
+    more_layers = copy.deepcopy(cfg)
+    more_layers["losses"].append({"type": "hidden", "layers": [[0, 0]]})
+    with pytest.raises(ConfigError, match="lacks hidden.0"):
+        make_run(more_layers)
+    for kind in ("attention", "dkd", "blockwise"):
+        live_only = copy.deepcopy(cfg)
+        live_only["losses"] = [{"type": kind}]
+        with pytest.raises(ConfigError, match=f"the {kind} term needs the live teacher"):
+            load_config(data=live_only)
