@@ -203,3 +203,20 @@ def test_cache_mismatches_are_one_line_errors(teacher, corpus, tmp_path):
         live_only["losses"] = [{"type": kind}]
         with pytest.raises(ConfigError, match=f"the {kind} term needs the live teacher"):
             load_config(data=live_only)
+
+
+def test_the_command_line_writes_a_cache_and_prints_its_bytes_per_token(teacher, corpus, tmp_path, capsys):
+    import yaml
+
+    from alignkd.cli import main
+
+    cfg = cached_cfg(teacher, corpus, tmp_path / "run", tmp_path / "unused", cache_top_k=16)
+    cfg["losses"] = [{"type": "kl"}, {"type": "hidden", "layers": [[0, 0]]}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["cache-teacher", str(path), f"teacher.cache={tmp_path / 'cli_cache'}", "teacher.cache_dtype=float16"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "bytes per token: logits 132, hidden.0 64" in line  # 16 x (4 + 4) + 4; 32 float16 values
+    meta = json.loads((tmp_path / "cli_cache" / META).read_text())
+    assert meta["tensors"]["hidden.0"]["dtype"] == "float16" and meta["top_k"] == 16
+    assert main(["cache-teacher", str(path), f"teacher.cache={tmp_path / 'cli_cache'}", "--overwrite"]) == 0

@@ -633,7 +633,7 @@ def test_near_chance_warning(accuracy, chance, says):
 def test_eval_table_shows_the_retention_above_chance_and_the_warning():
     result = _result_of(["student"])
     teacher = result["models"]["teacher"]["metrics"]
-    teacher.update(accuracy=0.6, accuracy_above_chance=0.1)
+    teacher.update(accuracy=0.6, accuracy_above_chance=0.6 - 0.52)  # chance 0.52
     result["retention"]["student"] = retention(teacher, result["models"]["student"]["metrics"])
     result["warnings"] = [near_chance(teacher)]
     out = io.StringIO()
@@ -641,10 +641,10 @@ def test_eval_table_shows_the_retention_above_chance_and_the_warning():
     text = out.getvalue()
     row = next(line for line in text.splitlines() if "Accuracy above chance" in line)
     student_margin = result["models"]["student"]["metrics"]["accuracy_above_chance"]
-    assert "+10.0 pts" in row and f"{100 * student_margin:+.1f} pts" in row
-    assert f"{100 * student_margin / 0.1:.1f}%" in row  # (student - chance) / (teacher - chance), beside it
+    assert "+8.0 pts" in row and f"{100 * student_margin:+.1f} pts" in row
+    assert f"{100 * student_margin / (0.6 - 0.52):.1f}%" in row  # (student - chance) / (teacher - chance), beside it
     assert "Chance accuracy (majority class)" in text
-    assert "warning: the teacher's accuracy (60.0%) is only 10.0 points above chance" in " ".join(text.split())
+    assert "warning: the teacher's accuracy (60.0%) is only 8.0 points above chance (52.0%" in " ".join(text.split())
 
 
 def test_demo_headline_shows_both_retentions():

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from alignkd.losses import KL_KINDS, kl_div, lm_head_kl
+from alignkd.losses import _head_chunks
 from alignkd.losses import lm_head as lm_head_module
+from alignkd.losses.lm_head import lm_head_ce, lm_head_kl_ce
 from conftest import LOOSE, assert_close, assert_grad_close
 
 # Odd sizes on purpose, student and teacher of different widths.
@@ -313,10 +315,17 @@ def test_no_grad_gives_the_same_value(gen):
 # ----------------------------------------------------------------------------- autocast
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 7, None])
+# (chunk_tokens, BLOCK_ELEMENTS): one block of all rows in chunks of 1, 7 and the
+# default; blocks of 16 rows (2000 // 123) in chunks of 7, both ragged at the end.
+BLOCKING = [(1, None), (7, None), (None, None), (7, 2000)]
+
+
+@pytest.mark.parametrize("chunk_tokens,block", BLOCKING, ids=[f"chunk{c}-block{b}" for c, b in BLOCKING])
 @pytest.mark.parametrize("kind,kw", KIND_ARGS, ids=KIND_IDS)
-def test_parity_under_bf16_autocast(gen, kind, kw, chunk_tokens):
+def test_parity_under_bf16_autocast(gen, kind, kw, chunk_tokens, block, monkeypatch):
     # float32 student (as under autocast: float32 weights and hidden states), bf16 teacher.
+    if block is not None:
+        monkeypatch.setattr(_head_chunks, "BLOCK_ELEMENTS", block)
     d = bf16_teacher(make(gen))
     check_against_materialised(
         d, tol=LOOSE, value_tol=AUTOCAST_VALUE, autocast=torch.bfloat16,
@@ -326,7 +335,8 @@ def test_parity_under_bf16_autocast(gen, kind, kw, chunk_tokens):
 
 @pytest.mark.parametrize("kind", ["forward", "jsd"])
 def test_bf16_autocast_with_softcap_padded_heads_and_default_chunks(gen, kind, monkeypatch):
-    monkeypatch.setattr(lm_head_module, "CHUNK_ELEMENTS", 1000)  # 7 rows per chunk at V = 130, a ragged last one
+    monkeypatch.setattr(lm_head_module, "CHUNK_ELEMENTS", 1000)  # 8 rows per chunk at vocab 123
+    monkeypatch.setattr(_head_chunks, "BLOCK_ELEMENTS", 2000)  # ~16 rows per block: two chunks, the last ragged
     d = bf16_teacher(make(gen, vs=130, vt=123, lead=(5, 13)))
     _, (_, g_head, g_bias) = check_against_materialised(
         d, tol=LOOSE, value_tol=AUTOCAST_VALUE, autocast=torch.bfloat16,
@@ -373,8 +383,6 @@ def test_float16_autocast_keeps_the_gradient_of_rare_tokens(gen):
 
 
 def test_lm_head_ce_under_bf16_autocast():
-    from alignkd.losses import lm_head_ce
-
     g = torch.Generator().manual_seed(5)
     h = torch.randn(3, 11, 24, generator=g)
     w = torch.randn(130, 24, generator=g) * 0.3
@@ -394,6 +402,88 @@ def test_lm_head_ce_under_bf16_autocast():
     for what, mine, want in (("hidden", hf, hr), ("head", wf, wr)):
         assert mine.grad.dtype == torch.float32
         assert_grad_close(mine.grad, want.grad, **LOOSE, what=f"{what} gradient")
+
+
+# ----------------------------------------------------------------------------- KL and CE from one pass
+
+
+def reference_kl_and_ce(d, hs, ws, bs, *, vocab=None, softcap=None, autocast=None, **kw):
+    """kl_div and F.cross_entropy on the full logits (the CE over mask & labelled positions)."""
+    kl = materialised(d, hs, ws, bs, vocab=vocab, softcap=softcap, autocast=autocast, **kw)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        zs = F.linear(hs, ws, bs)
+    zs = capped(zs.float(), softcap)[..., : vocab or zs.shape[-1]]
+    sel = d["mask"] & (d["labels"] >= 0)
+    ce = F.cross_entropy(zs[sel], d["labels"][sel]) if sel.any() else zs.sum() * 0
+    return kl, ce
+
+
+def kl_and_ce(d, hs, ws, bs, autocast=None, **kw):
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        return lm_head_kl_ce(hs, ws, d["ht"], d["wt"], d["mask"], d["labels"], student_bias=bs, teacher_bias=d["bt"], **kw)
+
+
+SPLIT_CASES = [  # (kind, autocast, chunk_tokens, BLOCK_ELEMENTS, softcap)
+    ("forward", None, 5, None, None),
+    ("jsd", None, None, None, 2.5),
+    ("reverse", torch.bfloat16, 7, None, None),
+    ("forward", torch.bfloat16, 7, 2000, 2.5),
+    ("tvd", torch.bfloat16, 1, None, None),
+]
+
+
+@pytest.mark.parametrize("kind,autocast,chunk_tokens,block,softcap", SPLIT_CASES)
+def test_kl_and_ce_from_one_pass_have_their_own_gradients(gen, kind, autocast, chunk_tokens, block, softcap, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(_head_chunks, "BLOCK_ELEMENTS", block)
+    d = make(gen, vs=130, vt=123)
+    if autocast is not None:
+        d = bf16_teacher(d)
+    kw = {"kind": kind, "temperature": 1.7, "softcap": softcap, "vocab": 123}
+    value_tol, grad_tol = (F32, F32) if autocast is None else (AUTOCAST_VALUE, LOOSE)
+    # Each output alone, then a weighted sum (as GradNorm's per-term gradients, then the step's backward).
+    for weights in ((1.0, 0.0), (0.0, 1.0), (0.7, 1.9)):
+        a = student_leaves(d)
+        kl, ce = kl_and_ce(d, *a, autocast=autocast, chunk_tokens=chunk_tokens, **kw)
+        assert kl.dtype == ce.dtype == torch.float32
+        ga = grads_of(weights[0] * kl + weights[1] * ce, a)
+        b = student_leaves(d)
+        kl_ref, ce_ref = reference_kl_and_ce(d, *b, autocast=autocast, **kw)
+        gb = grads_of(weights[0] * kl_ref + weights[1] * ce_ref, b)
+        assert_close(kl, kl_ref, **value_tol, what="kl")
+        assert_close(ce, ce_ref, **value_tol, what="ce")
+        for name, g, r in zip(("hidden", "head", "bias"), ga, gb):
+            assert_grad_close(g, r, **grad_tol, what=f"{name} gradient at weights {weights}")
+        assert (ga[1][123:] == 0).all()
+
+
+def test_kl_and_ce_equal_the_separate_calls(gen):
+    d = make(gen)
+    a = student_leaves(d)
+    kl, ce = kl_and_ce(d, *a, kind="jsd", chunk_tokens=6)
+    (kl + ce).backward()
+    b = student_leaves(d)
+    kl_alone = lm_head_kl(b[0], b[1], d["ht"], d["wt"], d["mask"], kind="jsd", student_bias=b[2], teacher_bias=d["bt"], chunk_tokens=6)
+    ce_alone = lm_head_ce(b[0], b[1], torch.where(d["mask"], d["labels"], -100), bias=b[2], chunk_tokens=6)
+    (kl_alone + ce_alone).backward()
+    assert kl.item() == kl_alone.item()
+    assert_close(ce, ce_alone, **F32, what="ce")
+    for x, y in zip(a, b):
+        assert_grad_close(x.grad, y.grad, **F32, what="gradient")
+
+
+def test_kl_and_ce_with_nothing_counted_are_zero_with_zero_gradients(gen):
+    d = make(gen)
+    d["mask"] = torch.zeros(B, T, dtype=torch.bool)
+    a = student_leaves(d)
+    kl, ce = kl_and_ce(d, *a)
+    assert kl.item() == 0.0 and ce.item() == 0.0
+    for g in grads_of(kl + 2 * ce, a):
+        assert torch.isfinite(g).all() and (g == 0).all()
+    d = make(gen)
+    d["labels"] = torch.full((B, T), -100)
+    kl, ce = kl_and_ce(d, *student_leaves(d))
+    assert ce.item() == 0.0 and kl.item() > 0
 
 
 # ----------------------------------------------------------------------------- errors

@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import subprocess
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -321,3 +322,45 @@ def test_browser_screenshot_is_not_blank(report, tmp_path):
         assert im.size == (1280, 4000)
         colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 1000  # text, tables and plots, not an empty page
+
+
+# ---------------------------------------------------------------- accuracy above chance
+
+
+def _with_accuracies(run: Path, accuracies: dict[str, float], chance: float) -> None:
+    """Rewrite the run's eval.json as alignkd eval would have with these accuracies and this chance level."""
+    from alignkd.evaluate.catalogue import near_chance, retention
+
+    ev = json.loads((run / "eval.json").read_text())
+    for name, acc in accuracies.items():
+        ev["models"][name]["metrics"].update(accuracy=acc, accuracy_chance=chance, accuracy_above_chance=acc - chance)
+    teacher = ev["models"]["teacher"]["metrics"]
+    ev["retention"] = {n: retention(teacher, m["metrics"]) for n, m in ev["models"].items() if n != "teacher"}
+    ev["warnings"] = [w for w in (near_chance(teacher),) if w]
+    (run / "eval.json").write_text(json.dumps(ev))
+
+
+def test_a_teacher_near_chance_shows_the_retention_above_chance_and_a_warning(tmp_path):
+    """The demo's case: 63 % on two balanced classes keeps 96.8 % for a student at 61 %, but 84.6 % above chance."""
+    run = shutil.copytree(DATA / "report_run", tmp_path / "run")
+    _with_accuracies(run, {"teacher": 0.63, "student": 0.61, "baseline": 0.585}, chance=0.5)
+    paths = write_report(run)
+    md, html = paths["md"].read_text(), paths["html"].read_text()
+    table = md_table(md, "Evaluation")
+    assert tuple(table["Accuracy above chance"].values()) == ("+13.0 pts", "**+11.0 pts**", "+8.5 pts")
+    assert tuple(table["Chance accuracy (majority class)"].values()) == ("50.0%", "50.0%", "50.0%")  # a setting: never bold
+    kept = md_table(md, "Retention and speed-up")
+    assert tuple(kept["Accuracy retained"].values()) == ("**96.8%**", "92.9%")
+    assert tuple(kept["Accuracy retained above chance"].values()) == ("**84.6%**", "65.4%")
+    assert "accuracy 96.8%, accuracy above chance 84.6%, BLEU" in md
+    assert "The teacher's accuracy is near chance, so accuracy retention says little" in md
+    warning = "Warning: the teacher's accuracy (63.0%) is only 13.0 points above chance (50.0%: always answering the majority class)"
+    assert warning in md and escape(warning) in html
+
+
+def test_a_teacher_well_above_chance_gets_no_warning(tmp_path):
+    run = shutil.copytree(DATA / "report_run", tmp_path / "run")
+    _with_accuracies(run, {"teacher": 0.9, "student": 0.8, "baseline": 0.7}, chance=0.55)
+    md = write_report(run)["md"].read_text()
+    assert tuple(md_table(md, "Retention and speed-up")["Accuracy retained above chance"].values()) == ("**71.4%**", "42.9%")
+    assert "Warning" not in md and "near chance" not in md

@@ -400,3 +400,15 @@ def test_ratio_needs_an_output_term_and_the_types():
     dkd = build_weighting("ratio", ["dkd", "blockwise"], [1.0, 1.0], kinds=["dkd", "blockwise"])
     dkd.update({"dkd": torch.tensor(4.0), "blockwise": torch.tensor(2.0)}, [1.0, 1.0], [])
     assert dkd.weights().tolist() == pytest.approx([1.0, 2.0])  # block-wise KD is a feature term
+
+
+def test_ratio_without_an_output_term_is_a_one_line_config_error():
+    from alignkd.config import ConfigError, load_config
+
+    base = {"teacher": {"path": "t"}, "student": {"from_teacher": {"num_layers": 1}}, "data": {"train": "x.txt"}, "weighting": {"strategy": "ratio"}}
+    with pytest.raises(ConfigError) as info:
+        load_config(data={**base, "losses": [{"type": "ce"}, {"type": "hidden"}, {"type": "embedding"}]})
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("weighting.strategy: ratio") and "add {type: kl}" in msg
+    cfg = load_config(data={**base, "losses": [{"type": "dkd"}, {"type": "hidden", "weight": 0.0}]})  # dkd is a reference too
+    assert cfg.weighting.strategy == "ratio" and cfg.losses[1].weight == 0.0  # 0 stays 0 under ratio: allowed

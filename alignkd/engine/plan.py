@@ -41,7 +41,7 @@ class StudentSide(nn.Module):
         """Student forward: ``[B, T]`` ids and mask -> Record of logits (or final hidden states) and captured tensors."""
         return forward_record(self.student, self.capture, input_ids, attention_mask, self.fused_head)
 
-    def projector(self, name: str, block: int) -> nn.Module | None:
+    def projector(self, name: str, block: int | None) -> nn.Module | None:
         key = _key(name, block)
         return self.projectors[key] if key in self.projectors else None
 
@@ -101,7 +101,8 @@ def build_plan(losses: list[TermConfig], student: nn.Module, teacher: nn.Module)
             s_needs.merge(s)
             t_needs.merge(t)
         if kind.projected and ds != dt:
-            for s_block, _ in pairs:
+            # A term without a layer map (embedding) has one projector, keyed by its name alone.
+            for s_block in [s for s, _ in pairs] if kind.layered else [None]:
                 projectors[_key(cfg.name, s_block)] = Projector(ds, dt, norm=cfg.projector == "linear_norm")
         if kind.layered and cfg.layers == "adaptive":
             mixes[_key(cfg.name)] = AdaptiveMix([t for _, t in pairs], lt)

@@ -153,8 +153,7 @@ class Scores:
         self.n = len(blocks_of(teacher))
         even_layers(self.n, keep)  # a count the teacher cannot give stops here, in one line
         self.k = keep
-        self.span = self.n - keep
-        """Blocks a contiguous removal takes out."""
+        self.span = self.n - keep  # the blocks a contiguous removal takes out
 
     @functools.cached_property
     def _states(self) -> tuple[list[float], list[float]]:
