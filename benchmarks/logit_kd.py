@@ -11,7 +11,7 @@ states and head, from hidden states ``[tokens, D]`` and heads ``[V, D]`` of both
   (beta 0 / 0.5 / 1 for forward / jsd / reverse), when ``trl`` imports
   (``pip install -e .[bench]``); otherwise the column is left out with a note.
 
-    .venv/bin/python -m benchmarks.logit_kd [--quick] [--kind forward] [--repeats N] [--device cpu]
+    .venv/bin/python -m benchmarks.logit_kd [--quick] [--kind forward] [--repeats N] [--device cpu] [--autocast bf16]
 
 (from the repository root). Each case runs in its own process. Peak memory is
 what one forward + backward adds on top of the inputs: on CUDA
@@ -21,7 +21,9 @@ forward + backward minus its value once the inputs were built. Both include the
 gradients the step leaves behind (``[tokens, D]`` and ``[V, D]`` for the student);
 the CPU figure also counts allocator slack, so compare within a column's device.
 The time is the median of ``--repeats`` further forward + backward passes (gradients
-cleared in between). A case whose full logits would not fit in the memory
+cleared in between). ``--autocast bf16`` (or fp16) runs every method as a training step
+under mixed precision does: student hidden states and head in float32 under autocast,
+the teacher's hidden states and head in bf16 (a teacher loaded in bf16, outside autocast). A case whose full logits would not fit in the memory
 available is skipped (``-``).
 
 Targets (issue 8), read off the full table: at 8k tokens lm_head_kl's peak memory is
@@ -53,7 +55,7 @@ def trl_loss():
     return GKDTrainer.generalized_jsd_loss
 
 
-def run_case(method: str, tokens: int, vocab: int, width: int, kind: str, repeats: int, device: str) -> dict:
+def run_case(method: str, tokens: int, vocab: int, width: int, kind: str, repeats: int, device: str, autocast: str = "none") -> dict:
     """One case in this process: peak memory of the first forward + backward, median time of the rest."""
     import resource
     import time
@@ -66,24 +68,26 @@ def run_case(method: str, tokens: int, vocab: int, width: int, kind: str, repeat
     g = torch.Generator().manual_seed(0)
     hs = torch.randn(tokens, width, generator=g).to(device).requires_grad_(True)
     ws = (torch.randn(vocab, width, generator=g) * 3 / width**0.5).to(device).requires_grad_(True)
-    ht = torch.randn(tokens, width, generator=g).to(device)
-    wt = (torch.randn(vocab, width, generator=g) * 3 / width**0.5).to(device)
+    low = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
+    ht = torch.randn(tokens, width, generator=g).to(device, low or torch.float32)
+    wt = (torch.randn(vocab, width, generator=g) * 3 / width**0.5).to(device, low or torch.float32)
     mask = (torch.rand(tokens, generator=g) < 0.9).to(device)
     gjsd = trl_loss() if method == "trl" else None
 
     def step() -> float:
         hs.grad = ws.grad = None
-        if method == "lm_head_kl":
-            loss = lm_head_kl(hs, ws, ht, wt, mask, kind=kind)
-        else:
-            zs = hs @ ws.T
-            with torch.no_grad():
-                zt = ht @ wt.T
-            if method == "kl_div":
-                loss = kl_div(zs, zt, mask, kind=kind)
-            else:  # TRL masks with labels == -100 and averages over the counted tokens
-                labels = torch.where(mask, 0, -100)
-                loss = gjsd(zs[None], zt[None], labels[None], beta=TRL_BETA[kind], reduction="batchmean")
+        with torch.autocast(device.split(":")[0], dtype=low or torch.bfloat16, enabled=low is not None):
+            if method == "lm_head_kl":
+                loss = lm_head_kl(hs, ws, ht, wt, mask, kind=kind)
+            else:
+                zs = hs @ ws.T
+                with torch.no_grad():
+                    zt = ht @ wt.T
+                if method == "kl_div":
+                    loss = kl_div(zs, zt, mask, kind=kind)
+                else:  # TRL masks with labels == -100 and averages over the counted tokens
+                    labels = torch.where(mask, 0, -100)
+                    loss = gjsd(zs[None].float(), zt[None].float(), labels[None], beta=TRL_BETA[kind], reduction="batchmean")
         loss.backward()
         return loss.item()
 
@@ -129,7 +133,7 @@ def available_bytes(device: str) -> int:
 def spawn(method: str, tokens: int, vocab: int, width: int, args) -> dict | None:
     if method != "lm_head_kl" and full_logits_bytes(tokens, vocab) > 0.8 * available_bytes(args.device):
         return None
-    case = json.dumps([method, tokens, vocab, width, args.kind, args.repeats, args.device])
+    case = json.dumps([method, tokens, vocab, width, args.kind, args.repeats, args.device, args.autocast])
     out = subprocess.run([sys.executable, "-m", "benchmarks.logit_kd", "--case", case], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{method} at {tokens} tokens, V={vocab}, D={width} failed:\n{out.stderr[-3000:]}")
@@ -142,6 +146,7 @@ def main() -> None:
     p.add_argument("--kind", default="forward", help="divergence of lm_head_kl and kl_div (TRL: forward, jsd or reverse)")
     p.add_argument("--repeats", type=int, help="timed passes after the first (the memory one); default 3, 2 with --quick")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"], help="run the step under this autocast (teacher tensors in that dtype)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args()
     if args.case:
@@ -161,7 +166,8 @@ def main() -> None:
     else:
         methods.append("trl")
     threads = f"{torch.get_num_threads()} threads" if args.device == "cpu" else args.device
-    print(f"torch {torch.__version__}, {threads}; kind {args.kind}; float32; median of {args.repeats} forward+backward")
+    precision = "float32" if args.autocast == "none" else f"{args.autocast} autocast, teacher {args.autocast}"
+    print(f"torch {torch.__version__}, {threads}; kind {args.kind}; {precision}; median of {args.repeats} forward+backward")
     head = f"{'tokens':>7}{'V':>8}{'D':>5}" + "".join(f"{m + ' MB':>15}{m + ' ms':>15}" for m in methods)
     print(head + f"{'mem ratio':>11}{'time ratio':>11}")
     for vocab, width in shapes:

@@ -208,6 +208,9 @@ CASES: list[Case] = [
     Case("cache_top_k_zero", lambda w: ["cache-teacher", str(w.config), f"teacher.cache={w.out('cache_top_k_zero')}", "teacher.cache_top_k=0"], ("teacher.cache_top_k: must be >= 1",)),
     Case("cache_with_attention_term", lambda w: D(w, "cache_with_attention_term", f"teacher.cache={w.root / 'no_cache'}", "losses.2={type: attention}"), ("losses[2]", "the attention term needs the live teacher", "remove the term or teacher.cache")),
     Case("cache_missing", lambda w: D(w, "cache_missing", f"teacher.cache={w.root / 'no_cache'}"), ("no_cache holds no teacher cache", "alignkd cache-teacher CONFIG")),
+    # ---------------------------------------------------------------- finetune
+    Case("finetune_model_missing", lambda w: ["finetune", str(w.config), f"teacher.path={w.root / 'no_model'}", f"train.output_dir={w.out('finetune_model_missing')}"], ("teacher: model folder not found", "no_model")),
+    Case("finetune_into_a_run", lambda w: ["finetune", str(w.config), f"train.output_dir={w.old_run}"], ("already holds a run", "--resume", "--overwrite")),
     # ---------------------------------------------------------------- eval
     Case("eval_not_a_model", lambda w: ["eval", str(w.corpus), "--out", str(w.out("eval_not_a_model"))], ("has no config.json", "save_pretrained")),
     Case("eval_model_missing", lambda w: ["eval", str(w.root / "no_model"), "--out", str(w.out("eval_model_missing"))], ("model folder not found", "no_model")),

@@ -21,6 +21,7 @@ from alignkd.data import (
     DataError,
     build_classification_data,
     build_lm_data,
+    iter_pieces,
     pack,
     read_labelled,
     read_texts,
@@ -192,6 +193,49 @@ def test_empty_source(tmp_path, kind):
     with pytest.raises(DataError) as e:
         read_texts(str(p))
     assert one_line(e).startswith(f"no text found in {p}")
+
+
+def test_sources_are_read_as_consumed(tmp_path):
+    """A JSONL file is read line by line: its first document comes out before a broken line further on is reached."""
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a"}\n{"text": "b"}\n{text: c}\n', encoding="utf-8")
+    pieces = iter_pieces(str(p))
+    assert next(pieces) == ("a", True) and next(pieces) == ("b", True)
+    with pytest.raises(DataError, match=r"line 3 is not valid JSON"):
+        next(pieces)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+@pytest.mark.parametrize("bad", [b"\xff\xfe", b"\x00"])
+def test_streamed_files_keep_their_encoding_errors(tmp_path, monkeypatch, suffix, bad):
+    from alignkd.data import files
+
+    monkeypatch.setattr(files, "WHOLE_TEXT_BYTES", 16)  # the .txt file is read in pieces too
+    monkeypatch.setattr(files, "TEXT_PIECE_CHARS", 8)
+    p = tmp_path / f"d{suffix}"
+    p.write_bytes(b'{"text": "a b c"}\n' * 4 + b'{"text": "' + bad + b'"}\n')
+    with pytest.raises(DataError) as e:
+        read_texts(str(p))
+    assert one_line(e) == (
+        f"{p} is not UTF-8 text; convert it or give a .txt/.md/.jsonl/.csv file" if bad == b"\xff\xfe"
+        else f"{p} holds NUL bytes, so it is binary, not text; give a .txt/.md/.jsonl/.csv file"
+    )
+
+
+def test_a_big_text_file_is_one_document_in_pieces(tmp_path, monkeypatch):
+    from alignkd.data import files
+
+    monkeypatch.setattr(files, "WHOLE_TEXT_BYTES", 16)
+    monkeypatch.setattr(files, "TEXT_PIECE_CHARS", 8)
+    p = tmp_path / "d.txt"
+    text = "w1 w2\nw3\n\nw4 w5 w6\nw7\n \n"
+    p.write_text(text, encoding="utf-8")
+    pieces = list(iter_pieces(str(p)))
+    assert [end for _, end in pieces] == [False] * (len(pieces) - 1) + [True] and len(pieces) > 2
+    assert "".join(t for t, _ in pieces) == text and read_texts(str(p)) == [text]
+    p.write_text(" \n\t" * 20, encoding="utf-8")  # blank, however it is cut
+    with pytest.raises(DataError, match="no text found"):
+        read_texts(str(p))
 
 
 # ----------------------------------------------------------------------------- tokens and packing

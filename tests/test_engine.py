@@ -561,9 +561,9 @@ def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
     for losses in ([{"type": "dkd"}], [{"type": "kl"}, {"type": "blockwise"}]):
         run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses))
         assert not run.unwrapped.fused_head and run.heads is None
-    # Under bf16 autocast the model's own bf16 head is faster than the fused float32 one.
+    # Autocast does not turn it off: the fused head matmuls run in its dtype.
     run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}], mixed_precision="bf16"))
-    assert not run.unwrapped.fused_head
+    assert run.unwrapped.fused_head
     cls = make_run(make_cfg(tiny.save_model(tmp_path / "bert", "bert", task="sequence_classification"), _classification_jsonl(tmp_path / "c.jsonl"), tmp_path / "cls", losses=[{"type": "kl"}], task="sequence_classification"))
     assert cls.heads is None
 
@@ -620,3 +620,31 @@ def test_final_norm_compares_each_models_own_post_norm_states(teacher, corpus, t
     assert got["hidden"].item() == pytest.approx(hidden_mse(s_final, t_final, features).item(), rel=1e-5)
     assert got["embedding"].item() == pytest.approx(hidden_cosine(s_emb, t_emb, batch.mask).item(), rel=1e-5)
     assert got["hidden"].item() > 0.01  # a random student: the check compares something
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fused_head_terms_equal_the_logit_terms_under_bf16_autocast(corpus, tmp_path, family):
+    """As on full logits under bf16 autocast with a bf16 teacher (``auto`` on fast-bf16 hardware): the
+    fused terms make the same bf16 logits as the models' heads, so the values agree to float32 rounding
+    and the student's gradients to bf16's."""
+    teacher = tiny.save_model(tmp_path / "teacher", family, layers=2, width=32)
+    losses = [{"type": "kl", "kind": "jsd", "temperature": 2.0}, {"type": "ce"}, {"type": "hidden"}]
+    grads, values = {}, {}
+    for fused in (True, False):
+        cfg = make_cfg(teacher, corpus, tmp_path / f"out{fused}", losses=losses, fused_head=fused, mixed_precision="bf16")
+        cfg["teacher"]["dtype"] = "bfloat16"
+        run = make_run(cfg)
+        assert (run.heads is not None) is fused
+        batch = next_batches(run, 0)[0]
+        t_rec = teacher_forward(run, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what micro_step's accelerator.autocast() does
+            s_rec = run.side(batch.input_ids, batch.mask)
+            got = term_losses(run, batch, s_rec, t_rec, schedules_at(run, 0).temperatures)
+        sum(got.values()).backward()
+        values[fused] = {k: v.item() for k, v in got.items()}
+        grads[fused] = {n: p.grad.clone() for n, p in run.unwrapped.student.named_parameters() if p.grad is not None}
+    for k in values[False]:
+        assert values[True][k] == pytest.approx(values[False][k], rel=1e-4), k
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-2, atol=1e-2 * grads[False][n].abs().max().item() + 1e-9, msg=n)

@@ -83,18 +83,19 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def safe_cut(text: str, start: int = 1) -> int:
-    """Index just after the last ``"\\n"`` at or after ``start`` with non-space on both sides; 0 when there is none.
+    """Index of the last single space between two non-space characters at or after ``start``; 0 when there is none.
 
-    Tokenizers whose pre-tokenizer splits text at line breaks (GPT-2, SmolLM2,
-    Llama 3, Qwen byte-level BPE) give the same ids for ``text[:i]`` then
-    ``text[i:]`` as for ``text`` at such a cut; a cut inside a run of
-    whitespace would split tokens like ``"\\n\\n"``. SentencePiece tokenizers that
-    prefix a space to every input (Llama 2) can differ in the piece's first token.
+    Pre-tokenizers keep a word's leading space with the word and never join
+    two words (GPT-2, SmolLM2, Llama 3 and Qwen byte-level BPE; SentencePiece's
+    Metaspace), so ``text[:i]`` then ``text[i:]`` give the ids ``text`` gives
+    when cut just before such a space. A cut inside a whitespace run could
+    split tokens like ``"\\n\\n"``; a tokenizer that merges across words (none of
+    those) could differ at each cut.
     """
     i = len(text) - 1  # the last character has nothing after it: never a cut
-    while (i := text.rfind("\n", max(start, 1), i)) > 0:
+    while (i := text.rfind(" ", max(start, 1), i)) > 0:
         if not text[i - 1].isspace() and not text[i + 1].isspace():
-            return i + 1
+            return i
     return 0
 
 
@@ -109,7 +110,7 @@ def text_pieces(path: Path) -> Iterator[str]:
             # Only the new chunk (and the character before it) can hold a cut not already refused.
             seen = len(held)
             held += chunk
-            cut = safe_cut(held, seen - 1)
+            cut = safe_cut(held, seen - 1)  # a space at the old end had nothing after it: try it again
             if cut:
                 yield held[:cut]
                 held = held[cut:]

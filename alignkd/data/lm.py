@@ -10,6 +10,7 @@ import os
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ def _stream(source: str, tokenizer, text_field: str, split: str, max_tokens: int
     """``source``'s token stream (``[L]`` int32) and whether it came from a cache file."""
     eos_id = _eos_id(tokenizer)
     files = source_files(source)
-    pieces = lambda: iter_pieces(source, text_field=text_field, split=split)  # noqa: E731
+    pieces = partial(iter_pieces, source, text_field=text_field, split=split)  # read anew by each call
     if not wants_cache(files, setting):
         return memory_stream(pieces(), tokenizer, eos_id, max_tokens), False
     return cached_stream(

@@ -118,16 +118,23 @@ def lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):
     return f
 
 
+def fine_tunes_teacher(cfg: Config) -> bool:
+    """The student is the teacher's checkpoint and no term reads the teacher: its forward never runs."""
+    return cfg.student.path == cfg.teacher.path and not any(TERM_TYPES[t.type].uses_teacher for t in cfg.losses)
+
+
 def _models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs | None = None):
     """Tokenizer, frozen teacher, student, and the logit columns they share.
 
-    Without ``teacher_weights`` (default: when the run reads a teacher cache) the
-    teacher is left on the meta device: its structure, no weights. A student
-    copied from the teacher still needs them, so the teacher is then loaded,
-    copied from and emptied. ``inputs``: tokenizer and teacher already loaded.
+    Without ``teacher_weights`` the teacher is left on the meta device: its
+    structure, no weights. By default that is when the run reads a teacher cache,
+    or when the student is the teacher's own checkpoint trained on the ground
+    truth alone (``alignkd finetune``). A student copied from the teacher still
+    needs them, so the teacher is then loaded, copied from and emptied.
+    ``inputs``: tokenizer and teacher already loaded.
     """
     task = cfg.teacher.task
-    weights = cfg.teacher.cache is None if teacher_weights is None else teacher_weights
+    weights = not (cfg.teacher.cache or fine_tunes_teacher(cfg)) if teacher_weights is None else teacher_weights
     tok = inputs.tokenizer if inputs else load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
     copies_teacher = cfg.student.from_teacher is not None or (cfg.student.config is not None and cfg.student.init == "prune")
     if inputs:
@@ -139,9 +146,12 @@ def _models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs | N
     teacher = freeze(teacher)
     student = build_student(cfg.student, teacher, task)
     if not weights:
-        teacher.to("meta")  # frees the weights; the run reads the cache instead
+        teacher.to("meta")  # frees the weights: the run never calls the teacher
     for model, what in ((teacher, "teacher"), (student, "student")):
         check_positions(model, cfg.data.seq_len, what)
+        if task == "sequence_classification" and model.config.pad_token_id is None:
+            # A classifier made from a causal LM checkpoint finds each text's last token by the pad id.
+            model.config.pad_token_id = tok.pad_token_id
     if cfg.student.path is not None:
         try:
             check_tokenizers(tok, load_tokenizer(cfg.student.path, what="student"))
@@ -212,7 +222,7 @@ def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | Non
     horizon = Horizon(cfg.train.steps, max_seconds)
     # Stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio))
-    if cache is None:
+    if next(teacher.parameters()).device.type != "meta":  # a teacher that never runs is not placed
         teacher = place_teacher(teacher, accelerator, cfg.teacher.placement, say)
     weighting.to(accelerator.device)
     side, optimizer = accelerator.prepare(side, optimizer)
@@ -285,15 +295,9 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
         if run.selection is not None:
             write_scores(run.selection, out)
     accelerator.wait_for_everyone()
+    teacher_eval = _teacher_eval(run, say)  # before a resume replaces the student's weights
     start = resume_latest(run, say) if resume else 0
     student = run.unwrapped.student
-    if run.cache is None:
-        teacher_eval = run.evaluate(run.teacher)
-    else:  # measured when the cache was built, on the same eval data
-        teacher_eval = run.cache.meta["teacher_eval"]
-        blocks = min(run.eval_data["input_ids"].shape[0], cfg.train.batch_size * cfg.train.eval_batches)
-        if blocks != run.cache.meta["teacher_eval_blocks"]:
-            say(f"teacher held-out numbers from the cache: {run.cache.meta['teacher_eval_blocks']} eval blocks (the student's: {blocks})")
     say(
         f"teacher {param_count(run.teacher) / 1e6:.2f}M params ({len(blocks_of(run.teacher))} blocks), "
         f"student {param_count(student) / 1e6:.2f}M ({len(blocks_of(student))} blocks); "
@@ -330,6 +334,20 @@ def select_blocks(cfg: Config, say=print) -> tuple[Selection, Path]:
         say(note)
     Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
     return selection, write_scores(selection, cfg.train.output_dir)
+
+
+def _teacher_eval(run: Run, say) -> dict:
+    """The teacher's held-out numbers: measured, read from the teacher cache, or, when the
+    student starts as the teacher's checkpoint and the teacher never runs, the student's at step 0."""
+    if run.cache is not None:  # measured when the cache was built, on the same eval data
+        meta, cfg = run.cache.meta, run.cfg
+        blocks = min(run.eval_data["input_ids"].shape[0], cfg.train.batch_size * cfg.train.eval_batches)
+        if blocks != meta["teacher_eval_blocks"]:
+            say(f"teacher held-out numbers from the cache: {meta['teacher_eval_blocks']} eval blocks (the student's: {blocks})")
+        return meta["teacher_eval"]
+    if next(run.teacher.parameters()).device.type == "meta":
+        return run.evaluate(run.unwrapped.student)
+    return run.evaluate(run.teacher)
 
 
 def _say(accelerator: Accelerator):

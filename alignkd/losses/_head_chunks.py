@@ -7,7 +7,7 @@ into float32 buffers for the student's hidden states, head and bias. The backwar
 pass multiplies those buffers by ``grad_output``.
 
 Precision: the head matmuls run in the plan's dtypes (see :func:`matmul_dtype`).
-In float32 they run per chunk, as before. In bf16 / fp16 they run per *block*
+In float32 they run per chunk. In bf16 / fp16 they run per *block*
 of several chunks (``BLOCK_ELEMENTS``): a matmul of a few dozen rows wastes most
 of a bf16 unit, and pushing each chunk's gradient into the float32 ``[V, D]``
 head buffer rewrites that buffer once per chunk. A block's student logits are

@@ -78,7 +78,9 @@ def lm_head_kl(
         labels: int ``[B, T]`` or ``[N]``: the target token at each position (the causal
             shift is the caller's); negative ids (e.g. -100) are not counted.
         ce_weight: weight of the student's cross-entropy on ``labels`` (temperature 1).
-        chunk_tokens: tokens per chunk; default ``CHUNK_ELEMENTS // vocab`` (16 MB temporaries; 256 MB on CUDA).
+        chunk_tokens: tokens per chunk of the float32 maths; default ``CHUNK_ELEMENTS // vocab``
+            (16 MB temporaries; 256 MB on CUDA). bf16 / fp16 head matmuls run on blocks of
+            several chunks (``_head_chunks.BLOCK_ELEMENTS``).
         student_bias, teacher_bias: optional head biases ``[V_s]`` / ``[V_t]``.
         softcap: logits = softcap * tanh(logits / softcap) on both models, before the
             temperature (Gemma-2/3 ``final_logit_softcapping``).
