@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=int, default=None, help="exact optimizer steps of each training run (default: a time budget, --minutes)")
     m.add_argument("--minutes", type=float, default=None, help="training-time budget of the distillation (default 5; the baseline then runs as many steps)")
     m.add_argument("--out", default="runs/demo", help="demo output folder")
+
+    st = sub.add_parser("study", help="run a study file's variants on the same training budget; write study.md, study.html, study.json")
+    st.add_argument("study", help="study file (see configs/studies/)")
+    st.add_argument("--quick", action="store_true", help="the same variants on tiny stand-in models and generated text, a few steps each (about a minute)")
+    st.add_argument("--out", help="output folder (default: runs/study/STUDY, or runs/study/STUDY-quick)")
+    st.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants; the table keeps the others' finished runs")
     return parser
 
 
@@ -241,6 +247,27 @@ def _demo(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    from alignkd.study import load_study
+
+    study = load_study(args.study)  # a bad study file stops before torch is imported
+    out = Path(args.out or Path("runs") / "study" / (study.path.stem + ("-quick" if args.quick else "")))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a folder for the study's runs and tables")
+    from transformers.utils import logging as hf_logging
+
+    from alignkd.study import run_study
+
+    hf_logging.disable_progress_bar()
+    result = run_study(study, out, quick=args.quick, only=args.only)
+    for name in ("study.md", "study.html", "study.json"):
+        print(f"wrote {out / name}")
+    failed = [v["name"] for v in result["variants"] if v["status"] == "failed"]
+    if failed:
+        print(f"failed: {', '.join(failed)} (see study.md)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 # Each command translates its flags into the domain's arguments and prints what it returns;
 # heavy dependencies (torch, transformers) are imported only when a command runs.
 COMMANDS = {
@@ -252,6 +279,7 @@ COMMANDS = {
     "eval": _eval,
     "report": _report,
     "demo": _demo,
+    "study": _study,
 }
 
 

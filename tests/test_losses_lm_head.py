@@ -472,6 +472,13 @@ def test_kl_and_ce_equal_the_separate_calls(gen):
         assert_grad_close(x.grad, y.grad, **F32, what="gradient")
 
 
+def test_kl_and_ce_needs_labels(gen):
+    d = make(gen)
+    with pytest.raises(ValueError, match="lm_head_kl_ce: labels are required") as e:
+        lm_head_kl_ce(d["hs"], d["ws"], d["ht"], d["wt"], d["mask"], None)
+    assert "\n" not in str(e.value)
+
+
 def test_kl_and_ce_with_nothing_counted_are_zero_with_zero_gradients(gen):
     d = make(gen)
     d["mask"] = torch.zeros(B, T, dtype=torch.bool)

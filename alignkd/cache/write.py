@@ -95,7 +95,7 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     needs = build_plan(cfg.losses, student, teacher).teacher_needs
     del student
     capture = Capture(teacher, Needs(hidden=needs.hidden, qkv=needs.qkv))
-    train, held = task.load_data(cfg, tok)
+    train, held = task.load_data(cfg, tok, say)
     blocks = train["input_ids"]
     n, seq_len = blocks.shape[0], blocks.shape[1]
     k = min(cfg.teacher.cache_top_k, vocab)

@@ -13,9 +13,23 @@ that says what to fix.
 
 from alignkd.data.blocks import Blocks
 from alignkd.data.classification import ClassificationData, build_classification_data
-from alignkd.data.lm import BOS_SETTINGS, LMData, build_lm_data, pack, resolve_bos, tokenize_texts, wants_bos
+from alignkd.data.lm import (
+    BOS_SETTINGS,
+    LMData,
+    build_lm_data,
+    pack,
+    resolve_bos,
+    tokenize_texts,
+    wants_bos,
+)
 from alignkd.data.sampler import BlockSampler, split_indices
-from alignkd.data.sources import EVAL_SPLIT, FILE_SUFFIXES, iter_pieces, read_labelled, read_texts
+from alignkd.data.sources import (
+    EVAL_SPLIT,
+    FILE_SUFFIXES,
+    iter_pieces,
+    read_labelled,
+    read_texts,
+)
 from alignkd.errors import DataError
 
 __all__ = [

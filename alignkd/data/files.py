@@ -107,7 +107,6 @@ def text_pieces(path: Path) -> Iterator[str]:
     held = ""  # text read but not yet handed out: everything after the last cut
     with path.open(encoding="utf-8") as f:
         for chunk in _decoded(path, iter(lambda: f.read(TEXT_PIECE_CHARS), "")):
-            # Only the new chunk (and the character before it) can hold a cut not already refused.
             seen = len(held)
             held += chunk
             cut = safe_cut(held, seen - 1)  # a space at the old end had nothing after it: try it again

@@ -116,8 +116,8 @@ def train(run, start_step: int = 0) -> dict:
             if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or last:
                 ev = {**run.evaluate(run.unwrapped.student), "split": "eval", "step": done}
                 progress.note(ev)
-                if log:
-                    log.write(ev)
+                if log:  # train_s: the training clock at this step (what max_minutes counts), for curves against time
+                    log.write({**ev, "train_s": round(elapsed, 3)})
             # A skipped step is not saved on its own: the last good checkpoint stays the newest.
             saved = ((cfg.train.save_every and done % cfg.train.save_every == 0) and not result.bad) or last
             if saved:

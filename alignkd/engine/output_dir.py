@@ -14,7 +14,8 @@ RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "block_scores.json"
 RUN_DIRS = ("checkpoints", "student", "tensorboard")
 # Settings a resumed run may change: they do not change what a step computes.
 RESUMABLE = {"train.steps", "train.max_minutes", "train.log_every", "train.eval_every", "train.eval_batches",
-             "train.save_every", "train.keep_checkpoints", "train.progress", "train.output_dir"}
+             "train.save_every", "train.keep_checkpoints", "train.progress", "train.output_dir",
+             "data.token_cache"}  # where tokens are cached, not which
 
 
 def holds_run(out: Path) -> bool:

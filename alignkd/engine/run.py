@@ -214,7 +214,7 @@ def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | Non
         w.strategy, [t.cfg.name for t in plan.terms], [t.cfg.weight for t in plan.terms],
         alpha=w.alpha, lr=w.lr, every=w.every, kinds=[t.cfg.type for t in plan.terms],
     )
-    train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok)
+    train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
     if cache is not None:
         cache.check(cfg, train_data["input_ids"], eval_data["input_ids"], plan.teacher_needs, vocab)
     optimizer = _optimizer(cfg, side, weighting)

@@ -140,6 +140,8 @@ def lm_head_kl_ce(
         cross-entropy over the counted positions with a label (0 with zero gradients
         when there are none).
     """
+    if labels is None:
+        raise ValueError("lm_head_kl_ce: labels are required (the target token at each position; -100 where there is none)")
     plan = _kl_plan(
         student_hidden, student_head, teacher_hidden, teacher_head, mask, kind=kind, temperature=temperature,
         beta=beta, alpha=alpha, labels=labels, ce_weight=1.0, chunk_tokens=chunk_tokens,

@@ -11,7 +11,6 @@ same factor.
 from __future__ import annotations
 
 import csv
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,13 +54,21 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
-def real_shape(config_json: Path | None, fallback: dict) -> dict:
-    """The teacher's shape from its config.json when it is on this machine, else ``fallback`` (the study's ``quick.teacher``)."""
-    if config_json is not None and config_json.is_file():
+def real_shape(folder: Path | None, fallback: dict) -> dict:
+    """The teacher's shape from its config.json when it is on this machine, else ``fallback`` (the study's ``quick.teacher``).
+
+    Read through ``AutoConfig``, so families that spell the keys otherwise (GPT-2's ``n_layer``) give the same names.
+    """
+    if folder is not None and (folder / "config.json").is_file():
+        from transformers import AutoConfig
+
         try:
-            return json.loads(config_json.read_text())
+            cfg = AutoConfig.from_pretrained(folder)
         except (OSError, ValueError):
-            pass
+            cfg = None
+        if cfg is not None:
+            keys = (*KEPT, "hidden_size", "intermediate_size", "head_dim")
+            return {k: getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None}
     return {**DEFAULT_SHAPE, **fallback}
 
 

@@ -1,0 +1,156 @@
+"""study.json, study.md and study.html: one table row per variant and the held-out metric against training time.
+
+Built once as the report's blocks (:mod:`alignkd.report.document`) and rendered
+by the report's renderers: study.html is self-contained (the plot as a base64
+PNG), study.md links ``study_files/curves.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from alignkd.evaluate.catalogue import BY_KEY, points
+from alignkd.report.document import Block, Cell, Plot, Table
+from alignkd.report.plots import PALETTE, STYLE, _log_if_wide, _new_figure, _png
+from alignkd.report.render import to_html, to_markdown
+from alignkd.study.results import METRICS, Row, best, change, collect, metric_of
+from alignkd.study.spec import Study
+
+
+def write_study(study: Study, out: Path, quick: bool) -> dict:
+    """Read every variant's run under ``out`` and write the three files; returns what study.json holds."""
+    key = metric_of(study)
+    rows = collect(study, out, quick)
+    ref = next(r for r in rows if r.name == study.reference)
+    result = {
+        "title": study.title,
+        "study_file": str(study.path),
+        "quick": quick,
+        "budget": {k: v for k, v in vars(study.spec.budget).items() if v is not None} if not quick else {"steps": study.spec.quick.steps},
+        "metric": key,
+        "better": BY_KEY[METRICS[key]].better,
+        "reference": ref.name,
+        "variants": [{**dataclasses.asdict(r), "change_vs_reference": change(r.value, ref.value, key)} for r in rows],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(result, indent=2))
+    plot = _curves(rows, key, ref)
+    blocks = _blocks(study, out, quick, rows, key, ref, plot)
+    files = {}
+    if plot is not None:
+        (out / "study_files").mkdir(exist_ok=True)
+        (out / "study_files" / "curves.png").write_bytes(plot.png)
+        files[plot.name] = "study_files/curves.png"
+    (out / "study.html").write_text(to_html(blocks, f"alignkd study: {study.title}"), encoding="utf-8")
+    (out / "study.md").write_text(to_markdown(blocks, files), encoding="utf-8")
+    return result
+
+
+def budget_text(study: Study, quick: bool) -> str:
+    if quick:
+        return f"{study.spec.quick.steps} steps each on tiny stand-in models (--quick: a check that the study runs, not a result)"
+    b = study.spec.budget
+    return f"{b.minutes:g} training minutes each (a faster recipe gets more steps)" if b.minutes is not None else f"{b.steps} optimizer steps each"
+
+
+def _blocks(study: Study, out: Path, quick: bool, rows: list[Row], key: str, ref: Row, plot: Plot | None) -> list[Block]:
+    label = METRICS[key]
+    blocks: list[Block] = [
+        ("h1", f"Study: {study.title}"),
+        ("meta", f"Study file: {study.path}; runs in {out.resolve()}; budget: {budget_text(study, quick)}."),
+        ("p", _headline(rows, key, ref)),
+    ]
+    if study.spec.about:
+        blocks.append(("p", study.spec.about))
+    blocks += [("h2", "Results"), ("table", _table(rows, key, ref))]
+    for r in rows:
+        if r.status == "failed":
+            blocks.append(("p", f"{r.name} failed: {r.error}"))
+    if plot is not None:
+        blocks += [("h2", f"Held-out {label} against training time"), ("plot", plot)]
+    variants = Table(["variant", "what it tries", "builds on"])
+    for v in study.spec.variants:
+        variants.rows.append([Cell(v.name), Cell(v.about or "—"), Cell(v.extends or "base")])
+    blocks += [("h2", "Variants"), ("table", variants), ("h2", "Study file"), ("code", study.path.read_text(errors="replace"))]
+    return blocks
+
+
+def _headline(rows: list[Row], key: str, ref: Row) -> str:
+    metric = BY_KEY[METRICS[key]]
+    top = best(rows, key)
+    if top is None:
+        return "No variant has finished yet."
+    text = f"Best held-out {metric.label.lower()}: {top.name}, {metric.fmt(top.value)}"
+    if top is not ref and math.isfinite(ref.value):
+        text += f" ({_change_text(change(top.value, ref.value, key), key)} against {ref.name}, {metric.fmt(ref.value)})"
+    missing = [r.name for r in rows if r.status != "done"]
+    if missing:
+        text += f". Not in the comparison: {', '.join(missing)} (failed or not run)"
+    return text + "."
+
+
+def _change_text(c: float, key: str) -> str:
+    if not math.isfinite(c):
+        return "—"
+    return points(c) if key == "eval_accuracy" else f"{100 * c:+.1f}%"
+
+
+def _table(rows: list[Row], key: str, ref: Row) -> Table:
+    metric = BY_KEY[METRICS[key]]
+    top = best(rows, key)
+    t = Table(["variant", "steps", "train min", "other min", f"held-out {metric.label.lower()}", f"vs {ref.name}", "params"])
+    for r in rows:
+        if r.status != "done":
+            t.rows.append([Cell(r.name), Cell("—"), Cell("—"), Cell("—"), Cell(r.status), Cell("—"), Cell("—")])
+            continue
+        other = (r.wall_s - r.train_s) / 60 if r.wall_s is not None and r.train_s is not None else math.nan
+        vs = "reference" if r is ref else _change_text(change(r.value, ref.value, key), key)
+        t.rows.append([
+            Cell(r.name),
+            Cell(f"{r.steps:,}" if r.steps is not None else "—"),
+            Cell(f"{r.train_s / 60:.2f}" if r.train_s is not None and math.isfinite(r.train_s) else "—"),
+            Cell(f"{other:.2f}" if math.isfinite(other) else "—"),
+            Cell(metric.fmt(r.value) if math.isfinite(r.value) else "nan", bold=r is top),
+            Cell(vs),
+            Cell(BY_KEY["params"].fmt(r.params) if r.params is not None else "—"),
+        ])
+    teacher = next((r.teacher for r in (ref, *rows) if math.isfinite(r.teacher)), math.nan)
+    if math.isfinite(teacher):
+        t.rows.append([Cell("teacher"), Cell(""), Cell(""), Cell(""), Cell(metric.fmt(teacher)), Cell(""), Cell("")])
+    return t
+
+
+def _curves(rows: list[Row], key: str, ref: Row) -> Plot | None:
+    import matplotlib
+
+    drawn = [r for r in rows if r.status == "done" and any(math.isfinite(p["train_s"]) for p in r.curve)]
+    if not drawn:
+        return None
+    metric = BY_KEY[METRICS[key]]
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure(4.2)
+        ax = fig.subplots()
+        curves = []
+        for i, r in enumerate(drawn):
+            pts = [(p["train_s"] / 60, p["value"]) for p in r.curve if math.isfinite(p["train_s"])]
+            xs, ys = [x for x, _ in pts], [y for _, y in pts]
+            ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], marker="o", markersize=3.5, label=r.name, linewidth=2.2 if r is ref else 1.6)
+            curves.append(ys)
+        if math.isfinite(ref.teacher):
+            ax.axhline(ref.teacher, color="#888888", linestyle=":", linewidth=1.2, label="teacher")
+            curves.append([ref.teacher])
+        _log_if_wide(ax, *curves)
+        ax.set_xlabel("training minutes")
+        ax.set_ylabel(metric.label.lower())
+        ax.set_title(f"Held-out {metric.label.lower()} against training time")
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+        png = _png(fig)
+    caption = (
+        f"Each variant's held-out {metric.label.lower()} at each of its evaluations, against its training clock "
+        "(what the minutes budget counts; set-up and block selection not included)"
+        + ("; dotted: the reference's teacher on the same blocks." if math.isfinite(ref.teacher) else ".")
+    )
+    return Plot("curves", f"Held-out {metric.label.lower()} against training time", caption, png)
