@@ -123,6 +123,12 @@ def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
         )
         for name, v in values.items():
             sums[name] = sums.get(name, 0.0) + v.double() * counts[k]
+    # DDP averages the side's gradients over processes; the weighting's own parameters
+    # (uncertainty's log-variances) sit outside it, so they are averaged here.
+    if acc.num_processes > 1:
+        for p in run.weighting.model_params():
+            if p.grad is not None:
+                p.grad.copy_(acc.reduce(p.grad, "mean"))
     # With clipping off, an infinite bound still returns the norm for the log.
     max_norm = run.cfg.train.max_grad_norm
     grad_norm = float(acc.clip_grad_norm_(run.side.parameters(), max_norm if max_norm > 0 else math.inf))
