@@ -250,7 +250,7 @@ def _demo(args) -> int:
 def _study(args) -> int:
     from alignkd.study import load_study
 
-    study = load_study(args.study)  # a bad study file stops before torch is imported
+    study = load_study(args.study)  # a bad study file stops here, before any stand-in or run
     out = Path(args.out or Path("runs") / "study" / (study.path.stem + ("-quick" if args.quick else "")))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; choose a folder for the study's runs and tables")

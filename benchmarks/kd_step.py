@@ -128,7 +128,7 @@ def timed(step, spec: dict) -> dict:
     }
 
 
-def prepare_case(spec: dict) -> dict:
+def prepare_case(spec: dict, case: str) -> dict:
     """Save the student (as ``setup`` builds it) and the packed blocks for the plain-PyTorch cases."""
     import torch
 
@@ -191,12 +191,13 @@ def gjsd_here(student_logits, teacher_logits, labels, beta: float):
 def trl_gjsd():
     """(TRL's generalized_jsd_loss and its label, or our own maths and why) for case f."""
     try:
+        import trl
+
         try:
             from trl import GKDTrainer
-        except ImportError:
-            from trl.experimental.gkd import GKDTrainer  # where newer trl releases keep it
-        import trl
-    except Exception:
+        except ImportError:  # newer trl releases keep it here
+            from trl.experimental.gkd import GKDTrainer
+    except Exception:  # noqa: BLE001 (a trl built for other torch/transformers fails in many ways)
         return gjsd_here, "re-implementation, trl not importable"
     return GKDTrainer.generalized_jsd_loss, f"trl {trl.__version__} generalized_jsd_loss"
 
@@ -207,9 +208,11 @@ def plain_case(spec: dict, case: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     blocks = torch.load(spec["blocks"])
-    g = torch.Generator().manual_seed(0)
-    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # noqa: E731
-    note = ""
+    g, note = torch.Generator().manual_seed(0), ""
+
+    def load(path: str):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
     if case == "t":
         teacher = load(spec["teacher"]).eval()
 
@@ -242,14 +245,6 @@ def plain_case(spec: dict, case: str) -> dict:
     return {**timed(step, spec), "note": note}
 
 
-def child(case: str, spec: dict) -> dict:
-    if case == "prepare":
-        return prepare_case(spec)
-    if case in LOSSES:
-        return alignkd_case(spec, case)
-    return plain_case(spec, case)
-
-
 # ----------------------------------------------------------------------------- parent
 
 
@@ -257,7 +252,7 @@ def spawn(case: str, spec_path: Path, python: str, env: dict) -> dict:
     """Run one case in its own process; its result, or ``{"note": why it failed}``."""
     out = subprocess.run(
         [python, "-m", "benchmarks.kd_step", "--case", case, "--spec", str(spec_path)],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent, check=False,
     )
     if out.returncode:
         print(f"[{case}] failed:\n{out.stderr[-3000:]}", file=sys.stderr)
@@ -270,7 +265,7 @@ def build_cache(spec: dict, case: str, env: dict) -> str | None:
     """Write the teacher cache of a cache case with the CLI; None when done, else why not."""
     import yaml
 
-    probe = subprocess.run([sys.executable, "-c", CLI, "cache-teacher", "--help"], capture_output=True, text=True, env=env)
+    probe = subprocess.run([sys.executable, "-c", CLI, "cache-teacher", "--help"], capture_output=True, text=True, env=env, check=False)
     if probe.returncode:
         return "not available (no `alignkd cache-teacher`)"
     work = Path(spec["work"])
@@ -279,7 +274,7 @@ def build_cache(spec: dict, case: str, env: dict) -> str | None:
     t0 = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", CLI, "cache-teacher", str(work / f"{case}.yaml"), f"teacher.cache={spec['caches'][case]}"],
-        capture_output=True, text=True, env=env,
+        capture_output=True, text=True, env=env, check=False,
     )
     if out.returncode:
         lines = out.stderr.strip().splitlines()
@@ -317,10 +312,9 @@ def ratios(results: dict) -> list[dict]:
     for label, f, op, bound in TARGETS:
         try:
             value = f(results)
+            met = value <= bound if op == "<=" else value >= bound
         except KeyError:  # a case not run or not available
-            out.append({"ratio": label, "value": None, "target": f"{op} {bound}", "met": None})
-            continue
-        met = value <= bound if op == "<=" else value >= bound
+            value = met = None
         out.append({"ratio": label, "value": value, "target": f"{op} {bound}", "met": met})
     return out
 
@@ -338,7 +332,9 @@ def main() -> None:
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
-        print(json.dumps(child(args.case, json.loads(Path(args.spec).read_text()))))
+        spec = json.loads(Path(args.spec).read_text())
+        run = prepare_case if args.case == "prepare" else alignkd_case if args.case in LOSSES else plain_case
+        print(json.dumps(run(spec, args.case)))
         return
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -356,8 +352,10 @@ def main() -> None:
         f"CPU: {cpu_summary()}",
         f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
         + ("; children emulate AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2)" if args.avx2 else ""),
-        f"float32; batch {BATCH} x {SEQ} tokens; median of {args.steps} steps after {args.warmup} warm-up; "
-        f"load average at start {os.getloadavg()[0]:.2f} (a shared machine: timings are noisy)",
+        (
+            f"float32; batch {BATCH} x {SEQ} tokens; median of {args.steps} steps after {args.warmup} warm-up; "
+            f"load average at start {os.getloadavg()[0]:.2f} (a shared machine: timings are noisy)"
+        ),
     ]
     print("\n".join(header), flush=True)
     results: dict[str, dict] = {}

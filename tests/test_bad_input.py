@@ -34,6 +34,7 @@ import tiny
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the cases run in processes forked from one interpreter")
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+STUDY = Path(__file__).resolve().parents[1] / "configs" / "studies" / "lm.yaml"
 SEQ_LEN = 32
 HUB_TIMEOUT_S = 15  # an uncached hub id with HF_HUB_OFFLINE=1 must fail at once, not retry the network
 
@@ -208,6 +209,15 @@ CASES: list[Case] = [
     Case("cache_top_k_zero", lambda w: ["cache-teacher", str(w.config), f"teacher.cache={w.out('cache_top_k_zero')}", "teacher.cache_top_k=0"], ("teacher.cache_top_k: must be >= 1",)),
     Case("cache_with_attention_term", lambda w: D(w, "cache_with_attention_term", f"teacher.cache={w.root / 'no_cache'}", "losses.2={type: attention}"), ("losses[2]", "the attention term needs the live teacher", "remove the term or teacher.cache")),
     Case("cache_missing", lambda w: D(w, "cache_missing", f"teacher.cache={w.root / 'no_cache'}"), ("no_cache holds no teacher cache", "alignkd cache-teacher CONFIG")),
+    # ---------------------------------------------------------------- prune, and block selection in distill
+    Case("prune_student_not_from_teacher", lambda w: ["prune", str(w.config), f"train.output_dir={w.out('prune_student_not_from_teacher')}"], ("student.from_teacher: choosing blocks needs", "num_layers")),
+    Case("select_beside_student_config", lambda w: D(w, "select_beside_student_config", "student.from_teacher.select=importance"), ("student.from_teacher.select", "comes from student.config")),
+    Case("select_misspelled", lambda w: ["prune", str(w.config), "student.config=null", "student.from_teacher.select=importnce", f"train.output_dir={w.out('select_misspelled')}"], ("did you mean 'importance'",)),
+    Case("prune_more_blocks_than_the_teacher", lambda w: ["prune", str(w.config), "student.config=null", "student.from_teacher.num_layers=3", f"train.output_dir={w.out('prune_more_blocks_than_the_teacher')}"], ("num_layers: must be between 1 and 2",)),
+    # ---------------------------------------------------------------- study
+    Case("study_missing", lambda w: ["study", str(w.data / "no_such.yaml"), "--quick", "--out", str(w.out("study_missing"))], ("study file not found", "no_such.yaml")),
+    Case("study_only_unknown", lambda w: ["study", str(STUDY), "--quick", "--only", "kl-evn", "--out", str(w.out("study_only_unknown"))], ("--only kl-evn: no such variant", "did you mean 'kl-even'")),
+    Case("study_out_is_a_file", lambda w: ["study", str(STUDY), "--quick", "--out", str(w.a_file)], ("--out", "a_file is a file")),
     # ---------------------------------------------------------------- finetune
     Case("finetune_model_missing", lambda w: ["finetune", str(w.config), f"teacher.path={w.root / 'no_model'}", f"train.output_dir={w.out('finetune_model_missing')}"], ("teacher: model folder not found", "no_model")),
     Case("finetune_into_a_run", lambda w: ["finetune", str(w.config), f"train.output_dir={w.old_run}"], ("already holds a run", "--resume", "--overwrite")),

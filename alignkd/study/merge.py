@@ -45,7 +45,7 @@ def _set(node: Any, parts: list[str], value: Any, where: str) -> None:
         key: Any = int(head)
     elif isinstance(node, dict):
         key = head
-        if rest and not isinstance(node.get(head), (dict, list)):
+        if rest and node.get(head) is None:
             node[head] = {}  # a dotted key creates the mappings it passes through
     else:
         raise ConfigError(f"{where}: '{head}' sits under a value, not under a mapping or list")

@@ -91,5 +91,6 @@ def quick_config(cfg: dict, s: StandIns) -> dict:
         over["student"] = {"config": shrink(student["config"], s.real, s.tiny)}
     if isinstance(student.get("from_teacher"), dict):
         ft = student["from_teacher"]
-        over["student"] = {"from_teacher": {"calibration_sequences": min(8, ft.get("calibration_sequences", 8)), "search_probe_steps": 2}}
+        # search: two candidate sets (importance and its span) keep the probes but skip the perplexity rule, one teacher copy per block
+        over["student"] = {"from_teacher": {"calibration_sequences": min(8, ft.get("calibration_sequences", 8)), "search_probe_steps": 2, "search_candidates": 2}}
     return merge(cfg, over, "quick")

@@ -26,11 +26,15 @@ METRICS = {"eval_ppl": "perplexity", "eval_accuracy": "accuracy"}
 @dataclass
 class Row:
     name: str
+    """The variant."""
     about: str
+    """Its one line from the study file."""
     status: str
-    """done, failed or not run."""
+    """done, failed or not run (no finished run made from the variant's current entry)."""
     error: str | None = None
+    """Why it failed."""
     steps: int | None = None
+    """Optimizer steps done."""
     train_s: float | None = None
     """Training seconds at the last evaluation (evaluations before it included)."""
     wall_s: float | None = None
@@ -38,6 +42,7 @@ class Row:
     value: float = math.nan
     """The held-out metric at the end."""
     params: int | None = None
+    """The student's parameters."""
     teacher: float = math.nan
     """The teacher's held-out metric on the same blocks."""
     curve: list[dict] = field(default_factory=list)

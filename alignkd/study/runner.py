@@ -18,15 +18,18 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from alignkd.config import load_config
 from alignkd.display import Stages
 from alignkd.errors import ConfigError, UserError
 from alignkd.study.marker import MARKER, fingerprint, read_marker
-from alignkd.study.merge import substitute
+from alignkd.study.merge import merge, substitute
 from alignkd.study.resolve import Names, packaged, product, quick_config, stand_in
 from alignkd.study.spec import BudgetSpec, Study, budgeted
 from alignkd.study.standin import StandIns, build, real_shape
 from alignkd.terms.base import closest
+
 
 def selected(study: Study, only: list[str] | None) -> list[str]:
     if not only:
@@ -62,7 +65,6 @@ class Plan:
     """Every run of a study, resolved and checked before the first one starts."""
 
     def __init__(self, study: Study, out: Path, names: list[str], quick: bool, standins: StandIns | None):
-        self.study, self.out, self.quick = study, out, quick
         assets = stand_in(standins) if standins else packaged()
         resolve = Names(out, assets, check_prepared=not quick, prepare=[p.name for p in study.spec.prepare])
         quick_budget = BudgetSpec(steps=study.spec.quick.steps)
@@ -88,8 +90,6 @@ class Plan:
 
 
 def _with_output(cfg: dict, folder: Path) -> dict:
-    from alignkd.study.merge import merge
-
     return merge(cfg, {"train": {"output_dir": str(folder)}})
 
 
@@ -110,6 +110,9 @@ def run_study(study: Study, out: str | Path, *, quick: bool = False, only: list[
         with stages.stage("stand-ins", "quick: tiny stand-in teacher, generated text"):
             standins = build(out / "quick-assets", real_shape(teacher_folder(study), study.spec.quick.teacher))
     plan = Plan(study, out, names, quick, standins)  # bad input stops here, before any run
+    threads = torch.get_num_threads()
+    if quick:  # the stand-ins' ops are too small to gain from threads, and lose much to them on a shared CPU
+        torch.set_num_threads(1)
     try:
         for step, cfg in plan.steps.items():
             _prepare(study, step, cfg, out, quick, stages)
@@ -120,6 +123,7 @@ def run_study(study: Study, out: str | Path, *, quick: bool = False, only: list[
             if marker["error"]:
                 stages.console.print(f"[red]{name} failed:[/] {marker['error']}")
     finally:
+        torch.set_num_threads(threads)
         result = write_study(study, out, quick)
     return result
 

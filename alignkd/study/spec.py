@@ -105,7 +105,9 @@ class Study:
     """A checked study file, with each variant's overrides resolved through ``extends``."""
 
     path: Path
+    """The study file."""
     spec: StudySpec
+    """Its fields, checked; ``budget.minutes`` filled in when neither minutes nor steps is given."""
     overrides: dict[str, dict]
     """Variant name -> its effective overrides of ``base`` (``extends`` chain applied, in order)."""
 

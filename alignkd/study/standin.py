@@ -32,9 +32,13 @@ class StandIns:
     """Where the stand-ins were written, and the widths of the real teacher and of its stand-in."""
 
     teacher: Path
+    """HF folder of the stand-in teacher (a causal LM) and its byte tokenizer."""
     text_train: Path
+    """Folder of generated .txt documents: ``${assets.sotu}`` under --quick."""
     text_heldout: Path
+    """Generated held-out documents: ``${assets.moby_dick}``."""
     sentiment: Path
+    """train.csv, dev.csv, test.csv (text,label; positive or negative): ``${assets.sentiment}``."""
     real: dict
     """The real teacher's shape (config.json keys)."""
     tiny: dict

@@ -111,8 +111,8 @@ def _table(rows: list[Row], key: str, ref: Row) -> Table:
         t.rows.append([
             Cell(r.name),
             Cell(f"{r.steps:,}" if r.steps is not None else "—"),
-            Cell(f"{r.train_s / 60:.2f}" if r.train_s is not None and math.isfinite(r.train_s) else "—"),
-            Cell(f"{other:.2f}" if math.isfinite(other) else "—"),
+            Cell(_minutes(r.train_s / 60 if r.train_s is not None else math.nan)),
+            Cell(_minutes(other)),
             Cell(metric.fmt(r.value) if math.isfinite(r.value) else "nan", bold=r is top),
             Cell(vs),
             Cell(BY_KEY["params"].fmt(r.params) if r.params is not None else "—"),
@@ -121,6 +121,13 @@ def _table(rows: list[Row], key: str, ref: Row) -> Table:
     if math.isfinite(teacher):
         t.rows.append([Cell("teacher"), Cell(""), Cell(""), Cell(""), Cell(metric.fmt(teacher)), Cell(""), Cell("")])
     return t
+
+
+def _minutes(m: float) -> str:
+    """Minutes to two decimals; under a tenth of a minute (quick studies), seconds."""
+    if not math.isfinite(m):
+        return "—"
+    return f"{m:.2f}" if m >= 0.1 else f"{60 * m:.1f} s"
 
 
 def _curves(rows: list[Row], key: str, ref: Row) -> Plot | None:
@@ -134,8 +141,10 @@ def _curves(rows: list[Row], key: str, ref: Row) -> Plot | None:
         fig = _new_figure(4.2)
         ax = fig.subplots()
         curves = []
+        longest = max(p["train_s"] for r in drawn for p in r.curve if math.isfinite(p["train_s"]))
+        unit, per = ("minutes", 60.0) if longest >= 120 else ("seconds", 1.0)
         for i, r in enumerate(drawn):
-            pts = [(p["train_s"] / 60, p["value"]) for p in r.curve if math.isfinite(p["train_s"])]
+            pts = [(p["train_s"] / per, p["value"]) for p in r.curve if math.isfinite(p["train_s"])]
             xs, ys = [x for x, _ in pts], [y for _, y in pts]
             ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], marker="o", markersize=3.5, label=r.name, linewidth=2.2 if r is ref else 1.6)
             curves.append(ys)
@@ -143,7 +152,7 @@ def _curves(rows: list[Row], key: str, ref: Row) -> Plot | None:
             ax.axhline(ref.teacher, color="#888888", linestyle=":", linewidth=1.2, label="teacher")
             curves.append([ref.teacher])
         _log_if_wide(ax, *curves)
-        ax.set_xlabel("training minutes")
+        ax.set_xlabel(f"training {unit}")
         ax.set_ylabel(metric.label.lower())
         ax.set_title(f"Held-out {metric.label.lower()} against training time")
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
