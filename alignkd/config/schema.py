@@ -65,7 +65,9 @@ class StudentConfig:
     config: dict[str, Any] | None = None
     """Overrides of the teacher's config (e.g. num_hidden_layers, hidden_size) for a new student of its architecture."""
     init: str = "random"
-    """For a ``config`` student: random (fresh weights) or prune (width-pruned copy of the teacher by weight importance)."""
+    """For a ``config`` student: random (fresh weights) or prune (a width-pruned copy of the teacher's most important channels, ranked by ``importance``)."""
+    importance: str = "activation"
+    """For ``init: prune``: how the teacher's channels are ranked: activation (mean activation magnitudes on 64 training blocks, as in Minitron) or weight (weight norms; no data)."""
     dtype: str = "auto"
     """Student weights dtype while training: auto (float32, the optimizer's master weights; bf16 compute comes from train.mixed_precision), float32, bfloat16 or float16."""
 

@@ -35,6 +35,7 @@ def validate(cfg) -> None:
     if len(chosen) != 1:
         raise ConfigError("student: set exactly one of path, from_teacher or config" + (f" (got {', '.join(chosen)})" if chosen else ""))
     one_of(cfg.student.init, ("random", "prune"), "student.init")
+    one_of(cfg.student.importance, ("activation", "weight"), "student.importance")
     if not cfg.data.train:
         raise ConfigError("data.train: required (a text file, folder, JSONL, CSV or datasets name)")
     if cfg.data.seq_len < 2:

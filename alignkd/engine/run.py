@@ -6,6 +6,7 @@ the loop (``engine.loop``) and the step (``engine.step``) read it.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -37,7 +38,7 @@ from alignkd.models.families import OutputHead, blocks_of, disable_attention_dro
 from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
 from alignkd.models.loading import check_positions, load_skeleton
 from alignkd.precision import bf16_support, default_device, resolve_dtype, resolve_mixed_precision, resolve_student_dtype
-from alignkd.models.select import Selection, write_scores
+from alignkd.models.select import Selection, calibration_rows, write_scores
 from alignkd.models.student import build_student, freeze, param_count
 from alignkd.terms import TERM_TYPES, Term
 
@@ -123,6 +124,19 @@ def fine_tunes_teacher(cfg: Config) -> bool:
     return cfg.student.path == cfg.teacher.path and not any(TERM_TYPES[t.type].uses_teacher for t in cfg.losses)
 
 
+PRUNE_CALIBRATION = 64  # training blocks a width-pruned student's channels are ranked on
+
+
+def _calibration(cfg: Config, tok, inputs: Inputs | None, teacher: nn.Module) -> torch.Tensor | None:
+    """``[N, T]`` training blocks to rank the teacher's channels on, when the student is pruned by activations; else None."""
+    s = cfg.student
+    if s.config is None or s.init != "prune" or s.importance != "activation":
+        return None
+    data = inputs.train_data if inputs else TASKS[cfg.teacher.task].load_data(copy.deepcopy(cfg), tok)[0]
+    teacher.to(default_device())  # the calibration forward runs where the teacher will
+    return calibration_rows(data, PRUNE_CALIBRATION, cfg.train.seed)["input_ids"]
+
+
 def _models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs | None = None):
     """Tokenizer, frozen teacher, student, and the logit columns they share.
 
@@ -144,7 +158,7 @@ def _models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs | N
     else:
         teacher = load_skeleton(cfg.teacher.path, task=task, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
     teacher = freeze(teacher)
-    student = build_student(cfg.student, teacher, task)
+    student = build_student(cfg.student, teacher, task, _calibration(cfg, tok, inputs, teacher))
     if not weights:
         teacher.to("meta")  # frees the weights: the run never calls the teacher
     for model, what in ((teacher, "teacher"), (student, "student")):

@@ -1,4 +1,4 @@
-"""Width pruning: initialise a narrower student from the teacher by weight importance.
+"""Width pruning: initialise a narrower student from the teacher's most important channels.
 
 For llama-like families. The student (built from the teacher's config with a
 smaller ``hidden_size``, ``intermediate_size``, head counts and/or fewer layers)
@@ -10,15 +10,22 @@ receives the teacher's weights restricted to the most important channels:
   query heads by the norm of their q rows and o_proj columns (head_dim is kept);
 - MLP channels: product of the norms of the gate row, up row and down column.
 
-Blocks are taken evenly spread when the student has fewer. This follows the
-Minitron recipe in spirit (Muralidharan et al., 2024) with weight magnitudes
-instead of activations, so it needs no calibration data.
+Those are the ``weight`` scores, which need no data. The ``activation`` scores
+(the default in a run) rank the same channels by what they carry on calibration
+text, as Minitron does (Muralidharan et al., 2024): a hidden channel by the mean
+magnitude of every norm's output in it, summed over the norms; a query head by
+the mean L2 norm of its attention output (the input of ``o_proj``), a key/value
+head by the sum over its query heads; an MLP channel by the mean magnitude of
+the input of ``down_proj``. Blocks are taken evenly spread when the student has
+fewer.
 
 :func:`even_layers` (which teacher blocks a shallower student keeps) lives here
 too; depth pruning in :mod:`alignkd.models.student` uses it, never the other way.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -61,9 +68,88 @@ def _expand(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
+@dataclass
+class Scores:
+    """Channel importances of a teacher: higher keeps."""
+
+    hidden: torch.Tensor
+    """``[D]`` hidden (embedding) channels."""
+    query_heads: list[torch.Tensor]
+    """Per block, ``[H]`` query heads."""
+    kv_heads: list[torch.Tensor]
+    """Per block, ``[H_kv]`` key/value heads."""
+    mlp: list[torch.Tensor]
+    """Per block, ``[I]`` MLP channels."""
+
+
+def weight_scores(teacher: nn.Module) -> Scores:
+    """Importances from weight norms alone (no data): see the module docstring."""
+    hd = _head_dim(teacher)
+    emb = teacher.get_input_embeddings().weight.float()
+    offset = 1.0 if _cfg(teacher, "model_type", "").startswith("gemma") else 0.0  # Gemma norms scale by (1 + weight)
+    gains = [
+        (m.weight.float() + offset).abs()
+        for name, m in teacher.named_modules()
+        if name.endswith("norm") and getattr(m, "weight", None) is not None and m.weight.shape == emb.shape[1:]
+    ]
+    gain = torch.stack(gains).mean(0) if gains else torch.ones(emb.shape[1])
+    q, kv, mlp = [], [], []
+    for block in blocks_of(teacher):
+        a, m = block.self_attn, block.mlp
+        kv.append(_heads(a.k_proj.weight, hd) + _heads(a.v_proj.weight, hd))
+        q.append(_heads(a.q_proj.weight, hd) + _heads(a.o_proj.weight.T, hd))
+        mlp.append(m.gate_proj.weight.float().norm(dim=1) * m.up_proj.weight.float().norm(dim=1) * m.down_proj.weight.float().norm(dim=0))
+    return Scores(emb.norm(dim=0) * gain, q, kv, mlp)
+
+
 @torch.no_grad()
-def width_prune(student: nn.Module, teacher: nn.Module) -> None:
-    """Copy the teacher's most important channels into ``student`` in place."""
+def activation_scores(teacher: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> Scores:
+    """Importances from the teacher's activations on calibration blocks ``input_ids`` ``[N, T]`` (every position counted)."""
+    hd, width = _head_dim(teacher), teacher.config.hidden_size
+    groups = teacher.config.num_attention_heads // _cfg(teacher, "num_key_value_heads", teacher.config.num_attention_heads)
+    blocks = blocks_of(teacher)
+    hidden = torch.zeros(width)
+    heads = [torch.zeros(teacher.config.num_attention_heads) for _ in blocks]
+    mlp = [torch.zeros(b.mlp.down_proj.in_features) for b in blocks]
+    tokens = 0
+
+    def norm_out(module, args, out):
+        nonlocal hidden
+        hidden += out.detach().float().abs().reshape(-1, width).sum(0).cpu()
+
+    def attn_in(i):
+        def hook(module, args):
+            x = args[0].detach().float()
+            heads[i] += x.reshape(*x.shape[:-1], -1, hd).norm(dim=-1).reshape(-1, heads[i].numel()).sum(0).cpu()
+        return hook
+
+    def mlp_in(i):
+        def hook(module, args):
+            mlp[i] += args[0].detach().float().abs().reshape(-1, mlp[i].numel()).sum(0).cpu()
+        return hook
+
+    handles = [m.register_forward_hook(norm_out) for name, m in teacher.named_modules()
+               if name.endswith("norm") and getattr(m, "weight", None) is not None and m.weight.shape == (width,)]
+    for i, b in enumerate(blocks):
+        handles.append(b.self_attn.o_proj.register_forward_pre_hook(attn_in(i)))
+        handles.append(b.mlp.down_proj.register_forward_pre_hook(mlp_in(i)))
+    device = next(teacher.parameters()).device
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = torch.as_tensor(input_ids[start : start + batch_size]).to(device)
+            teacher.base_model(input_ids=ids)  # the head adds nothing to these scores
+            tokens += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    tokens = max(tokens, 1)
+    kv = [(h / tokens).reshape(-1, groups).sum(1) for h in heads]
+    return Scores(hidden / tokens, [h / tokens for h in heads], kv, [m / tokens for m in mlp])
+
+
+@torch.no_grad()
+def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = None) -> None:
+    """Copy the teacher's most important channels into ``student`` in place (``scores``: default :func:`weight_scores`)."""
     mt = _cfg(teacher, "model_type")
     if mt not in _LLAMA_TYPES or _cfg(student, "model_type") != mt:
         raise ModelError(f"student.init=prune supports llama-like models ({', '.join(sorted(_LLAMA_TYPES))}), not '{mt}'")
@@ -82,15 +168,8 @@ def width_prune(student: nn.Module, teacher: nn.Module) -> None:
             f"student.init=prune: the student needs at most {t_kv} key/value heads and {t_group} query heads per key/value head"
         )
 
-    emb = teacher.get_input_embeddings().weight.float()
-    offset = 1.0 if mt.startswith("gemma") else 0.0  # Gemma norms scale by (1 + weight)
-    gains = [
-        (m.weight.float() + offset).abs()
-        for name, m in teacher.named_modules()
-        if name.endswith("norm") and getattr(m, "weight", None) is not None and m.weight.shape == emb.shape[1:]
-    ]
-    gain = torch.stack(gains).mean(0) if gains else torch.ones(emb.shape[1])
-    hid = _top(emb.norm(dim=0) * gain, student.config.hidden_size)
+    scores = scores if scores is not None else weight_scores(teacher)
+    hid = _top(scores.hidden, student.config.hidden_size)
 
     def copy(dst: torch.Tensor, src: torch.Tensor, *index: torch.Tensor | None) -> None:
         for dim, idx in enumerate(index):
@@ -107,9 +186,8 @@ def width_prune(student: nn.Module, teacher: nn.Module) -> None:
     for s_block, t_idx in zip(s_blocks, chosen):
         t_block = t_blocks[t_idx]
         ta, sa = t_block.self_attn, s_block.self_attn
-        kv_score = _heads(ta.k_proj.weight, hd) + _heads(ta.v_proj.weight, hd)
-        kv_keep = _top(kv_score, s_kv)
-        q_score = _heads(ta.q_proj.weight, hd) + _heads(ta.o_proj.weight.T, hd)
+        kv_keep = _top(scores.kv_heads[t_idx], s_kv)
+        q_score = scores.query_heads[t_idx]
         q_keep = torch.cat([g * t_group + _top(q_score[g * t_group : (g + 1) * t_group], s_group) for g in kv_keep.tolist()])
         q_rows, kv_rows = _expand(q_keep, hd), _expand(kv_keep, hd)
         copy(sa.q_proj.weight, ta.q_proj.weight, q_rows, hid)
@@ -123,8 +201,7 @@ def width_prune(student: nn.Module, teacher: nn.Module) -> None:
             if hasattr(ta, name):
                 copy(getattr(sa, name).weight, getattr(ta, name).weight)
         tm, sm = t_block.mlp, s_block.mlp
-        mlp_score = tm.gate_proj.weight.float().norm(dim=1) * tm.up_proj.weight.float().norm(dim=1) * tm.down_proj.weight.float().norm(dim=0)
-        keep = _top(mlp_score, sm.gate_proj.weight.shape[0])
+        keep = _top(scores.mlp[t_idx], sm.gate_proj.weight.shape[0])
         copy(sm.gate_proj.weight, tm.gate_proj.weight, keep, hid)
         copy(sm.up_proj.weight, tm.up_proj.weight, keep, hid)
         copy(sm.down_proj.weight, tm.down_proj.weight, hid, keep)

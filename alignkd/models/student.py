@@ -7,12 +7,13 @@ import difflib
 import itertools
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from alignkd.errors import ModelError
 from alignkd.models.families import blocks_of, family_of, get_path
 from alignkd.models.loading import AUTO_CLASSES, load_model
-from alignkd.models.prune import even_layers, width_prune
+from alignkd.models.prune import activation_scores, even_layers, width_prune
 from alignkd.precision import DTYPES, resolve_student_dtype
 
 if TYPE_CHECKING:  # the config package validates through models.select, which builds on this module
@@ -91,8 +92,12 @@ def from_config(teacher: nn.Module, overrides: dict, task: str) -> nn.Module:
     return AUTO_CLASSES[task].from_config(cfg)
 
 
-def build_student(cfg: StudentConfig, teacher: nn.Module, task: str) -> nn.Module:
-    """The trainable student, in ``cfg.dtype``, in train mode."""
+def build_student(cfg: StudentConfig, teacher: nn.Module, task: str, calibration: torch.Tensor | None = None) -> nn.Module:
+    """The trainable student, in ``cfg.dtype``, in train mode.
+
+    ``calibration``: ``[N, T]`` token blocks a width-pruned student's channels are ranked on
+    (``importance: activation``); None ranks them by weight norms.
+    """
     if cfg.path is not None:
         student = load_model(cfg.path, task=task, dtype=resolve_student_dtype(cfg.dtype), what="student")
     elif cfg.from_teacher is not None:
@@ -100,7 +105,7 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, task: str) -> nn.Modul
     else:
         student = from_config(teacher, cfg.config or {}, task)
         if cfg.init == "prune":
-            width_prune(student, teacher)
+            width_prune(student, teacher, activation_scores(teacher, calibration) if calibration is not None else None)
     student.to(DTYPES[resolve_student_dtype(cfg.dtype)])
     for p in student.parameters():
         p.requires_grad_(True)
