@@ -364,3 +364,19 @@ def test_a_teacher_well_above_chance_gets_no_warning(tmp_path):
     md = write_report(run)["md"].read_text()
     assert tuple(md_table(md, "Retention and speed-up")["Accuracy retained above chance"].values()) == ("**71.4%**", "42.9%")
     assert "Warning" not in md and "near chance" not in md
+
+
+def test_block_scores_get_their_section_and_plot(tmp_path):
+    run = shutil.copytree(DATA / "report_run", tmp_path / "run")
+    influence = [0.99, 0.17, 0.03, 0.05, 0.02, 0.15]
+    scores = {"teacher_blocks": 6, "kept": 3, "calibration_sequences": 64, "block_influence": influence,
+              "select": "importance", "rule": "importance", "layers": [0, 1, 5]}
+    (run / "block_scores.json").write_text(json.dumps(scores))
+    paths = write_report(run)
+    md, html = paths["md"].read_text(), paths["html"].read_text()
+    assert "## Block selection" in md and "<h2>Block selection</h2>" in html
+    assert "keeps teacher blocks [0, 1, 5] of 6, chosen by importance on 64 calibration sequences" in md
+    assert (run / "report_files" / "blocks.png").is_file() and "blocks" in embedded_pngs(html)
+    # Without the file the section is absent (the other tests' runs have none).
+    (run / "block_scores.json").unlink()
+    assert "Block selection" not in write_report(run)["md"].read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignkd.errors import ReportError
+from alignkd.report.blocks import block_blocks
 from alignkd.report.document import Block
 from alignkd.report.evaluation import evaluation_blocks
 from alignkd.report.headline import headline
@@ -64,13 +65,15 @@ def write_report(
         blocks += [("h2", "Training curves")] + [("plot", p) for p in curves]
     if schedules:
         blocks += [("h2", "Weights and schedules")] + [("plot", p) for p in schedules]
+    selection = block_blocks(read_json(run_dir / "block_scores.json", "block scores"))
+    blocks += selection
     if ev:
         blocks += evaluation_blocks(ev)
     if config_text is not None:
         blocks += [("h2", "Config"), ("code", config_text)]
 
     files = {}
-    for p in curves + schedules:
+    for p in curves + schedules + [b[1] for b in selection if b[0] == "plot"]:
         (files_dir / f"{p.name}.png").write_bytes(p.png)
         files[p.name] = f"{files_dir.name}/{p.name}.png"
     html_path, md_path = out / "report.html", out / "report.md"
