@@ -28,8 +28,10 @@ class _ChunkedRowSum(torch.autograd.Function):
         grad = torch.empty_like(student) if every_row else torch.zeros_like(student)
         for i in range(0, rows.numel(), rows_per_chunk):
             idx = rows[i : i + rows_per_chunk]
-            chunk = student.index_select(0, idx).detach()
-            chunk_others = [o.index_select(0, idx) for o in others]
+            # Advanced indexing, not index_select: on [N, V] rows with 2 CPU threads torch 2.13's
+            # index_select took 680 ms for 85 rows of 49152 floats, student[idx] 16 ms.
+            chunk = student.detach()[idx]
+            chunk_others = [o[idx] for o in others]
             if analytic:  # fn returns (per-row values, gradient) itself
                 per, g = fn(chunk, *chunk_others)
                 value = per.sum()
