@@ -239,11 +239,17 @@ def _add_ce(zs: torch.Tensor, labels: torch.Tensor, g: torch.Tensor | None, scal
     sel = (labels >= 0).nonzero().squeeze(1)
     if sel.numel() == 0:
         return zs.new_zeros(())
-    z = zs.index_select(0, sel)
-    tgt = labels.index_select(0, sel).unsqueeze(1)
+    every = sel.numel() == labels.numel()  # the usual case: no row copy, no scatter back
+    # Advanced indexing, not index_select: on [rows, V] with 2 CPU threads torch 2.13's
+    # index_select took ~660 ms for 85 rows of 49152 floats, indexing 15 ms.
+    z = zs if every else zs[sel]
+    tgt = labels[sel].unsqueeze(1)
     logp = z.log_softmax(-1)
     ce = -logp.gather(1, tgt).sum()
     if g is not None:  # d/dz of -log softmax(z)[y] = softmax(z) - onehot(y)
-        d = logp.exp_().scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=z.dtype))
-        g.index_add_(0, sel, d.mul_(scale))
+        d = logp.exp_().scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=z.dtype)).mul_(scale)
+        if every:
+            g.add_(d)
+        else:
+            g.index_put_((sel,), d, accumulate=True)
     return ce
