@@ -561,9 +561,12 @@ def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
     for losses in ([{"type": "dkd"}], [{"type": "kl"}, {"type": "blockwise"}]):
         run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses))
         assert not run.unwrapped.fused_head and run.heads is None
-    # Autocast does not turn it off: the fused head matmuls run in its dtype.
-    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}], mixed_precision="bf16"))
+    # Under autocast one logit-reading term fuses (its head matmuls in bf16); kl and ce together
+    # keep the logits: fused, each would walk the head on its own.
+    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "hidden"}], mixed_precision="bf16"))
     assert run.unwrapped.fused_head
+    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "ce"}], mixed_precision="bf16"))
+    assert not run.unwrapped.fused_head and run.heads is None
     cls = make_run(make_cfg(tiny.save_model(tmp_path / "bert", "bert", task="sequence_classification"), _classification_jsonl(tmp_path / "c.jsonl"), tmp_path / "cls", losses=[{"type": "kl"}], task="sequence_classification"))
     assert cls.heads is None
 
@@ -622,13 +625,16 @@ def test_final_norm_compares_each_models_own_post_norm_states(teacher, corpus, t
     assert got["hidden"].item() > 0.01  # a random student: the check compares something
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_fused_head_terms_equal_the_logit_terms_under_bf16_autocast(corpus, tmp_path, family):
+BF16_FUSED = [("llama", {"type": "kl", "kind": "jsd", "temperature": 2.0}), ("gpt2", {"type": "kl"}), ("llama", {"type": "ce"})]
+
+
+@pytest.mark.parametrize("family,output", BF16_FUSED, ids=[f"{f}-{o['type']}" for f, o in BF16_FUSED])
+def test_fused_head_terms_equal_the_logit_terms_under_bf16_autocast(corpus, tmp_path, family, output):
     """As on full logits under bf16 autocast with a bf16 teacher (``auto`` on fast-bf16 hardware): the
-    fused terms make the same bf16 logits as the models' heads, so the values agree to float32 rounding
+    fused term makes the same bf16 logits as the models' heads, so the values agree to float32 rounding
     and the student's gradients to bf16's."""
     teacher = tiny.save_model(tmp_path / "teacher", family, layers=2, width=32)
-    losses = [{"type": "kl", "kind": "jsd", "temperature": 2.0}, {"type": "ce"}, {"type": "hidden"}]
+    losses = [output, {"type": "hidden"}]
     grads, values = {}, {}
     for fused in (True, False):
         cfg = make_cfg(teacher, corpus, tmp_path / f"out{fused}", losses=losses, fused_head=fused, mixed_precision="bf16")

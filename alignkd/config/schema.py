@@ -133,7 +133,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     fused_head: bool = True
-    """Causal LMs: kl and ce terms run through the output heads in chunks, never building [tokens, V] logits (when every term allows it and the family's logits are a plain head); under autocast the head matmuls run in its dtype."""
+    """Causal LMs: kl and ce terms run through the output heads in chunks, never building [tokens, V] logits (when every term allows it and the family's logits are a plain head; under autocast only with one logit-reading term, the head matmuls then in its dtype)."""
     max_bad_steps: int = 5
     """A step with a non-finite loss or gradient is skipped; this many in a row stop the run."""
     mixed_precision: str = "auto"
