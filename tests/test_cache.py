@@ -220,3 +220,17 @@ def test_the_command_line_writes_a_cache_and_prints_its_bytes_per_token(teacher,
     meta = json.loads((tmp_path / "cli_cache" / META).read_text())
     assert meta["tensors"]["hidden.0"]["dtype"] == "float16" and meta["top_k"] == 16
     assert main(["cache-teacher", str(path), f"teacher.cache={tmp_path / 'cli_cache'}", "--overwrite"]) == 0
+
+
+def test_a_cache_for_a_run_that_chooses_its_blocks_holds_the_chosen_blocks_layers(teacher, corpus, tmp_path):
+    """With ``select``, the cache chooses the blocks the run will choose, so ``layers: source`` maps to the same teacher blocks."""
+    cache = tmp_path / "cache"
+    cfg = cached_cfg(teacher, corpus, tmp_path / "run", cache, cache_top_k=8)
+    cfg["student"] = {"from_teacher": {"num_layers": 1, "select": "importance", "calibration_sequences": 8}}
+    cfg["losses"] = [{"type": "kl"}, {"type": "hidden", "layers": "source"}]
+    cache_teacher(load_config(data=copy.deepcopy(cfg)), say=lambda m: None)
+    meta = json.loads((cache / META).read_text())
+    run = make_run(cfg)
+    chosen = run.cfg.student.from_teacher.layers
+    assert chosen != [0], "even would choose [0]: the test must tell the two apart"
+    assert [f"hidden.{b}" for b in chosen] == [k for k in meta["tensors"] if k.startswith("hidden.")]

@@ -79,7 +79,9 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     """Write the teacher cache of ``cfg`` into ``cfg.teacher.cache``; returns its ``meta.json`` content."""
     from alignkd.engine.capture import Capture, Needs
     from alignkd.engine.plan import build_plan, forward_record
-    from alignkd.engine.run import _models, resolve_precision
+    from alignkd.engine.choose import choose_blocks, choosing
+    from alignkd.engine.distributed import make_accelerator
+    from alignkd.engine.run import _models, resolve_precision, setup
     from alignkd.engine.tasks import TASKS, heldout
     from alignkd.precision import DTYPES, default_device
 
@@ -91,11 +93,14 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     device = default_device()
     precision = resolve_precision(cfg, device)
     task = TASKS[cfg.teacher.task]
-    tok, teacher, student, vocab = _models(cfg, teacher_weights=True)
+    inputs = None
+    if choosing(cfg):  # the run will choose its blocks: choose the same ones now, for its layer map
+        _, inputs = choose_blocks(cfg, make_accelerator(cfg.train.mixed_precision), setup, say)
+    tok, teacher, student, vocab = _models(cfg, teacher_weights=True, inputs=inputs)
     needs = build_plan(cfg.losses, student, teacher).teacher_needs
     del student
     capture = Capture(teacher, Needs(hidden=needs.hidden, qkv=needs.qkv))
-    train, held = task.load_data(cfg, tok, say)
+    train, held = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
     blocks = train["input_ids"]
     n, seq_len = blocks.shape[0], blocks.shape[1]
     k = min(cfg.teacher.cache_top_k, vocab)
