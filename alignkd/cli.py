@@ -115,13 +115,19 @@ def _distill(args) -> int:
         return 0  # a preempted job ended as asked; the scheduler may restart it with --resume
     if os.environ.get("RANK", "0") != "0":  # one summary line per run, not per process
         return 0
-    s, t = summary["student_eval"], summary["teacher_eval"]
-    key = "eval_ppl" if "eval_ppl" in s else "eval_accuracy" if "eval_accuracy" in s else "eval_loss"
+    key, student, teacher = _held_out(summary)
     print(
         f"student saved to {summary['student_dir']} ({summary['student_params'] / 1e6:.2f}M params vs teacher "
-        f"{summary['teacher_params'] / 1e6:.2f}M); held-out {key}: student {s.get(key, float('nan')):.4g}, teacher {t.get(key, float('nan')):.4g}"
+        f"{summary['teacher_params'] / 1e6:.2f}M); held-out {key}: student {student:.4g}, teacher {teacher:.4g}"
     )
     return 0
+
+
+def _held_out(summary: dict) -> tuple[str, float, float]:
+    """The run's headline held-out metric: its name, the student's value and the teacher's."""
+    s, t = summary["student_eval"], summary["teacher_eval"]
+    key = "eval_ppl" if "eval_ppl" in s else "eval_accuracy" if "eval_accuracy" in s else "eval_loss"
+    return key, s.get(key, float("nan")), t.get(key, float("nan"))
 
 
 def _cache_teacher(args) -> int:
@@ -169,11 +175,10 @@ def _finetune(args) -> int:
     hf_logging.disable_progress_bar()
     summary = finetune(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
-        before, after = summary["teacher_eval"], summary["student_eval"]
-        key = "eval_ppl" if "eval_ppl" in after else "eval_accuracy" if "eval_accuracy" in after else "eval_loss"
+        key, after, before = _held_out(summary)  # the "teacher" is the model before fine-tuning
         print(
             f"fine-tuned model saved to {summary['student_dir']} (use it as teacher.path); held-out {key}: "
-            f"before {before.get(key, float('nan')):.4g}, after {after.get(key, float('nan')):.4g}"
+            f"before {before:.4g}, after {after:.4g}"
         )
     return 0
 
