@@ -116,3 +116,14 @@ def check_all_masked(loss: Callable[[torch.Tensor], torch.Tensor], student: torc
 @pytest.fixture
 def all_masked():
     return check_all_masked
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Width-32 models are far too small for two threads to pay: on a busy 2-core machine
+    their spin-waits made steps ~7x slower. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``; restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

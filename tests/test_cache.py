@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from alignkd.cache.write import cache_teacher
 from alignkd.config import load_config
 from alignkd.errors import ConfigError
 from alignkd.losses import KL_KINDS, kl_div, sparse_kl
+from test_engine import corpus, teacher  # noqa: F401  (module fixtures, shared)
 from test_engine import make_cfg, make_run, read_metrics
 
 
@@ -122,16 +122,6 @@ def test_bad_shapes_say_what_is_wrong():
 
 
 # ---------------------------------------------------------------- cache and runs
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return tiny.write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    return tiny.save_model(tmp_path_factory.mktemp("teacher") / "llama", "llama", layers=2, width=32)
 
 
 LOSSES = [{"type": "kl"}, {"type": "ce", "weight": 0.5}, {"type": "hidden", "layers": [[0, 1]]}, {"type": "relation", "layers": [[0, 1]]}]

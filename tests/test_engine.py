@@ -53,14 +53,7 @@ TYPES = ("ce", "kl", "dkd", "hidden", "attention", "relation", "contrastive", "b
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Width-32 models are far too small for two threads to pay: on a busy 2-core machine
-    their spin-waits made steps ~7x slower. Restored afterwards for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

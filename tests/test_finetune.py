@@ -10,24 +10,13 @@ from __future__ import annotations
 import copy
 import json
 
-import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import tiny
 from alignkd.config import load_config
 from alignkd.engine.finetune import finetune, finetune_config
+from test_engine import corpus, teacher  # noqa: F401  (module fixtures, shared)
 from test_engine import _classification_jsonl, make_cfg, make_run, read_metrics
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return tiny.write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return tiny.save_model(tmp_path_factory.mktemp("teacher") / "llama", "llama", layers=2, width=32)
 
 
 def distill_cfg(teacher, data, out, **train):

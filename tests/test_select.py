@@ -40,13 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 IDENTITY = 1  # the block of the trained teacher that adds nothing
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread only spin-waits on the busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def text_rows(seq: int = 32) -> torch.Tensor:
