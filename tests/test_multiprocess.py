@@ -5,7 +5,9 @@ permutation a single process with batch 4 takes, so every step's logged
 (token-weighted, all-reduced) losses and the saved student must match the
 single-process run. Launched twice: with the teacher whole on each process, and
 with its blocks sharded over the two (FSDP2), which the capture hooks and the
-fused LM-head terms then read.
+fused LM-head terms then read. Launched with the FSDP config, the student's
+blocks are sharded too, and must give the same run, resume exactly from their
+per-process checkpoints, and survive GradNorm's extra backwards.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,13 +32,14 @@ from tiny import save_model, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP = ROOT / "configs" / "accelerate" / "ddp.yaml"
+FSDP = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 TERMS = ("loss/kl", "loss/ce", "loss/hidden", "loss/relation")
 STEPS = 3
 
 needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
-def _cfg(root: Path, out: str, batch: int, placement: str = "replicate") -> Path:
+def _cfg(root: Path, out: str, batch: int, placement: str = "replicate", **train) -> Path:
     cfg = {
         "teacher": {"path": str(root / "teacher"), "dtype": "float32", "placement": placement},  # float32: shape-independent maths
         "student": {"config": {"num_hidden_layers": 1, "hidden_size": 48, "intermediate_size": 96}},  # widths differ: projectors
@@ -48,7 +52,7 @@ def _cfg(root: Path, out: str, batch: int, placement: str = "replicate") -> Path
         "train": {
             "steps": STEPS, "batch_size": batch, "warmup": 1, "eval_every": 0, "mixed_precision": "no", "progress": False,
             "eval_batches": 1000,  # every held-out block, whatever the batch size
-            "output_dir": str(root / out),
+            "output_dir": str(root / out), **train,
         },
     }
     path = root / f"{out}.yaml"
@@ -69,12 +73,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two(config: Path, root: Path) -> subprocess.CompletedProcess:
+def _launch_two(config: Path, root: Path, launch: Path = DDP, *extra: str) -> subprocess.CompletedProcess:
     """The README's launch command, with two processes."""
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     return _run(
-        accelerate + ["--config_file", str(DDP), "--num_processes", "2", "--main_process_port", str(_free_port()),
-                      "-m", "alignkd", "distill", str(config)],
+        accelerate + ["--config_file", str(launch), "--num_processes", "2", "--main_process_port", str(_free_port()),
+                      "-m", "alignkd", "distill", str(config), *extra],
         root,
     )
 
@@ -136,6 +140,52 @@ def test_a_teacher_sharded_over_two_processes_matches_a_whole_one(one_process):
     assert said, launch.stderr[-2000:]
     assert float(said[1]) < float(said[2])
     _check_matches_one_process(one_process, one_process / "sharded", launch)
+
+
+@needs_distributed
+def test_a_student_sharded_by_an_fsdp_launch_matches_one_process_and_resumes(one_process):
+    config = _cfg(one_process, "fsdp", 2, placement="shard", save_every=1, keep_checkpoints=3)
+    launch = _launch_two(config, one_process, FSDP)
+    said = re.search(r"student: blocks sharded over 2 processes with FSDP2 \(([\d.]+)M of ([\d.]+)M", " ".join(launch.stderr.split()))
+    assert said, launch.stderr[-2000:]
+    assert float(said[1]) < float(said[2])
+    out = one_process / "fsdp"
+    _check_matches_one_process(one_process, out, launch)
+    ckpt = out / "checkpoints" / f"step-{STEPS}"
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
+        ["optimizer-rank0.pt", "optimizer-rank1.pt", "side-rank0.safetensors", "side-rank1.safetensors", "state.json", "state.pt"]
+    )
+    # Resumed from the sharded checkpoint of step 2 (each process reloads its own shards and
+    # AdamW moments), the last step is the uninterrupted run's.
+    first = _records(out)
+    shutil.rmtree(ckpt)
+    _launch_two(config, one_process, FSDP, "--resume")
+    again = [r for r in _records(out) if r["split"] == "train" and r["step"] == STEPS]
+    want = [r for r in first if r["split"] == "train" and r["step"] == STEPS]
+    assert len(again) == 2 and len(want) == 1
+    keys = [k for k in want[0] if k.startswith(("loss", "w/"))]
+    assert keys
+    for key in keys:
+        assert again[-1][key] == pytest.approx(want[0][key], rel=1e-6, abs=1e-7), key
+
+
+@needs_distributed
+def test_gradnorm_on_a_sharded_student_equals_gradnorm_under_ddp(one_process):
+    """GradNorm backpropagates once per term before the step's backward: the sharded blocks must stay gathered through those."""
+    runs = {}
+    for name, launch in (("gn-ddp", DDP), ("gn-fsdp", FSDP)):
+        config = _cfg(one_process, name, 2)
+        cfg = yaml.safe_load(config.read_text())
+        cfg["weighting"] = {"strategy": "gradnorm"}
+        config.write_text(yaml.safe_dump(cfg))
+        _launch_two(config, one_process, launch)
+        runs[name] = _records(one_process / name)
+    assert len(runs["gn-ddp"]) == len(runs["gn-fsdp"]) > STEPS
+    for x, y in zip(runs["gn-fsdp"], runs["gn-ddp"]):
+        keys = [k for k in y if k.startswith(("loss", "w/", "eval_"))]
+        assert any(k.startswith("w/") for k in keys) or x["split"] == "eval"
+        for key in keys:
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
 
 
 @pytest.mark.parametrize("env", sorted(UNSUPPORTED_LAUNCHES))

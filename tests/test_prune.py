@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from alignkd.models import ModelError
 from alignkd.models.prune import width_prune
 from alignkd.models.student import from_config
-from tiny import config
+from tiny import build, config
 
 NARROW = {"hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 96, "num_hidden_layers": 2}
 
@@ -24,6 +24,18 @@ def test_full_width_prune_is_the_teacher(family):
     width_prune(s, t)
     ids = torch.randint(0, 261, (2, 11))
     torch.testing.assert_close(s.eval()(ids).logits, t(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_full_width_prune_of_a_classifier_is_the_teacher():
+    t = build("llama", task="sequence_classification", layers=4, width=64, heads=4)
+    s = from_config(t, {}, "sequence_classification")
+    width_prune(s, t)
+    ids = torch.randint(2, 261, (2, 11))
+    torch.testing.assert_close(s.eval()(ids).logits, t(ids).logits, atol=1e-5, rtol=1e-5)
+    narrow = from_config(t, NARROW, "sequence_classification")
+    width_prune(narrow, t)
+    assert narrow.score.weight.shape == (2, 48)
+    assert all(any(torch.equal(narrow.score.weight[:, i], t.score.weight[:, j]) for j in range(64)) for i in range(48))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])

@@ -3,7 +3,9 @@
 A checkpoint folder holds ``side.safetensors`` (student and projectors),
 ``state.pt`` (optimizer, scheduler, weighting and the torch RNG: tensors and
 plain containers only, read with ``weights_only=True``) and ``state.json``
-(step, data position, training time, Python's RNG). It is written under a
+(step, data position, training time, Python's RNG). A sharded student (an FSDP
+launch) is saved as each process holds it, without gathering: ``side-rankR.safetensors``
+and ``optimizer-rankR.pt`` per process, resumed by the same number of processes. It is written under a
 hidden temporary name and renamed into place, so a kill at any moment leaves
 either the whole checkpoint or none. At resume a checkpoint that fails to load
 is reported and the previous one is used.
@@ -19,7 +21,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from alignkd.engine.distributed import load_local_optimizer_state, load_local_state, local_optimizer_state, local_state
+from alignkd.errors import ConfigError
 
 
 def _rng_tensors() -> dict:
@@ -52,26 +57,31 @@ def save_checkpoint(run, step: int) -> Path:
     acc.wait_for_everyone()
     root = run.out / "checkpoints"
     path = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    sharded = run.whole_params is not None
     if acc.is_main_process:
-        tmp = root / f".step-{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(run.unwrapped, str(tmp / "side.safetensors"))  # student and projectors; handles tied weights
-        torch.save(
-            {
-                "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(),
-                "weighting": run.weighting.state_dict(),
-                "rng": _rng_tensors(),
-            },
-            tmp / "state.pt",
-        )
+    if sharded:  # every process writes its shards into the folder the main process made
+        acc.wait_for_everyone()
+        rank = acc.process_index
+        save_file(local_state(run.unwrapped), str(tmp / f"side-rank{rank}.safetensors"))
+        torch.save(local_optimizer_state(run.optimizer), tmp / f"optimizer-rank{rank}.pt")
+        acc.wait_for_everyone()
+    if acc.is_main_process:
+        state = {"scheduler": run.scheduler.state_dict(), "weighting": run.weighting.state_dict(), "rng": _rng_tensors()}
+        if not sharded:
+            save_model(run.unwrapped, str(tmp / "side.safetensors"))  # student and projectors; handles tied weights
+            state["optimizer"] = run.optimizer.state_dict()
+        torch.save(state, tmp / "state.pt")
         meta = {
             "step": step,
             "sampler": run.sampler.state_dict(),
             "train_seconds": run.horizon.elapsed,
             "python_rng": _python_rng(),
         }
+        if sharded:
+            meta["sharded_over"] = acc.num_processes
         (tmp / "state.json").write_text(json.dumps(meta))
         replace_dir(tmp, path)
         old = sorted(checkpoints(run.out), key=_step_of)
@@ -101,9 +111,19 @@ def latest_checkpoint(out: Path) -> Path | None:
 def load_checkpoint(run, path: Path) -> int:
     """Restore a checkpoint into ``run``; returns the step to continue from. Raises on a damaged checkpoint."""
     meta = json.loads((path / "state.json").read_text())
+    acc, sharded = run.accelerator, run.whole_params is not None
+    was = meta.get("sharded_over")
+    if (was is not None) != sharded or (sharded and was != acc.num_processes):
+        wrote = f"a run whose student was sharded over {was} processes (an FSDP launch)" if was else "a run whose student was whole (no FSDP launch)"
+        raise ConfigError(f"--resume: {path} was written by {wrote}; resume it the same way")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    load_model(run.unwrapped, str(path / "side.safetensors"), device=str(run.accelerator.device))
-    run.optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        rank = acc.process_index
+        load_local_state(run.unwrapped, load_file(str(path / f"side-rank{rank}.safetensors")))
+        load_local_optimizer_state(run.optimizer, torch.load(path / f"optimizer-rank{rank}.pt", map_location="cpu", weights_only=True))
+    else:
+        load_model(run.unwrapped, str(path / "side.safetensors"), device=str(acc.device))
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.weighting.load_state_dict(state["weighting"])
     run.sampler.load_state_dict(meta["sampler"])
@@ -122,6 +142,8 @@ def resume_latest(run, say) -> int:
     for path in sorted(checkpoints(run.out), key=_step_of, reverse=True):
         try:
             step = load_checkpoint(run, path)
+        except ConfigError:  # a sound checkpoint of another launch: falling back would lose work
+            raise
         except Exception as e:  # a truncated or corrupt file shows up as many error types
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             warnings.warn(f"checkpoint {path} could not be loaded ({reason[:200]}); trying the one before", stacklevel=2)

@@ -1,14 +1,21 @@
-"""Where the models live in a multi-process run: the Accelerator, and the frozen teacher whole or sharded.
+"""Where the models live in a multi-process run: the Accelerator, the student whole or sharded, the teacher whole or sharded.
 
-The student side is Accelerate's business (``accelerator.prepare``: DDP over
-NCCL on GPUs, over gloo on CPUs). The teacher has no optimizer
-and is never prepared; ``place_teacher`` puts it on the device whole
+Under a DDP launch the student side is Accelerate's business
+(``accelerator.prepare``: DDP over NCCL on GPUs, over gloo on CPUs). Under an
+FSDP launch (``configs/accelerate/fsdp.yaml``) alignkd shards it itself with
+FSDP2 (``shard_student``): each block's parameters, gradients and optimizer
+state are split over the processes, while the embeddings, final norm, head,
+projectors and mixtures stay whole on every process, their gradients averaged
+like DDP's. The fused LM-head terms and the capture hooks then read whole
+tensors, and a tied embedding stays tied. The teacher has no optimizer and is
+never prepared; ``place_teacher`` puts it on the device whole
 (``teacher.placement: replicate``) or splits its blocks over the processes
-(``shard``, FSDP2 ``fully_shard``).
+(``shard``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -27,14 +34,20 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
-# Launch modes that shard the student, and why a run refuses them for now: it would
-# otherwise hang or write a wrong student at the first save, not fail up front.
+# Launch modes a run refuses, and why: it would otherwise hang or write a wrong
+# student at the first save, not fail up front.
 UNSUPPORTED_LAUNCHES = {
-    "ACCELERATE_USE_FSDP": "FSDP for the student is not supported yet (the student and checkpoints are saved "
-    "from whole parameters on the main process)",
     "ACCELERATE_USE_DEEPSPEED": "DeepSpeed is not supported yet (its engine steps the optimizer inside backward, "
     "before alignkd's accumulation, clipping and non-finite checks)",
 }
+
+FSDP_LAUNCH = "ACCELERATE_USE_FSDP"
+"""Set by ``accelerate launch`` with an FSDP config: the run shards the student (``shard_student``)."""
+
+
+def shards_student() -> bool:
+    """Whether this process was launched to shard the student (an FSDP launch)."""
+    return _flag(FSDP_LAUNCH)
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -46,14 +59,22 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     start N processes that Accelerate, unless told to use the CPU, runs as N
     independent single-process runs (each writing its own outputs). Passing
     ``cpu=True`` where the run's device is the CPU makes them one gloo group.
+
+    Under an FSDP launch the Accelerator is built as for DDP (its FSDP plugin
+    would wrap the whole side, head included); ``shard_student`` does the sharding.
     """
     for env, why in UNSUPPORTED_LAUNCHES.items():
         if _flag(env):
             raise ConfigError(
-                f"accelerate launch: {why}; launch with --config_file configs/accelerate/ddp.yaml "
-                "and set teacher.placement: shard to split the teacher over the processes"
+                f"accelerate launch: {why}; launch with --config_file configs/accelerate/fsdp.yaml (student sharded) "
+                "or configs/accelerate/ddp.yaml, and set teacher.placement: shard to split the teacher over the processes"
             )
-    return Accelerator(mixed_precision=mixed_precision, cpu=default_device().type == "cpu")
+    fsdp = os.environ.pop(FSDP_LAUNCH, None)
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=default_device().type == "cpu")
+    finally:
+        if fsdp is not None:
+            os.environ[FSDP_LAUNCH] = fsdp
 
 
 def place_teacher(teacher: nn.Module, accelerator: Accelerator, placement: str, say=print) -> nn.Module:
@@ -72,6 +93,156 @@ def place_teacher(teacher: nn.Module, accelerator: Accelerator, placement: str, 
     return teacher
 
 
+def shard_student(side: nn.Module, accelerator: Accelerator, say=print) -> list[nn.Parameter]:
+    """Split the student's blocks over the processes (FSDP2); returns the parameters left whole, whose gradients ``average_whole`` averages.
+
+    Call before the optimizer is built: sharding replaces the blocks' parameters.
+    """
+    fully_shard = _fully_shard("an FSDP launch", "launch with configs/accelerate/ddp.yaml")
+    mesh = _mesh(accelerator)
+    side.to(accelerator.device)
+    blocks = blocks_of(side.student)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    whole = [p for p in side.parameters() if id(p) not in in_blocks]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(side, mesh=mesh, reshard_after_forward=True, ignored_params=set(whole))
+    # One forward through the root first: FSDP2 initialises from the module it first runs,
+    # and an evaluation calls the student, not the root.
+    ids = torch.zeros(1, 2, dtype=torch.long, device=accelerator.device)
+    with torch.no_grad():
+        side(ids, torch.ones_like(ids))
+        side.capture.take()
+    say(
+        f"student: blocks sharded over {accelerator.num_processes} processes with FSDP2 "
+        f"({_local_params(side.student) / 1e6:.2f}M of {sum(p.numel() for p in side.student.parameters()) / 1e6:.2f}M parameters here)"
+    )
+    return whole
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DTensor (a shard of a parameter split over the processes)."""
+    return hasattr(p, "to_local")
+
+
+@contextlib.contextmanager
+def gradient_sync(run, sync: bool):
+    """Average gradients over the processes in this backward (``sync``), or only accumulate them."""
+    if run.whole_params is not None:  # sharded: FSDP2 reduce-scatters the blocks' gradients when told to
+        run.side.set_requires_gradient_sync(sync)
+        yield
+    elif sync:
+        yield
+    else:
+        with run.accelerator.no_sync(run.side):
+            yield
+
+
+@contextlib.contextmanager
+def held_gathered(run):
+    """Keep a sharded student's blocks gathered through extra backwards (GradNorm's one per term), freed by the step's own."""
+    if run.whole_params is None:
+        yield
+        return
+    run.side.set_reshard_after_backward(False, recurse=True)
+    try:
+        yield
+    finally:
+        run.side.set_reshard_after_backward(True, recurse=True)
+
+
+def average_whole(run) -> None:
+    """Average over processes the gradients that no wrapper averaged: the weighting's own, and under FSDP the whole parameters'."""
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        return
+    params = list(run.weighting.model_params()) + list(run.whole_params or [])
+    for p in params:
+        if p.grad is not None:
+            p.grad.copy_(acc.reduce(p.grad, "mean"))
+
+
+def clip_grad_norm(run, max_norm: float) -> float:
+    """Clip the side's gradients to ``max_norm`` over all processes; returns the norm before clipping."""
+    acc = run.accelerator
+    if run.whole_params is None:
+        return float(acc.clip_grad_norm_(run.side.parameters(), max_norm))
+    acc.unscale_gradients()
+    grads = [p.grad for p in run.side.parameters() if p.grad is not None]
+    # Shards add up over the processes; whole gradients are already the same on each.
+    local = sum((g.to_local().float().pow(2).sum() for g in grads if is_sharded(g)), torch.zeros((), device=acc.device))
+    whole = sum((g.float().pow(2).sum() for g in grads if not is_sharded(g)), torch.zeros((), device=acc.device))
+    norm = (acc.reduce(local, "sum") + whole).sqrt()
+    coef = min(max_norm / (float(norm) + 1e-6), 1.0)
+    for g in grads:
+        g.mul_(coef)
+    return float(norm)
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every shard gathered whole, on the CPU (a collective: every process calls it)."""
+    return {k: (v.full_tensor() if is_sharded(v) else v).detach().cpu() for k, v in module.state_dict().items()}
+
+
+def local_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` as this process holds it: shards as local tensors, tied tensors once."""
+    out, seen = {}, set()
+    for k, v in module.state_dict().items():
+        t = v.to_local() if is_sharded(v) else v
+        if t.numel() and t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[k] = t.detach().contiguous().cpu()
+    return out
+
+
+def load_local_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a ``local_state`` back into ``module`` (same processes, same sharding)."""
+    current = {k: v.to_local() if is_sharded(v) else v for k, v in module.state_dict().items()}
+    loaded = {current[k].data_ptr() for k in state if k in current}
+    with torch.no_grad():
+        for k, t in current.items():
+            if k in state:
+                t.copy_(state[k])
+            elif t.numel() and t.data_ptr() not in loaded:  # a tied tensor comes with its twin
+                raise KeyError(f"{k} is missing from the checkpoint")
+
+
+def local_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with the sharded parameters' states as this process's local tensors."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: v.to_local() if is_sharded(v) else v for k, v in st.items()} for i, st in sd["state"].items()}
+    return sd
+
+
+def load_local_optimizer_state(optimizer, sd: dict) -> None:
+    """Load a ``local_optimizer_state``: each sharded parameter's local states become its shards again."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        if is_sharded(p):
+            for k, v in st.items():
+                if v.dim() > 0:  # the moments; "step" is a whole scalar
+                    st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    optimizer.load_state_dict(sd)
+
+
+def _fully_shard(what: str, instead: str):
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ConfigError(f"{what} needs FSDP2 (torch >= 2.6; this is {torch.__version__}); upgrade torch or {instead}") from None
+    return fully_shard
+
+
+def _mesh(accelerator: Accelerator):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+
+
 def _local_params(model: nn.Module) -> int:
     """Parameters held by this process (a DTensor's local shard)."""
     return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
@@ -85,16 +256,8 @@ def _shard_fsdp2(teacher: nn.Module, accelerator: Accelerator) -> None:
     on every step, so a sharded head would be gathered whole per call anyway,
     and these are a few percent of a large model's parameters.
     """
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        raise ConfigError(
-            f"teacher.placement: shard needs FSDP2 (torch >= 2.6; this is {torch.__version__}); "
-            "upgrade torch or set teacher.placement: replicate"
-        ) from None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    fully_shard = _fully_shard("teacher.placement: shard", "set teacher.placement: replicate")
+    mesh = _mesh(accelerator)
     teacher.to(accelerator.device)
     blocks = blocks_of(teacher)
     in_blocks = {id(p) for p in blocks.parameters()}

@@ -28,7 +28,7 @@ from alignkd.cache.read import TeacherCache
 from alignkd.data import BlockSampler
 from alignkd.engine.capture import Capture
 from alignkd.engine.choose import Inputs, choose_blocks
-from alignkd.engine.distributed import make_accelerator, place_teacher
+from alignkd.engine.distributed import full_state, is_sharded, make_accelerator, place_teacher, shard_student, shards_student
 from alignkd.engine.horizon import Horizon
 from alignkd.engine.output_dir import check_output, check_resumable, clear
 from alignkd.engine.plan import StudentSide, build_plan
@@ -71,6 +71,8 @@ class Run:
     """The teacher cache (``teacher.cache``) the run reads instead of running the teacher."""
     selection: Selection | None = None
     """How the student's blocks were chosen (``student.from_teacher.select``), when the run chose them."""
+    whole_params: list[nn.Parameter] | None = None
+    """Under an FSDP launch, the side's parameters left whole on every process (the blocks' are sharded); None otherwise."""
 
     @property
     def needs_teacher(self) -> bool:
@@ -206,10 +208,12 @@ def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting) -> torch.opti
     decay, no_decay = [], []
     for name, p in side.named_parameters():
         (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay},
-        {"params": no_decay + weighting.model_params(), "weight_decay": 0.0},
-    ]
+    groups = []
+    for params, wd in ((decay, cfg.train.weight_decay), (no_decay + weighting.model_params(), 0.0)):
+        # AdamW's foreach maths cannot mix shards (an FSDP student's blocks) and whole tensors in a group.
+        for part in ([p for p in params if not is_sharded(p)], [p for p in params if is_sharded(p)]):
+            if part:
+                groups.append({"params": part, "weight_decay": wd})
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
 
 
@@ -239,22 +243,26 @@ def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | Non
     train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
     if cache is not None:
         cache.check(cfg, train_data["input_ids"], eval_data["input_ids"], plan.teacher_needs, vocab)
+    if next(teacher.parameters()).device.type != "meta":  # a teacher that never runs is not placed
+        teacher = place_teacher(teacher, accelerator, cfg.teacher.placement, say)
+    weighting.to(accelerator.device)
+    whole = shard_student(side, accelerator, say) if shards_student() else None  # before the optimizer: it replaces parameters
     optimizer = _optimizer(cfg, side, weighting)
     max_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
     horizon = Horizon(cfg.train.steps, max_seconds)
     # Stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio))
-    if next(teacher.parameters()).device.type != "meta":  # a teacher that never runs is not placed
-        teacher = place_teacher(teacher, accelerator, cfg.teacher.placement, say)
-    weighting.to(accelerator.device)
-    side, optimizer = accelerator.prepare(side, optimizer)
+    if whole is None:
+        side, optimizer = accelerator.prepare(side, optimizer)
+    else:
+        optimizer = accelerator.prepare(optimizer)
     sampler = BlockSampler(
         train_data["input_ids"].shape[0], cfg.train.batch_size, cfg.train.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
     return Run(
         cfg, accelerator, tok, teacher, teacher_capture, side, plan.terms, weighting, optimizer, scheduler,
-        train_data, eval_data, sampler, vocab, task, Path(cfg.train.output_dir), horizon, heads, cache, selection,
+        train_data, eval_data, sampler, vocab, task, Path(cfg.train.output_dir), horizon, heads, cache, selection, whole,
     )
 
 
@@ -263,12 +271,14 @@ def save_outputs(run: Run) -> Path:
     acc = run.accelerator
     acc.wait_for_everyone()
     dest = run.out / "student"
+    # A sharded student is gathered whole first (every process takes part).
+    state = full_state(run.unwrapped.student) if run.whole_params is not None else None
     if acc.is_main_process:
         from alignkd.engine.checkpoint import replace_dir
 
         tmp = run.out / ".student.tmp"  # written whole, then renamed into place
         shutil.rmtree(tmp, ignore_errors=True)
-        run.unwrapped.student.save_pretrained(tmp)
+        run.unwrapped.student.save_pretrained(tmp, state_dict=state)
         run.tokenizer.save_pretrained(tmp)
         replace_dir(tmp, dest)
         aux = {k: v.detach().cpu().contiguous() for k, v in run.unwrapped.aux_state().items()}

@@ -8,7 +8,6 @@ term object is mutated.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkd.engine.capture import Record
+from alignkd.engine.distributed import average_whole, clip_grad_norm, gradient_sync, held_gathered
 from alignkd.engine.plan import forward_record
 from alignkd.engine.tasks import Batch
 from alignkd.engine.weighting import schedule_value
@@ -79,13 +79,14 @@ def micro_step(run, batch: Batch, token_share: float, at: Schedules, *, update_w
     """
     acc = run.accelerator
     teacher = teacher_forward(run, batch) if run.needs_teacher else Record()
-    with contextlib.nullcontext() if sync else acc.no_sync(run.side):
+    with gradient_sync(run, sync):
         with acc.autocast():
             student = run.side(batch.input_ids, batch.mask)
             losses = term_losses(run, batch, student, teacher, at.temperatures)
         if update_weights and _all_finite(acc, losses):  # a NaN would poison the learned weights
             shared = [run.unwrapped.student.get_input_embeddings().weight]  # every term's gradient passes through here
-            run.weighting.update(losses, at.multipliers, shared, reduce=lambda v: acc.reduce(v, "sum"))
+            with held_gathered(run):
+                run.weighting.update(losses, at.multipliers, shared, reduce=lambda v: acc.reduce(v, "sum"))
         loss = run.weighting.combine(losses, at.multipliers)
         acc.backward(loss * token_share)
     return {**{k: v.detach() for k, v in losses.items()}, "loss": loss.detach()}
@@ -123,15 +124,11 @@ def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
         )
         for name, v in values.items():
             sums[name] = sums.get(name, 0.0) + v.double() * counts[k]
-    # DDP averages the side's gradients over processes; the weighting's own parameters
-    # (uncertainty's log-variances) sit outside it, so they are averaged here.
-    if acc.num_processes > 1:
-        for p in run.weighting.model_params():
-            if p.grad is not None:
-                p.grad.copy_(acc.reduce(p.grad, "mean"))
+    # DDP (or FSDP) averages the side's gradients over processes; the rest is averaged here.
+    average_whole(run)
     # With clipping off, an infinite bound still returns the norm for the log.
     max_norm = run.cfg.train.max_grad_norm
-    grad_norm = float(acc.clip_grad_norm_(run.side.parameters(), max_norm if max_norm > 0 else math.inf))
+    grad_norm = clip_grad_norm(run, max_norm if max_norm > 0 else math.inf)
     keys = ["loss", *run.weighting.names]
     totals = acc.reduce(torch.stack([sums[k] for k in keys]).to(acc.device), "sum").tolist()
     tokens = sum(int(b.mask.sum()) for b in batches) * acc.num_processes

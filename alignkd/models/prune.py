@@ -17,7 +17,7 @@ magnitude of every norm's output in it, summed over the norms; a query head by
 the mean L2 norm of its attention output (the input of ``o_proj``), a key/value
 head by the sum over its query heads; an MLP channel by the mean magnitude of
 the input of ``down_proj``. Blocks are taken evenly spread when the student has
-fewer.
+fewer. A sequence classifier's ``score`` head keeps the same hidden channels.
 
 :func:`even_layers` (which teacher blocks a shallower student keeps) lives here
 too; depth pruning in :mod:`alignkd.models.student` uses it, never the other way.
@@ -211,3 +211,9 @@ def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = 
     final = [m for n, m in teacher.base_model.named_children() if n == "norm"]
     if final:
         copy(student.base_model.norm.weight, final[0].weight, hid)
+    # A sequence classifier's head (``score``, [num_labels, hidden]) reads the same hidden channels.
+    t_score, s_score = getattr(teacher, "score", None), getattr(student, "score", None)
+    if isinstance(t_score, nn.Linear) and isinstance(s_score, nn.Linear):
+        copy(s_score.weight, t_score.weight, None, hid)
+        if t_score.bias is not None and s_score.bias is not None:
+            copy(s_score.bias, t_score.bias)
