@@ -279,3 +279,22 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(reference, tmp_path
     assert sorted(got) == list(range(1, 31))
     for s in want:
         assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-9), s
+
+
+@pytest.mark.parametrize(("written_over", "processes", "sharded"), [(2, 1, False), (2, 4, True), (None, 2, True)])
+def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written_over, processes, sharded):
+    """Sharded checkpoints hold each process's shards: another launch must stop with one line, not fall back to an older one."""
+    from types import SimpleNamespace
+
+    from alignkd.engine.checkpoint import resume_latest
+
+    ckpt = tmp_path / "checkpoints" / "step-2"
+    ckpt.mkdir(parents=True)
+    meta = {"step": 2} | ({"sharded_over": written_over} if written_over else {})
+    (ckpt / "state.json").write_text(json.dumps(meta))
+    run = SimpleNamespace(
+        out=tmp_path, accelerator=SimpleNamespace(num_processes=processes, process_index=0), whole_params=[] if sharded else None
+    )
+    with pytest.raises(ConfigError) as info:
+        resume_latest(run, say=lambda msg: None)
+    assert "\n" not in str(info.value) and "resume it the same way" in str(info.value)
