@@ -49,7 +49,9 @@ CASES = {
     "a": "minimal PyTorch CE loop",
     "t": "teacher forward alone",
     "b": "alignkd CE",
+    "b-unfused": "alignkd CE, logits (train.fused_head false)",
     "c": "alignkd forward KL",
+    "c-unfused": "alignkd forward KL, logits (fused_head false)",
     "d": "alignkd KL + hidden + relation, 2 layers",
     "e-logits": "alignkd KL from teacher cache (logits)",
     "e-hidden": "alignkd KL + hidden from teacher cache",
@@ -67,6 +69,7 @@ LOSSES = {
     "e-logits": [KL],
     "e-hidden": [KL, HIDDEN],
 }
+LOSSES.update({f"{c}-unfused": LOSSES[c] for c in ("b", "c")})
 # The CLI without an entry script: works in any venv that has alignkd importable from here.
 CLI = "import sys; from alignkd.cli import main; sys.exit(main())"
 TARGETS = [  # (label, value from the medians, comparison, bound)
@@ -103,6 +106,7 @@ def run_config(spec: dict, case: str) -> dict:
         "train": {
             "steps": spec["warmup"] + spec["steps"], "batch_size": BATCH, "lr": 1e-4, "warmup": 1,
             "mixed_precision": "no", "eval_every": 0, "eval_batches": 1, "progress": False,
+            "fused_head": not case.endswith("-unfused"),
             "output_dir": str(Path(spec["work"]) / f"run-{case}"), "seed": 0,
         },
     }

@@ -112,7 +112,6 @@ def shard_student(side: nn.Module, accelerator: Accelerator, say=print) -> list[
     ids = torch.zeros(1, 2, dtype=torch.long, device=accelerator.device)
     with torch.no_grad():
         side(ids, torch.ones_like(ids))
-        side.capture.take()
     say(
         f"student: blocks sharded over {accelerator.num_processes} processes with FSDP2 "
         f"({_local_params(side.student) / 1e6:.2f}M of {sum(p.numel() for p in side.student.parameters()) / 1e6:.2f}M parameters here)"

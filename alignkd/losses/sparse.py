@@ -27,6 +27,53 @@ from alignkd.losses._reduce import check_mask, mean_over
 from alignkd.losses.logits import _check_kl_args, kl_rows
 
 
+class _StudentBuckets(torch.autograd.Function):
+    """Student bucket log-probabilities ``[N, V], [N, k] -> [N, k(+1)]``, with the gradient in closed form.
+
+    For the top-k columns the bucket is ``z_i - lse``; the tail is
+    ``log(sum of p_j outside the top k)``. With ``G`` the sum of the incoming
+    gradients ``g`` and ``p = softmax(z)``, the gradient is
+    ``p_j * (g_tail / p_tail - G)`` outside the top k and ``g_i - p_i * G`` on
+    it: one pass over ``[N, V]`` in backward, where autograd through the
+    gathers, the scatter and the two logsumexps would take several.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+        z = logits.float()
+        if temperature != 1.0:
+            z = z / temperature
+        lse = z.logsumexp(-1, keepdim=True)
+        s = z.gather(-1, ids) - lse
+        tail = ids.shape[-1] < z.shape[-1]
+        if tail:
+            rest = z.scatter(-1, ids, float("-inf"))
+            s = torch.cat([s, rest.logsumexp(-1, keepdim=True) - lse], -1)
+            del rest
+        ctx.save_for_backward(z, lse, ids, s)
+        ctx.temperature, ctx.tail, ctx.dtype = temperature, tail, logits.dtype
+        return s
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        z, lse, ids, s = ctx.saved_tensors
+        k = ids.shape[-1]
+        total = g.sum(-1, keepdim=True)
+        p = (z - lse).exp_()
+        p_top = p.gather(-1, ids)
+        if ctx.tail:
+            p_tail = s[:, k:].exp()
+            # A tail of zero mass has log -inf: no finite gradient flows through it.
+            per_tail = torch.where(p_tail > 0, g[:, k:] / p_tail, torch.zeros_like(p_tail))
+            dz = p.mul_(per_tail - total)
+        else:
+            dz = p.mul_(-total)
+        dz.scatter_(-1, ids, g[:, :k] - p_top * total)
+        if ctx.temperature != 1.0:
+            dz.div_(ctx.temperature)
+        return dz.to(ctx.dtype), None, None
+
+
 def topk_buckets(
     student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_tail: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,14 +81,10 @@ def topk_buckets(
 
     The last bucket is the tail; it is left out when ``k == V`` (nothing is left over).
     """
-    z = student_logits.float() / temperature
-    lse = z.logsumexp(-1, keepdim=True)
     ids = teacher_ids.long()
-    s = z.gather(-1, ids) - lse
+    s = _StudentBuckets.apply(student_logits, ids, float(temperature))
     t = teacher_logprobs.float() / temperature
-    if ids.shape[-1] < z.shape[-1]:
-        rest = z.scatter(-1, ids, float("-inf"))
-        s = torch.cat([s, rest.logsumexp(-1, keepdim=True) - lse], -1)
+    if ids.shape[-1] < student_logits.shape[-1]:
         t = torch.cat([t, teacher_tail.float().unsqueeze(-1) / temperature], -1)
     # At temperature 1 the teacher's buckets already sum to 1; otherwise this renormalises them.
     return s, F.log_softmax(t, dim=-1)
