@@ -26,17 +26,25 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from alignkd.engine.distributed import UNSUPPORTED_LAUNCHES, make_accelerator
+from alignkd.engine.distributed import make_accelerator
 from alignkd.errors import ConfigError
 from tiny import save_model, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP = ROOT / "configs" / "accelerate" / "ddp.yaml"
 FSDP = ROOT / "configs" / "accelerate" / "fsdp.yaml"
+DEEPSPEED = ROOT / "configs" / "accelerate" / "deepspeed.yaml"
 TERMS = ("loss/kl", "loss/ce", "loss/hidden", "loss/relation")
 STEPS = 3
 
 needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+try:
+    import deepspeed  # noqa: F401
+
+    HAS_DEEPSPEED = True
+except ImportError:
+    HAS_DEEPSPEED = False
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install -e .[test] installs it)")
 
 
 def _cfg(root: Path, out: str, batch: int, placement: str = "replicate", **train) -> Path:
@@ -171,26 +179,91 @@ def test_a_student_sharded_by_an_fsdp_launch_matches_one_process_and_resumes(one
 
 @needs_distributed
 def test_gradnorm_on_a_sharded_student_equals_gradnorm_under_ddp(one_process):
-    """GradNorm backpropagates once per term before the step's backward: the sharded blocks must stay gathered through those."""
+    """GradNorm backpropagates once per term before the step's backward: the sharded blocks must stay gathered
+    through those, and ZeRO's gradient hooks must not take those gradients for the step's."""
     runs = {}
-    for name, launch in (("gn-ddp", DDP), ("gn-fsdp", FSDP)):
+    for name, launch in (("gn-ddp", DDP), ("gn-fsdp", FSDP)) + ((("gn-zero2", DEEPSPEED),) if HAS_DEEPSPEED else ()):
         config = _cfg(one_process, name, 2)
         cfg = yaml.safe_load(config.read_text())
         cfg["weighting"] = {"strategy": "gradnorm"}
         config.write_text(yaml.safe_dump(cfg))
         _launch_two(config, one_process, launch)
         runs[name] = _records(one_process / name)
-    assert len(runs["gn-ddp"]) == len(runs["gn-fsdp"]) > STEPS
-    for x, y in zip(runs["gn-fsdp"], runs["gn-ddp"]):
-        keys = [k for k in y if k.startswith(("loss", "w/", "eval_"))]
-        assert any(k.startswith("w/") for k in keys) or x["split"] == "eval"
-        for key in keys:
-            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    for name in runs.keys() - {"gn-ddp"}:  # FSDP, and ZeRO-2 where deepspeed is installed
+        assert len(runs[name]) == len(runs["gn-ddp"]) > STEPS
+        for x, y in zip(runs[name], runs["gn-ddp"]):
+            keys = [k for k in y if k.startswith(("loss", "w/", "eval_"))]
+            assert any(k.startswith("w/") for k in keys) or x["split"] == "eval"
+            for key in keys:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (name, x["step"], key)
 
 
-@pytest.mark.parametrize("env", sorted(UNSUPPORTED_LAUNCHES))
-def test_launches_that_would_shard_the_student_are_refused_in_one_line(env, monkeypatch):
-    monkeypatch.setenv(env, "true")
+@needs_distributed
+@needs_deepspeed
+def test_a_student_under_deepspeed_zero2_matches_one_process_and_resumes(one_process):
+    """ZeRO-2 partitions the AdamW state and the gradients; the weights, the run and the resume must be one process's."""
+    config = _cfg(one_process, "zero2", 2, placement="shard", save_every=1, keep_checkpoints=3)
+    launch = _launch_two(config, one_process, DEEPSPEED)
+    out = one_process / "zero2"
+    _check_matches_one_process(one_process, out, launch)
+    ckpt = out / "checkpoints" / f"step-{STEPS}"
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(["optimizer-rank0.pt", "optimizer-rank1.pt", "side.safetensors", "state.json", "state.pt"])
+    # Each process holds half of the AdamW moments (ZeRO's flat partitions, padded).
+    parts = [torch.load(ckpt / f"optimizer-rank{r}.pt", weights_only=True)["single_partition_of_fp32_groups"] for r in (0, 1)]
+    total = sum(p.numel() for p in load_file(str(ckpt / "side.safetensors")).values())
+    assert 0 < sum(t.numel() for t in parts[0]) < total
+    first = _records(out)
+    shutil.rmtree(ckpt)
+    _launch_two(config, one_process, DEEPSPEED, "--resume")
+    again = [r for r in _records(out) if r["split"] == "train" and r["step"] == STEPS]
+    want = [r for r in first if r["split"] == "train" and r["step"] == STEPS]
+    assert len(again) == 2 and len(want) == 1
+    keys = [k for k in want[0] if k.startswith(("loss", "w/"))]
+    assert keys
+    for key in keys:
+        assert again[-1][key] == pytest.approx(want[0][key], rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+        {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"},
+        {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"},
+        {"ACCELERATE_DEEPSPEED_CONFIG_FILE": "/nonexistent/ds.json"},
+    ],
+)
+def test_deepspeed_launches_alignkd_cannot_run_are_refused_in_one_line(env, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError) as info:
         make_accelerator("no")
-    assert "\n" not in str(info.value) and "configs/accelerate/ddp.yaml" in str(info.value)
+    assert "\n" not in str(info.value) and str(info.value).startswith("accelerate launch: ")
+
+
+def test_a_deepspeed_config_file_gives_the_stage(tmp_path, monkeypatch):
+    from alignkd.engine.zero import launch_stage
+
+    path = tmp_path / "ds.json"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    assert launch_stage() == 1
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="stage 3"):
+        launch_stage()
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    assert launch_stage() is None
+
+
+@needs_deepspeed
+def test_fp16_autocast_under_deepspeed_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from alignkd.engine import zero
+
+    cfg = SimpleNamespace(train=SimpleNamespace(mixed_precision="fp16", batch_size=2, grad_accum=1, max_grad_norm=1.0))
+    with pytest.raises(ConfigError) as info:
+        zero.wrap(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), 2, cfg, 1)
+    assert "\n" not in str(info.value) and "fp16" in str(info.value)

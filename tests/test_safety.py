@@ -281,19 +281,22 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(reference, tmp_path
         assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-9), s
 
 
-@pytest.mark.parametrize(("written_over", "processes", "sharded"), [(2, 1, False), (2, 4, True), (None, 2, True)])
-def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written_over, processes, sharded):
-    """Sharded checkpoints hold each process's shards: another launch must stop with one line, not fall back to an older one."""
+@pytest.mark.parametrize(
+    ("written", "processes", "sharded"),
+    [({"sharded_over": 2}, 1, False), ({"sharded_over": 2}, 4, True), ({}, 2, True), ({"zero_over": 2}, 2, True), ({"zero_over": 2}, 1, False)],
+)
+def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written, processes, sharded):
+    """Per-process checkpoints (FSDP shards, ZeRO partitions): another launch must stop with one line, not fall back to an older one."""
     from types import SimpleNamespace
 
     from alignkd.engine.checkpoint import resume_latest
 
     ckpt = tmp_path / "checkpoints" / "step-2"
     ckpt.mkdir(parents=True)
-    meta = {"step": 2} | ({"sharded_over": written_over} if written_over else {})
-    (ckpt / "state.json").write_text(json.dumps(meta))
+    (ckpt / "state.json").write_text(json.dumps({"step": 2, **written}))
     run = SimpleNamespace(
-        out=tmp_path, accelerator=SimpleNamespace(num_processes=processes, process_index=0), whole_params=[] if sharded else None
+        out=tmp_path, accelerator=SimpleNamespace(num_processes=processes, process_index=0),
+        whole_params=[] if sharded else None, side=torch.nn.Linear(1, 1),
     )
     with pytest.raises(ConfigError) as info:
         resume_latest(run, say=lambda msg: None)

@@ -5,7 +5,9 @@ A checkpoint folder holds ``side.safetensors`` (student and projectors),
 plain containers only, read with ``weights_only=True``) and ``state.json``
 (step, data position, training time, Python's RNG). A sharded student (an FSDP
 launch) is saved as each process holds it, without gathering: ``side-rankR.safetensors``
-and ``optimizer-rankR.pt`` per process, resumed by the same number of processes. It is written under a
+and ``optimizer-rankR.pt`` per process, resumed by the same number of processes; under
+a DeepSpeed launch the student is whole and each process writes its ZeRO optimizer
+partition (``optimizer-rankR.pt``). It is written under a
 hidden temporary name and renamed into place, so a kill at any moment leaves
 either the whole checkpoint or none. At resume a checkpoint that fails to load
 is reported and the previous one is used.
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from alignkd.engine import zero
 from alignkd.engine.distributed import load_local_optimizer_state, load_local_state, local_optimizer_state, local_state
 from alignkd.errors import ConfigError
 
@@ -58,20 +61,25 @@ def save_checkpoint(run, step: int) -> Path:
     root = run.out / "checkpoints"
     path = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
-    sharded = run.whole_params is not None
+    sharded, launch = run.whole_params is not None, _launch(run)
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if sharded:  # every process writes its shards into the folder the main process made
+    if launch:  # every process writes its part into the folder the main process made
         acc.wait_for_everyone()
         rank = acc.process_index
-        save_file(local_state(run.unwrapped), str(tmp / f"side-rank{rank}.safetensors"))
-        torch.save(local_optimizer_state(run.optimizer), tmp / f"optimizer-rank{rank}.pt")
+        if sharded:
+            save_file(local_state(run.unwrapped), str(tmp / f"side-rank{rank}.safetensors"))
+        optimizer = local_optimizer_state(run.optimizer) if sharded else zero.partition_state(run.side)
+        torch.save(optimizer, tmp / f"optimizer-rank{rank}.pt")
         acc.wait_for_everyone()
     if acc.is_main_process:
         state = {"scheduler": run.scheduler.state_dict(), "weighting": run.weighting.state_dict(), "rng": _rng_tensors()}
-        if not sharded:
+        if launch and not sharded:  # ZeRO's parameters are views of its flat buffers: saved as copies
+            save_file({k: v.clone() for k, v in local_state(run.unwrapped).items()}, str(tmp / "side.safetensors"))
+        elif not sharded:
             save_model(run.unwrapped, str(tmp / "side.safetensors"))  # student and projectors; handles tied weights
+        if not launch:
             state["optimizer"] = run.optimizer.state_dict()
         torch.save(state, tmp / "state.pt")
         meta = {
@@ -80,8 +88,8 @@ def save_checkpoint(run, step: int) -> Path:
             "train_seconds": run.horizon.elapsed,
             "python_rng": _python_rng(),
         }
-        if sharded:
-            meta["sharded_over"] = acc.num_processes
+        if launch:
+            meta[launch[0]] = launch[1]
         (tmp / "state.json").write_text(json.dumps(meta))
         replace_dir(tmp, path)
         old = sorted(checkpoints(run.out), key=_step_of)
@@ -89,6 +97,19 @@ def save_checkpoint(run, step: int) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
     acc.wait_for_everyone()
     return path
+
+
+_LAUNCH_WORDS = {"sharded_over": "whose student was sharded (an FSDP launch)", "zero_over": "under DeepSpeed ZeRO (a DeepSpeed launch)"}
+"""``state.json`` keys that record a per-process checkpoint, and what wrote it."""
+
+
+def _launch(run) -> tuple[str, int] | None:
+    """(``state.json`` key, process count) when each process saves its own part of the run; None for one whole state."""
+    if run.whole_params is not None:
+        return "sharded_over", run.accelerator.num_processes
+    if zero.is_engine(run.side):
+        return "zero_over", run.accelerator.num_processes
+    return None
 
 
 def _step_of(path: Path) -> int:
@@ -111,19 +132,24 @@ def latest_checkpoint(out: Path) -> Path | None:
 def load_checkpoint(run, path: Path) -> int:
     """Restore a checkpoint into ``run``; returns the step to continue from. Raises on a damaged checkpoint."""
     meta = json.loads((path / "state.json").read_text())
-    acc, sharded = run.accelerator, run.whole_params is not None
-    was = meta.get("sharded_over")
-    if (was is not None) != sharded or (sharded and was != acc.num_processes):
-        wrote = f"a run whose student was sharded over {was} processes (an FSDP launch)" if was else "a run whose student was whole (no FSDP launch)"
+    acc, sharded, launch = run.accelerator, run.whole_params is not None, _launch(run)
+    was = next(((k, meta[k]) for k in _LAUNCH_WORDS if k in meta), None)
+    if was != launch:
+        wrote = f"a run {_LAUNCH_WORDS[was[0]]} over {was[1]} processes" if was else "a run with one whole student (no FSDP or DeepSpeed launch)"
         raise ConfigError(f"--resume: {path} was written by {wrote}; resume it the same way")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    if sharded:
-        rank = acc.process_index
-        load_local_state(run.unwrapped, load_file(str(path / f"side-rank{rank}.safetensors")))
-        load_local_optimizer_state(run.optimizer, torch.load(path / f"optimizer-rank{rank}.pt", map_location="cpu", weights_only=True))
+    rank = acc.process_index
+    if launch:
+        load_local_state(run.unwrapped, load_file(str(path / (f"side-rank{rank}.safetensors" if sharded else "side.safetensors"))))
     else:
         load_model(run.unwrapped, str(path / "side.safetensors"), device=str(acc.device))
-        run.optimizer.load_state_dict(state["optimizer"])
+    optimizer = torch.load(path / f"optimizer-rank{rank}.pt", map_location="cpu", weights_only=True) if launch else state["optimizer"]
+    if sharded:
+        load_local_optimizer_state(run.optimizer, optimizer)
+    elif launch:  # after the weights: ZeRO sets them again from its float32 master copy
+        zero.load_partition_state(run.side, optimizer)
+    else:
+        run.optimizer.load_state_dict(optimizer)
     run.scheduler.load_state_dict(state["scheduler"])
     run.weighting.load_state_dict(state["weighting"])
     run.sampler.load_state_dict(meta["sampler"])
@@ -137,14 +163,26 @@ def load_checkpoint(run, path: Path) -> int:
     return step
 
 
+def _loaded_everywhere(run, ok: bool) -> bool:
+    """Whether every process loaded the checkpoint (a collective under a multi-process launch)."""
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        return ok
+    return acc.reduce(torch.tensor(float(ok), device=acc.device), "sum").item() == acc.num_processes
+
+
 def resume_latest(run, say) -> int:
     """Load the newest checkpoint that loads; a damaged one is reported and skipped. Returns the step (0: none)."""
     for path in sorted(checkpoints(run.out), key=_step_of, reverse=True):
+        error = None
         try:
             step = load_checkpoint(run, path)
         except ConfigError:  # a sound checkpoint of another launch: falling back would lose work
             raise
         except Exception as e:  # a truncated or corrupt file shows up as many error types
+            error = e
+        if not _loaded_everywhere(run, error is None):  # one process's bad file sends every process back
+            e = error or RuntimeError("another process could not load its part")
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             warnings.warn(f"checkpoint {path} could not be loaded ({reason[:200]}); trying the one before", stacklevel=2)
             say(f"[yellow]checkpoint {path.name} is damaged ({type(e).__name__}); trying the one before[/]")

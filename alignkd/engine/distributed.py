@@ -10,7 +10,8 @@ like DDP's. The fused LM-head terms and the capture hooks then read whole
 tensors, and a tied embedding stays tied. The teacher has no optimizer and is
 never prepared; ``place_teacher`` puts it on the device whole
 (``teacher.placement: replicate``) or splits its blocks over the processes
-(``shard``).
+(``shard``). Under a DeepSpeed launch the student goes to a ZeRO engine
+(``engine.zero``); the helpers below that take a ``run`` cover all three.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from alignkd.engine import zero
 from alignkd.errors import ConfigError
 from alignkd.models.families import blocks_of
 from alignkd.precision import default_device
@@ -33,13 +35,6 @@ PLACEMENTS = ("replicate", "shard")
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
-
-# Launch modes a run refuses, and why: it would otherwise hang or write a wrong
-# student at the first save, not fail up front.
-UNSUPPORTED_LAUNCHES = {
-    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed is not supported yet (its engine steps the optimizer inside backward, "
-    "before alignkd's accumulation, clipping and non-finite checks)",
-}
 
 FSDP_LAUNCH = "ACCELERATE_USE_FSDP"
 """Set by ``accelerate launch`` with an FSDP config: the run shards the student (``shard_student``)."""
@@ -60,21 +55,20 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     independent single-process runs (each writing its own outputs). Passing
     ``cpu=True`` where the run's device is the CPU makes them one gloo group.
 
-    Under an FSDP launch the Accelerator is built as for DDP (its FSDP plugin
-    would wrap the whole side, head included); ``shard_student`` does the sharding.
+    Under an FSDP or DeepSpeed launch the Accelerator is built as for DDP (its
+    plugins would wrap the whole side, head included, or step the optimizer inside
+    backward); ``shard_student`` and ``engine.zero`` do that work.
     """
-    for env, why in UNSUPPORTED_LAUNCHES.items():
-        if _flag(env):
-            raise ConfigError(
-                f"accelerate launch: {why}; launch with --config_file configs/accelerate/fsdp.yaml (student sharded) "
-                "or configs/accelerate/ddp.yaml, and set teacher.placement: shard to split the teacher over the processes"
-            )
-    fsdp = os.environ.pop(FSDP_LAUNCH, None)
+    zero.launch_stage()  # a DeepSpeed launch alignkd cannot run stops here, in one line
+    if default_device().type == "cpu":
+        # Where deepspeed is installed, transformers imports it to save a model; told the device, it
+        # does not print its "unable to detect" warning on stdout.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    hidden = {k: os.environ.pop(k) for k in (FSDP_LAUNCH, zero.DEEPSPEED_LAUNCH) if k in os.environ}
     try:
         return Accelerator(mixed_precision=mixed_precision, cpu=default_device().type == "cpu")
     finally:
-        if fsdp is not None:
-            os.environ[FSDP_LAUNCH] = fsdp
+        os.environ.update(hidden)
 
 
 def place_teacher(teacher: nn.Module, accelerator: Accelerator, placement: str, say=print) -> nn.Module:
@@ -127,7 +121,9 @@ def is_sharded(p: torch.Tensor) -> bool:
 @contextlib.contextmanager
 def gradient_sync(run, sync: bool):
     """Average gradients over the processes in this backward (``sync``), or only accumulate them."""
-    if run.whole_params is not None:  # sharded: FSDP2 reduce-scatters the blocks' gradients when told to
+    if zero.is_engine(run.side):  # the boundary is set with the backward (``backward``)
+        yield
+    elif run.whole_params is not None:  # sharded: FSDP2 reduce-scatters the blocks' gradients when told to
         run.side.set_requires_gradient_sync(sync)
         yield
     elif sync:
@@ -135,6 +131,14 @@ def gradient_sync(run, sync: bool):
     else:
         with run.accelerator.no_sync(run.side):
             yield
+
+
+def backward(run, loss: torch.Tensor, sync: bool) -> None:
+    """Backward of one micro-batch's (already share-scaled) loss; ``sync``: the step's last micro-batch."""
+    if zero.is_engine(run.side):
+        zero.backward(run.side, loss, sync)
+    else:
+        run.accelerator.backward(loss)
 
 
 @contextlib.contextmanager

@@ -54,6 +54,17 @@ class StudentSide(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
 
 
+def unwrap(side: nn.Module) -> StudentSide:
+    """The ``StudentSide`` inside DDP's or DeepSpeed's wrapper (each holds it as ``.module``).
+
+    Accelerate's ``unwrap_model`` would do, but it imports deepspeed whenever it is
+    installed: seconds per process, and a warning on stdout.
+    """
+    while not isinstance(side, StudentSide):
+        side = side.module
+    return side
+
+
 def forward_record(model: nn.Module, capture: Capture, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_head: bool) -> Record:
     """One model's forward as a Record: its logits, or with ``fused_head`` its final hidden states (no head call)."""
     if fused_head:

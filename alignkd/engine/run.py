@@ -28,10 +28,11 @@ from alignkd.cache.read import TeacherCache
 from alignkd.data import BlockSampler
 from alignkd.engine.capture import Capture
 from alignkd.engine.choose import Inputs, choose_blocks
+from alignkd.engine import zero
 from alignkd.engine.distributed import full_state, is_sharded, make_accelerator, place_teacher, shard_student, shards_student
 from alignkd.engine.horizon import Horizon
 from alignkd.engine.output_dir import check_output, check_resumable, clear
-from alignkd.engine.plan import StudentSide, build_plan
+from alignkd.engine.plan import StudentSide, build_plan, unwrap
 from alignkd.engine.tasks import TASKS, heldout
 from alignkd.engine.weighting import Weighting, build_weighting
 from alignkd.models.families import OutputHead, blocks_of, disable_attention_dropout, output_head
@@ -51,7 +52,7 @@ class Run:
     teacher: nn.Module
     teacher_capture: Capture
     side: nn.Module
-    """``StudentSide``, wrapped by Accelerate (DDP etc.)."""
+    """``StudentSide``, wrapped by Accelerate (DDP etc.) or by a DeepSpeed engine (``engine.zero``)."""
     terms: list[Term]
     weighting: Weighting
     optimizer: torch.optim.Optimizer
@@ -81,7 +82,7 @@ class Run:
 
     @property
     def unwrapped(self) -> StudentSide:
-        return self.accelerator.unwrap_model(self.side)
+        return unwrap(self.side)
 
     def evaluate(self, model: nn.Module) -> dict:
         """Held-out loss (and perplexity, or accuracy) of ``model`` on the eval data."""
@@ -252,10 +253,13 @@ def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | Non
     horizon = Horizon(cfg.train.steps, max_seconds)
     # Stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio))
-    if whole is None:
-        side, optimizer = accelerator.prepare(side, optimizer)
-    else:
+    if whole is not None:
         optimizer = accelerator.prepare(optimizer)
+    elif stage := zero.launch_stage():
+        side = zero.wrap(side, optimizer, stage, cfg, accelerator.num_processes)
+        optimizer = side.optimizer  # ZeRO's, stepping the AdamW's groups the scheduler drives
+    else:
+        side, optimizer = accelerator.prepare(side, optimizer)
     sampler = BlockSampler(
         train_data["input_ids"].shape[0], cfg.train.batch_size, cfg.train.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -271,8 +275,9 @@ def save_outputs(run: Run) -> Path:
     acc = run.accelerator
     acc.wait_for_everyone()
     dest = run.out / "student"
-    # A sharded student is gathered whole first (every process takes part).
+    # A sharded student is gathered whole first (every process takes part); ZeRO's parameters are views of its flat buffers.
     state = full_state(run.unwrapped.student) if run.whole_params is not None else None
+    state = zero.copied_state(run.unwrapped.student) if zero.is_engine(run.side) else state
     if acc.is_main_process:
         from alignkd.engine.checkpoint import replace_dir
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from alignkd.engine.capture import Record
-from alignkd.engine.distributed import average_whole, clip_grad_norm, gradient_sync, held_gathered
+from alignkd.engine import zero
+from alignkd.engine.distributed import average_whole, backward, clip_grad_norm, gradient_sync, held_gathered
 from alignkd.engine.plan import forward_record
 from alignkd.engine.tasks import Batch
 from alignkd.engine.weighting import schedule_value
@@ -88,7 +89,7 @@ def micro_step(run, batch: Batch, token_share: float, at: Schedules, *, update_w
             with held_gathered(run):
                 run.weighting.update(losses, at.multipliers, shared, reduce=lambda v: acc.reduce(v, "sum"))
         loss = run.weighting.combine(losses, at.multipliers)
-        acc.backward(loss * token_share)
+        backward(run, loss * token_share, sync)
     return {**{k: v.detach() for k, v in losses.items()}, "loss": loss.detach()}
 
 
@@ -124,23 +125,31 @@ def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
         )
         for name, v in values.items():
             sums[name] = sums.get(name, 0.0) + v.double() * counts[k]
-    # DDP (or FSDP) averages the side's gradients over processes; the rest is averaged here.
+    # DDP (or FSDP, or ZeRO) averages the side's gradients over processes; the rest is averaged here.
     average_whole(run)
-    # With clipping off, an infinite bound still returns the norm for the log.
-    max_norm = run.cfg.train.max_grad_norm
-    grad_norm = clip_grad_norm(run, max_norm if max_norm > 0 else math.inf)
     keys = ["loss", *run.weighting.names]
     totals = acc.reduce(torch.stack([sums[k] for k in keys]).to(acc.device), "sum").tolist()
     tokens = sum(int(b.mask.sum()) for b in batches) * acc.num_processes
     lr = run.scheduler.get_last_lr()[0]
-    # Every process sees the same reduced values, so all skip or all step. Under fp16 an
-    # infinite gradient is the loss scaler's business: it skips the step and rescales.
+    # Every process sees the same reduced values, so all skip or all step.
     bad = [k for k, v in zip(keys[1:], totals[1:]) if not math.isfinite(v)]
-    if not bad and not math.isfinite(grad_norm) and run.cfg.train.mixed_precision != "fp16":
-        bad.append("gradient")
-    if not bad:
+    max_norm = run.cfg.train.max_grad_norm
+    if zero.is_engine(run.side):
+        # ZeRO clips over every process's partition and skips a step whose gradient is not
+        # finite (a non-finite term makes it so), in one call; the norm is known after it.
+        grad_norm, applied = zero.step(run.side)
+        bad = bad or ([] if applied else ["gradient"])
+    else:
+        # With clipping off, an infinite bound still returns the norm for the log.
+        grad_norm = clip_grad_norm(run, max_norm if max_norm > 0 else math.inf)
+        # Under fp16 an infinite gradient is the loss scaler's business: it skips the step and rescales.
+        if not bad and not math.isfinite(grad_norm) and run.cfg.train.mixed_precision != "fp16":
+            bad.append("gradient")
+        applied = not bad
+        if applied:
+            run.optimizer.step()
+    if applied:
         # Last, so that nothing between the update and the loop's step count can be interrupted.
-        run.optimizer.step()
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     means = {k: float(v) / global_count for k, v in zip(keys, totals)}
