@@ -7,7 +7,8 @@ single-process run. Launched twice: with the teacher whole on each process, and
 with its blocks sharded over the two (FSDP2), which the capture hooks and the
 fused LM-head terms then read. Launched with the FSDP config, the student's
 blocks are sharded too, and must give the same run, resume exactly from their
-per-process checkpoints, and survive GradNorm's extra backwards.
+per-process checkpoints, and survive GradNorm's extra backwards; the same under
+DeepSpeed ZeRO-2 and ZeRO-3 (where deepspeed is installed).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def test_gradnorm_on_a_sharded_student_equals_gradnorm_under_ddp(one_process):
         config.write_text(yaml.safe_dump(cfg))
         _launch_two(config, one_process, launch)
         runs[name] = _records(one_process / name)
-    for name in runs.keys() - {"gn-ddp"}:  # FSDP, and ZeRO-2 where deepspeed is installed
+    for name in runs.keys() - {"gn-ddp"}:  # FSDP, and ZeRO-2 where deepspeed is installed (ZeRO-3 refuses GradNorm)
         assert len(runs[name]) == len(runs["gn-ddp"]) > STEPS
         for x, y in zip(runs[name], runs["gn-ddp"]):
             keys = [k for k in y if k.startswith(("loss", "w/", "eval_"))]
@@ -198,23 +199,42 @@ def test_gradnorm_on_a_sharded_student_equals_gradnorm_under_ddp(one_process):
                 assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (name, x["step"], key)
 
 
+def _zero3_launch(root: Path) -> Path:
+    """An Accelerate config for ZeRO-3 through a deepspeed_config_file; every tensor of the tiny student partitioned."""
+    ds = root / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    launch = yaml.safe_load(DEEPSPEED.read_text())
+    launch["deepspeed_config"] = {"deepspeed_config_file": str(ds), "zero3_init_flag": False}
+    path = root / "zero3-launch.yaml"
+    path.write_text(yaml.safe_dump(launch))
+    return path
+
+
 @needs_distributed
 @needs_deepspeed
-def test_a_student_under_deepspeed_zero2_matches_one_process_and_resumes(one_process):
-    """ZeRO-2 partitions the AdamW state and the gradients; the weights, the run and the resume must be one process's."""
-    config = _cfg(one_process, "zero2", 2, placement="shard", save_every=1, keep_checkpoints=3)
-    launch = _launch_two(config, one_process, DEEPSPEED)
-    out = one_process / "zero2"
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_student_under_deepspeed_zero_matches_one_process_and_resumes(one_process, stage):
+    """ZeRO-2 partitions the AdamW state and the gradients, ZeRO-3 the weights too; the run, the saved
+    student and projectors and the resume must be one process's."""
+    name = f"zero{stage}"
+    config = _cfg(one_process, name, 2, placement="shard", save_every=1, keep_checkpoints=3)
+    launch_file = DEEPSPEED if stage == 2 else _zero3_launch(one_process)
+    launch = _launch_two(config, one_process, launch_file)
+    said = re.search(rf"student: DeepSpeed ZeRO-{stage} over 2 processes, .* \(([\d.]+)M of ([\d.]+)M weights here\)", " ".join(launch.stderr.split()))
+    assert said, launch.stderr[-2000:]
+    assert (float(said[1]) < float(said[2])) == (stage == 3)
+    out = one_process / name
     _check_matches_one_process(one_process, out, launch)
     ckpt = out / "checkpoints" / f"step-{STEPS}"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(["optimizer-rank0.pt", "optimizer-rank1.pt", "side.safetensors", "state.json", "state.pt"])
-    # Each process holds half of the AdamW moments (ZeRO's flat partitions, padded).
-    parts = [torch.load(ckpt / f"optimizer-rank{r}.pt", weights_only=True)["single_partition_of_fp32_groups"] for r in (0, 1)]
+    # Each process holds part of the float32 master weights (ZeRO's flat partitions, padded).
+    key = "single_partition_of_fp32_groups" if stage == 2 else "fp32_flat_groups"
+    parts = [torch.load(ckpt / f"optimizer-rank{r}.pt", weights_only=True)[key] for r in (0, 1)]
     total = sum(p.numel() for p in load_file(str(ckpt / "side.safetensors")).values())
     assert 0 < sum(t.numel() for t in parts[0]) < total
     first = _records(out)
     shutil.rmtree(ckpt)
-    _launch_two(config, one_process, DEEPSPEED, "--resume")
+    _launch_two(config, one_process, launch_file, "--resume")
     again = [r for r in _records(out) if r["split"] == "train" and r["step"] == STEPS]
     want = [r for r in first if r["split"] == "train" and r["step"] == STEPS]
     assert len(again) == 2 and len(want) == 1
@@ -227,7 +247,6 @@ def test_a_student_under_deepspeed_zero2_matches_one_process_and_resumes(one_pro
 @pytest.mark.parametrize(
     "env",
     [
-        {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
         {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"},
         {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"},
         {"ACCELERATE_DEEPSPEED_CONFIG_FILE": "/nonexistent/ds.json"},
@@ -250,8 +269,8 @@ def test_a_deepspeed_config_file_gives_the_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     assert launch_stage() == 1
-    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    with pytest.raises(ConfigError, match="stage 3"):
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
+    with pytest.raises(ConfigError, match="offload"):
         launch_stage()
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     assert launch_stage() is None
@@ -265,5 +284,20 @@ def test_fp16_autocast_under_deepspeed_is_refused_in_one_line():
 
     cfg = SimpleNamespace(train=SimpleNamespace(mixed_precision="fp16", batch_size=2, grad_accum=1, max_grad_norm=1.0))
     with pytest.raises(ConfigError) as info:
-        zero.wrap(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), 2, cfg, 1)
+        zero.wrap(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), {"stage": 2}, cfg, 1)
     assert "\n" not in str(info.value) and "fp16" in str(info.value)
+
+
+@needs_deepspeed
+def test_gradnorm_under_zero3_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from alignkd.engine import zero
+
+    cfg = SimpleNamespace(
+        train=SimpleNamespace(mixed_precision="no", batch_size=2, grad_accum=1, max_grad_norm=1.0),
+        weighting=SimpleNamespace(strategy="gradnorm"),
+    )
+    with pytest.raises(ConfigError) as info:
+        zero.wrap(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), {"stage": 3}, cfg, 1)
+    assert "\n" not in str(info.value) and "gradnorm" in str(info.value)

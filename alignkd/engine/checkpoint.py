@@ -65,6 +65,7 @@ def save_checkpoint(run, step: int) -> Path:
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+    side = zero.side_state(run.side) if launch and not sharded else None  # ZeRO-3 gathers: every process
     if launch:  # every process writes its part into the folder the main process made
         acc.wait_for_everyone()
         rank = acc.process_index
@@ -75,8 +76,8 @@ def save_checkpoint(run, step: int) -> Path:
         acc.wait_for_everyone()
     if acc.is_main_process:
         state = {"scheduler": run.scheduler.state_dict(), "weighting": run.weighting.state_dict(), "rng": _rng_tensors()}
-        if launch and not sharded:  # ZeRO's parameters are views of its flat buffers: saved as copies
-            save_file({k: v.clone() for k, v in local_state(run.unwrapped).items()}, str(tmp / "side.safetensors"))
+        if side is not None:  # ZeRO's parameters are views of its flat buffers (or partitions): saved as copies
+            save_file(side, str(tmp / "side.safetensors"))
         elif not sharded:
             save_model(run.unwrapped, str(tmp / "side.safetensors"))  # student and projectors; handles tied weights
         if not launch:
@@ -139,8 +140,11 @@ def load_checkpoint(run, path: Path) -> int:
         raise ConfigError(f"--resume: {path} was written by {wrote}; resume it the same way")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     rank = acc.process_index
-    if launch:
-        load_local_state(run.unwrapped, load_file(str(path / (f"side-rank{rank}.safetensors" if sharded else "side.safetensors"))))
+    if sharded:
+        load_local_state(run.unwrapped, load_file(str(path / f"side-rank{rank}.safetensors")))
+    elif launch:  # under ZeRO-3 the weights come back with the optimizer partition (its master copy)
+        if not zero.is_stage3(run.side):
+            load_local_state(run.unwrapped, load_file(str(path / "side.safetensors")))
     else:
         load_model(run.unwrapped, str(path / "side.safetensors"), device=str(acc.device))
     optimizer = torch.load(path / f"optimizer-rank{rank}.pt", map_location="cpu", weights_only=True) if launch else state["optimizer"]

@@ -184,7 +184,8 @@ def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tu
 
     Needs ``train.fused_head``, a causal LM, every logit-reading term able to run
     fused (kl, ce; not dkd or blockwise), and both families' logits a plain head
-    with the same soft-capping. Under autocast the fused losses run the head
+    with the same soft-capping, and no ZeRO-3 launch (its head weight is
+    gathered only inside the head's own forward). Under autocast the fused losses run the head
     matmuls in its dtype, as the models' own heads would, and keep pace with them
     with one logit-reading term (a bf16 KD step of the demo on an AMX CPU: 2.07 s
     fused, 1.98 s on logits); with two (kl and ce) each walks the student's head on
@@ -194,7 +195,7 @@ def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tu
     much: 4.3 s fused, 3.5 s on logits.)
     """
     kinds = [TERM_TYPES[t.type] for t in cfg.losses]
-    if not cfg.train.fused_head or task.name != "causal_lm" or any(k.reads_logits and not k.fused for k in kinds):
+    if not cfg.train.fused_head or task.name != "causal_lm" or any(k.reads_logits and not k.fused for k in kinds) or zero.launch_stage() == 3:
         return None
     if cfg.train.mixed_precision != "no" and sum(k.reads_logits for k in kinds) > 1:
         return None
@@ -255,8 +256,8 @@ def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | Non
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio))
     if whole is not None:
         optimizer = accelerator.prepare(optimizer)
-    elif stage := zero.launch_stage():
-        side = zero.wrap(side, optimizer, stage, cfg, accelerator.num_processes)
+    elif settings := zero.launch_zero():
+        side = zero.wrap(side, optimizer, settings, cfg, accelerator.num_processes, say)
         optimizer = side.optimizer  # ZeRO's, stepping the AdamW's groups the scheduler drives
     else:
         side, optimizer = accelerator.prepare(side, optimizer)
@@ -276,8 +277,8 @@ def save_outputs(run: Run) -> Path:
     acc.wait_for_everyone()
     dest = run.out / "student"
     # A sharded student is gathered whole first (every process takes part); ZeRO's parameters are views of its flat buffers.
-    state = full_state(run.unwrapped.student) if run.whole_params is not None else None
-    state = zero.copied_state(run.unwrapped.student) if zero.is_engine(run.side) else state
+    state, aux = full_state(run.unwrapped.student) if run.whole_params is not None else None, run.unwrapped.aux_state()
+    state, aux = zero.export_states(run.side) if zero.is_engine(run.side) else (state, aux)
     if acc.is_main_process:
         from alignkd.engine.checkpoint import replace_dir
 
@@ -286,7 +287,7 @@ def save_outputs(run: Run) -> Path:
         run.unwrapped.student.save_pretrained(tmp, state_dict=state)
         run.tokenizer.save_pretrained(tmp)
         replace_dir(tmp, dest)
-        aux = {k: v.detach().cpu().contiguous() for k, v in run.unwrapped.aux_state().items()}
+        aux = {k: v.detach().cpu().contiguous() for k, v in aux.items()}
         if aux:
             save_file(aux, str(run.out / "projectors.safetensors"))
     acc.wait_for_everyone()

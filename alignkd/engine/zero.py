@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO (stages 1 and 2) for the student under a DeepSpeed launch (``configs/accelerate/deepspeed.yaml``).
+"""DeepSpeed ZeRO for the student under a DeepSpeed launch (``configs/accelerate/deepspeed.yaml``).
 
 alignkd runs DeepSpeed's engine itself rather than through Accelerate's
 plugin, whose ``backward`` also steps the optimizer, before alignkd's
@@ -6,11 +6,14 @@ accumulation, clipping and non-finite checks could see the gradients. Here each
 micro-batch's backward goes through the engine with the accumulation boundary
 set by the loop (``backward``); ZeRO reduces the gradients into each process's
 partition, clips over all of them and skips a step whose gradient norm is not
-finite (``step``); the loop reads the norm afterwards. The student's weights stay
-whole on every process (stages 1 and 2 partition only the optimizer state and
-the gradients), so the fused LM-head terms, the capture hooks and saving work
-as in one process. The learned-weighting parameters ride in the same ZeRO
-optimizer. Stage 3 would partition the weights too: the FSDP launch does that.
+finite (``step``); the loop reads the norm afterwards. Stages 1 and 2 partition
+the optimizer state (and the gradients) and keep the weights whole on every
+process, so the fused LM-head terms, the capture hooks and saving work as in
+one process. Stage 3 partitions the weights too: each module's are gathered
+inside its own forward and backward, so the run reads the logits from the
+model's head instead of fusing it (``run.fused_heads``), and saving gathers
+them (``copied_state``). A learned weighting's parameters, outside the model,
+get a small AdamW of their own (``wrap``).
 """
 
 from __future__ import annotations
@@ -31,39 +34,45 @@ def _env(name: str) -> str:
     return os.environ.get(name, "").strip().lower()
 
 
-def launch_stage() -> int | None:
-    """The ZeRO stage this process was launched with (None: not a DeepSpeed launch); refuses what alignkd cannot run.
+def launch_zero() -> dict | None:
+    """The ``zero_optimization`` settings this process was launched with (None: not a DeepSpeed launch); refuses what alignkd cannot run.
 
-    Reads Accelerate's ``deepspeed_config`` (``zero_stage``, the offload devices)
-    or the ``zero_optimization`` section of its ``deepspeed_config_file``.
+    From Accelerate's ``deepspeed_config`` (``zero_stage``, the offload devices),
+    or the ``zero_optimization`` section of its ``deepspeed_config_file``, whose
+    other settings (bucket sizes, ``stage3_param_persistence_threshold``...) pass through.
     """
     if _env(DEEPSPEED_LAUNCH) not in ("1", "true", "yes"):
         return None
-    stage, offload = _env("ACCELERATE_DEEPSPEED_ZERO_STAGE"), {
-        _env("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"), _env("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"),
-    }
+    zero = {"stage": _env("ACCELERATE_DEEPSPEED_ZERO_STAGE")}
+    offload = {_env("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"), _env("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")}
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
     if path and path.lower() != "none":
         try:
-            zero = json.loads(open(path).read()).get("zero_optimization", {})
-        except (OSError, ValueError) as e:
+            zero = {**zero, **json.loads(open(path).read()).get("zero_optimization", {})}
+        except (OSError, ValueError, AttributeError) as e:
             raise ConfigError(f"accelerate launch: deepspeed_config_file {path} cannot be read ({e}); fix the path or the JSON") from None
-        stage = str(zero.get("stage", stage or 0))
-        offload |= {str(zero.get(k, {}).get("device", "none")).lower() for k in ("offload_optimizer", "offload_param")}
-    if stage not in ("1", "2"):
+        offload |= {str((zero.get(k) or {}).get("device", "none")).lower() for k in ("offload_optimizer", "offload_param")}
+    stage = str(zero["stage"])
+    if stage not in ("1", "2", "3"):
         raise ConfigError(
-            f"accelerate launch: DeepSpeed ZeRO stage {stage or '?'} is not supported for the student; set zero_stage: 1 or 2 "
-            "(configs/accelerate/deepspeed.yaml), or launch with configs/accelerate/fsdp.yaml to shard the student's weights"
+            f"accelerate launch: DeepSpeed ZeRO stage {stage or '?'} has nothing to partition; set zero_stage: 1, 2 or 3 "
+            "(configs/accelerate/deepspeed.yaml), or launch with configs/accelerate/ddp.yaml"
         )
     if offload - {"", "none"}:
         raise ConfigError(
             "accelerate launch: DeepSpeed offload is not supported; set offload_optimizer_device and offload_param_device to none"
         )
-    return int(stage)
+    return {**zero, "stage": int(stage)}
 
 
-def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, stage: int, cfg, num_processes: int):
-    """Hand ``side`` and its AdamW to a DeepSpeed engine with ZeRO ``stage``; returns the engine (``engine.optimizer`` is ZeRO's).
+def launch_stage() -> int | None:
+    """The ZeRO stage of this launch (None: not a DeepSpeed launch)."""
+    zero = launch_zero()
+    return zero["stage"] if zero else None
+
+
+def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num_processes: int, say=print):
+    """Hand ``side`` and its AdamW to a DeepSpeed engine with the ``zero_optimization`` settings ``zero``; returns the engine (``engine.optimizer`` is ZeRO's).
 
     The AdamW's param groups stay the ones ZeRO steps, so an LR scheduler built on
     it keeps working. Parameters of the AdamW outside ``side`` (a learned
@@ -78,13 +87,18 @@ def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, stage: int, cfg, num
     t = cfg.train
     if t.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision: fp16 under a DeepSpeed launch is not supported (its loss scaling would bypass ZeRO); use bf16 or no")
+    if zero["stage"] == 3 and cfg.weighting.strategy == "gradnorm":
+        raise ConfigError(
+            "weighting.strategy: gradnorm under DeepSpeed ZeRO-3 is not supported (its per-term gradients need the embedding "
+            "weight whole); use ratio or uncertainty, zero_stage 1 or 2, or launch with configs/accelerate/fsdp.yaml"
+        )
     dtype = next(side.parameters()).dtype
     ds = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.batch_size * t.grad_accum * num_processes,
         "gradient_clipping": t.max_grad_norm if t.max_grad_norm > 0 else 0.0,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": zero,
         # A step with a non-finite gradient is skipped by ZeRO (float32 always checks through the norm).
         "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
         "fp16": {"enabled": dtype == torch.float16},
@@ -95,6 +109,11 @@ def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, stage: int, cfg, num
     beside = _split_off(optimizer, {id(p) for p in side.parameters()})
     engine, *_ = deepspeed.initialize(model=side, optimizer=optimizer, config=ds)
     engine.beside = beside
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in side.parameters())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in side.parameters())
+    split = "weights, gradients and optimizer state" if zero["stage"] == 3 else "optimizer state" + (" and gradients" if zero["stage"] == 2 else "")
+    say(f"student: DeepSpeed ZeRO-{zero['stage']} over {num_processes} processes, {split} partitioned "
+        f"({held / 1e6:.2f}M of {total / 1e6:.2f}M weights here)")
     return engine
 
 
@@ -148,32 +167,64 @@ def step(engine) -> tuple[float, bool]:
     return norm, applied
 
 
+def is_stage3(side) -> bool:
+    return is_engine(side) and side.zero_optimization_stage() == 3
+
+
 def copied_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` copied out of ZeRO's flat buffers (its parameters are views of them), on the CPU; tied tensors stay one."""
-    copies: dict[int, torch.Tensor] = {}
-    return {k: copies.setdefault(id(v), v.detach().cpu().clone()) for k, v in module.state_dict(keep_vars=True).items()}
+    """``module.state_dict()`` whole and copied out of ZeRO's flat buffers (its parameters are views of them), on the CPU; tied tensors stay one.
+
+    Under ZeRO-3 the partitioned parameters are gathered first: a collective, every process calls it.
+    """
+    import deepspeed
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+        copies: dict[int, torch.Tensor] = {}
+        return {k: copies.setdefault(id(v), v.detach().cpu().clone()) for k, v in module.state_dict(keep_vars=True).items()}
 
 
-# ZeRO's optimizer state that differs between processes and steps: the rest of
-# its state_dict is layout (paddings, partition counts) rebuilt by the engine.
-_PARTITION_KEYS = ("base_optimizer_state", "single_partition_of_fp32_groups")
+def export_states(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the student's state, the projectors' and mixtures') copied out whole (a collective under ZeRO-3)."""
+    whole = copied_state(engine.module)
+    student = {k.removeprefix("student."): v for k, v in whole.items() if k.startswith("student.")}
+    return student, {k: v for k, v in whole.items() if not k.startswith("student.")}
+
+
+def side_state(engine) -> dict[str, torch.Tensor]:
+    """The side's weights for a checkpoint: ``copied_state`` with each tied tensor once (a collective under ZeRO-3)."""
+    seen: set[int] = set()
+    return {k: v for k, v in copied_state(engine.module).items() if not (id(v) in seen or seen.add(id(v)))}
+
+
+# ZeRO's optimizer state that differs between processes and steps (stages 1-2, stage 3): the
+# rest of its state_dict is layout (paddings, partition counts) rebuilt by the engine.
+_PARTITION_KEYS = {False: ("base_optimizer_state", "single_partition_of_fp32_groups"), True: ("optimizer_state_dict", "fp32_flat_groups")}
 
 
 def partition_state(engine) -> dict:
     """This process's ZeRO optimizer partition: AdamW's moments over it and its float32 master weights (tensors only); and the AdamW beside."""
     sd = engine.optimizer.state_dict()
-    return {**{k: sd[k] for k in _PARTITION_KEYS}, "beside": engine.beside[0].state_dict() if engine.beside else None}
+    keys = _PARTITION_KEYS[is_stage3(engine)]
+    return {**{k: sd[k] for k in keys}, "beside": engine.beside[0].state_dict() if engine.beside else None}
 
 
 def load_partition_state(engine, saved: dict) -> None:
     """Restore a ``partition_state`` (same stage, groups and process count), after the model's weights were loaded.
 
-    Copied in directly: DeepSpeed's own loader wants every process's partitions in each process.
+    The master copy is copied in directly for stages 1-2 (DeepSpeed's own loader
+    wants every process's partitions in each process); under ZeRO-3 the loader
+    also sets the partitioned weights from it.
     """
     opt = engine.optimizer
-    with torch.no_grad():
-        for mine, theirs in zip(opt.single_partition_of_fp32_groups, saved["single_partition_of_fp32_groups"], strict=True):
-            mine.copy_(theirs)
-    opt.optimizer.load_state_dict(saved["base_optimizer_state"])
+    if is_stage3(engine):
+        sd = opt.state_dict()
+        sd.update({k: saved[k] for k in _PARTITION_KEYS[True]})
+        opt._rigid_load_state_dict(sd, load_optimizer_states=True)
+    else:
+        with torch.no_grad():
+            for mine, theirs in zip(opt.single_partition_of_fp32_groups, saved["single_partition_of_fp32_groups"], strict=True):
+                mine.copy_(theirs)
+        opt.optimizer.load_state_dict(saved["base_optimizer_state"])
     if engine.beside is not None:
         engine.beside[0].load_state_dict(saved["beside"])

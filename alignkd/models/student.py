@@ -114,7 +114,8 @@ def build_student(cfg: StudentConfig, teacher: nn.Module, task: str, calibration
 
 
 def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # A parameter partitioned by DeepSpeed ZeRO-3 is an empty placeholder; ds_numel is its size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def freeze(model: nn.Module) -> nn.Module:
