@@ -161,9 +161,16 @@ def test_every_kind_is_tested():
     assert {k for k, _ in KIND_ARGS} == set(KL_KINDS)
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 7, None])
+# (chunk_tokens, FLOAT32_BLOCK_ELEMENTS): one block in chunks of 1, 7 and the default; blocks of
+# 16 rows (2000 // 123) in chunks of 7 and of 1, ragged at the end.
+FLOAT32_BLOCKING = [(1, None), (7, None), (None, None), (7, 2000), (1, 2000)]
+
+
+@pytest.mark.parametrize("chunk_tokens,block", FLOAT32_BLOCKING, ids=[f"chunk{c}-block{b}" for c, b in FLOAT32_BLOCKING])
 @pytest.mark.parametrize("kind,kw", KIND_ARGS, ids=KIND_IDS)
-def test_parity_with_kl_div_on_logits(gen, kind, kw, chunk_tokens):
+def test_parity_with_kl_div_on_logits(gen, kind, kw, chunk_tokens, block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(_head_chunks, "FLOAT32_BLOCK_ELEMENTS", block)
     check_against_materialised(make(gen), kind=kind, temperature=1.5, chunk_tokens=chunk_tokens, **kw)
 
 
@@ -174,9 +181,11 @@ def test_parity_bf16(gen, kind, kw):
     check_against_materialised(make(gen, dtype=torch.bfloat16), tol=LOOSE, kind=kind, temperature=2.0, chunk_tokens=7, **kw)
 
 
-@pytest.mark.parametrize("chunk_tokens", [5, None])
+@pytest.mark.parametrize("chunk_tokens,block", [(5, None), (None, None), (5, 2000)])
 @pytest.mark.parametrize("kind", ["forward", "jsd", "tvd"])
-def test_cross_entropy_is_added_in_the_same_pass(gen, kind, chunk_tokens):
+def test_cross_entropy_is_added_in_the_same_pass(gen, kind, chunk_tokens, block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(_head_chunks, "FLOAT32_BLOCK_ELEMENTS", block)
     check_against_materialised(make(gen), kind=kind, temperature=2.0, ce_weight=0.7, chunk_tokens=chunk_tokens)
 
 
@@ -423,8 +432,10 @@ def kl_and_ce(d, hs, ws, bs, autocast=None, **kw):
         return lm_head_kl_ce(hs, ws, d["ht"], d["wt"], d["mask"], d["labels"], student_bias=bs, teacher_bias=d["bt"], **kw)
 
 
-SPLIT_CASES = [  # (kind, autocast, chunk_tokens, BLOCK_ELEMENTS, softcap)
+SPLIT_CASES = [  # (kind, autocast, chunk_tokens, BLOCK_ELEMENTS and FLOAT32_BLOCK_ELEMENTS, softcap)
     ("forward", None, 5, None, None),
+    ("forward", None, 5, 2000, 2.5),
+    ("jsd", None, 3, 2000, None),
     ("jsd", None, None, None, 2.5),
     ("reverse", torch.bfloat16, 7, None, None),
     ("forward", torch.bfloat16, 7, 2000, 2.5),
@@ -436,6 +447,7 @@ SPLIT_CASES = [  # (kind, autocast, chunk_tokens, BLOCK_ELEMENTS, softcap)
 def test_kl_and_ce_from_one_pass_have_their_own_gradients(gen, kind, autocast, chunk_tokens, block, softcap, monkeypatch):
     if block is not None:
         monkeypatch.setattr(_head_chunks, "BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(_head_chunks, "FLOAT32_BLOCK_ELEMENTS", block)
     d = make(gen, vs=130, vt=123)
     if autocast is not None:
         d = bf16_teacher(d)
@@ -534,10 +546,13 @@ def test_bad_arguments_raise_one_line(gen, bad, match):
 # ----------------------------------------------------------------------------- cross-entropy alone
 
 
-@pytest.mark.parametrize("chunk", [1, 5, None])
+@pytest.mark.parametrize("chunk,block", [(1, None), (5, None), (None, None), (5, 1500)])
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_lm_head_ce_matches_cross_entropy_on_full_logits(chunk, softcap):
+def test_lm_head_ce_matches_cross_entropy_on_full_logits(chunk, block, softcap, monkeypatch):
     from alignkd.losses import lm_head_ce
+
+    if block is not None:  # blocks of 12 rows (1500 // 123) in chunks of 5, the first partly unlabelled
+        monkeypatch.setattr(_head_chunks, "FLOAT32_BLOCK_ELEMENTS", block)
 
     g = torch.Generator().manual_seed(3)
     h = torch.randn(3, 11, 24, generator=g, dtype=torch.float64)

@@ -6,14 +6,14 @@ their gradient w.r.t. the logits, and that gradient is pushed through the head
 into float32 buffers for the student's hidden states, head and bias. The backward
 pass multiplies those buffers by ``grad_output``.
 
-Precision: the head matmuls run in the plan's dtypes (see :func:`matmul_dtype`).
-In float32 they run per chunk. In bf16 / fp16 they run per *block*
-of several chunks (``BLOCK_ELEMENTS``): a matmul of a few dozen rows wastes most
-of a bf16 unit, and pushing each chunk's gradient into the float32 ``[V, D]``
-head buffer rewrites that buffer once per chunk. A block's student logits are
-made in one matmul, its chunks are upcast one at a time for the float32 maths,
-each chunk's gradient is written back (rounded) over the block's logits, and the
-block's gradient is pushed through the head in two matmuls.
+Precision: the head matmuls run in the plan's dtypes (see :func:`matmul_dtype`),
+per *block* of several chunks (``BLOCK_ELEMENTS``): a matmul of a few dozen rows
+wastes most of a bf16 unit, and pushing each chunk's gradient into the float32
+``[V, D]`` head buffer would rewrite that buffer once per chunk. A block's
+student logits are made in one matmul, its chunks go through the float32 maths
+one at a time (upcast first in bf16 / fp16), each chunk's gradient is written
+back (rounded, in low precision) over the block's logits, and the block's
+gradient is pushed through the head in two matmuls.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # rows, and about as long with blocks of 512 (16M elements: ~1.15x; 64M: the same
 # as 32M). Never fewer rows than a chunk (on CUDA a chunk is already bigger).
 BLOCK_ELEMENTS = 1 << 25
+# The same in float32 (64 MB). With per-chunk pushes (85 rows at V = 49152) a
+# CE-only loss on 1,024 tokens took ~1.5x as long as on full float32 logits on a
+# 2-core CPU: each push reads and writes the 113 MB head buffer.
+FLOAT32_BLOCK_ELEMENTS = 1 << 24
 
 
 def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -131,13 +135,12 @@ class _Grads:
 
 
 def _block_rows(n: int, p: Plan) -> int:
-    """Rows per block of head matmuls: one chunk in float32; in bf16 / fp16 about
-    ``BLOCK_ELEMENTS // vocab``, evened out over the blocks (no ragged little last one)."""
-    if p.dtype not in LOW_PRECISION:
-        return p.chunk_tokens
-    most = max(p.chunk_tokens, BLOCK_ELEMENTS // p.vocab, 1)
+    """Rows per block of head matmuls: about ``BLOCK_ELEMENTS // vocab`` (``FLOAT32_BLOCK_ELEMENTS``
+    in float32), never fewer than a chunk, evened out over the blocks (no ragged little last one)."""
+    elements = BLOCK_ELEMENTS if p.dtype in LOW_PRECISION else FLOAT32_BLOCK_ELEMENTS
+    most = max(p.chunk_tokens, elements // p.vocab, 1)
     blocks = max(1, -(-n // most))
-    return -(-n // blocks)
+    return max(1, -(-n // blocks))
 
 
 def _evaluate(hidden, head, bias, p: Plan) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]]]:
@@ -164,10 +167,11 @@ def _evaluate(hidden, head, bias, p: Plan) -> tuple[list[torch.Tensor], list[lis
         zt_blk = None
         if p.teacher_hidden is not None:
             zt_blk = F.linear(p.teacher_hidden.index_select(0, blk).to(p.teacher_dtype), p.teacher_head, p.teacher_bias)
-        # Low precision: each chunk's gradient (rounded) overwrites the block's logits
-        # once they are upcast; the CE of a split call gets a buffer of its own.
+        # Each chunk's gradient (rounded in low precision) overwrites the block's logits
+        # once they are read; the CE of a split call gets a buffer of its own. A block of
+        # one chunk pushes its gradient straight.
         g_blks = None
-        if low and want_grad:
+        if want_grad and (low or blk.numel() > p.chunk_tokens):
             g_blks = [zs_blk] + [torch.empty_like(zs_blk) for _ in grads[1:]]
         for j in range(0, blk.numel(), p.chunk_tokens):
             sl = slice(j, j + p.chunk_tokens)
@@ -203,15 +207,18 @@ def _chunk(zs, zt, labels, p: Plan, want_grad: bool, n: int):
         kl, g = _kl_and_grad(zs, zt, p, want_grad)
         if g is not None:
             g.div_(n)
-    elif want_grad:  # cross-entropy only
-        g = torch.zeros_like(zs)
-    ce = zs.new_zeros(())
-    g_ce = None
+    ce, g_ce = zs.new_zeros(()), None
     if labels is not None:
-        g_ce = (torch.zeros_like(zs) if want_grad else None) if p.split else g
-        ce = _add_ce(zs, labels, g_ce, p.ce_weight / max(p.n_ce, 1))
-    gs = [] if g is None else [g, g_ce] if p.split else [g]
-    return kl, ce, gs
+        scale = p.ce_weight / max(p.n_ce, 1)
+        if p.split:
+            ce, g_ce = _add_ce(zs, labels, None, scale, want_grad)
+        else:
+            ce, g = _add_ce(zs, labels, g, scale, want_grad)
+    if not want_grad:
+        return kl, ce, []
+    if g is None:  # no teacher and no labelled row: a gradient of zeros
+        g = torch.zeros_like(zs)
+    return kl, ce, [g, g_ce if g_ce is not None else torch.zeros_like(zs)] if p.split else [g]
 
 
 def _capped(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -235,11 +242,12 @@ def _kl_and_grad(zs: torch.Tensor, zt: torch.Tensor, p: Plan, want_grad: bool):
     return value.detach(), g
 
 
-def _add_ce(zs: torch.Tensor, labels: torch.Tensor, g: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Summed cross-entropy of the chunk's labelled rows; adds ``scale`` times its gradient to ``g``."""
+def _add_ce(zs: torch.Tensor, labels: torch.Tensor, g: torch.Tensor | None, scale: float, want_grad: bool):
+    """Summed cross-entropy of the chunk's labelled rows, and ``g`` plus ``scale`` times its gradient
+    (``g`` None: zeros; the CE gradient itself is then the chunk's, with no buffer to fill and add to)."""
     sel = (labels >= 0).nonzero().squeeze(1)
     if sel.numel() == 0:
-        return zs.new_zeros(())
+        return zs.new_zeros(()), g
     every = sel.numel() == labels.numel()  # the usual case: no row copy, no scatter back
     # Advanced indexing, not index_select: on [rows, V] with 2 CPU threads torch 2.13's
     # index_select took ~660 ms for 85 rows of 49152 floats, indexing 15 ms.
@@ -247,10 +255,11 @@ def _add_ce(zs: torch.Tensor, labels: torch.Tensor, g: torch.Tensor | None, scal
     tgt = labels[sel].unsqueeze(1)
     logp = z.log_softmax(-1)
     ce = -logp.gather(1, tgt).sum()
-    if g is not None:  # d/dz of -log softmax(z)[y] = softmax(z) - onehot(y)
+    if want_grad:  # d/dz of -log softmax(z)[y] = softmax(z) - onehot(y)
         d = logp.exp_().scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=z.dtype)).mul_(scale)
         if every:
-            g.add_(d)
+            g = d if g is None else g.add_(d)
         else:
+            g = torch.zeros_like(zs) if g is None else g
             g.index_put_((sel,), d, accumulate=True)
-    return ce
+    return ce, g
