@@ -281,12 +281,23 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(reference, tmp_path
         assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-9), s
 
 
+class DeepSpeedEngine:  # what engine.zero recognises a ZeRO-wrapped side by
+    def __init__(self, stage: int):
+        self.stage = stage
+
+    def zero_optimization_stage(self) -> int:
+        return self.stage
+
+
 @pytest.mark.parametrize(
-    ("written", "processes", "sharded"),
-    [({"sharded_over": 2}, 1, False), ({"sharded_over": 2}, 4, True), ({}, 2, True), ({"zero_over": 2}, 2, True), ({"zero_over": 2}, 1, False)],
+    ("written", "processes", "launch"),
+    [
+        ({"sharded_over": 2}, 1, None), ({"sharded_over": 2}, 4, "fsdp"), ({}, 2, "fsdp"),
+        ({"zero2_over": 2}, 2, "fsdp"), ({"zero2_over": 2}, 1, None), ({"zero2_over": 2}, 2, 3), ({"sharded_over": 2}, 2, 2),
+    ],
 )
-def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written, processes, sharded):
-    """Per-process checkpoints (FSDP shards, ZeRO partitions): another launch must stop with one line, not fall back to an older one."""
+def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written, processes, launch):
+    """Per-process checkpoints (FSDP shards, ZeRO partitions of a stage): another launch must stop with one line, not fall back to an older one."""
     from types import SimpleNamespace
 
     from alignkd.engine.checkpoint import resume_latest
@@ -296,7 +307,8 @@ def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written
     (ckpt / "state.json").write_text(json.dumps({"step": 2, **written}))
     run = SimpleNamespace(
         out=tmp_path, accelerator=SimpleNamespace(num_processes=processes, process_index=0),
-        whole_params=[] if sharded else None, side=torch.nn.Linear(1, 1),
+        whole_params=[] if launch == "fsdp" else None,
+        side=DeepSpeedEngine(launch) if isinstance(launch, int) else torch.nn.Linear(1, 1),
     )
     with pytest.raises(ConfigError) as info:
         resume_latest(run, say=lambda msg: None)

@@ -7,10 +7,11 @@ plain containers only, read with ``weights_only=True``) and ``state.json``
 launch) is saved as each process holds it, without gathering: ``side-rankR.safetensors``
 and ``optimizer-rankR.pt`` per process, resumed by the same number of processes; under
 a DeepSpeed launch the student is whole and each process writes its ZeRO optimizer
-partition (``optimizer-rankR.pt``). It is written under a
+partition (``optimizer-rankR.pt``, with its float32 master weights, which under
+ZeRO-3 are where the partitioned weights come back from). It is written under a
 hidden temporary name and renamed into place, so a kill at any moment leaves
 either the whole checkpoint or none. At resume a checkpoint that fails to load
-is reported and the previous one is used.
+(on any process) is reported and the previous one is used, by every process.
 """
 
 from __future__ import annotations
@@ -100,17 +101,20 @@ def save_checkpoint(run, step: int) -> Path:
     return path
 
 
-_LAUNCH_WORDS = {"sharded_over": "whose student was sharded (an FSDP launch)", "zero_over": "under DeepSpeed ZeRO (a DeepSpeed launch)"}
-"""``state.json`` keys that record a per-process checkpoint, and what wrote it."""
-
-
 def _launch(run) -> tuple[str, int] | None:
-    """(``state.json`` key, process count) when each process saves its own part of the run; None for one whole state."""
+    """(``state.json`` key, process count) when each process saves its own part of the run; None for one whole state.
+
+    The key names the layout of the parts: ``sharded_over`` (FSDP shards) or ``zeroS_over`` (ZeRO stage S partitions).
+    """
     if run.whole_params is not None:
         return "sharded_over", run.accelerator.num_processes
     if zero.is_engine(run.side):
-        return "zero_over", run.accelerator.num_processes
+        return f"zero{run.side.zero_optimization_stage()}_over", run.accelerator.num_processes
     return None
+
+
+def _launch_words(key: str) -> str:
+    return "whose student was sharded (an FSDP launch)" if key == "sharded_over" else f"under DeepSpeed ZeRO-{key[4:-5]} (a DeepSpeed launch)"
 
 
 def _step_of(path: Path) -> int:
@@ -134,9 +138,9 @@ def load_checkpoint(run, path: Path) -> int:
     """Restore a checkpoint into ``run``; returns the step to continue from. Raises on a damaged checkpoint."""
     meta = json.loads((path / "state.json").read_text())
     acc, sharded, launch = run.accelerator, run.whole_params is not None, _launch(run)
-    was = next(((k, meta[k]) for k in _LAUNCH_WORDS if k in meta), None)
+    was = next(((k, v) for k, v in meta.items() if k == "sharded_over" or (k.startswith("zero") and k.endswith("_over"))), None)
     if was != launch:
-        wrote = f"a run {_LAUNCH_WORDS[was[0]]} over {was[1]} processes" if was else "a run with one whole student (no FSDP or DeepSpeed launch)"
+        wrote = f"a run {_launch_words(was[0])} over {was[1]} processes" if was else "a run with one whole student (no FSDP or DeepSpeed launch)"
         raise ConfigError(f"--resume: {path} was written by {wrote}; resume it the same way")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     rank = acc.process_index
