@@ -135,6 +135,20 @@ def _check_matches_one_process(root: Path, two: Path, launch: subprocess.Complet
         torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=0, msg=k)
 
 
+def _check_resumes_last_step(root: Path, config: Path, launch: Path, out: Path) -> None:
+    """Delete the last checkpoint and resume from the one before: the last step must be the uninterrupted run's."""
+    first = _records(out)
+    shutil.rmtree(out / "checkpoints" / f"step-{STEPS}")
+    _launch_two(config, root, launch, "--resume")
+    again = [r for r in _records(out) if r["split"] == "train" and r["step"] == STEPS]
+    want = [r for r in first if r["split"] == "train" and r["step"] == STEPS]
+    assert len(again) == 2 and len(want) == 1
+    keys = [k for k in want[0] if k.startswith(("loss", "w/"))]
+    assert keys
+    for key in keys:
+        assert again[-1][key] == pytest.approx(want[0][key], rel=1e-6, abs=1e-7), key
+
+
 @needs_distributed
 def test_two_processes_launched_as_documented_match_one_process(one_process):
     launch = _launch_two(_cfg(one_process, "two", 2), one_process)
@@ -166,16 +180,7 @@ def test_a_student_sharded_by_an_fsdp_launch_matches_one_process_and_resumes(one
     )
     # Resumed from the sharded checkpoint of step 2 (each process reloads its own shards and
     # AdamW moments), the last step is the uninterrupted run's.
-    first = _records(out)
-    shutil.rmtree(ckpt)
-    _launch_two(config, one_process, FSDP, "--resume")
-    again = [r for r in _records(out) if r["split"] == "train" and r["step"] == STEPS]
-    want = [r for r in first if r["split"] == "train" and r["step"] == STEPS]
-    assert len(again) == 2 and len(want) == 1
-    keys = [k for k in want[0] if k.startswith(("loss", "w/"))]
-    assert keys
-    for key in keys:
-        assert again[-1][key] == pytest.approx(want[0][key], rel=1e-6, abs=1e-7), key
+    _check_resumes_last_step(one_process, config, FSDP, out)
 
 
 @needs_distributed
@@ -232,16 +237,7 @@ def test_a_student_under_deepspeed_zero_matches_one_process_and_resumes(one_proc
     parts = [torch.load(ckpt / f"optimizer-rank{r}.pt", weights_only=True)[key] for r in (0, 1)]
     total = sum(p.numel() for p in load_file(str(ckpt / "side.safetensors")).values())
     assert 0 < sum(t.numel() for t in parts[0]) < total
-    first = _records(out)
-    shutil.rmtree(ckpt)
-    _launch_two(config, one_process, launch_file, "--resume")
-    again = [r for r in _records(out) if r["split"] == "train" and r["step"] == STEPS]
-    want = [r for r in first if r["split"] == "train" and r["step"] == STEPS]
-    assert len(again) == 2 and len(want) == 1
-    keys = [k for k in want[0] if k.startswith(("loss", "w/"))]
-    assert keys
-    for key in keys:
-        assert again[-1][key] == pytest.approx(want[0][key], rel=1e-6, abs=1e-7), key
+    _check_resumes_last_step(one_process, config, launch_file, out)
 
 
 @pytest.mark.parametrize(
