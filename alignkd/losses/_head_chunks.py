@@ -192,6 +192,8 @@ def _evaluate(hidden, head, bias, p: Plan) -> tuple[list[torch.Tensor], list[lis
         if g_blks is not None:
             for k, g_blk in enumerate(g_blks):
                 grads[k].push(g_blk, blk, hs, w, 1.0 / scale)
+        # Freed before the next block's are made, not after: one block's logits alive at a time.
+        del zs_blk, zt_blk, g_blks
 
     kl_mean, ce_mean = mean_over(kl_sum, n if p.teacher_hidden is not None else 0), mean_over(ce_sum, p.n_ce)
     values = [kl_mean, ce_mean] if p.split else [kl_mean + p.ce_weight * ce_mean]
