@@ -122,7 +122,7 @@ def test_shipped_accelerate_config_loads_and_launches_several_processes(path):
 
     cfg = load_config_from_file(str(path))
     # A MULTI_CPU config starts one process unless under mpirun; alignkd turns a MULTI_GPU launch on CPUs into a gloo group.
-    want = DistributedType.FSDP if path.name == "fsdp.yaml" else DistributedType.MULTI_GPU
+    want = {"fsdp.yaml": DistributedType.FSDP, "deepspeed.yaml": DistributedType.DEEPSPEED}.get(path.name, DistributedType.MULTI_GPU)
     assert cfg.distributed_type == want and cfg.num_processes > 1
     assert cfg.mixed_precision == "no"  # alignkd passes train.mixed_precision itself
     assert f"--config_file configs/accelerate/{path.name}" in path.read_text()

@@ -117,18 +117,19 @@ def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num
     return engine
 
 
-def _split_off(optimizer: torch.optim.Optimizer, inside: set[int]) -> tuple[torch.optim.Optimizer, list[dict]] | None:
-    """Move the parameters not in ``inside`` out of ``optimizer``'s groups into a new AdamW; returns it and, per its group, the source group.
+def _split_off(optimizer: torch.optim.Optimizer, inside: set[int]) -> tuple[torch.optim.Optimizer, list[int]] | None:
+    """Move the parameters not in ``inside`` out of ``optimizer``'s groups into a new AdamW; returns it and, per its group, the source group's index.
 
+    Indices, not the group dicts: loading a state dict replaces an optimizer's group dicts.
     (alignkd's optimizer puts the weighting's parameters in a group with the side's norms and biases, so no group is left empty.)
     """
     groups, sources = [], []
-    for g in optimizer.param_groups:
+    for i, g in enumerate(optimizer.param_groups):
         out = [p for p in g["params"] if id(p) not in inside]
         if out:
             g["params"] = [p for p in g["params"] if id(p) in inside]
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": out})
-            sources.append(g)
+            sources.append(i)
     return (torch.optim.AdamW(groups), sources) if groups else None
 
 
@@ -160,8 +161,8 @@ def step(engine) -> tuple[float, bool]:
     if engine.beside is not None:
         beside, sources = engine.beside
         if applied:
-            for g, source in zip(beside.param_groups, sources):
-                g["lr"] = source["lr"]  # the scheduler's, set on the group ZeRO steps
+            for g, i in zip(beside.param_groups, sources):
+                g["lr"] = engine.optimizer.param_groups[i]["lr"]  # the scheduler's, set on the group ZeRO steps
             beside.step()
         beside.zero_grad(set_to_none=True)
     return norm, applied
