@@ -66,7 +66,9 @@ def save_checkpoint(run, step: int) -> Path:
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    side = zero.side_state(run.side) if launch and not sharded else None  # ZeRO-3 gathers: every process
+    # A ZeRO side is written whole by the main process; under ZeRO-3 every process takes part in the gather.
+    writes_side = launch and not sharded and (acc.is_main_process or zero.is_stage3(run.side))
+    side = zero.side_state(run.side) if writes_side else None
     if launch:  # every process writes its part into the folder the main process made
         acc.wait_for_everyone()
         rank = acc.process_index
