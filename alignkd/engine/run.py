@@ -184,8 +184,7 @@ def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tu
 
     Needs ``train.fused_head``, a causal LM, every logit-reading term able to run
     fused (kl, ce; not dkd or blockwise), and both families' logits a plain head
-    with the same soft-capping, and no ZeRO-3 launch (its head weight is
-    gathered only inside the head's own forward). Under autocast the fused losses run the head
+    with the same soft-capping. Under autocast the fused losses run the head
     matmuls in its dtype, as the models' own heads would, and keep pace with them
     with one logit-reading term (a bf16 KD step of the demo on an AMX CPU: 2.07 s
     fused, 1.98 s on logits); with two (kl and ce) each walks the student's head on
@@ -195,7 +194,7 @@ def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tu
     much: 4.3 s fused, 3.5 s on logits, measured before float32 blocks.)
     """
     kinds = [TERM_TYPES[t.type] for t in cfg.losses]
-    if not cfg.train.fused_head or task.name != "causal_lm" or any(k.reads_logits and not k.fused for k in kinds) or zero.launch_stage() == 3:
+    if not cfg.train.fused_head or task.name != "causal_lm" or any(k.reads_logits and not k.fused for k in kinds):
         return None
     if cfg.train.mixed_precision != "no" and sum(k.reads_logits for k in kinds) > 1:
         return None
@@ -257,7 +256,8 @@ def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | Non
     if whole is not None:
         optimizer = accelerator.prepare(optimizer)
     elif settings := zero.launch_zero():
-        side = zero.wrap(side, optimizer, settings, cfg, accelerator.num_processes, say)
+        whole_head = [p for p in (heads[0].weight, heads[0].bias) if p is not None] if heads else []
+        side = zero.wrap(side, optimizer, settings, cfg, accelerator.num_processes, say, keep_whole=whole_head)
         optimizer = side.optimizer  # ZeRO's, stepping the AdamW's groups the scheduler drives
     else:
         side, optimizer = accelerator.prepare(side, optimizer)

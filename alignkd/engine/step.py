@@ -83,6 +83,7 @@ def micro_step(run, batch: Batch, token_share: float, at: Schedules, *, update_w
     with gradient_sync(run, sync):
         with acc.autocast():
             student = run.side(batch.input_ids, batch.mask)
+            zero.ensure_whole(run.side)  # the fused LM-head terms read the head outside its module's forward
             losses = term_losses(run, batch, student, teacher, at.temperatures)
         if update_weights and _all_finite(acc, losses):  # a NaN would poison the learned weights
             shared = [run.unwrapped.student.get_input_embeddings().weight]  # every term's gradient passes through here

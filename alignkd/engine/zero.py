@@ -10,10 +10,12 @@ finite (``step``); the loop reads the norm afterwards. Stages 1 and 2 partition
 the optimizer state (and the gradients) and keep the weights whole on every
 process, so the fused LM-head terms, the capture hooks and saving work as in
 one process. Stage 3 partitions the weights too: each module's are gathered
-inside its own forward and backward, so the run reads the logits from the
-model's head instead of fusing it (``run.fused_heads``), and saving gathers
-them (``copied_state``). A learned weighting's parameters, outside the model,
-get a small AdamW of their own (``wrap``).
+inside its own forward and backward, except the output head's when the
+fused LM-head terms read it (outside the head's forward): like FSDP2's
+(``engine.distributed``), it stays whole on every process, its gradient
+partitioned. Saving gathers the weights (``copied_state``). A learned
+weighting's parameters, outside the model, get a small AdamW of their own
+(``wrap``).
 """
 
 from __future__ import annotations
@@ -71,14 +73,17 @@ def launch_stage() -> int | None:
     return zero["stage"] if zero else None
 
 
-def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num_processes: int, say=print):
+def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num_processes: int, say=print, keep_whole=()):
     """Hand ``side`` and its AdamW to a DeepSpeed engine with the ``zero_optimization`` settings ``zero``; returns the engine (``engine.optimizer`` is ZeRO's).
 
     The AdamW's param groups stay the ones ZeRO steps, so an LR scheduler built on
     it keeps working. Parameters of the AdamW outside ``side`` (a learned
     weighting's) move to a small AdamW of their own (``engine.beside``), stepped
     with ZeRO's at the same learning rate. Weights in bfloat16 or float16 get
-    DeepSpeed's float32 master copy.
+    DeepSpeed's float32 master copy. Under ZeRO-3 the parameters in
+    ``keep_whole`` (the fused head's) become persistent: gathered once and kept
+    on every process, re-gathered by ZeRO after each step; their gradients and
+    optimizer state are still partitioned.
     """
     try:
         import deepspeed
@@ -109,11 +114,21 @@ def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num
     beside = _split_off(optimizer, {id(p) for p in side.parameters()})
     engine, *_ = deepspeed.initialize(model=side, optimizer=optimizer, config=ds)
     engine.beside = beside
+    engine.kept_whole = []
+    if zero["stage"] == 3 and keep_whole:
+        for p in keep_whole:
+            p.ds_persist = True  # ZeRO's coordinator never releases it; its step re-gathers it
+        # The list ZeRO re-gathers after each step (its persistent parameters).
+        known = {id(p) for p in engine.optimizer.persistent_parameters}
+        engine.optimizer.persistent_parameters.extend(p for p in keep_whole if id(p) not in known)
+        engine.kept_whole = list(keep_whole)
+        ensure_whole(engine)
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in side.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in side.parameters())
     split = "weights, gradients and optimizer state" if zero["stage"] == 3 else "optimizer state" + (" and gradients" if zero["stage"] == 2 else "")
     say(f"student: DeepSpeed ZeRO-{zero['stage']} over {num_processes} processes, {split} partitioned "
-        f"({held / 1e6:.2f}M of {total / 1e6:.2f}M weights here)")
+        f"({held / 1e6:.2f}M of {total / 1e6:.2f}M weights here"
+        + (f"; the output head's {sum(p.ds_numel for p in engine.kept_whole) / 1e6:.2f}M whole on each, for the fused LM-head terms)" if engine.kept_whole else ")"))
     return engine
 
 
@@ -172,6 +187,21 @@ def is_stage3(side) -> bool:
     return is_engine(side) and side.zero_optimization_stage() == 3
 
 
+def ensure_whole(side) -> None:
+    """Gather the parameters ``wrap`` keeps whole where something partitioned them (a ZeRO-3 engine only; a collective there).
+
+    DeepSpeed re-gathers its persistent parameters after each step; saving and
+    loading a checkpoint partition them, and alignkd's fused LM-head terms read
+    the head outside any module's forward, where ZeRO would gather it.
+    """
+    held = getattr(side, "kept_whole", None)
+    if held:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if any(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in held):
+            held[0].all_gather(param_list=held)
+
+
 def copied_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` whole and copied out of ZeRO's flat buffers (its parameters are views of them), on the CPU; tied tensors stay one.
 
@@ -222,6 +252,11 @@ def load_partition_state(engine, saved: dict) -> None:
         sd = opt.state_dict()
         sd.update({k: saved[k] for k in _PARTITION_KEYS[True]})
         opt._rigid_load_state_dict(sd, load_optimizer_states=True)
+        # That set the partitions; the persistent parameters (small ones, and a kept-whole head) still
+        # hold their old whole copies: release and gather them again, as DeepSpeed's own loader does.
+        if held := opt.persistent_parameters:
+            held[0].partition(held)
+            held[0].all_gather(held)
     else:
         with torch.no_grad():
             for mine, theirs in zip(opt.single_partition_of_fp32_groups, saved["single_partition_of_fp32_groups"], strict=True):
