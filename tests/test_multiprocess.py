@@ -8,7 +8,8 @@ with its blocks sharded over the two (FSDP2), which the capture hooks and the
 fused LM-head terms then read. Launched with the FSDP config, the student's
 blocks are sharded too, and must give the same run, resume exactly from their
 per-process checkpoints, and survive GradNorm's extra backwards; the same under
-DeepSpeed ZeRO-2 and ZeRO-3 (where deepspeed is installed).
+DeepSpeed ZeRO-1, 2 and 3 (where deepspeed is installed). A NaN term on one
+process of a sharded launch skips the step on every process.
 """
 
 from __future__ import annotations
@@ -219,15 +220,23 @@ def _zero3_launch(root: Path) -> Path:
     return path
 
 
+def _zero1_launch(root: Path) -> Path:
+    launch = yaml.safe_load(DEEPSPEED.read_text())
+    launch["deepspeed_config"]["zero_stage"] = 1
+    path = root / "zero1-launch.yaml"
+    path.write_text(yaml.safe_dump(launch))
+    return path
+
+
 @needs_distributed
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_student_under_deepspeed_zero_matches_one_process_and_resumes(one_process, stage):
-    """ZeRO-2 partitions the AdamW state and the gradients, ZeRO-3 the weights too; the run, the saved
-    student and projectors and the resume must be one process's."""
+    """ZeRO-1 partitions the AdamW state, ZeRO-2 the gradients too, ZeRO-3 the weights too; the run, the
+    saved student and projectors and the resume must be one process's."""
     name = f"zero{stage}"
     config = _cfg(one_process, name, 2, placement="shard", save_every=1, keep_checkpoints=3)
-    launch_file = DEEPSPEED if stage == 2 else _zero3_launch(one_process)
+    launch_file = {1: _zero1_launch, 2: lambda root: DEEPSPEED, 3: _zero3_launch}[stage](one_process)
     launch = _launch_two(config, one_process, launch_file)
     said = re.search(rf"student: DeepSpeed ZeRO-{stage} over 2 processes, .* \(([\d.]+)M of ([\d.]+)M weights here", " ".join(launch.stderr.split()))
     assert said, launch.stderr[-2000:]
@@ -239,11 +248,61 @@ def test_a_student_under_deepspeed_zero_matches_one_process_and_resumes(one_proc
     ckpt = out / "checkpoints" / f"step-{STEPS}"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(["optimizer-rank0.pt", "optimizer-rank1.pt", "side.safetensors", "state.json", "state.pt"])
     # Each process holds part of the float32 master weights (ZeRO's flat partitions, padded).
-    key = "single_partition_of_fp32_groups" if stage == 2 else "fp32_flat_groups"
+    key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     parts = [torch.load(ckpt / f"optimizer-rank{r}.pt", weights_only=True)[key] for r in (0, 1)]
     total = sum(p.numel() for p in load_file(str(ckpt / "side.safetensors")).values())
     assert 0 < sum(t.numel() for t in parts[0]) < total
     _check_resumes_last_step(one_process, config, launch_file, out)
+
+
+POISON = """
+import sys
+
+import torch.distributed as dist
+
+import alignkd.engine.step as step
+from alignkd.cli import main
+
+real, calls = step.term_losses, {"n": 0}
+
+
+def poisoned(*args, **kwargs):
+    calls["n"] += 1
+    losses = real(*args, **kwargs)
+    if calls["n"] == 2 and dist.get_rank() == 1:  # step 2, on one process only
+        losses["hidden"] = losses["hidden"] * float("nan")
+    return losses
+
+
+step.term_losses = poisoned
+sys.exit(main())
+"""
+
+
+@needs_distributed
+@pytest.mark.parametrize("launch", ["fsdp", "zero2", "zero3"])
+def test_a_nan_on_one_process_skips_the_step_on_all(one_process, launch):
+    """A NaN term on one process of a sharded launch: every process skips the step (FSDP's optimizer, or
+    ZeRO's), names the term, and the student leaves the step as it entered it."""
+    if launch != "fsdp" and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e .[test] installs it)")
+    name = f"nan-{launch}"
+    config = _cfg(one_process, name, 2, steps=2, save_every=1, keep_checkpoints=3, min_lr_ratio=1.0)
+    script = one_process / "poisoned.py"
+    script.write_text(POISON)
+    launch_file = {"fsdp": FSDP, "zero2": DEEPSPEED}.get(launch) or _zero3_launch(one_process)
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_file), "--num_processes", "2",
+          "--main_process_port", str(_free_port()), str(script), "distill", str(config)], one_process)
+    out = one_process / name
+    train = [r for r in _records(out) if r["split"] == "train"]
+    assert [r.get("bad") for r in train] == [None, "hidden"] and train[1]["skipped"] == 1
+    after_one = load_file(str(out / "checkpoints" / "step-1" / "side.safetensors")) if launch != "fsdp" else None
+    final = load_file(str(out / "student" / "model.safetensors"))
+    if after_one is None:  # FSDP checkpoints hold shards: compare with the step-1 student, saved whole by a 1-step run
+        config_one = _cfg(one_process, name + "-1", 2, steps=1, min_lr_ratio=1.0)
+        _launch_two(config_one, one_process, FSDP)
+        after_one = {f"student.{k}": v for k, v in load_file(str(one_process / (name + "-1") / "student" / "model.safetensors")).items()}
+    assert final and all(torch.equal(final[k], after_one[f"student.{k}"]) for k in final)
 
 
 @pytest.mark.parametrize(
