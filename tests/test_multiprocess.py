@@ -9,7 +9,8 @@ fused LM-head terms then read. Launched with the FSDP config, the student's
 blocks are sharded too, and must give the same run, resume exactly from their
 per-process checkpoints, and survive GradNorm's extra backwards; the same under
 DeepSpeed ZeRO-1, 2 and 3 (where deepspeed is installed). A NaN term on one
-process of a sharded launch skips the step on every process.
+process of a sharded launch skips the step on every process; ``select: search``
+probes its candidates under the launch as one process does.
 """
 
 from __future__ import annotations
@@ -303,6 +304,38 @@ def test_a_nan_on_one_process_skips_the_step_on_all(one_process, launch):
         _launch_two(config_one, one_process, FSDP)
         after_one = {f"student.{k}": v for k, v in load_file(str(one_process / (name + "-1") / "student" / "model.safetensors")).items()}
     assert final and all(torch.equal(final[k], after_one[f"student.{k}"]) for k in final)
+
+
+def _search_cfg(root: Path, out: str, batch: int) -> Path:
+    """Blocks chosen by ``select: search``: each candidate probed by two steps of the run's own set-up, under the launch."""
+    cfg = yaml.safe_load(_cfg(root, out, batch, placement="shard", steps=2).read_text())
+    cfg["teacher"]["path"] = str(root / "teacher4")
+    cfg["student"] = {"from_teacher": {"num_layers": 2, "select": "search", "search_candidates": 3, "search_probe_steps": 2}}
+    cfg["losses"] = [{"type": "kl"}, {"type": "hidden"}]
+    path = root / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@needs_distributed
+@pytest.mark.parametrize("launch", ["fsdp", "zero3"])
+def test_select_search_under_a_sharded_launch_probes_as_one_process_does(one_process, launch):
+    if launch != "fsdp" and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e .[test] installs it)")
+    if not (one_process / "search-one").exists():
+        save_model(one_process / "teacher4", "llama", layers=4, width=32)
+        _run([sys.executable, "-m", "alignkd", "distill", str(_search_cfg(one_process, "search-one", 4))], one_process)
+    name = f"search-{launch}"
+    _launch_two(_search_cfg(one_process, name, 2), one_process, FSDP if launch == "fsdp" else _zero3_launch(one_process))
+    got, want = (json.loads((one_process / n / "block_scores.json").read_text())["candidates"] for n in (name, "search-one"))
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert g["layers"] == w["layers"] and g["probe_loss"] == pytest.approx(w["probe_loss"], rel=1e-5), g
+    a, b = _records(one_process / name), _records(one_process / "search-one")
+    assert [r["split"] for r in a] == [r["split"] for r in b]
+    for x, y in zip(a, b):
+        for key in (k for k in y if k.startswith(("loss", "eval_"))):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
 @pytest.mark.parametrize(
