@@ -8,7 +8,8 @@ with its blocks sharded over the two (FSDP2), which the capture hooks and the
 fused LM-head terms then read. Launched with the FSDP config, the student's
 blocks are sharded too, and must give the same run, resume exactly from their
 per-process checkpoints, and survive GradNorm's extra backwards; the same under
-DeepSpeed ZeRO-1, 2 and 3 (where deepspeed is installed). A NaN term on one
+DeepSpeed ZeRO-1, 2 and 3 (where deepspeed is installed), with the teacher
+partitioned by ZeRO-3 inference. A NaN term on one
 process of a sharded launch skips the step on every process; ``select: search``
 probes its candidates under the launch as one process does.
 """
@@ -244,6 +245,9 @@ def test_a_student_under_deepspeed_zero_matches_one_process_and_resumes(one_proc
     assert (float(said[1]) < float(said[2])) == (stage == 3)
     # kl and ce run fused from the heads under every stage; ZeRO-3 keeps the student's head whole for them.
     assert ("whole on each, for the fused LM-head terms" in " ".join(launch.stderr.split())) == (stage == 3)
+    # The teacher (placement: shard) is partitioned by ZeRO-3 inference whatever the student's stage, its head whole.
+    said = re.search(r"teacher: weights partitioned over 2 processes with DeepSpeed ZeRO-3 inference \(([\d.]+)M of ([\d.]+)M parameters here, the head whole on each\)", " ".join(launch.stderr.split()))
+    assert said and float(said[1]) < float(said[2]), launch.stderr[-2000:]
     out = one_process / name
     _check_matches_one_process(one_process, out, launch)
     ckpt = out / "checkpoints" / f"step-{STEPS}"

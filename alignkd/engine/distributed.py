@@ -9,9 +9,10 @@ projectors and mixtures stay whole on every process, their gradients averaged
 like DDP's. The fused LM-head terms and the capture hooks then read whole
 tensors, and a tied embedding stays tied. The teacher has no optimizer and is
 never prepared; ``place_teacher`` puts it on the device whole
-(``teacher.placement: replicate``) or splits its blocks over the processes
-(``shard``). Under a DeepSpeed launch the student goes to a ZeRO engine
-(``engine.zero``); the helpers below that take a ``run`` cover all three.
+(``teacher.placement: replicate``) or splits it over the processes
+(``shard``: its blocks with FSDP2, or under a DeepSpeed launch its weights
+with ZeRO-3 inference). Under a DeepSpeed launch the student goes to a ZeRO
+engine (``engine.zero``); the helpers below that take a ``run`` cover all three.
 """
 
 from __future__ import annotations
@@ -71,14 +72,19 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
         os.environ.update(hidden)
 
 
-def place_teacher(teacher: nn.Module, accelerator: Accelerator, placement: str, say=print) -> nn.Module:
-    """Put the frozen teacher on this process's device: whole (``replicate``) or its blocks split over the processes (``shard``).
+def place_teacher(teacher: nn.Module, accelerator: Accelerator, placement: str, say=print, keep_whole=()) -> nn.Module:
+    """Put the frozen teacher on this process's device: whole (``replicate``) or split over the processes (``shard``).
 
-    With one process ``shard`` keeps the teacher whole: there is nothing to split it over.
-    Its dtype is ``teacher.dtype`` either way (e.g. replicate in bfloat16).
+    ``shard`` splits its blocks with FSDP2, or under a DeepSpeed launch all its
+    weights with ZeRO-3 inference (``zero.shard_teacher``, which keeps
+    ``keep_whole``, the fused head, whole); with one process it keeps the
+    teacher whole: there is nothing to split it over. Its dtype is
+    ``teacher.dtype`` either way (e.g. replicate in bfloat16).
     """
     if placement == "replicate" or accelerator.num_processes == 1:
         return teacher.to(accelerator.device)
+    if settings := zero.launch_zero():
+        return zero.shard_teacher(teacher.to(accelerator.device), settings, accelerator.num_processes, say, keep_whole)
     _shard_fsdp2(teacher, accelerator)
     say(
         f"teacher: blocks sharded over {accelerator.num_processes} processes with FSDP2 "

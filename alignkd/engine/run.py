@@ -245,7 +245,7 @@ def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | Non
     if cache is not None:
         cache.check(cfg, train_data["input_ids"], eval_data["input_ids"], plan.teacher_needs, vocab)
     if next(teacher.parameters()).device.type != "meta":  # a teacher that never runs is not placed
-        teacher = place_teacher(teacher, accelerator, cfg.teacher.placement, say)
+        teacher = place_teacher(teacher, accelerator, cfg.teacher.placement, say, keep_whole=heads[1].params() if heads else ())
     weighting.to(accelerator.device)
     whole = shard_student(side, accelerator, say) if shards_student() else None  # before the optimizer: it replaces parameters
     optimizer = _optimizer(cfg, side, weighting)
@@ -256,8 +256,7 @@ def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | Non
     if whole is not None:
         optimizer = accelerator.prepare(optimizer)
     elif settings := zero.launch_zero():
-        whole_head = [p for p in (heads[0].weight, heads[0].bias) if p is not None] if heads else []
-        side = zero.wrap(side, optimizer, settings, cfg, accelerator.num_processes, say, keep_whole=whole_head)
+        side = zero.wrap(side, optimizer, settings, cfg, accelerator.num_processes, say, keep_whole=heads[0].params() if heads else ())
         optimizer = side.optimizer  # ZeRO's, stepping the AdamW's groups the scheduler drives
     else:
         side, optimizer = accelerator.prepare(side, optimizer)

@@ -132,6 +132,40 @@ def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num
     return engine
 
 
+def shard_teacher(teacher: nn.Module, zero: dict, num_processes: int, say=print, keep_whole=()) -> nn.Module:
+    """Partition the frozen teacher's weights over the processes with ZeRO-3 inference (an engine without optimizer); returns the teacher.
+
+    Each module's weights are gathered for its own forward and freed after it,
+    whatever stage the student runs under. ``keep_whole`` (the teacher's head
+    when the fused LM-head terms read it, outside its forward) is gathered once
+    and kept. The launch's ``stage3_*`` settings apply.
+    """
+    import deepspeed
+
+    dtype = next(teacher.parameters()).dtype
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, **{k: v for k, v in zero.items() if k.startswith("stage3_")}},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, *_ = deepspeed.initialize(model=teacher, config=ds)
+    for p in keep_whole:
+        p.ds_persist = True  # never released after a forward; nothing updates it
+    if keep_whole:
+        keep_whole[0].all_gather(param_list=list(keep_whole))
+    # The engine owns the partitioning state that the teacher's hooks use: keep it alive with the teacher
+    # (a plain attribute: assigning a Module to a Module would register the engine as the teacher's child).
+    teacher.__dict__["zero_engine"] = engine
+    held = sum(p.ds_tensor.numel() for p in teacher.parameters())
+    total = sum(p.ds_numel for p in teacher.parameters())
+    say(f"teacher: weights partitioned over {num_processes} processes with DeepSpeed ZeRO-3 inference "
+        f"({held / 1e6:.2f}M of {total / 1e6:.2f}M parameters here" + (", the head whole on each)" if keep_whole else ")"))
+    return teacher
+
+
 def _split_off(optimizer: torch.optim.Optimizer, inside: set[int]) -> tuple[torch.optim.Optimizer, list[int]] | None:
     """Move the parameters not in ``inside`` out of ``optimizer``'s groups into a new AdamW; returns it and, per its group, the source group's index.
 

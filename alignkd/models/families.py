@@ -70,6 +70,10 @@ class OutputHead:
     softcap: float | None
     """Logits = softcap * tanh(logits / softcap) when set (Gemma-2/3)."""
 
+    def params(self) -> list[torch.Tensor]:
+        """The weight, and the bias when there is one."""
+        return [p for p in (self.weight, self.bias) if p is not None]
+
 
 def output_head(model: nn.Module) -> OutputHead | None:
     """The head, when the family's logits are a plain function of the base model's last hidden states; else None."""
