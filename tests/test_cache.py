@@ -22,7 +22,8 @@ from alignkd.cache.format import META, bytes_per_token
 from alignkd.cache.write import cache_teacher
 from alignkd.config import load_config
 from alignkd.errors import ConfigError
-from alignkd.losses import KL_KINDS, kl_div, sparse_kl
+from alignkd.losses import KL_KINDS, kl_div, lm_head_sparse_kl, sparse_kl
+from alignkd.losses import _head_chunks
 from test_engine import corpus, teacher  # noqa: F401  (module fixtures, shared)
 from test_engine import make_cfg, make_run, read_metrics
 
@@ -152,6 +153,77 @@ def test_bad_shapes_say_what_is_wrong():
         sparse_kl(s[:3], ids, lp, tail)
 
 
+# ---------------------------------------------------------------- the loss from the student's head
+
+
+def head_case(seed: int, *, lead=(3, 7), d=12, v=37, padded=0, bias=True, k=5):
+    """Student hidden states, head (``padded`` extra rows past the vocabulary) and bias; a teacher's top-k; a mask."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, d, generator=g)
+    w = torch.randn(v + padded, d, generator=g) / d**0.5 * 3
+    b = torch.randn(v + padded, generator=g) if bias else None
+    ids, lp, tail = top_k(torch.randn(*lead, v, generator=g) * 3, k)
+    mask = torch.rand(*lead, generator=g) > 0.3
+    return h, w, b, (ids, lp, tail), mask
+
+
+def on_logits(h, w, b, top, mask, *, vocab, softcap=None, **kw):
+    z = torch.nn.functional.linear(h, w, b)[..., :vocab]
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return sparse_kl(z, *top, mask, **kw)
+
+
+def from_head(h, w, b, top, mask, **kw):
+    return lm_head_sparse_kl(h, w, *top, mask, student_bias=b, **kw)
+
+
+SPARSE_BLOCKING = [(1, None), (4, None), (None, None), (4, 400)]  # 400 // 37: blocks of 10 rows in chunks of 4
+
+
+@pytest.mark.parametrize("chunk_tokens,block", SPARSE_BLOCKING, ids=[f"chunk{c}-block{b}" for c, b in SPARSE_BLOCKING])
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_lm_head_sparse_kl_equals_sparse_kl_on_the_logits(kind, chunk_tokens, block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(_head_chunks, "FLOAT32_BLOCK_ELEMENTS", block)
+    for k, temperature, softcap, padded in ((5, 1.0, None, 0), (1, 2.0, 4.0, 3), (37, 1.5, None, 3)):
+        h, w, b, top, mask = head_case(k, k=k, padded=padded)
+        kw = {"kind": kind, "temperature": temperature, "softcap": softcap, "vocab": 37}
+        want, g_want = grads(lambda h, w, b: on_logits(h, w, b, top, mask, **kw), h, w, b)
+        got, g_got = grads(lambda h, w, b: from_head(h, w, b, top, mask, chunk_tokens=chunk_tokens, **kw), h, w, b)
+        tiny.assert_equal(got, want)
+        for a, c in zip(g_got, g_want):
+            tiny.assert_equal(a, c)
+
+
+@pytest.mark.parametrize("kind", ["forward", "jsd"])
+def test_lm_head_sparse_kl_under_bf16_autocast_is_close_to_float32(kind):
+    h, w, b, top, mask = head_case(9, lead=(40,), v=37, k=6)
+    want, g_want = grads(lambda h, w, b: on_logits(h, w, b, top, mask, vocab=37, kind=kind), h, w, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, g_got = grads(lambda h, w, b: from_head(h, w, b, top, mask, kind=kind, chunk_tokens=8), h, w, b)
+    assert got.dtype == torch.float32 and math.isclose(got.item(), want.item(), rel_tol=2e-2)
+    for a, c in zip(g_got, g_want):
+        torch.testing.assert_close(a.float(), c, atol=3e-2 * c.abs().max().item(), rtol=0)
+
+
+def test_lm_head_sparse_kl_edge_cases():
+    h, w, b, top, mask = head_case(5)
+    # Nothing counted: 0 with zero gradients, not NaN.
+    v, gs = grads(lambda h, w, b: from_head(h, w, b, top, torch.zeros_like(mask)), h, w, b)
+    assert v.item() == 0 and all(torch.equal(g, torch.zeros_like(g)) for g in gs)
+    # Flat [N, D] inputs and no mask equal the [B, T, D] call with everything counted.
+    flat = lm_head_sparse_kl(h.reshape(-1, 12), w, *(t.reshape(21, *t.shape[2:]) for t in top), student_bias=b)
+    tiny.assert_equal(flat, from_head(h, w, b, top, torch.ones_like(mask)))
+    # No gradient wanted: the same value.
+    with torch.no_grad():
+        tiny.assert_equal(from_head(h, w, b, top, mask), on_logits(h, w, b, top, mask, vocab=37))
+    with pytest.raises(ValueError, match="positions"):
+        lm_head_sparse_kl(h[:2], w, *top)
+    with pytest.raises(ValueError, match="vocab"):
+        lm_head_sparse_kl(h, w, *top, vocab=3)
+
+
 # ---------------------------------------------------------------- cache and runs
 
 
@@ -164,8 +236,9 @@ def cached_cfg(teacher, corpus, out, cache, **teacher_fields):
     return cfg
 
 
-def test_a_full_cache_trains_exactly_like_the_live_teacher(teacher, corpus, tmp_path):
-    """k = V and float32 states: the cached run's losses equal the live run's, step by step."""
+def test_a_full_cache_trains_exactly_like_the_live_teacher(teacher, corpus, tmp_path, monkeypatch):
+    """k = V and float32 states: the cached run's losses equal the live run's, step by step, read from the
+    student's logits or fused through its head."""
     cache = tmp_path / "cache"
     cfg = cached_cfg(teacher, corpus, tmp_path / "cached", cache, cache_top_k=100_000, cache_dtype="float32")
     lines = []
@@ -177,11 +250,20 @@ def test_a_full_cache_trains_exactly_like_the_live_teacher(teacher, corpus, tmp_
     live = copy.deepcopy(cfg)
     del live["teacher"]["cache"]
     live["train"]["output_dir"] = str(tmp_path / "live")
+    fused = copy.deepcopy(cfg)
+    fused["train"].update(fused_head=True, output_dir=str(tmp_path / "fused"))
+    calls = []
+    real = alignkd.losses.lm_head_sparse_kl
+    monkeypatch.setattr(alignkd.losses, "lm_head_sparse_kl", lambda *a, **k: calls.append(1) or real(*a, **k))
     s_live, s_cached = alignkd.distill(load_config(data=live)), alignkd.distill(load_config(data=cfg))
-    rows_live, rows_cached = read_metrics(tmp_path / "live")[0], read_metrics(tmp_path / "cached")[0]
-    for a, b in zip(rows_live, rows_cached, strict=True):
-        for key in ("loss/kl", "loss/ce", "loss/hidden", "loss/relation", "loss"):
-            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (a["step"], key, a[key], b[key])
+    assert not calls
+    alignkd.distill(load_config(data=fused))
+    assert len(calls) == 4  # one per step
+    rows_live = read_metrics(tmp_path / "live")[0]
+    for out in ("cached", "fused"):
+        for a, b in zip(rows_live, read_metrics(tmp_path / out)[0], strict=True):
+            for key in ("loss/kl", "loss/ce", "loss/hidden", "loss/relation", "loss"):
+                assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (out, a["step"], key, a[key], b[key])
     assert s_cached["teacher_eval"] == pytest.approx(s_live["teacher_eval"], rel=1e-5)
 
 

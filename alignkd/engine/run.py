@@ -233,8 +233,8 @@ def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | Non
     teacher_capture = Capture(teacher, plan.teacher_needs)
     side = StudentSide(student, plan.student_needs, plan.projectors, plan.mixes)
     cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
-    # The cached teacher has no head to fuse with; its top-k rows meet the student's logits.
-    heads = fused_heads(cfg, task, student, teacher) if cache is None else None
+    # With a cache only the student's head is read (the teacher's stays on the meta device).
+    heads = fused_heads(cfg, task, student, teacher)
     side.fused_head = heads is not None
     w = cfg.weighting
     weighting = build_weighting(

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from alignkd.losses._reduce import float32_math, mean_over
 from alignkd.losses.logits import _forward_kl_value_and_grad, kl_rows
+from alignkd.losses.sparse import topk_buckets
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Elements of one [block rows, V] low-precision logits buffer (64 MB in bf16). On
@@ -56,7 +57,7 @@ def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
 class Plan:
     """Everything of one call except the three student tensors that get gradients."""
 
-    teacher_hidden: torch.Tensor | None  # [N, D_t], detached; None: cross-entropy only
+    teacher_hidden: torch.Tensor | None  # [N, D_t], detached; None: cross-entropy only, or a top-k teacher
     teacher_head: torch.Tensor | None  # [vocab, D_t] in teacher_dtype, detached
     teacher_bias: torch.Tensor | None  # [vocab] in teacher_dtype
     rows: torch.Tensor  # 1-D index of the rows walked (the KL's counted rows; CE alone: the labelled ones)
@@ -74,6 +75,12 @@ class Plan:
     dtype: torch.dtype  # of the student's head matmuls (logits and gradient pushes)
     teacher_dtype: torch.dtype  # of the teacher's head matmul
     split: bool = False  # two outputs (KL, CE) with their own gradients, instead of KL + ce_weight * CE
+    teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """A teacher from a cache instead of hidden states and head: ``[N, k]`` long ids, ``[N, k]`` log-probabilities, ``[N]`` tail log-mass."""
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_hidden is not None or self.teacher_topk is not None
 
 
 class HeadLoss(torch.autograd.Function):
@@ -177,6 +184,8 @@ def _evaluate(hidden, head, bias, p: Plan) -> tuple[list[torch.Tensor], list[lis
             sl = slice(j, j + p.chunk_tokens)
             zs = _capped(zs_blk[sl].float(), p.softcap)
             zt = None if zt_blk is None else _capped(zt_blk[sl].float(), p.softcap)
+            if p.teacher_topk is not None:
+                zt = tuple(t.index_select(0, blk[sl]) for t in p.teacher_topk)
             kl, ce, gs = _chunk(zs, zt, None if p.labels is None else p.labels.index_select(0, blk[sl]), p, want_grad, n)
             kl_sum += kl
             ce_sum += ce
@@ -195,7 +204,7 @@ def _evaluate(hidden, head, bias, p: Plan) -> tuple[list[torch.Tensor], list[lis
         # Freed before the next block's are made, not after: one block's logits alive at a time.
         del zs_blk, zt_blk, g_blks
 
-    kl_mean, ce_mean = mean_over(kl_sum, n if p.teacher_hidden is not None else 0), mean_over(ce_sum, p.n_ce)
+    kl_mean, ce_mean = mean_over(kl_sum, n if p.has_teacher else 0), mean_over(ce_sum, p.n_ce)
     values = [kl_mean, ce_mean] if p.split else [kl_mean + p.ce_weight * ce_mean]
     return values, [g.out(hidden, head, bias) for g in grads]
 
@@ -229,17 +238,27 @@ def _capped(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return z
 
 
-def _kl_and_grad(zs: torch.Tensor, zt: torch.Tensor, p: Plan, want_grad: bool):
-    """Summed divergence of the chunk and its gradient w.r.t. the (capped) student logits."""
-    kw = {"kind": p.kind, "temperature": p.temperature, "beta": p.beta, "alpha": p.alpha}
+def _kl_and_grad(zs: torch.Tensor, zt, p: Plan, want_grad: bool):
+    """Summed divergence of the chunk and its gradient w.r.t. the (capped) student logits.
+
+    ``zt``: the teacher's logits ``[rows, vocab]``, or its top-k ``(ids, log-probabilities,
+    tail)`` (``sparse_kl``'s buckets; their gradient w.r.t. the logits is in closed form).
+    """
+    if isinstance(zt, tuple):
+        def rows(z):
+            s, t = topk_buckets(z, *zt, p.temperature)
+            return kl_rows(s, t, kind=p.kind, beta=p.beta, alpha=p.alpha) * p.temperature**2
+    else:
+        def rows(z):
+            return kl_rows(z, zt, kind=p.kind, temperature=p.temperature, beta=p.beta, alpha=p.alpha)
     if not want_grad:
-        return kl_rows(zs, zt, **kw).sum(), None
-    if p.kind == "forward":  # closed form T * (p_S - p_T), as kl_div does
+        return rows(zs).sum(), None
+    if p.kind == "forward" and not isinstance(zt, tuple):  # closed form T * (p_S - p_T), as kl_div does
         per, g = _forward_kl_value_and_grad(p.temperature)(zs, zt)
         return per.sum(), g
     leaf = zs.detach().requires_grad_(True)
     with torch.enable_grad():
-        value = kl_rows(leaf, zt, **kw).sum()
+        value = rows(leaf).sum()
     (g,) = torch.autograd.grad(value, leaf)
     return value.detach(), g
 

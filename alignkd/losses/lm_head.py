@@ -208,6 +208,66 @@ def _kl_plan(
     )
 
 
+def lm_head_sparse_kl(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_tail: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    kind: str = "forward",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    chunk_tokens: int | None = None,
+    student_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    vocab: int | None = None,
+) -> torch.Tensor:
+    """:func:`sparse_kl` of ``h_S @ W_S.T`` against a top-k teacher (a teacher cache), chunked like :func:`lm_head_kl`.
+
+    Args:
+        student_hidden: final (post-norm) hidden states ``[B, T, D]`` or ``[N, D]``.
+        student_head: output-head weight ``[V, D]``; ``student_bias``: ``[V]``.
+        teacher_ids, teacher_logprobs, teacher_tail: the teacher's top-k ids and
+            log-probabilities ``[B, T, k]`` / ``[N, k]`` and tail log-mass ``[B, T]`` / ``[N]``, as in :func:`sparse_kl`.
+        mask, kind, temperature, beta, alpha: as in :func:`sparse_kl`.
+        chunk_tokens, softcap, vocab: as in :func:`lm_head_kl` (``vocab`` defaults to the head's rows).
+
+    Returns:
+        float32 scalar, the value of ``sparse_kl`` on the logits, which never exist in full;
+        gradients w.r.t. the hidden states, head and bias are made in the forward pass.
+    """
+    try:
+        _check_kl_args(kind, temperature, beta, alpha)
+    except ValueError as e:
+        raise ValueError(str(e).replace("kl_div:", f"{NAME}:", 1)) from None
+    _check_shapes(student_hidden, student_head, student_hidden, student_head, student_bias, student_bias)
+    vocab = student_head.shape[0] if vocab is None else int(vocab)
+    k = teacher_ids.shape[-1]
+    lead = tuple(student_hidden.shape[:-1])
+    if tuple(teacher_ids.shape) != lead + (k,) or teacher_logprobs.shape != teacher_ids.shape or tuple(teacher_tail.shape) != lead:
+        raise ValueError(
+            f"{NAME}: teacher ids {tuple(teacher_ids.shape)}, log-probabilities {tuple(teacher_logprobs.shape)} and tail "
+            f"{tuple(teacher_tail.shape)} must cover the student's positions {lead} (by k, by k, and one each)"
+        )
+    if not k <= vocab <= student_head.shape[0]:
+        raise ValueError(f"{NAME}: vocab={vocab} must be in [k={k}, {student_head.shape[0]}] (the head's rows)")
+    mask = check_mask(student_hidden, mask, NAME)
+    grad_on = torch.is_grad_enabled()
+    plan = Plan(
+        teacher_hidden=None, teacher_head=None, teacher_bias=None, rows=mask.reshape(-1).nonzero().squeeze(1), labels=None,
+        n_ce=0, vocab=vocab, kind=kind, temperature=float(temperature), beta=float(beta), alpha=float(alpha), ce_weight=0.0,
+        softcap=None if softcap is None else float(softcap),
+        chunk_tokens=_chunk_rows(chunk_tokens, vocab, student_hidden.device),
+        needs=tuple(bool(grad_on and x is not None and x.requires_grad) for x in (student_hidden, student_head, student_bias)),
+        dtype=matmul_dtype(student_hidden), teacher_dtype=torch.float32,
+        teacher_topk=(teacher_ids.reshape(-1, k).long(), teacher_logprobs.reshape(-1, k), teacher_tail.reshape(-1)),
+    )
+    return HeadLoss.apply(student_hidden, student_head, student_bias, plan)[0]
+
+
 def lm_head_ce(
     hidden: torch.Tensor,
     head: torch.Tensor,

@@ -63,19 +63,25 @@ class KLConfig(DivergenceFields, Tempered, TermConfig):
 
 def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
     c = term.cfg
+    kw = {"kind": c.kind, "temperature": temperature, "beta": c.beta, "alpha": c.alpha}
     if x.teacher.topk_ids is not None:  # teacher from a cache: its top-k and tail mass
-        s, _, m = x.logits()
         t = x.teacher
-        return L.sparse_kl(s, t.topk_ids, t.topk_logprobs, t.tail, m, kind=c.kind, temperature=temperature, beta=c.beta, alpha=c.alpha)
+        if x.heads is not None:  # fused: chunked through the student's head, no logits
+            s = x.heads[0]
+            return L.lm_head_sparse_kl(
+                x.student.final_hidden, s.weight, t.topk_ids, t.topk_logprobs, t.tail, x.mask,
+                student_bias=s.bias, softcap=s.softcap, vocab=x.vocab, **kw,
+            )
+        s, _, m = x.logits()
+        return L.sparse_kl(s, t.topk_ids, t.topk_logprobs, t.tail, m, **kw)
     if x.heads is not None:  # fused: chunked through both heads, no logits
         s, t = x.heads
         return L.lm_head_kl(
             x.student.final_hidden, s.weight, x.teacher.final_hidden, t.weight, x.mask,
-            kind=c.kind, temperature=temperature, beta=c.beta, alpha=c.alpha,
-            student_bias=s.bias, teacher_bias=t.bias, softcap=s.softcap, vocab=x.vocab,
+            student_bias=s.bias, teacher_bias=t.bias, softcap=s.softcap, vocab=x.vocab, **kw,
         )
     s, t, m = x.logits()
-    return L.kl_div(s, t, m, kind=c.kind, temperature=temperature, beta=c.beta, alpha=c.alpha)
+    return L.kl_div(s, t, m, **kw)
 
 
 @dataclass
