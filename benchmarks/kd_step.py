@@ -55,6 +55,7 @@ CASES = {
     "d": "alignkd KL + hidden + relation, 2 layers",
     "e-logits": "alignkd KL from teacher cache (logits)",
     "e-hidden": "alignkd KL + hidden from teacher cache",
+    "e-logits-unfused": "alignkd KL from teacher cache, logits (fused_head false)",
     "f": "TRL-style GKD step (JSD, beta 0.5)",
 }
 GROUPS = {"e": ["e-logits", "e-hidden"]}  # --cases e runs both cache variants
@@ -69,7 +70,7 @@ LOSSES = {
     "e-logits": [KL],
     "e-hidden": [KL, HIDDEN],
 }
-LOSSES.update({f"{c}-unfused": LOSSES[c] for c in ("b", "c")})
+LOSSES.update({f"{c}-unfused": LOSSES[c] for c in ("b", "c", "e-logits")})
 # The CLI without an entry script: works in any venv that has alignkd importable from here.
 CLI = "import sys; from alignkd.cli import main; sys.exit(main())"
 TARGETS = [  # (label, value from the medians, comparison, bound)
@@ -272,6 +273,8 @@ def build_cache(spec: dict, case: str, env: dict) -> str | None:
     probe = subprocess.run([sys.executable, "-c", CLI, "cache-teacher", "--help"], capture_output=True, text=True, env=env, check=False)
     if probe.returncode:
         return "not available (no `alignkd cache-teacher`)"
+    if Path(spec["caches"][case]).is_dir():  # written for an earlier case (a fused one and its -unfused share it)
+        return None
     work = Path(spec["work"])
     cfg = run_config(spec, case)
     (work / f"{case}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -297,15 +300,16 @@ def cpu_summary() -> str:
 
 def table(results: dict) -> list[str]:
     tokens = BATCH * SEQ
-    rows = [f"{'case':<10}{'what':<44}{'s/step':>8}{'min-max s':>12}{'tokens/s':>10}{'peak RSS MB':>13}  loss first->last"]
+    c, w = max(10, *(len(k) + 2 for k in results)), max(44, *(len(CASES[k]) + 2 for k in results))
+    rows = [f"{'case':<{c}}{'what':<{w}}{'s/step':>8}{'min-max s':>12}{'tokens/s':>10}{'peak RSS MB':>13}  loss first->last"]
     for case, r in results.items():
         if "s" not in r:
-            rows.append(f"{case:<10}{CASES[case]:<44}{'-':>8}{'-':>12}{'-':>10}{'-':>13}  {r['note']}")
+            rows.append(f"{case:<{c}}{CASES[case]:<{w}}{'-':>8}{'-':>12}{'-':>10}{'-':>13}  {r['note']}")
             continue
         loss = f"{r['loss_first']:.3f}->{r['loss_last']:.3f}" if case != "t" else "-"
         note = f"  [{r['note']}]" if r.get("note") else ""
         rows.append(
-            f"{case:<10}{CASES[case]:<44}{r['s']:>8.2f}{r['min_s']:>6.2f}-{r['max_s']:<5.2f}"
+            f"{case:<{c}}{CASES[case]:<{w}}{r['s']:>8.2f}{r['min_s']:>6.2f}-{r['max_s']:<5.2f}"
             f"{tokens / r['s']:>10.0f}{r['rss_mb']:>13.0f}  {loss}{note}"
         )
     return rows
@@ -370,7 +374,7 @@ def main() -> None:
             "steps": args.steps, "warmup": args.warmup, "student": str(work / "student"), "blocks": str(work / "blocks.pt"),
             # enough blocks for every step's batch to be new, plus the held-out split
             "max_train_tokens": SEQ * (BATCH * (args.warmup + args.steps) + 4),
-            "caches": {c: str(work / f"cache-{c}") for c in CASES if c.startswith("e-")},
+            "caches": {c: str(work / f"cache-{c.removesuffix('-unfused')}") for c in CASES if c.startswith("e-")},
         }
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec))

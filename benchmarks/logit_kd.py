@@ -20,6 +20,12 @@ were built; on CPU the process's peak resident set (``ru_maxrss``) after one
 forward + backward minus its value once the inputs were built. Both include the
 gradients the step leaves behind (``[tokens, D]`` and ``[V, D]`` for the student);
 the CPU figure also counts allocator slack, so compare within a column's device.
+On Linux the CPU peak is reset just before the step (``/proc/self/clear_refs``) and
+read from ``VmHWM``, so transients of building the inputs do not hide part of it;
+elsewhere it falls back to ``ru_maxrss``. glibc keeps freed chunk temporaries
+(below its mmap threshold, up to 32 MB) in its heap, so the resident peak also
+holds memory no tensor uses any more; ``MALLOC_MMAP_THRESHOLD_=1048576`` makes
+glibc return them, and the peak then follows the live tensors (at some speed cost).
 The time is the median of ``--repeats`` further forward + backward passes (gradients
 cleared in between). ``--autocast bf16`` (or fp16) runs every method as a training step
 under mixed precision does: student hidden states and head in float32 under autocast,
@@ -34,6 +40,7 @@ by at most 10 %.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -96,14 +103,20 @@ def run_case(method: str, tokens: int, vocab: int, width: int, kind: str, repeat
             torch.cuda.synchronize()
 
     sync()
+    gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
+    elif reset_peak_rss():  # Linux: the peak from here on, over the resident set now
+        base = proc_status_bytes("VmRSS")
+    else:  # the process's high-water mark so far (building the inputs may have set it higher than now)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     value = step()
     sync()
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = proc_status_bytes("VmHWM") if proc_status_bytes("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -111,6 +124,28 @@ def run_case(method: str, tokens: int, vocab: int, width: int, kind: str, repeat
         sync()
         times.append(time.perf_counter() - t0)
     return {"peak_mb": (peak - base) / 2**20, "ms": statistics.median(times) * 1000, "loss": value}
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux >= 4.0: ``/proc/self/clear_refs``); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def proc_status_bytes(key: str) -> int | None:
+    """A ``/proc/self/status`` size (``VmRSS``, ``VmHWM``) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def full_logits_bytes(tokens: int, vocab: int) -> int:
@@ -147,6 +182,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, help="timed passes after the first (the memory one); default 3, 2 with --quick")
     p.add_argument("--device", default="cpu")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"], help="run the step under this autocast (teacher tensors in that dtype)")
+    p.add_argument("--tokens", help="comma-separated token counts (default 1024,4096,8192,16384)")
+    p.add_argument("--vocab", type=int, help="only the shape with this vocabulary (49152 or 151936)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args()
     if args.case:
@@ -157,7 +194,9 @@ def main() -> None:
     import torch
 
     tokens = (1024, 4096) if args.quick else (1024, 4096, 8192, 16384)
+    tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else tokens
     shapes = ((49152, 576),) if args.quick else ((49152, 576), (151936, 896))
+    shapes = tuple(s for s in shapes if args.vocab in (None, s[0]))
     methods = ["lm_head_kl", "kl_div"]
     if trl_loss() is None:
         print("note: trl does not import here (pip install -e .[bench]); its column is left out")
