@@ -1,0 +1,46 @@
+"""benchmarks/gpu_step.py on the CPU with its tiny pair: it runs end to end, and its MFU arithmetic is the formula's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks import gpu_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("size", list(gpu_step.SIZES))
+def test_student_parameters_from_the_config_match_a_built_model(size):
+    t_cfg, s_over = gpu_step.SIZES[size]
+    if size != "tiny":  # the real pair: check the counts from the configs against the sizes it promises
+        assert 0.45e9 < gpu_step.student_params(t_cfg, s_over) < 0.55e9
+        assert 1.4e9 < gpu_step.student_params(t_cfg, {}) < 1.65e9
+        return
+    built = LlamaForCausalLM(LlamaConfig(**{**t_cfg, **s_over}, tie_word_embeddings=False))
+    assert gpu_step.student_params(t_cfg, s_over) == gpu_step.matmul_params(built)
+    teacher = LlamaForCausalLM(LlamaConfig(**t_cfg, tie_word_embeddings=False))
+    assert gpu_step.student_params(t_cfg, {}) == gpu_step.matmul_params(teacher)
+
+
+def test_a_tiny_run_on_the_cpu_prints_every_case_and_its_mfu(tmp_path):
+    out = tmp_path / "r.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_step", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+         "--batch", "2", "--seq", "64", "--autocast", "no", "--dtype", "float32", "--peak-tflops", "0.5", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert set(got["results"]) == {"a", "c", "d"}
+    n_s, n_t, tokens = got["params"]["student"], got["params"]["teacher"], 2 * 64
+    for case, r in got["results"].items():
+        assert r["s"] > 0, (case, r)
+        flops = (6 * n_s + (0 if case == "a" else 2 * n_t)) * tokens
+        assert r["mfu"] == pytest.approx(flops / r["s"] / 0.5e12)
+    assert "MFU" in run.stdout and "0.5 TFLOP/s" in run.stdout
