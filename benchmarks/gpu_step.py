@@ -20,6 +20,7 @@ blank. Attention FLOPs are left out, as the formula does. alignkd has no
 ``torch.compile`` option yet, so nothing here is compiled.
 
     python -m benchmarks.gpu_step [--size 1.5b-0.5b] [--cases a,c,d] [--steps 10] [--warmup 3]
+    python -m benchmarks.gpu_step --launch fsdp          # the alignkd cases as a 1-process FSDP launch
     python -m benchmarks.gpu_step --size tiny --device cpu --steps 1 --warmup 0   # a smoke run
 
 (from the repository root).
@@ -172,6 +173,7 @@ def case_main(spec: dict, case: str) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         result = timed(lambda i: optimizer_step(run, i, next_batches(run, i)).means["loss"], spec, sync)
+        result["note"] = "student sharded (FSDP2)" if run.whole_params is not None else ""
     result["gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return result
 
@@ -206,6 +208,14 @@ def plain_case(spec: dict, sync) -> dict:
 # ----------------------------------------------------------------------------- parent
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def peak_flops(device: str, override: float | None) -> tuple[float | None, str]:
     if override:
         return override * 1e12, f"{override:g} TFLOP/s (--peak-tflops)"
@@ -232,6 +242,8 @@ def main() -> None:
     p.add_argument("--autocast", default="bf16", choices=["bf16", "fp16", "no"])
     p.add_argument("--dtype", default="bfloat16", help="teacher.dtype")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, where its name is not known here")
+    p.add_argument("--launch", default="none", choices=["none", "fsdp"],
+                   help="fsdp: each alignkd case runs as a 1-process FSDP launch would (the student's blocks sharded with FSDP2)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -245,6 +257,8 @@ def main() -> None:
     peak, peak_note = peak_flops(args.device, args.peak_tflops)
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.launch == "fsdp":  # what `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1` sets
+        env.update(ACCELERATE_USE_FSDP="true", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     with tempfile.TemporaryDirectory(prefix="alignkd-gpu-step-") as tmp:
         spec = {**vars(args), "work": tmp, "teacher": str(Path(tmp) / "teacher"), "corpus": str(Path(tmp) / "corpus.txt")}
         t0 = time.perf_counter()
@@ -264,7 +278,7 @@ def main() -> None:
             print(f"[{case}] {results[case].get('s', '-')} s/step", flush=True)
     tokens = args.batch * args.seq
     print(f"\n{args.size}, batch {args.batch} x {args.seq} tokens, autocast {args.autocast}, teacher {args.dtype}, "
-          f"device {args.device}; median of {args.steps} steps after {args.warmup}; peak {peak_note}")
+          f"device {args.device}, launch {args.launch}; median of {args.steps} steps after {args.warmup}; peak {peak_note}")
     print(f"{'case':<6}{'what':<44}{'s/step':>8}{'tokens/s':>10}{'GPU GB':>8}{'MFU':>7}  loss first->last")
     for case, r in results.items():
         if "s" not in r:
@@ -274,7 +288,8 @@ def main() -> None:
         r["mfu"] = flops / r["s"] / peak if peak else None
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         gb = f"{r['gpu_gb']:.1f}" if r.get("gpu_gb") is not None else "-"
-        print(f"{case:<6}{CASES[case]:<44}{r['s']:>8.3f}{tokens / r['s']:>10.0f}{gb:>8}{mfu:>7}  {r['loss_first']:.3f}->{r['loss_last']:.3f}")
+        note = f"  [{r['note']}]" if r.get("note") else ""
+        print(f"{case:<6}{CASES[case]:<44}{r['s']:>8.3f}{tokens / r['s']:>10.0f}{gb:>8}{mfu:>7}  {r['loss_first']:.3f}->{r['loss_last']:.3f}{note}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "params": counts, "peak": peak, "results": results}, indent=2))
 

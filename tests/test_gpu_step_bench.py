@@ -44,3 +44,14 @@ def test_a_tiny_run_on_the_cpu_prints_every_case_and_its_mfu(tmp_path):
         flops = (6 * n_s + (0 if case == "a" else 2 * n_t)) * tokens
         assert r["mfu"] == pytest.approx(flops / r["s"] / 0.5e12)
     assert "MFU" in run.stdout and "0.5 TFLOP/s" in run.stdout
+    assert "FSDP2" not in run.stdout
+
+
+def test_the_fsdp_launch_shards_the_student(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_step", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+         "--batch", "2", "--seq", "64", "--autocast", "no", "--dtype", "float32", "--cases", "c", "--launch", "fsdp"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "student sharded (FSDP2)" in run.stdout
