@@ -399,3 +399,20 @@ def test_gradnorm_under_zero3_is_refused_in_one_line():
     with pytest.raises(ConfigError) as info:
         zero.wrap(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), {"stage": 3}, cfg, 1)
     assert "\n" not in str(info.value) and "gradnorm" in str(info.value)
+
+
+def test_a_deepspeed_launch_without_deepspeed_says_to_install_it(monkeypatch):
+    """Both places that start a DeepSpeed engine (the student's ZeRO, the teacher's ZeRO-3 inference) say what to do."""
+    from types import SimpleNamespace
+
+    from alignkd.engine import zero
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed now raises ImportError
+    cfg = SimpleNamespace(train=SimpleNamespace(mixed_precision="no"), weighting=SimpleNamespace(strategy="static"))
+    for start in (
+        lambda: zero.wrap(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), {"stage": 2}, cfg, 2),
+        lambda: zero.shard_teacher(torch.nn.Linear(2, 2), {"stage": 2}, 2),
+    ):
+        with pytest.raises(ConfigError) as info:
+            start()
+        assert "\n" not in str(info.value) and "pip install deepspeed" in str(info.value)

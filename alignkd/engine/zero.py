@@ -85,10 +85,7 @@ def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num
     on every process, re-gathered by ZeRO after each step; their gradients and
     optimizer state are still partitioned.
     """
-    try:
-        import deepspeed
-    except ImportError:
-        raise ConfigError("a DeepSpeed launch needs deepspeed: pip install deepspeed (or launch with configs/accelerate/fsdp.yaml)") from None
+    deepspeed = _deepspeed()
     t = cfg.train
     if t.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision: fp16 under a DeepSpeed launch is not supported (its loss scaling would bypass ZeRO); use bf16 or no")
@@ -140,8 +137,7 @@ def shard_teacher(teacher: nn.Module, zero: dict, num_processes: int, say=print,
     when the fused LM-head terms read it, outside its forward) is gathered once
     and kept. The launch's ``stage3_*`` settings apply.
     """
-    import deepspeed
-
+    deepspeed = _deepspeed()
     dtype = next(teacher.parameters()).dtype
     ds = {
         "train_micro_batch_size_per_gpu": 1,
@@ -164,6 +160,14 @@ def shard_teacher(teacher: nn.Module, zero: dict, num_processes: int, say=print,
     say(f"teacher: weights partitioned over {num_processes} processes with DeepSpeed ZeRO-3 inference "
         f"({held / 1e6:.2f}M of {total / 1e6:.2f}M parameters here" + (", the head whole on each)" if keep_whole else ")"))
     return teacher
+
+
+def _deepspeed():
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError("a DeepSpeed launch needs deepspeed: pip install deepspeed (or launch with configs/accelerate/fsdp.yaml)") from None
+    return deepspeed
 
 
 def _split_off(optimizer: torch.optim.Optimizer, inside: set[int]) -> tuple[torch.optim.Optimizer, list[int]] | None:
