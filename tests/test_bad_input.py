@@ -178,6 +178,7 @@ CASES: list[Case] = [
     Case("layer_beyond_student", lambda w: D(w, "layer_beyond_student", "losses.2.layers=[[3, 1]]"), ("losses[2].layers", "student layer 3 does not exist", "0..0")),
     Case("layer_beyond_teacher", lambda w: D(w, "layer_beyond_teacher", "losses.2.layers=[[0, 9]]"), ("losses[2].layers", "teacher layer 9 does not exist", "0..1")),
     Case("from_teacher_layer_beyond", lambda w: D(w, "from_teacher_layer_beyond", "student.config=null", "student.from_teacher.layers=[0, 5]", "losses.2.layers=auto"), ("student.from_teacher.layers: block 5 does not exist", "0..1")),
+    Case("projector_none_with_other_widths", lambda w: D(w, "projector_none_with_other_widths", "student.config.hidden_size=48", "losses.2.projector=none"), ("losses[2].projector: none", "48 wide", "teacher 32", "projector: linear")),
     # ---------------------------------------------------------------- distill: models
     Case("teacher_path_missing", lambda w: D(w, "teacher_path_missing", f"teacher.path={w.root / 'no_model'}"), ("teacher: model folder not found", "no_model")),
     Case("teacher_folder_not_a_model", lambda w: D(w, "teacher_folder_not_a_model", f"teacher.path={w.corpus}"), ("teacher:", "has no config.json", "save_pretrained")),

@@ -297,6 +297,13 @@ def test_linear_norm_projector(pair_models):
     assert isinstance(p.norm, torch.nn.LayerNorm) and p.norm.normalized_shape == (64,)
 
 
+def test_projector_none_needs_equal_widths(pair_models):
+    terms = losses({"type": "hidden", "projector": "none"}, {"type": "blockwise", "layers": [[0, 2]], "projector": "none"})
+    assert build_plan(terms, pair_models["student"], pair_models["same"]).projectors == {}
+    with pytest.raises(ConfigError, match=r"losses\[0\]\.projector: none, but the student is 32 wide and the teacher 64"):
+        build_plan(terms, pair_models["student"], pair_models["wide"])
+
+
 def test_named_terms_key_their_projectors(pair_models):
     plan = build_plan(losses({"type": "hidden", "name": "feat.a", "layers": [[1, 3]]}), pair_models["student"], pair_models["wide"])
     assert set(plan.projectors) == {"feat_a__1"}

@@ -112,6 +112,11 @@ def build_plan(losses: list[TermConfig], student: nn.Module, teacher: nn.Module)
             s_needs.merge(s)
             t_needs.merge(t)
         if kind.projected and ds != dt:
+            if cfg.projector == "none":
+                raise ConfigError(
+                    f"{where}.projector: none, but the student is {ds} wide and the teacher {dt}; "
+                    "set projector: linear to learn a projection, or give the student the teacher's width"
+                )
             # A term without a layer map (embedding) has one projector, keyed by its name alone.
             for s_block in [s for s, _ in pairs] if kind.layered else [None]:
                 projectors[_key(cfg.name, s_block)] = Projector(ds, dt, norm=cfg.projector == "linear_norm")

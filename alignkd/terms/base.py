@@ -20,7 +20,7 @@ from alignkd.engine.capture import Capture, Needs, Record
 from alignkd.errors import ConfigError
 
 LAYER_MAPS = ("auto", "last", "source", "adaptive")
-PROJECTORS = ("linear", "linear_norm")
+PROJECTORS = ("linear", "linear_norm", "none")
 SCHEDULE_KINDS = ("constant", "warmup", "linear", "cosine")
 
 
@@ -124,7 +124,7 @@ class Projected:
     """Mixin: a learned projector from the student's width to the teacher's when they differ."""
 
     projector: str = "linear"
-    """When widths differ: linear, or linear_norm (linear then layer norm)."""
+    """When widths differ: linear, or linear_norm (linear then layer norm); none trains no projector, and the widths must then match."""
 
     def check_projector(self, where: str) -> None:
         one_of(self.projector, PROJECTORS, f"{where}.projector")
