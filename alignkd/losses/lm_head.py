@@ -156,10 +156,7 @@ def _kl_plan(
     labels, ce_weight, chunk_tokens, student_bias, teacher_bias, softcap, vocab, split: bool,
 ) -> Plan:
     """Check the arguments of :func:`lm_head_kl` / :func:`lm_head_kl_ce` and lay out their walk."""
-    try:
-        _check_kl_args(kind, temperature, beta, alpha)
-    except ValueError as e:  # same checks as kl_div, under this function's name
-        raise ValueError(str(e).replace("kl_div:", f"{NAME}:", 1)) from None
+    _check_divergence(kind, temperature, beta, alpha)
     _check_shapes(student_hidden, student_head, teacher_hidden, teacher_head, student_bias, teacher_bias)
     v_s, v_t = student_head.shape[0], teacher_head.shape[0]
     vocab = min(v_s, v_t) if vocab is None else int(vocab)
@@ -239,10 +236,7 @@ def lm_head_sparse_kl(
         float32 scalar, the value of ``sparse_kl`` on the logits, which never exist in full;
         gradients w.r.t. the hidden states, head and bias are made in the forward pass.
     """
-    try:
-        _check_kl_args(kind, temperature, beta, alpha)
-    except ValueError as e:
-        raise ValueError(str(e).replace("kl_div:", f"{NAME}:", 1)) from None
+    _check_divergence(kind, temperature, beta, alpha)
     _check_shapes(student_hidden, student_head, student_hidden, student_head, student_bias, student_bias)
     vocab = student_head.shape[0] if vocab is None else int(vocab)
     k = teacher_ids.shape[-1]
@@ -308,6 +302,14 @@ def lm_head_ce(
         dtype=matmul_dtype(hidden), teacher_dtype=torch.float32,
     )
     return HeadLoss.apply(hidden, head, bias, plan)[0]
+
+
+def _check_divergence(kind: str, temperature: float, beta: float, alpha: float) -> None:
+    """``kl_div``'s argument checks, under this module's name."""
+    try:
+        _check_kl_args(kind, temperature, beta, alpha)
+    except ValueError as e:
+        raise ValueError(str(e).replace("kl_div:", f"{NAME}:", 1)) from None
 
 
 def _check_shapes(hs, ws, ht, wt, bs, bt) -> None:
