@@ -113,13 +113,7 @@ def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num
     engine.beside = beside
     engine.kept_whole = []
     if zero["stage"] == 3 and keep_whole:
-        for p in keep_whole:
-            p.ds_persist = True  # ZeRO's coordinator never releases it; its step re-gathers it
-        # The list ZeRO re-gathers after each step (its persistent parameters).
-        known = {id(p) for p in engine.optimizer.persistent_parameters}
-        engine.optimizer.persistent_parameters.extend(p for p in keep_whole if id(p) not in known)
-        engine.kept_whole = list(keep_whole)
-        ensure_whole(engine)
+        engine.kept_whole = _persist(keep_whole, engine.optimizer.persistent_parameters)  # its step re-gathers them
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in side.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in side.parameters())
     split = "weights, gradients and optimizer state" if zero["stage"] == 3 else "optimizer state" + (" and gradients" if zero["stage"] == 2 else "")
@@ -148,10 +142,7 @@ def shard_teacher(teacher: nn.Module, zero: dict, num_processes: int, say=print,
         "steps_per_print": 2**31 - 1,
     }
     engine, *_ = deepspeed.initialize(model=teacher, config=ds)
-    for p in keep_whole:
-        p.ds_persist = True  # never released after a forward; nothing updates it
-    if keep_whole:
-        keep_whole[0].all_gather(param_list=list(keep_whole))
+    _persist(keep_whole)  # nothing updates them: gathered once
     # The engine owns the partitioning state that the teacher's hooks use: keep it alive with the teacher
     # (a plain attribute: assigning a Module to a Module would register the engine as the teacher's child).
     teacher.__dict__["zero_engine"] = engine
@@ -160,6 +151,20 @@ def shard_teacher(teacher: nn.Module, zero: dict, num_processes: int, say=print,
     say(f"teacher: weights partitioned over {num_processes} processes with DeepSpeed ZeRO-3 inference "
         f"({held / 1e6:.2f}M of {total / 1e6:.2f}M parameters here" + (", the head whole on each)" if keep_whole else ")"))
     return teacher
+
+
+def _persist(params, registry: list | None = None) -> list:
+    """Make ZeRO-3 parameters persistent (never released after a module's forward), gather them, and add them to ``registry``
+    (an optimizer's ``persistent_parameters``, which it re-gathers after each step); returns them as a list."""
+    params = list(params)
+    for p in params:
+        p.ds_persist = True
+    if registry is not None:
+        known = {id(p) for p in registry}
+        registry.extend(p for p in params if id(p) not in known)
+    if params:
+        params[0].all_gather(param_list=params)
+    return params
 
 
 def _deepspeed():
@@ -234,10 +239,7 @@ def ensure_whole(side) -> None:
     """
     held = getattr(side, "kept_whole", None)
     if held:
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        if any(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in held):
-            held[0].all_gather(param_list=held)
+        held[0].all_gather(param_list=held)  # gathers only those not available
 
 
 def copied_state(module: nn.Module) -> dict[str, torch.Tensor]:
