@@ -111,8 +111,7 @@ def prepare(spec: dict) -> dict:
         teacher = LlamaForCausalLM(config).to(torch.bfloat16)
     teacher.save_pretrained(spec["teacher"])
     word_tokenizer(t_cfg["vocab_size"]).save_pretrained(spec["teacher"])
-    student = LlamaForCausalLM(LlamaConfig(**{**t_cfg, **s_over}, tie_word_embeddings=False)) if spec["size"] == "tiny" else None
-    counts = {"teacher": matmul_params(teacher), "student": matmul_params(student) if student else student_params(t_cfg, s_over)}
+    counts = {"teacher": matmul_params(teacher), "student": student_params(t_cfg, s_over)}
     rng = random.Random(0)
     words = spec["seq"] * spec["batch"] * (spec["warmup"] + spec["steps"] + 8)  # every step a new batch, plus a held-out share
     with open(spec["corpus"], "w") as f:
