@@ -12,6 +12,8 @@ per case. The time is the median over ``--steps`` steps after ``--warmup`` steps
 - ``b`` / ``c`` / ``d``: ``alignkd.engine.run.setup`` + ``engine.step.optimizer_step`` with
   batches drawn as ``engine.loop`` draws them, i.e. what ``alignkd distill`` runs:
   CE only; forward KL; KL + hidden (standardized) + q/k/v relation on 2 mapped layers;
+- ``g`` / ``g-bf16``: forward KL + CE (both through the student's head), float32 and
+  under bf16 autocast (``train.mixed_precision=bf16``; slow on a CPU without fast bf16);
 - ``e-logits`` / ``e-hidden``: KL, and KL + hidden, trained from a teacher cache that
   ``alignkd cache-teacher CONFIG teacher.cache=DIR`` wrote beforehand (not timed);
   "not available" when the CLI has no such command;
@@ -53,6 +55,8 @@ CASES = {
     "c": "alignkd forward KL",
     "c-unfused": "alignkd forward KL, logits (fused_head false)",
     "d": "alignkd KL + hidden + relation, 2 layers",
+    "g": "alignkd forward KL + CE",
+    "g-bf16": "alignkd forward KL + CE, bf16 autocast",
     "e-logits": "alignkd KL from teacher cache (logits)",
     "e-hidden": "alignkd KL + hidden from teacher cache",
     "e-logits-unfused": "alignkd KL from teacher cache, logits (fused_head false)",
@@ -67,6 +71,8 @@ LOSSES = {
     "b": [{"type": "ce"}],
     "c": [KL],
     "d": [KL, HIDDEN, {"type": "relation", "of": ["q", "k", "v"], "layers": PAIRS}],
+    "g": [KL, {"type": "ce"}],
+    "g-bf16": [KL, {"type": "ce"}],
     "e-logits": [KL],
     "e-hidden": [KL, HIDDEN],
 }
@@ -106,7 +112,7 @@ def run_config(spec: dict, case: str) -> dict:
         "weighting": {"strategy": "static"},
         "train": {
             "steps": spec["warmup"] + spec["steps"], "batch_size": BATCH, "lr": 1e-4, "warmup": 1,
-            "mixed_precision": "no", "eval_every": 0, "eval_batches": 1, "progress": False,
+            "mixed_precision": "bf16" if case.endswith("-bf16") else "no", "eval_every": 0, "eval_batches": 1, "progress": False,
             "fused_head": not case.endswith("-unfused"),
             "output_dir": str(Path(spec["work"]) / f"run-{case}"), "seed": 0,
         },
