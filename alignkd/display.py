@@ -21,11 +21,13 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress as RichProgress,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+)
+from rich.progress import (
+    Progress as RichProgress,
 )
 from rich.table import Column
 from rich.text import Text
@@ -88,7 +90,9 @@ class Progress:
             self.last_line = now
             per_step = (now - self.t0) / max(step - self.start, 1)
             eta = clock(per_step * (self.total - step))
-            self.console.print(f"step {step}/{self.total} {info} elapsed {clock(now - self.t0)} eta {eta}", highlight=False)
+            self.console.print(
+                f"step {step}/{self.total} {info} elapsed {clock(now - self.t0)} eta {eta}", highlight=False
+            )
 
     def note(self, record: dict) -> None:
         if not self.enabled:
@@ -126,7 +130,9 @@ class Tasks:
     when the display stops.
     """
 
-    def __init__(self, enabled: bool = True, *, bar: bool = False, transient: bool = False, console: Console | None = None):
+    def __init__(
+        self, enabled: bool = True, *, bar: bool = False, transient: bool = False, console: Console | None = None
+    ):
         self.enabled = enabled
         self.seconds = 0.0
         self.ids: dict[str, int] = {}

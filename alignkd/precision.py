@@ -69,7 +69,7 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 256, reps: int = 5) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_bf16() -> Bf16Support:
     """Is a bf16 matmul fast on this CPU? Decided once per process (about 10 ms)."""
     flags = _cpu_flags()

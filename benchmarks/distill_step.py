@@ -51,7 +51,10 @@ MODES = {
         {"type": "relation", "of": ["q", "k", "v"], "layers": "last"},
     ],
 }
-WEIGHTING = {"kd_features_gradnorm": {"strategy": "gradnorm"}, "demo": {"strategy": "gradnorm", "alpha": 1.5, "every": 4}}
+WEIGHTING = {
+    "kd_features_gradnorm": {"strategy": "gradnorm"},
+    "demo": {"strategy": "gradnorm", "alpha": 1.5, "every": 4},
+}
 
 
 def build(root: Path, vocab: int, real_teacher: bool) -> None:
@@ -73,14 +76,24 @@ def run_mode(root: Path, mode: str, fused: bool, args) -> dict:
         losses = MODES[losses]
     out = root / f"{mode}-{'fused' if fused else 'logits'}"
     cfg = {
-        "teacher": {"path": str(args.teacher or root / "teacher"), "dtype": teacher_dtype(args)},  # as the teacher-forward timing below
+        "teacher": {
+            "path": str(args.teacher or root / "teacher"),
+            "dtype": teacher_dtype(args),
+        },  # as the teacher-forward timing below
         "student": {"from_teacher": {"layers": [0, 6, 12, 18, 24, 29]}},
         "data": {"train": str(root / "data"), "seq_len": args.seq},
         "losses": losses,
         "weighting": WEIGHTING.get(mode, {"strategy": "static"}),
         "train": {
-            "steps": args.steps, "batch_size": args.batch, "warmup": 2, "eval_every": 0, "eval_batches": 1,
-            "progress": False, "mixed_precision": args.mixed_precision, "fused_head": fused, "output_dir": str(out),
+            "steps": args.steps,
+            "batch_size": args.batch,
+            "warmup": 2,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "progress": False,
+            "mixed_precision": args.mixed_precision,
+            "fused_head": fused,
+            "output_dir": str(out),
         },
     }
     # Whether the run fused is read off the run itself: the engine may decline (see fused_heads).
@@ -99,8 +112,10 @@ def run_mode(root: Path, mode: str, fused: bool, args) -> dict:
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_s"] for r in steps if r["split"] == "train"][args.warmup :]
     return {
-        "step_s": statistics.median(times), "tok_s": args.batch * args.seq / statistics.median(times),
-        "rss_mb": rss_kb / 1024, "fused": "FUSED True" in proc.stdout,
+        "step_s": statistics.median(times),
+        "tok_s": args.batch * args.seq / statistics.median(times),
+        "rss_mb": rss_kb / 1024,
+        "fused": "FUSED True" in proc.stdout,
     }
 
 
@@ -129,11 +144,18 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vocab", type=int, default=49152, help="of the random teacher")
     p.add_argument("--teacher", type=Path, help="a real 30-block causal LM to distil instead of the random narrow one")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="train.mixed_precision (bf16: teacher in bf16 too)")
+    p.add_argument(
+        "--mixed-precision",
+        default="no",
+        choices=["no", "bf16", "fp16"],
+        help="train.mixed_precision (bf16: teacher in bf16 too)",
+    )
     head = p.add_mutually_exclusive_group()
     head.add_argument("--fused", dest="heads", action="store_const", const=(True,), help="train.fused_head on only")
     head.add_argument("--no-fused", dest="heads", action="store_const", const=(False,), help="full logits only")
-    head.add_argument("--fused-both", dest="heads", action="store_const", const=(True, False), help="both, one row each (default)")
+    head.add_argument(
+        "--fused-both", dest="heads", action="store_const", const=(True, False), help="both, one row each (default)"
+    )
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     args = p.parse_args()
     heads = args.heads or (True, False)
@@ -156,10 +178,14 @@ def main() -> None:
         t_fwd = teacher_forward_time(root, args)
     base = [r["step_s"] for (m, _), r in results.items() if m == "student_ce"]
     ideal = min(base) + t_fwd if base else None
-    print(f"teacher forward alone: {t_fwd * 1000:.0f} ms" + (
-        f"; ideal KD step = student CE step + teacher forward = {ideal * 1000:.0f} ms" if ideal else ""
-    ))
-    print(f"{'mode':<22}{'head':>8}{'step ms':>10}{'tokens/s':>10}{'peak RSS MB':>13}" + (f"{'ratio':>8}" if ideal else ""))
+    print(
+        f"teacher forward alone: {t_fwd * 1000:.0f} ms"
+        + (f"; ideal KD step = student CE step + teacher forward = {ideal * 1000:.0f} ms" if ideal else "")
+    )
+    print(
+        f"{'mode':<22}{'head':>8}{'step ms':>10}{'tokens/s':>10}{'peak RSS MB':>13}"
+        + (f"{'ratio':>8}" if ideal else "")
+    )
     for (mode, fused), r in results.items():
         head_name = "fused" if r["fused"] else "logits"
         if fused and not r["fused"]:

@@ -42,14 +42,40 @@ from pathlib import Path
 # (teacher llama config, student overrides of it): about 1.5B and 0.5B parameters; a tiny pair for CPU smoke runs.
 SIZES = {
     "1.5b-0.5b": (
-        {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
-         "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 4096},
-        {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 4},
+        {
+            "vocab_size": 32000,
+            "hidden_size": 2048,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 4096,
+        },
+        {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+        },
     ),
     "tiny": (
-        {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512},
-        {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+        {
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+        },
+        {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
     ),
 }
 CASES = {
@@ -65,7 +91,11 @@ def losses(case: str, student_layers: int, teacher_layers: int) -> list[dict]:
     if case == "c":
         return [kl]
     pairs = [[student_layers // 2 - 1, teacher_layers // 2 - 1], [student_layers - 1, teacher_layers - 1]]
-    return [kl, {"type": "hidden", "metric": "standardized", "layers": pairs}, {"type": "relation", "of": ["q", "k", "v"], "layers": pairs}]
+    return [
+        kl,
+        {"type": "hidden", "metric": "standardized", "layers": pairs},
+        {"type": "relation", "of": ["q", "k", "v"], "layers": pairs},
+    ]
 
 
 def run_config(spec: dict, case: str) -> dict:
@@ -77,9 +107,16 @@ def run_config(spec: dict, case: str) -> dict:
         "losses": losses(case, s_over["num_hidden_layers"], t_cfg["num_hidden_layers"]),
         "weighting": {"strategy": "static"},
         "train": {
-            "steps": spec["warmup"] + spec["steps"], "batch_size": spec["batch"], "lr": 1e-4, "warmup": 1,
-            "mixed_precision": spec["autocast"], "eval_every": 0, "eval_batches": 1, "progress": False,
-            "output_dir": str(Path(spec["work"]) / f"run-{case}"), "seed": 0,
+            "steps": spec["warmup"] + spec["steps"],
+            "batch_size": spec["batch"],
+            "lr": 1e-4,
+            "warmup": 1,
+            "mixed_precision": spec["autocast"],
+            "eval_every": 0,
+            "eval_batches": 1,
+            "progress": False,
+            "output_dir": str(Path(spec["work"]) / f"run-{case}"),
+            "seed": 0,
         },
     }
 
@@ -95,7 +132,9 @@ def word_tokenizer(vocab: int):
     words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
 
 
 def prepare(spec: dict) -> dict:
@@ -113,10 +152,14 @@ def prepare(spec: dict) -> dict:
     word_tokenizer(t_cfg["vocab_size"]).save_pretrained(spec["teacher"])
     counts = {"teacher": matmul_params(teacher), "student": student_params(t_cfg, s_over)}
     rng = random.Random(0)
-    words = spec["seq"] * spec["batch"] * (spec["warmup"] + spec["steps"] + 8)  # every step a new batch, plus a held-out share
+    words = (
+        spec["seq"] * spec["batch"] * (spec["warmup"] + spec["steps"] + 8)
+    )  # every step a new batch, plus a held-out share
     with open(spec["corpus"], "w") as f:
         for start in range(0, words, 1000):
-            f.write(" ".join(f"w{rng.randrange(3, t_cfg['vocab_size'])}" for _ in range(min(1000, words - start))) + "\n")
+            f.write(
+                " ".join(f"w{rng.randrange(3, t_cfg['vocab_size'])}" for _ in range(min(1000, words - start))) + "\n"
+            )
     return counts
 
 
@@ -146,7 +189,13 @@ def timed(step, spec: dict, sync) -> dict:
         sync()
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
-    return {"s": statistics.median(times), "min_s": min(times), "max_s": max(times), "loss_first": values[0], "loss_last": values[-1]}
+    return {
+        "s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "loss_first": values[0],
+        "loss_last": values[-1],
+    }
 
 
 def case_main(spec: dict, case: str) -> dict:
@@ -185,7 +234,9 @@ def plain_case(spec: dict, sync) -> dict:
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     with device:
-        student = AutoModelForCausalLM.from_config(LlamaConfig(**{**t_cfg, **s_over}, tie_word_embeddings=False), attn_implementation="sdpa")
+        student = AutoModelForCausalLM.from_config(
+            LlamaConfig(**{**t_cfg, **s_over}, tie_word_embeddings=False), attn_implementation="sdpa"
+        )
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(0)
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["autocast"])
@@ -241,8 +292,12 @@ def main() -> None:
     p.add_argument("--autocast", default="bf16", choices=["bf16", "fp16", "no"])
     p.add_argument("--dtype", default="bfloat16", help="teacher.dtype")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, where its name is not known here")
-    p.add_argument("--launch", default="none", choices=["none", "fsdp"],
-                   help="fsdp: each alignkd case runs as a 1-process FSDP launch would (the student's blocks sharded with FSDP2)")
+    p.add_argument(
+        "--launch",
+        default="none",
+        choices=["none", "fsdp"],
+        help="fsdp: each alignkd case runs as a 1-process FSDP launch would (the student's blocks sharded with FSDP2)",
+    )
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -256,28 +311,55 @@ def main() -> None:
     peak, peak_note = peak_flops(args.device, args.peak_tflops)
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if args.launch == "fsdp":  # what `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1` sets
-        env.update(ACCELERATE_USE_FSDP="true", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if (
+        args.launch == "fsdp"
+    ):  # what `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1` sets
+        env.update(
+            ACCELERATE_USE_FSDP="true",
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+        )
     with tempfile.TemporaryDirectory(prefix="alignkd-gpu-step-") as tmp:
-        spec = {**vars(args), "work": tmp, "teacher": str(Path(tmp) / "teacher"), "corpus": str(Path(tmp) / "corpus.txt")}
+        spec = {
+            **vars(args),
+            "work": tmp,
+            "teacher": str(Path(tmp) / "teacher"),
+            "corpus": str(Path(tmp) / "corpus.txt"),
+        }
         t0 = time.perf_counter()
         counts = prepare(spec)
-        print(f"random teacher {counts['teacher'] / 1e9:.2f}B and student {counts['student'] / 1e9:.2f}B multiplying parameters; "
-              f"written in {time.perf_counter() - t0:.0f} s (not timed)", flush=True)
+        print(
+            f"random teacher {counts['teacher'] / 1e9:.2f}B and student {counts['student'] / 1e9:.2f}B multiplying parameters; "
+            f"written in {time.perf_counter() - t0:.0f} s (not timed)",
+            flush=True,
+        )
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         results = {}
         for case in cases:
-            out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_step", "--case", case, "--spec", str(Path(tmp) / "spec.json")],
-                                 capture_output=True, text=True, env=env, cwd=root, check=False)
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.gpu_step", "--case", case, "--spec", str(Path(tmp) / "spec.json")],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=root,
+                check=False,
+            )
             if out.returncode:
                 print(f"[{case}] failed:\n{out.stderr[-3000:]}", file=sys.stderr)
-                results[case] = {"note": "failed: " + (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1][:100]}
+                results[case] = {
+                    "note": "failed: " + (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1][:100]
+                }
             else:
                 results[case] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"[{case}] {results[case].get('s', '-')} s/step", flush=True)
     tokens = args.batch * args.seq
-    print(f"\n{args.size}, batch {args.batch} x {args.seq} tokens, autocast {args.autocast}, teacher {args.dtype}, "
-          f"device {args.device}, launch {args.launch}; median of {args.steps} steps after {args.warmup}; peak {peak_note}")
+    print(
+        f"\n{args.size}, batch {args.batch} x {args.seq} tokens, autocast {args.autocast}, teacher {args.dtype}, "
+        f"device {args.device}, launch {args.launch}; median of {args.steps} steps after {args.warmup}; peak {peak_note}"
+    )
     print(f"{'case':<6}{'what':<44}{'s/step':>8}{'tokens/s':>10}{'GPU GB':>8}{'MFU':>7}  loss first->last")
     for case, r in results.items():
         if "s" not in r:
@@ -288,9 +370,13 @@ def main() -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         gb = f"{r['gpu_gb']:.1f}" if r.get("gpu_gb") is not None else "-"
         note = f"  [{r['note']}]" if r.get("note") else ""
-        print(f"{case:<6}{CASES[case]:<44}{r['s']:>8.3f}{tokens / r['s']:>10.0f}{gb:>8}{mfu:>7}  {r['loss_first']:.3f}->{r['loss_last']:.3f}{note}")
+        print(
+            f"{case:<6}{CASES[case]:<44}{r['s']:>8.3f}{tokens / r['s']:>10.0f}{gb:>8}{mfu:>7}  {r['loss_first']:.3f}->{r['loss_last']:.3f}{note}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "params": counts, "peak": peak, "results": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "params": counts, "peak": peak, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -111,10 +111,17 @@ def run_config(spec: dict, case: str) -> dict:
         "losses": LOSSES[case],
         "weighting": {"strategy": "static"},
         "train": {
-            "steps": spec["warmup"] + spec["steps"], "batch_size": BATCH, "lr": 1e-4, "warmup": 1,
-            "mixed_precision": "bf16" if case.endswith("-bf16") else "no", "eval_every": 0, "eval_batches": 1, "progress": False,
+            "steps": spec["warmup"] + spec["steps"],
+            "batch_size": BATCH,
+            "lr": 1e-4,
+            "warmup": 1,
+            "mixed_precision": "bf16" if case.endswith("-bf16") else "no",
+            "eval_every": 0,
+            "eval_batches": 1,
+            "progress": False,
             "fused_head": not case.endswith("-unfused"),
-            "output_dir": str(Path(spec["work"]) / f"run-{case}"), "seed": 0,
+            "output_dir": str(Path(spec["work"]) / f"run-{case}"),
+            "seed": 0,
         },
     }
 
@@ -133,8 +140,11 @@ def timed(step, spec: dict) -> dict:
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
     return {
-        "s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-        "loss_first": losses[0], "loss_last": losses[-1],
+        "s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -263,7 +273,11 @@ def spawn(case: str, spec_path: Path, python: str, env: dict) -> dict:
     """Run one case in its own process; its result, or ``{"note": why it failed}``."""
     out = subprocess.run(
         [python, "-m", "benchmarks.kd_step", "--case", case, "--spec", str(spec_path)],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=False,
     )
     if out.returncode:
         print(f"[{case}] failed:\n{out.stderr[-3000:]}", file=sys.stderr)
@@ -276,7 +290,9 @@ def build_cache(spec: dict, case: str, env: dict) -> str | None:
     """Write the teacher cache of a cache case with the CLI; None when done, else why not."""
     import yaml
 
-    probe = subprocess.run([sys.executable, "-c", CLI, "cache-teacher", "--help"], capture_output=True, text=True, env=env, check=False)
+    probe = subprocess.run(
+        [sys.executable, "-c", CLI, "cache-teacher", "--help"], capture_output=True, text=True, env=env, check=False
+    )
     if probe.returncode:
         return "not available (no `alignkd cache-teacher`)"
     if Path(spec["caches"][case]).is_dir():  # written for an earlier case (a fused one and its -unfused share it)
@@ -286,8 +302,18 @@ def build_cache(spec: dict, case: str, env: dict) -> str | None:
     (work / f"{case}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", CLI, "cache-teacher", str(work / f"{case}.yaml"), f"teacher.cache={spec['caches'][case]}"],
-        capture_output=True, text=True, env=env, check=False,
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            "cache-teacher",
+            str(work / f"{case}.yaml"),
+            f"teacher.cache={spec['caches'][case]}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if out.returncode:
         lines = out.stderr.strip().splitlines()
@@ -298,7 +324,9 @@ def build_cache(spec: dict, case: str, env: dict) -> str | None:
 
 def cpu_summary() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU"
+    )
     flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
     has = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
     return f"{model}, {os.cpu_count()} cores; {has}"
@@ -307,7 +335,9 @@ def cpu_summary() -> str:
 def table(results: dict) -> list[str]:
     tokens = BATCH * SEQ
     c, w = max(10, *(len(k) + 2 for k in results)), max(44, *(len(CASES[k]) + 2 for k in results))
-    rows = [f"{'case':<{c}}{'what':<{w}}{'s/step':>8}{'min-max s':>12}{'tokens/s':>10}{'peak RSS MB':>13}  loss first->last"]
+    rows = [
+        f"{'case':<{c}}{'what':<{w}}{'s/step':>8}{'min-max s':>12}{'tokens/s':>10}{'peak RSS MB':>13}  loss first->last"
+    ]
     for case, r in results.items():
         if "s" not in r:
             rows.append(f"{case:<{c}}{CASES[case]:<{w}}{'-':>8}{'-':>12}{'-':>10}{'-':>13}  {r['note']}")
@@ -337,11 +367,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=6, help="timed steps per case (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--cases", type=parse_cases, default=list(CASES), help=f"comma-separated, from {', '.join([*CASES, *GROUPS])}")
+    p.add_argument(
+        "--cases", type=parse_cases, default=list(CASES), help=f"comma-separated, from {', '.join([*CASES, *GROUPS])}"
+    )
     p.add_argument("--json", help="also write the header, results and ratios here")
-    p.add_argument("--avx2", action="store_true", help="children run with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2")
-    p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", sys.executable),
-                   help="interpreter for case f, e.g. a venv with trl (default: $TRL_PYTHON, else this one)")
+    p.add_argument(
+        "--avx2", action="store_true", help="children run with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2"
+    )
+    p.add_argument(
+        "--trl-python",
+        default=os.environ.get("TRL_PYTHON", sys.executable),
+        help="interpreter for case f, e.g. a venv with trl (default: $TRL_PYTHON, else this one)",
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -376,8 +413,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kd_step-") as tmp:
         work = Path(tmp)
         spec = {
-            "work": tmp, "teacher": str(assets.teacher), "corpus": str(assets.sotu), "layers": student_layers(assets.teacher),
-            "steps": args.steps, "warmup": args.warmup, "student": str(work / "student"), "blocks": str(work / "blocks.pt"),
+            "work": tmp,
+            "teacher": str(assets.teacher),
+            "corpus": str(assets.sotu),
+            "layers": student_layers(assets.teacher),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "student": str(work / "student"),
+            "blocks": str(work / "blocks.pt"),
             # enough blocks for every step's batch to be new, plus the held-out split
             "max_train_tokens": SEQ * (BATCH * (args.warmup + args.steps) + 4),
             "caches": {c: str(work / f"cache-{c.removesuffix('-unfused')}") for c in CASES if c.startswith("e-")},

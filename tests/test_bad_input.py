@@ -21,17 +21,18 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
+import tiny
 import yaml
 
-import tiny
-
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the cases run in processes forked from one interpreter")
+pytestmark = pytest.mark.skipif(
+    not hasattr(os, "fork"), reason="the cases run in processes forked from one interpreter"
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 STUDY = Path(__file__).resolve().parents[1] / "configs" / "studies" / "lm.yaml"
@@ -42,7 +43,7 @@ HUB_TIMEOUT_S = 15  # an uncached hub id with HF_HUB_OFFLINE=1 must fail at once
 @dataclass(frozen=True)
 class Case:
     id: str
-    argv: Callable[["World"], list[str]]
+    argv: Callable[[World], list[str]]
     """The CLI's arguments, built from the shared fixtures."""
     expect: tuple[str, ...]
     """Fragments the error line holds."""
@@ -89,8 +90,17 @@ def _config(w: World, **sections) -> dict:
         "student": {"config": {"num_hidden_layers": 1}},
         "data": {"train": str(w.corpus), "seq_len": SEQ_LEN, "eval_fraction": 0.1},
         "losses": [{"type": "kl", "temperature": 2.0}, {"type": "ce"}, {"type": "hidden", "layers": [[0, 1]]}],
-        "train": {"steps": 2, "batch_size": 4, "lr": 1.0e-3, "warmup": 0, "eval_every": 100, "eval_batches": 1,
-                  "save_every": 1, "mixed_precision": "no", "progress": False},
+        "train": {
+            "steps": 2,
+            "batch_size": 4,
+            "lr": 1.0e-3,
+            "warmup": 0,
+            "eval_every": 100,
+            "eval_batches": 1,
+            "save_every": 1,
+            "mixed_precision": "no",
+            "progress": False,
+        },
     }
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
@@ -113,14 +123,23 @@ def build_world(root: Path) -> World:
     (w.data / "nul.txt").write_bytes(b"\x00\x01\x02\x03" * 256)  # valid UTF-8, still not text
     (w.data / "latin1.txt").write_bytes(("Ça coûte très cher, señor. " * 40).encode("latin-1"))
     (w.data / "empty_dir").mkdir()
-    (w.data / "nolabel.csv").write_text("text,sentiment\n" + "".join(f"a fine film {i},pos\nbad {i},neg\n" for i in range(20)))
+    (w.data / "nolabel.csv").write_text(
+        "text,sentiment\n" + "".join(f"a fine film {i},pos\nbad {i},neg\n" for i in range(20))
+    )
     (w.data / "not_a_run").mkdir()
     (w.data / "not_a_run" / "notes.txt").write_text("hello\n")
     w.config.write_text(yaml.safe_dump(_config(w), sort_keys=False))
-    w.clf_config.write_text(yaml.safe_dump(_config(
-        w, teacher={"path": str(w.clf), "task": "sequence_classification"},
-        data={"train": str(w.data / "nolabel.csv")}, losses=[{"type": "kl"}, {"type": "ce"}],
-    ), sort_keys=False))
+    w.clf_config.write_text(
+        yaml.safe_dump(
+            _config(
+                w,
+                teacher={"path": str(w.clf), "task": "sequence_classification"},
+                data={"train": str(w.data / "nolabel.csv")},
+                losses=[{"type": "kl"}, {"type": "ce"}],
+            ),
+            sort_keys=False,
+        )
+    )
     (w.data / "bad.yaml").write_text("teacher:\n  path: [x\ntrain: {steps: 3\n")
     (w.data / "list.yaml").write_text("- a\n- b\n")
     typo = _config(w)
@@ -142,8 +161,15 @@ def _save_other(path: Path, config_class: str, **kw) -> None:
 
     torch.manual_seed(0)
     cfg = getattr(transformers, config_class)(
-        vocab_size=tiny.VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw,
+        vocab_size=tiny.VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        **kw,
     )
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tiny.byte_tokenizer().save_pretrained(path)
@@ -153,101 +179,456 @@ D = World.distill  # shorthand: D(w, id, *overrides)
 
 CASES: list[Case] = [
     # ---------------------------------------------------------------- distill: the config itself
-    Case("config_missing", lambda w: ["distill", str(w.data / "no_such.yaml")], ("config file not found", "no_such.yaml")),
+    Case(
+        "config_missing", lambda w: ["distill", str(w.data / "no_such.yaml")], ("config file not found", "no_such.yaml")
+    ),
     Case("yaml_malformed", lambda w: ["distill", str(w.data / "bad.yaml")], ("bad.yaml", "not valid YAML")),
     Case("yaml_not_a_mapping", lambda w: ["distill", str(w.data / "list.yaml")], ("must be a mapping",)),
-    Case("key_unknown_top_level", lambda w: ["distill", str(w.data / "typo.yaml")], ("trian: unknown key", "did you mean 'train'")),
-    Case("key_unknown_nested", lambda w: D(w, "key_unknown_nested", "train.stpes=3"), ("train.stpes: unknown key", "did you mean 'steps'")),
-    Case("key_unknown_in_term", lambda w: D(w, "key_unknown_in_term", "losses.0.temprature=3"), ("losses[0].temprature: unknown key", "did you mean 'temperature'")),
-    Case("key_of_another_term_type", lambda w: D(w, "key_of_another_term_type", "losses.1.temperature=3"), ("losses[1]", "temperature does not apply to type 'ce'")),
-    Case("type_wrong_int", lambda w: D(w, "type_wrong_int", "train.steps=many"), ("train.steps: expected an integer", "'many'")),
-    Case("type_wrong_bool", lambda w: D(w, "type_wrong_bool", "train.progress=maybe"), ("train.progress: expected true or false",)),
+    Case(
+        "key_unknown_top_level",
+        lambda w: ["distill", str(w.data / "typo.yaml")],
+        ("trian: unknown key", "did you mean 'train'"),
+    ),
+    Case(
+        "key_unknown_nested",
+        lambda w: D(w, "key_unknown_nested", "train.stpes=3"),
+        ("train.stpes: unknown key", "did you mean 'steps'"),
+    ),
+    Case(
+        "key_unknown_in_term",
+        lambda w: D(w, "key_unknown_in_term", "losses.0.temprature=3"),
+        ("losses[0].temprature: unknown key", "did you mean 'temperature'"),
+    ),
+    Case(
+        "key_of_another_term_type",
+        lambda w: D(w, "key_of_another_term_type", "losses.1.temperature=3"),
+        ("losses[1]", "temperature does not apply to type 'ce'"),
+    ),
+    Case(
+        "type_wrong_int",
+        lambda w: D(w, "type_wrong_int", "train.steps=many"),
+        ("train.steps: expected an integer", "'many'"),
+    ),
+    Case(
+        "type_wrong_bool",
+        lambda w: D(w, "type_wrong_bool", "train.progress=maybe"),
+        ("train.progress: expected true or false",),
+    ),
     Case("type_wrong_list", lambda w: D(w, "type_wrong_list", "losses=kl"), ("losses: expected a list",)),
-    Case("enum_misspelled", lambda w: D(w, "enum_misspelled", "losses.0.kind=forwrd"), ("losses[0].kind", "did you mean 'forward'")),
-    Case("term_type_unknown", lambda w: D(w, "term_type_unknown", "losses.0.type=kld"), ("losses[0].type: 'kld' is not one of",)),
+    Case(
+        "enum_misspelled",
+        lambda w: D(w, "enum_misspelled", "losses.0.kind=forwrd"),
+        ("losses[0].kind", "did you mean 'forward'"),
+    ),
+    Case(
+        "term_type_unknown",
+        lambda w: D(w, "term_type_unknown", "losses.0.type=kld"),
+        ("losses[0].type: 'kld' is not one of",),
+    ),
     Case("lr_negative", lambda w: D(w, "lr_negative", "train.lr=-1e-3"), ("train.lr: must be > 0",)),
     Case("steps_zero", lambda w: D(w, "steps_zero", "train.steps=0"), ("train.steps: must be >= 1",)),
-    Case("temperature_zero", lambda w: D(w, "temperature_zero", "losses.0.temperature=0"), ("losses[0].temperature", "> 0")),
-    Case("jsd_beta_one", lambda w: D(w, "jsd_beta_one", "losses.0.kind=jsd", "losses.0.beta=1"), ("losses[0].beta", "jsd")),
-    Case("eval_fraction_above_one", lambda w: D(w, "eval_fraction_above_one", "data.eval_fraction=1.5"), ("data.eval_fraction: 1.5", "[0, 1)")),
-    Case("student_two_sources", lambda w: D(w, "student_two_sources", f"student.path={w.teacher}"), ("student: set exactly one of", "path, config")),
-    Case("override_without_equals", lambda w: D(w, "override_without_equals", "train.steps"), ("override 'train.steps'", "key.sub=value")),
-    Case("override_bad_index", lambda w: D(w, "override_bad_index", "losses.7.weight=2"), ("losses.7", "not an index of a list of 3 items")),
-    Case("resume_and_overwrite", lambda w: [*D(w, "resume_and_overwrite"), "--resume", "--overwrite"], ("--resume and --overwrite contradict",)),
+    Case(
+        "temperature_zero",
+        lambda w: D(w, "temperature_zero", "losses.0.temperature=0"),
+        ("losses[0].temperature", "> 0"),
+    ),
+    Case(
+        "jsd_beta_one",
+        lambda w: D(w, "jsd_beta_one", "losses.0.kind=jsd", "losses.0.beta=1"),
+        ("losses[0].beta", "jsd"),
+    ),
+    Case(
+        "eval_fraction_above_one",
+        lambda w: D(w, "eval_fraction_above_one", "data.eval_fraction=1.5"),
+        ("data.eval_fraction: 1.5", "[0, 1)"),
+    ),
+    Case(
+        "student_two_sources",
+        lambda w: D(w, "student_two_sources", f"student.path={w.teacher}"),
+        ("student: set exactly one of", "path, config"),
+    ),
+    Case(
+        "override_without_equals",
+        lambda w: D(w, "override_without_equals", "train.steps"),
+        ("override 'train.steps'", "key.sub=value"),
+    ),
+    Case(
+        "override_bad_index",
+        lambda w: D(w, "override_bad_index", "losses.7.weight=2"),
+        ("losses.7", "not an index of a list of 3 items"),
+    ),
+    Case(
+        "resume_and_overwrite",
+        lambda w: [*D(w, "resume_and_overwrite"), "--resume", "--overwrite"],
+        ("--resume and --overwrite contradict",),
+    ),
     # ---------------------------------------------------------------- distill: layers
-    Case("layer_beyond_student", lambda w: D(w, "layer_beyond_student", "losses.2.layers=[[3, 1]]"), ("losses[2].layers", "student layer 3 does not exist", "0..0")),
-    Case("layer_beyond_teacher", lambda w: D(w, "layer_beyond_teacher", "losses.2.layers=[[0, 9]]"), ("losses[2].layers", "teacher layer 9 does not exist", "0..1")),
-    Case("from_teacher_layer_beyond", lambda w: D(w, "from_teacher_layer_beyond", "student.config=null", "student.from_teacher.layers=[0, 5]", "losses.2.layers=auto"), ("student.from_teacher.layers: block 5 does not exist", "0..1")),
-    Case("projector_none_with_other_widths", lambda w: D(w, "projector_none_with_other_widths", "student.config.hidden_size=48", "losses.2.projector=none"), ("losses[2].projector: none", "48 wide", "teacher 32", "projector: linear")),
+    Case(
+        "layer_beyond_student",
+        lambda w: D(w, "layer_beyond_student", "losses.2.layers=[[3, 1]]"),
+        ("losses[2].layers", "student layer 3 does not exist", "0..0"),
+    ),
+    Case(
+        "layer_beyond_teacher",
+        lambda w: D(w, "layer_beyond_teacher", "losses.2.layers=[[0, 9]]"),
+        ("losses[2].layers", "teacher layer 9 does not exist", "0..1"),
+    ),
+    Case(
+        "from_teacher_layer_beyond",
+        lambda w: D(
+            w,
+            "from_teacher_layer_beyond",
+            "student.config=null",
+            "student.from_teacher.layers=[0, 5]",
+            "losses.2.layers=auto",
+        ),
+        ("student.from_teacher.layers: block 5 does not exist", "0..1"),
+    ),
+    Case(
+        "projector_none_with_other_widths",
+        lambda w: D(w, "projector_none_with_other_widths", "student.config.hidden_size=48", "losses.2.projector=none"),
+        ("losses[2].projector: none", "48 wide", "teacher 32", "projector: linear"),
+    ),
     # ---------------------------------------------------------------- distill: models
-    Case("teacher_path_missing", lambda w: D(w, "teacher_path_missing", f"teacher.path={w.root / 'no_model'}"), ("teacher: model folder not found", "no_model")),
-    Case("teacher_folder_not_a_model", lambda w: D(w, "teacher_folder_not_a_model", f"teacher.path={w.corpus}"), ("teacher:", "has no config.json", "save_pretrained")),
-    Case("teacher_hub_id_offline", lambda w: D(w, "teacher_hub_id_offline", "teacher.path=someorg/somemodel"), ("'someorg/somemodel' is not in the Hugging Face cache", "unset HF_HUB_OFFLINE")),
-    Case("student_other_tokenizer", lambda w: D(w, "student_other_tokenizer", "student.config=null", f"student.path={w.other_tok}", "losses.2.layers=[[0, 1]]"), ("tokenizers differ", "shared tokenizer")),
-    Case("attention_unknown_family", lambda w: D(w, "attention_unknown_family", f"teacher.path={w.opt}", "losses.2={type: attention}"), ("model type 'opt' is not supported", "known families")),
-    Case("attention_layout_unknown", lambda w: D(w, "attention_layout_unknown", f"teacher.path={w.neox}", "losses.2={type: attention}"), ("GPTNeoXLayer has no 'self_attn'", "use terms that need only logits and block outputs")),
-    Case("relation_layout_unknown", lambda w: D(w, "relation_layout_unknown", f"teacher.path={w.neox}", "losses.2={type: relation}"), ("GPTNeoXLayer has no 'self_attn.q_proj'", "known families")),
-    Case("attention_term_and_empty_data", lambda w: D(w, "attention_term_and_empty_data", "losses.2={type: attention}", f"data.train={w.data / 'empty.txt'}"), ("no text found",)),
-    Case("seq_len_beyond_model", lambda w: D(w, "seq_len_beyond_model", "data.seq_len=1024"), ("data.seq_len 1024", "teacher's maximum of 256", "256 or less")),
+    Case(
+        "teacher_path_missing",
+        lambda w: D(w, "teacher_path_missing", f"teacher.path={w.root / 'no_model'}"),
+        ("teacher: model folder not found", "no_model"),
+    ),
+    Case(
+        "teacher_folder_not_a_model",
+        lambda w: D(w, "teacher_folder_not_a_model", f"teacher.path={w.corpus}"),
+        ("teacher:", "has no config.json", "save_pretrained"),
+    ),
+    Case(
+        "teacher_hub_id_offline",
+        lambda w: D(w, "teacher_hub_id_offline", "teacher.path=someorg/somemodel"),
+        ("'someorg/somemodel' is not in the Hugging Face cache", "unset HF_HUB_OFFLINE"),
+    ),
+    Case(
+        "student_other_tokenizer",
+        lambda w: D(
+            w,
+            "student_other_tokenizer",
+            "student.config=null",
+            f"student.path={w.other_tok}",
+            "losses.2.layers=[[0, 1]]",
+        ),
+        ("tokenizers differ", "shared tokenizer"),
+    ),
+    Case(
+        "attention_unknown_family",
+        lambda w: D(w, "attention_unknown_family", f"teacher.path={w.opt}", "losses.2={type: attention}"),
+        ("model type 'opt' is not supported", "known families"),
+    ),
+    Case(
+        "attention_layout_unknown",
+        lambda w: D(w, "attention_layout_unknown", f"teacher.path={w.neox}", "losses.2={type: attention}"),
+        ("GPTNeoXLayer has no 'self_attn'", "use terms that need only logits and block outputs"),
+    ),
+    Case(
+        "relation_layout_unknown",
+        lambda w: D(w, "relation_layout_unknown", f"teacher.path={w.neox}", "losses.2={type: relation}"),
+        ("GPTNeoXLayer has no 'self_attn.q_proj'", "known families"),
+    ),
+    Case(
+        "attention_term_and_empty_data",
+        lambda w: D(
+            w, "attention_term_and_empty_data", "losses.2={type: attention}", f"data.train={w.data / 'empty.txt'}"
+        ),
+        ("no text found",),
+    ),
+    Case(
+        "seq_len_beyond_model",
+        lambda w: D(w, "seq_len_beyond_model", "data.seq_len=1024"),
+        ("data.seq_len 1024", "teacher's maximum of 256", "256 or less"),
+    ),
     # ---------------------------------------------------------------- distill: data
-    Case("data_missing", lambda w: D(w, "data_missing", f"data.train={w.data / 'no_such' / 'train.txt'}"), ("data file not found", "no_such")),
-    Case("data_empty_file", lambda w: D(w, "data_empty_file", f"data.train={w.data / 'empty.txt'}"), ("no text found", "empty.txt")),
-    Case("data_empty_folder", lambda w: D(w, "data_empty_folder", f"data.train={w.data / 'empty_dir'}"), ("empty_dir",)),
-    Case("data_binary", lambda w: D(w, "data_binary", f"data.train={w.data / 'binary.txt'}"), ("binary.txt", "not UTF-8 text")),
-    Case("data_nul_bytes", lambda w: D(w, "data_nul_bytes", f"data.train={w.data / 'nul.txt'}"), ("nul.txt", "NUL bytes", "binary")),
-    Case("data_latin1", lambda w: D(w, "data_latin1", f"data.train={w.data / 'latin1.txt'}"), ("latin1.txt", "not UTF-8 text", "convert it")),
-    Case("csv_without_label_column", lambda w: ["distill", str(w.clf_config), f"train.output_dir={w.out('csv_without_label_column')}"], ("nolabel.csv", "label", "data.label_field")),
+    Case(
+        "data_missing",
+        lambda w: D(w, "data_missing", f"data.train={w.data / 'no_such' / 'train.txt'}"),
+        ("data file not found", "no_such"),
+    ),
+    Case(
+        "data_empty_file",
+        lambda w: D(w, "data_empty_file", f"data.train={w.data / 'empty.txt'}"),
+        ("no text found", "empty.txt"),
+    ),
+    Case(
+        "data_empty_folder", lambda w: D(w, "data_empty_folder", f"data.train={w.data / 'empty_dir'}"), ("empty_dir",)
+    ),
+    Case(
+        "data_binary",
+        lambda w: D(w, "data_binary", f"data.train={w.data / 'binary.txt'}"),
+        ("binary.txt", "not UTF-8 text"),
+    ),
+    Case(
+        "data_nul_bytes",
+        lambda w: D(w, "data_nul_bytes", f"data.train={w.data / 'nul.txt'}"),
+        ("nul.txt", "NUL bytes", "binary"),
+    ),
+    Case(
+        "data_latin1",
+        lambda w: D(w, "data_latin1", f"data.train={w.data / 'latin1.txt'}"),
+        ("latin1.txt", "not UTF-8 text", "convert it"),
+    ),
+    Case(
+        "csv_without_label_column",
+        lambda w: ["distill", str(w.clf_config), f"train.output_dir={w.out('csv_without_label_column')}"],
+        ("nolabel.csv", "label", "data.label_field"),
+    ),
     # ---------------------------------------------------------------- distill: the output folder
-    Case("output_dir_is_a_file", lambda w: ["distill", str(w.config), f"train.output_dir={w.a_file}"], ("train.output_dir", "is a file", "choose a folder")),
-    Case("output_dir_under_a_file", lambda w: ["distill", str(w.config), f"train.output_dir={w.a_file / 'run'}"], ("train.output_dir", "a_file is a file", "choose a writable folder")),
-    Case("output_dir_read_only", lambda w: ["distill", str(w.config), f"train.output_dir={w.read_only / 'run'}"], ("train.output_dir", "read_only is not writable", "choose a writable folder"),
-         skip="running as root, chmod 0o500 does not stop writes" if os.geteuid() == 0 else ""),
-    Case("output_dir_holds_a_run", lambda w: ["distill", str(w.config), f"train.output_dir={w.old_run}"], ("already holds a run", "--resume", "--overwrite")),
-    Case("resume_with_another_batch_size", lambda w: ["distill", str(w.config), f"train.output_dir={w.run}", "train.batch_size=2", "--resume"], ("--resume with a config that changes", "train.batch_size (4 -> 2)", "--overwrite"), needs_run=True),
+    Case(
+        "output_dir_is_a_file",
+        lambda w: ["distill", str(w.config), f"train.output_dir={w.a_file}"],
+        ("train.output_dir", "is a file", "choose a folder"),
+    ),
+    Case(
+        "output_dir_under_a_file",
+        lambda w: ["distill", str(w.config), f"train.output_dir={w.a_file / 'run'}"],
+        ("train.output_dir", "a_file is a file", "choose a writable folder"),
+    ),
+    Case(
+        "output_dir_read_only",
+        lambda w: ["distill", str(w.config), f"train.output_dir={w.read_only / 'run'}"],
+        ("train.output_dir", "read_only is not writable", "choose a writable folder"),
+        skip="running as root, chmod 0o500 does not stop writes" if os.geteuid() == 0 else "",
+    ),
+    Case(
+        "output_dir_holds_a_run",
+        lambda w: ["distill", str(w.config), f"train.output_dir={w.old_run}"],
+        ("already holds a run", "--resume", "--overwrite"),
+    ),
+    Case(
+        "resume_with_another_batch_size",
+        lambda w: ["distill", str(w.config), f"train.output_dir={w.run}", "train.batch_size=2", "--resume"],
+        ("--resume with a config that changes", "train.batch_size (4 -> 2)", "--overwrite"),
+        needs_run=True,
+    ),
     # ---------------------------------------------------------------- cache-teacher, and distill from a cache
     Case("cache_folder_unset", lambda w: ["cache-teacher", str(w.config)], ("teacher.cache: name the folder",)),
-    Case("cache_folder_is_a_file", lambda w: ["cache-teacher", str(w.config), f"teacher.cache={w.a_file}"], ("teacher.cache", "a_file is a file", "choose a folder")),
-    Case("cache_top_k_zero", lambda w: ["cache-teacher", str(w.config), f"teacher.cache={w.out('cache_top_k_zero')}", "teacher.cache_top_k=0"], ("teacher.cache_top_k: must be >= 1",)),
-    Case("cache_with_attention_term", lambda w: D(w, "cache_with_attention_term", f"teacher.cache={w.root / 'no_cache'}", "losses.2={type: attention}"), ("losses[2]", "the attention term needs the live teacher", "remove the term or teacher.cache")),
-    Case("cache_missing", lambda w: D(w, "cache_missing", f"teacher.cache={w.root / 'no_cache'}"), ("no_cache holds no teacher cache", "alignkd cache-teacher CONFIG")),
+    Case(
+        "cache_folder_is_a_file",
+        lambda w: ["cache-teacher", str(w.config), f"teacher.cache={w.a_file}"],
+        ("teacher.cache", "a_file is a file", "choose a folder"),
+    ),
+    Case(
+        "cache_top_k_zero",
+        lambda w: [
+            "cache-teacher",
+            str(w.config),
+            f"teacher.cache={w.out('cache_top_k_zero')}",
+            "teacher.cache_top_k=0",
+        ],
+        ("teacher.cache_top_k: must be >= 1",),
+    ),
+    Case(
+        "cache_with_attention_term",
+        lambda w: D(
+            w, "cache_with_attention_term", f"teacher.cache={w.root / 'no_cache'}", "losses.2={type: attention}"
+        ),
+        ("losses[2]", "the attention term needs the live teacher", "remove the term or teacher.cache"),
+    ),
+    Case(
+        "cache_missing",
+        lambda w: D(w, "cache_missing", f"teacher.cache={w.root / 'no_cache'}"),
+        ("no_cache holds no teacher cache", "alignkd cache-teacher CONFIG"),
+    ),
     # ---------------------------------------------------------------- prune, and block selection in distill
-    Case("prune_student_not_from_teacher", lambda w: ["prune", str(w.config), f"train.output_dir={w.out('prune_student_not_from_teacher')}"], ("student.from_teacher: choosing blocks needs", "num_layers")),
-    Case("select_beside_student_config", lambda w: D(w, "select_beside_student_config", "student.from_teacher.select=importance"), ("student.from_teacher.select", "comes from student.config")),
-    Case("select_misspelled", lambda w: ["prune", str(w.config), "student.config=null", "student.from_teacher.select=importnce", f"train.output_dir={w.out('select_misspelled')}"], ("did you mean 'importance'",)),
-    Case("prune_more_blocks_than_the_teacher", lambda w: ["prune", str(w.config), "student.config=null", "student.from_teacher.num_layers=3", f"train.output_dir={w.out('prune_more_blocks_than_the_teacher')}"], ("num_layers: must be between 1 and 2",)),
+    Case(
+        "prune_student_not_from_teacher",
+        lambda w: ["prune", str(w.config), f"train.output_dir={w.out('prune_student_not_from_teacher')}"],
+        ("student.from_teacher: choosing blocks needs", "num_layers"),
+    ),
+    Case(
+        "select_beside_student_config",
+        lambda w: D(w, "select_beside_student_config", "student.from_teacher.select=importance"),
+        ("student.from_teacher.select", "comes from student.config"),
+    ),
+    Case(
+        "select_misspelled",
+        lambda w: [
+            "prune",
+            str(w.config),
+            "student.config=null",
+            "student.from_teacher.select=importnce",
+            f"train.output_dir={w.out('select_misspelled')}",
+        ],
+        ("did you mean 'importance'",),
+    ),
+    Case(
+        "prune_more_blocks_than_the_teacher",
+        lambda w: [
+            "prune",
+            str(w.config),
+            "student.config=null",
+            "student.from_teacher.num_layers=3",
+            f"train.output_dir={w.out('prune_more_blocks_than_the_teacher')}",
+        ],
+        ("num_layers: must be between 1 and 2",),
+    ),
     # ---------------------------------------------------------------- study
-    Case("study_missing", lambda w: ["study", str(w.data / "no_such.yaml"), "--quick", "--out", str(w.out("study_missing"))], ("study file not found", "no_such.yaml")),
-    Case("study_only_unknown", lambda w: ["study", str(STUDY), "--quick", "--only", "kl-evn", "--out", str(w.out("study_only_unknown"))], ("--only kl-evn: no such variant", "did you mean 'kl-even'")),
-    Case("study_out_is_a_file", lambda w: ["study", str(STUDY), "--quick", "--out", str(w.a_file)], ("--out", "a_file is a file")),
+    Case(
+        "study_missing",
+        lambda w: ["study", str(w.data / "no_such.yaml"), "--quick", "--out", str(w.out("study_missing"))],
+        ("study file not found", "no_such.yaml"),
+    ),
+    Case(
+        "study_only_unknown",
+        lambda w: ["study", str(STUDY), "--quick", "--only", "kl-evn", "--out", str(w.out("study_only_unknown"))],
+        ("--only kl-evn: no such variant", "did you mean 'kl-even'"),
+    ),
+    Case(
+        "study_out_is_a_file",
+        lambda w: ["study", str(STUDY), "--quick", "--out", str(w.a_file)],
+        ("--out", "a_file is a file"),
+    ),
     # ---------------------------------------------------------------- finetune
-    Case("finetune_model_missing", lambda w: ["finetune", str(w.config), f"teacher.path={w.root / 'no_model'}", f"train.output_dir={w.out('finetune_model_missing')}"], ("teacher: model folder not found", "no_model")),
-    Case("finetune_into_a_run", lambda w: ["finetune", str(w.config), f"train.output_dir={w.old_run}"], ("already holds a run", "--resume", "--overwrite")),
+    Case(
+        "finetune_model_missing",
+        lambda w: [
+            "finetune",
+            str(w.config),
+            f"teacher.path={w.root / 'no_model'}",
+            f"train.output_dir={w.out('finetune_model_missing')}",
+        ],
+        ("teacher: model folder not found", "no_model"),
+    ),
+    Case(
+        "finetune_into_a_run",
+        lambda w: ["finetune", str(w.config), f"train.output_dir={w.old_run}"],
+        ("already holds a run", "--resume", "--overwrite"),
+    ),
     # ---------------------------------------------------------------- eval
-    Case("eval_not_a_model", lambda w: ["eval", str(w.corpus), "--out", str(w.out("eval_not_a_model"))], ("has no config.json", "save_pretrained")),
-    Case("eval_model_missing", lambda w: ["eval", str(w.root / "no_model"), "--out", str(w.out("eval_model_missing"))], ("model folder not found", "no_model")),
-    Case("eval_baseline_not_name_path", lambda w: ["eval", str(w.teacher), "--baseline", "ce", "--out", str(w.out("eval_baseline_not_name_path"))], ("--baseline 'ce' is not NAME=PATH",)),
-    Case("eval_baseline_name_taken", lambda w: ["eval", str(w.teacher), "--baseline", f"model={w.teacher}", "--out", str(w.out("eval_baseline_name_taken"))], ("--baseline name 'model' is taken",)),
-    Case("eval_window_zero", lambda w: ["eval", str(w.teacher), "--window", "0", "--out", str(w.out("eval_window_zero"))], ("window is 0",)),
-    Case("eval_text_missing", lambda w: ["eval", str(w.teacher), "--text", str(w.data / "no_such.txt"), "--skip", "accuracy", "--out", str(w.out("eval_text_missing"))], ("no_such.txt", "not found")),
-    Case("eval_out_is_a_file", lambda w: ["eval", str(w.teacher), "--out", str(w.a_file)], ("--out", "a_file is a file",)),
-    Case("eval_dtype_unknown", lambda w: ["eval", str(w.teacher), "--dtype", "fp8"], ("argument --dtype", "invalid choice: 'fp8'"), argparse=True),
+    Case(
+        "eval_not_a_model",
+        lambda w: ["eval", str(w.corpus), "--out", str(w.out("eval_not_a_model"))],
+        ("has no config.json", "save_pretrained"),
+    ),
+    Case(
+        "eval_model_missing",
+        lambda w: ["eval", str(w.root / "no_model"), "--out", str(w.out("eval_model_missing"))],
+        ("model folder not found", "no_model"),
+    ),
+    Case(
+        "eval_baseline_not_name_path",
+        lambda w: ["eval", str(w.teacher), "--baseline", "ce", "--out", str(w.out("eval_baseline_not_name_path"))],
+        ("--baseline 'ce' is not NAME=PATH",),
+    ),
+    Case(
+        "eval_baseline_name_taken",
+        lambda w: [
+            "eval",
+            str(w.teacher),
+            "--baseline",
+            f"model={w.teacher}",
+            "--out",
+            str(w.out("eval_baseline_name_taken")),
+        ],
+        ("--baseline name 'model' is taken",),
+    ),
+    Case(
+        "eval_window_zero",
+        lambda w: ["eval", str(w.teacher), "--window", "0", "--out", str(w.out("eval_window_zero"))],
+        ("window is 0",),
+    ),
+    Case(
+        "eval_text_missing",
+        lambda w: [
+            "eval",
+            str(w.teacher),
+            "--text",
+            str(w.data / "no_such.txt"),
+            "--skip",
+            "accuracy",
+            "--out",
+            str(w.out("eval_text_missing")),
+        ],
+        ("no_such.txt", "not found"),
+    ),
+    Case(
+        "eval_out_is_a_file",
+        lambda w: ["eval", str(w.teacher), "--out", str(w.a_file)],
+        (
+            "--out",
+            "a_file is a file",
+        ),
+    ),
+    Case(
+        "eval_dtype_unknown",
+        lambda w: ["eval", str(w.teacher), "--dtype", "fp8"],
+        ("argument --dtype", "invalid choice: 'fp8'"),
+        argparse=True,
+    ),
     # ---------------------------------------------------------------- report
     Case("report_not_a_run", lambda w: ["report", str(w.data / "not_a_run")], ("no metrics.jsonl", "not_a_run")),
     Case("report_missing_folder", lambda w: ["report", str(w.root / "no_run")], ("no_run", "no such folder")),
-    Case("report_eval_json_missing", lambda w: ["report", str(w.run), "--eval", str(w.data / "no_eval.json"), "--out", str(w.out("report_eval_json_missing"))], ("no_eval.json",), needs_run=True),
-    Case("report_out_is_a_file", lambda w: ["report", str(w.run), "--out", str(w.a_file)], ("--out", "a_file is a file"), needs_run=True),
-    Case("report_baseline_not_name_dir", lambda w: ["report", str(w.run), "--baseline-run", "ce=", "--out", str(w.out("report_baseline_not_name_dir"))], ("--baseline-run expects NAME=DIR",), needs_run=True),
+    Case(
+        "report_eval_json_missing",
+        lambda w: [
+            "report",
+            str(w.run),
+            "--eval",
+            str(w.data / "no_eval.json"),
+            "--out",
+            str(w.out("report_eval_json_missing")),
+        ],
+        ("no_eval.json",),
+        needs_run=True,
+    ),
+    Case(
+        "report_out_is_a_file",
+        lambda w: ["report", str(w.run), "--out", str(w.a_file)],
+        ("--out", "a_file is a file"),
+        needs_run=True,
+    ),
+    Case(
+        "report_baseline_not_name_dir",
+        lambda w: ["report", str(w.run), "--baseline-run", "ce=", "--out", str(w.out("report_baseline_not_name_dir"))],
+        ("--baseline-run expects NAME=DIR",),
+        needs_run=True,
+    ),
     # ---------------------------------------------------------------- assets
-    Case("assets_only_unknown", lambda w: ["assets", "--only", "weights"], ("argument --only", "invalid choice: 'weights'"), argparse=True),
-    Case("assets_cache_is_a_file", lambda w: ["assets", "--cache", str(w.a_file)], ("cache:", "a_file is a file", "--cache DIR")),
+    Case(
+        "assets_only_unknown",
+        lambda w: ["assets", "--only", "weights"],
+        ("argument --only", "invalid choice: 'weights'"),
+        argparse=True,
+    ),
+    Case(
+        "assets_cache_is_a_file",
+        lambda w: ["assets", "--cache", str(w.a_file)],
+        ("cache:", "a_file is a file", "--cache DIR"),
+    ),
     # ---------------------------------------------------------------- demo
-    Case("demo_steps_zero", lambda w: ["demo", "--steps", "0", "--out", str(w.out("demo_steps_zero"))], ("--steps 0", "at least 1 step")),
-    Case("demo_minutes_negative", lambda w: ["demo", "--minutes", "-2", "--out", str(w.out("demo_minutes_negative"))], ("--minutes -2", "> 0")),
-    Case("demo_out_is_a_file", lambda w: ["demo", "--steps", "1", "--out", str(w.a_file)], ("--out", "a_file is a file")),
+    Case(
+        "demo_steps_zero",
+        lambda w: ["demo", "--steps", "0", "--out", str(w.out("demo_steps_zero"))],
+        ("--steps 0", "at least 1 step"),
+    ),
+    Case(
+        "demo_minutes_negative",
+        lambda w: ["demo", "--minutes", "-2", "--out", str(w.out("demo_minutes_negative"))],
+        ("--minutes -2", "> 0"),
+    ),
+    Case(
+        "demo_out_is_a_file", lambda w: ["demo", "--steps", "1", "--out", str(w.a_file)], ("--out", "a_file is a file")
+    ),
     # ---------------------------------------------------------------- the command line itself
     Case("command_unknown", lambda w: ["distil", str(w.config)], ("invalid choice: 'distil'",), argparse=True),
-    Case("type_wrong_flag", lambda w: ["eval", str(w.teacher), "--window", "wide"], ("argument --window", "invalid int value: 'wide'"), argparse=True),
-    Case("flag_unknown", lambda w: ["report", str(w.run), "--fast"], ("unrecognized arguments: --fast",), argparse=True, needs_run=True),
+    Case(
+        "type_wrong_flag",
+        lambda w: ["eval", str(w.teacher), "--window", "wide"],
+        ("argument --window", "invalid int value: 'wide'"),
+        argparse=True,
+    ),
+    Case(
+        "flag_unknown",
+        lambda w: ["report", str(w.run), "--fast"],
+        ("unrecognized arguments: --fast",),
+        argparse=True,
+        needs_run=True,
+    ),
 ]
 
 
@@ -306,7 +687,13 @@ for phase in phases:  # a phase starts when the one before it has finished
         results[name] = {"rc": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - t0, "started": started}
 print(json.dumps(results))
 """
-FRESH = ("teacher_hub_id_offline", "eval_not_a_model", "report_missing_folder", "assets_cache_is_a_file", "demo_steps_zero")
+FRESH = (
+    "teacher_hub_id_offline",
+    "eval_not_a_model",
+    "report_missing_folder",
+    "assets_cache_is_a_file",
+    "demo_steps_zero",
+)
 PREP = "_prepare_run"
 BY_ID = {c.id: c for c in CASES}
 
@@ -326,18 +713,38 @@ def run_cases(w: World, jobs_dir: Path) -> dict[str, Result]:
     env = {**ENV, "ALIGNKD_CACHE": str(w.cache)}
 
     def job(name: str, argv: list[str]) -> dict:
-        return {"id": name, "argv": argv, "cwd": str(w.cwd), "stdout": str(jobs_dir / f"{name}.out"), "stderr": str(jobs_dir / f"{name}.err")}
+        return {
+            "id": name,
+            "argv": argv,
+            "cwd": str(w.cwd),
+            "stdout": str(jobs_dir / f"{name}.out"),
+            "stderr": str(jobs_dir / f"{name}.err"),
+        }
 
     prepare = job(PREP, ["distill", str(w.config), f"train.output_dir={w.run}"])
-    phases = [[prepare] + [job(c.id, c.argv(w)) for c in CASES if not c.needs_run and not c.skip],
-              [job(c.id, c.argv(w)) for c in CASES if c.needs_run and not c.skip]]
+    phases = [
+        [prepare] + [job(c.id, c.argv(w)) for c in CASES if not c.needs_run and not c.skip],
+        [job(c.id, c.argv(w)) for c in CASES if c.needs_run and not c.skip],
+    ]
     (jobs_dir / "jobs.json").write_text(json.dumps(phases))
     workers = str(min(8, max(2, os.cpu_count() or 2)))
-    done = subprocess.run([sys.executable, "-c", FORK_SERVER, str(jobs_dir / "jobs.json"), workers],
-                          cwd=w.cwd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_SERVER, str(jobs_dir / "jobs.json"), workers],
+        cwd=w.cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return {
-        name: Result(r["rc"], (jobs_dir / f"{name}.out").read_text(), (jobs_dir / f"{name}.err").read_text(), r["seconds"], r["started"])
+        name: Result(
+            r["rc"],
+            (jobs_dir / f"{name}.out").read_text(),
+            (jobs_dir / f"{name}.err").read_text(),
+            r["seconds"],
+            r["started"],
+        )
         for name, r in json.loads(done.stdout.splitlines()[-1]).items()
     }
 
@@ -345,14 +752,23 @@ def run_cases(w: World, jobs_dir: Path) -> dict[str, Result]:
 def run_fresh(w: World, case: Case) -> Result:
     """``python -m alignkd.cli ...`` in a new interpreter, as a user runs it."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "alignkd.cli", *case.argv(w)], cwd=w.cwd, env={**ENV, "ALIGNKD_CACHE": str(w.cache)},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkd.cli", *case.argv(w)],
+        cwd=w.cwd,
+        env={**ENV, "ALIGNKD_CACHE": str(w.cache)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - t0)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file and folder under ``root``: relative path -> (size, mtime_ns)."""
-    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns) for p in root.rglob("*")}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +818,11 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, world, results
 @pytest.mark.parametrize("name", FRESH)
 def test_a_fresh_interpreter_prints_the_same(name, results):
     done, fresh, *_ = results
-    assert (fresh[name].rc, fresh[name].stderr, fresh[name].stdout) == (done[name].rc, done[name].stderr, done[name].stdout)
+    assert (fresh[name].rc, fresh[name].stderr, fresh[name].stdout) == (
+        done[name].rc,
+        done[name].stderr,
+        done[name].stdout,
+    )
 
 
 def test_bad_input_changed_no_file(world, results):
@@ -433,7 +853,7 @@ def test_the_table_covers_every_command(world):
 
 def test_the_readme_lists_every_case():
     text = README.read_text()
-    section = text[text.index("## Bad input"):]
+    section = text[text.index("## Bad input") :]
     section = section[: section.index("\n## ", 1)]
     missing = [c.id for c in CASES if f"`{c.id}`" not in section]
     assert not missing, f"add these cases to the README's Bad input table: {missing}"

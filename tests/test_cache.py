@@ -14,18 +14,16 @@ import json
 import math
 
 import pytest
+import tiny
 import torch
+from test_engine import corpus, make_cfg, make_run, read_metrics, teacher  # noqa: F401  (module fixtures, shared)
 
 import alignkd
-import tiny
 from alignkd.cache.format import META, bytes_per_token
 from alignkd.cache.write import cache_teacher
 from alignkd.config import load_config
 from alignkd.errors import ConfigError
-from alignkd.losses import KL_KINDS, kl_div, lm_head_sparse_kl, sparse_kl
-from alignkd.losses import _head_chunks
-from test_engine import corpus, teacher  # noqa: F401  (module fixtures, shared)
-from test_engine import make_cfg, make_run, read_metrics
+from alignkd.losses import KL_KINDS, _head_chunks, kl_div, lm_head_sparse_kl, sparse_kl
 
 
 def top_k(teacher_logits: torch.Tensor, k: int):
@@ -227,7 +225,12 @@ def test_lm_head_sparse_kl_edge_cases():
 # ---------------------------------------------------------------- cache and runs
 
 
-LOSSES = [{"type": "kl"}, {"type": "ce", "weight": 0.5}, {"type": "hidden", "layers": [[0, 1]]}, {"type": "relation", "layers": [[0, 1]]}]
+LOSSES = [
+    {"type": "kl"},
+    {"type": "ce", "weight": 0.5},
+    {"type": "hidden", "layers": [[0, 1]]},
+    {"type": "relation", "layers": [[0, 1]]},
+]
 
 
 def cached_cfg(teacher, corpus, out, cache, **teacher_fields):
@@ -317,7 +320,10 @@ def test_the_command_line_writes_a_cache_and_prints_its_bytes_per_token(teacher,
     cfg["losses"] = [{"type": "kl"}, {"type": "hidden", "layers": [[0, 0]]}]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main(["cache-teacher", str(path), f"teacher.cache={tmp_path / 'cli_cache'}", "teacher.cache_dtype=float16"]) == 0
+    assert (
+        main(["cache-teacher", str(path), f"teacher.cache={tmp_path / 'cli_cache'}", "teacher.cache_dtype=float16"])
+        == 0
+    )
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "bytes per token: logits 132, hidden.0 64" in line  # 16 x (4 + 4) + 4; 32 float16 values
     meta = json.loads((tmp_path / "cli_cache" / META).read_text())

@@ -8,14 +8,14 @@ recomputed by hand from a block's input, never with another hook of ours.
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 
-import tiny
+from alignkd.config import ConfigError, load_config
 from alignkd.engine.align import AdaptiveMix, Projector
 from alignkd.engine.capture import Capture, Needs
-from alignkd.config import ConfigError, load_config
-from alignkd.models.families import FAMILIES, blocks_of, get_path
 from alignkd.engine.plan import StudentSide, build_plan
+from alignkd.models.families import FAMILIES, blocks_of, get_path
 
 DECODERS = ["llama", "qwen2", "gemma3", "gpt2"]
 LAYERS = 3
@@ -131,9 +131,8 @@ def test_attention_from_an_sdpa_model_is_a_clear_error(ids):
     model = tiny.build("llama", layers=2)  # sdpa by default
     assert model.config._attn_implementation != "eager"
     cap = Capture(model, Needs(attention={1}))
-    with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
-        with torch.no_grad():
-            model(input_ids=ids)
+    with pytest.raises(RuntimeError, match="attn_implementation='eager'"), torch.no_grad():
+        model(input_ids=ids)
     cap.remove()
 
 
@@ -217,9 +216,8 @@ def test_paused_records_nothing(models, ids):
 
 def test_paused_restores_recording_after_an_error(models):
     cap = Capture(models["llama"], Needs(hidden={0}))
-    with pytest.raises(ValueError):
-        with cap.paused():
-            raise ValueError("boom")
+    with pytest.raises(ValueError), cap.paused():
+        raise ValueError("boom")
     assert cap.active
     cap.remove()
 
@@ -275,9 +273,13 @@ def pair_models():
 
 def test_projectors_exist_exactly_when_widths_differ(pair_models):
     terms = losses(
-        {"type": "kl"}, {"type": "ce"},
-        {"type": "hidden"}, {"type": "contrastive"}, {"type": "blockwise", "layers": [[0, 2]]},
-        {"type": "attention"}, {"type": "relation"},
+        {"type": "kl"},
+        {"type": "ce"},
+        {"type": "hidden"},
+        {"type": "contrastive"},
+        {"type": "blockwise", "layers": [[0, 2]]},
+        {"type": "attention"},
+        {"type": "relation"},
     )
     s = pair_models["student"]
     plan = build_plan(terms, s, pair_models["wide"])
@@ -292,20 +294,30 @@ def test_projectors_exist_exactly_when_widths_differ(pair_models):
 
 
 def test_linear_norm_projector(pair_models):
-    plan = build_plan(losses({"type": "hidden", "projector": "linear_norm", "layers": "last"}), pair_models["student"], pair_models["wide"])
+    plan = build_plan(
+        losses({"type": "hidden", "projector": "linear_norm", "layers": "last"}),
+        pair_models["student"],
+        pair_models["wide"],
+    )
     (p,) = plan.projectors.values()
     assert isinstance(p.norm, torch.nn.LayerNorm) and p.norm.normalized_shape == (64,)
 
 
 def test_projector_none_needs_equal_widths(pair_models):
-    terms = losses({"type": "hidden", "projector": "none"}, {"type": "blockwise", "layers": [[0, 2]], "projector": "none"})
+    terms = losses(
+        {"type": "hidden", "projector": "none"}, {"type": "blockwise", "layers": [[0, 2]], "projector": "none"}
+    )
     assert build_plan(terms, pair_models["student"], pair_models["same"]).projectors == {}
-    with pytest.raises(ConfigError, match=r"losses\[0\]\.projector: none, but the student is 32 wide and the teacher 64"):
+    with pytest.raises(
+        ConfigError, match=r"losses\[0\]\.projector: none, but the student is 32 wide and the teacher 64"
+    ):
         build_plan(terms, pair_models["student"], pair_models["wide"])
 
 
 def test_named_terms_key_their_projectors(pair_models):
-    plan = build_plan(losses({"type": "hidden", "name": "feat.a", "layers": [[1, 3]]}), pair_models["student"], pair_models["wide"])
+    plan = build_plan(
+        losses({"type": "hidden", "name": "feat.a", "layers": [[1, 3]]}), pair_models["student"], pair_models["wide"]
+    )
     assert set(plan.projectors) == {"feat_a__1"}
     side = StudentSide(pair_models["student"], plan.student_needs, plan.projectors, plan.mixes)
     try:
@@ -330,7 +342,9 @@ def test_teacher_needs_only_mapped_blocks(pair_models):
 
 
 def test_output_terms_need_nothing(pair_models):
-    plan = build_plan(losses({"type": "kl"}, {"type": "ce"}, {"type": "dkd"}), pair_models["student"], pair_models["wide"])
+    plan = build_plan(
+        losses({"type": "kl"}, {"type": "ce"}, {"type": "dkd"}), pair_models["student"], pair_models["wide"]
+    )
     for needs in (plan.student_needs, plan.teacher_needs):
         assert needs.hidden == set() and needs.attention == set() and needs.qkv == set()
     assert [t.pairs for t in plan.terms] == [[], [], []]
@@ -356,7 +370,9 @@ def test_blockwise_needs_only_the_student_state(pair_models):
 
 
 def test_attention_terms_ask_for_eager_attention(pair_models):
-    plan = build_plan(losses({"type": "attention", "layers": [[0, 1], [1, 3]]}), pair_models["student"], pair_models["wide"])
+    plan = build_plan(
+        losses({"type": "attention", "layers": [[0, 1], [1, 3]]}), pair_models["student"], pair_models["wide"]
+    )
     assert plan.needs_eager_attention
     assert plan.student_needs.attention == {0, 1} and plan.teacher_needs.attention == {1, 3}
     assert plan.student_needs.hidden == set() and plan.teacher_needs.hidden == set()
@@ -400,7 +416,9 @@ def test_relation_heads_default_divides_every_width(family, s_kw, t_kw, expected
 
 
 def test_relation_heads_explicit(pair_models):
-    plan = build_plan(losses({"type": "relation", "num_relation_heads": 8}), pair_models["student"], pair_models["wide"])
+    plan = build_plan(
+        losses({"type": "relation", "num_relation_heads": 8}), pair_models["student"], pair_models["wide"]
+    )
     assert plan.terms[0].params["heads"] == 8
     with pytest.raises(ConfigError, match=r"losses\[0\]\.num_relation_heads: 3 does not divide"):
         build_plan(losses({"type": "relation", "num_relation_heads": 3}), pair_models["student"], pair_models["wide"])
@@ -409,7 +427,9 @@ def test_relation_heads_explicit(pair_models):
 @pytest.mark.parametrize(("layers", "side"), [([[2, 0]], "student layer 2"), ([[0, 4]], "teacher layer 4")])
 def test_plan_layer_out_of_range_is_a_config_error(pair_models, layers, side):
     with pytest.raises(ConfigError) as info:
-        build_plan(losses({"type": "kl"}, {"type": "hidden", "layers": layers}), pair_models["student"], pair_models["wide"])
+        build_plan(
+            losses({"type": "kl"}, {"type": "hidden", "layers": layers}), pair_models["student"], pair_models["wide"]
+        )
     msg = str(info.value)
     assert msg.startswith("losses[1].layers") and side in msg
 
@@ -424,6 +444,10 @@ def test_student_side_forward_and_aux_state(pair_models, ids):
         assert side.mix("hidden") is plan.mixes["hidden"] and side.mix("kl") is None
         aux = side.aux_state()
         assert aux and not any(k.startswith("student.") for k in aux)
-        assert set(aux) == {"projectors.hidden__0.linear.weight", "projectors.hidden__1.linear.weight", "mixes.hidden.logits"}
+        assert set(aux) == {
+            "projectors.hidden__0.linear.weight",
+            "projectors.hidden__1.linear.weight",
+            "mixes.hidden.logits",
+        }
     finally:
         side.capture.remove()

@@ -21,12 +21,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-
-import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 32
@@ -101,8 +100,16 @@ def config_file(workdir) -> Path:
             {"type": "hidden", "metric": "mse", "layers": [[0, 1]]},
         ],
         "train": {
-            "steps": 10, "batch_size": 8, "lr": 3.0e-3, "warmup": 5, "eval_every": 20, "eval_batches": 2,
-            "save_every": 20, "mixed_precision": "no", "progress": False, "output_dir": str(workdir / "run"),
+            "steps": 10,
+            "batch_size": 8,
+            "lr": 3.0e-3,
+            "warmup": 5,
+            "eval_every": 20,
+            "eval_batches": 2,
+            "save_every": 20,
+            "mixed_precision": "no",
+            "progress": False,
+            "output_dir": str(workdir / "run"),
         },
     }
     path = workdir / "distill.yaml"
@@ -146,12 +153,22 @@ def test_distill_writes_every_promised_file(run):
         f"checkpoints/step-{STEPS}/side.safetensors",
         f"checkpoints/step-{STEPS}/state.pt",
     ):
-        assert (out / rel).is_file(), f"{rel} missing; the run wrote {sorted(str(p.relative_to(out)) for p in out.rglob('*'))}"
+        assert (out / rel).is_file(), (
+            f"{rel} missing; the run wrote {sorted(str(p.relative_to(out)) for p in out.rglob('*'))}"
+        )
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["steps"] == STEPS  # the resolved config, overrides applied
     assert [loss["name"] for loss in saved["losses"]] == list(TERMS)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) >= {"steps", "teacher_params", "student_params", "teacher_eval", "student_eval", "last_train", "student_dir"}
+    assert set(summary) >= {
+        "steps",
+        "teacher_params",
+        "student_params",
+        "teacher_eval",
+        "student_eval",
+        "last_train",
+        "student_dir",
+    }
     assert summary["steps"] == STEPS and summary["student_params"] < summary["teacher_params"]
     assert math.isfinite(summary["student_eval"]["eval_loss"])
 
@@ -162,7 +179,9 @@ def test_metrics_records_have_every_key(run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     evals = [r for r in rows if r["split"] == "eval"]
-    keys = {"step", "loss", "lr", "tokens_per_s", "grad_norm"} | {f"loss/{t}" for t in TERMS} | {f"w/{t}" for t in TERMS}
+    keys = (
+        {"step", "loss", "lr", "tokens_per_s", "grad_norm"} | {f"loss/{t}" for t in TERMS} | {f"w/{t}" for t in TERMS}
+    )
     for r in train:
         assert keys <= set(r), f"step {r['step']} lacks {sorted(keys - set(r))}"
         assert all(math.isfinite(r[k]) for k in keys), r
@@ -192,7 +211,9 @@ def test_student_reloads_with_transformers_alone(run, workdir):
         print("ok", ids.shape[1])
         """
     )
-    res = subprocess.run([sys.executable, "-c", script], cwd=workdir, env=ENV, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", script], cwd=workdir, env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ok")
 
@@ -211,7 +232,10 @@ def test_resume_flag_continues_from_the_latest_checkpoint(run, config_file, work
     rows = [json.loads(line) for line in (again / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if r["split"] == "train"]
     assert steps == list(range(1, STEPS + 1)) + list(range(21, STEPS + 1))
-    want, got = load_file(str(out / "student" / "model.safetensors")), load_file(str(again / "student" / "model.safetensors"))
+    want, got = (
+        load_file(str(out / "student" / "model.safetensors")),
+        load_file(str(again / "student" / "model.safetensors")),
+    )
     assert want.keys() == got.keys()
     for k in want:
         assert torch.allclose(want[k], got[k], atol=1e-5), f"{k} differs after --resume"
@@ -219,7 +243,14 @@ def test_resume_flag_continues_from_the_latest_checkpoint(run, config_file, work
 
 def test_print_config_prints_the_resolved_config(config_file, workdir):
     printed = workdir / "printed"
-    proc = cli("distill", str(config_file), "train.steps=7", "losses.1.weight=2", f"train.output_dir={printed}", "--print-config")
+    proc = cli(
+        "distill",
+        str(config_file),
+        "train.steps=7",
+        "losses.1.weight=2",
+        f"train.output_dir={printed}",
+        "--print-config",
+    )
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["train"]["steps"] == 7 and cfg["losses"][1]["weight"] == 2.0

@@ -30,10 +30,10 @@ from alignkd.config import (
     field_docs,
     load_config,
 )
+from alignkd.engine.weighting import GradNorm, Uncertainty, Weighting, build_weighting
 from alignkd.losses import KL_KINDS
 from alignkd.terms import HIDDEN_METRICS, TERM_TYPES, TermConfig
 from alignkd.terms.base import Layered, Tempered
-from alignkd.engine.weighting import GradNorm, Uncertainty, Weighting, build_weighting
 
 ROOT = Path(__file__).resolve().parents[1]
 # alignkd run configs: configs/*.yaml and the recipes. configs/accelerate/ holds `accelerate launch` configs.
@@ -42,13 +42,22 @@ ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 
 # Depths of the models the shipped configs name (checked against their model cards),
 # so explicit layer indices in those configs can be checked without downloading them.
-TEACHER_BLOCKS = {"HuggingFaceTB/SmolLM2-135M-Instruct": 30, "textattack/bert-base-uncased-SST-2": 12, "meta-llama/Llama-2-7b-hf": 32}
+TEACHER_BLOCKS = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": 30,
+    "textattack/bert-base-uncased-SST-2": 12,
+    "meta-llama/Llama-2-7b-hf": 32,
+}
 STUDENT_BLOCKS = {"TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": 22}
 
 
 def minimal(**extra) -> dict:
     """The smallest valid config as a raw dict; ``extra`` replaces top-level sections."""
-    data = {"teacher": {"path": "teacher"}, "student": {"from_teacher": {"num_layers": 2}}, "data": {"train": "train.txt"}, "losses": [{"type": "kl"}]}
+    data = {
+        "teacher": {"path": "teacher"},
+        "student": {"from_teacher": {"num_layers": 2}},
+        "data": {"train": "train.txt"},
+        "losses": [{"type": "kl"}],
+    }
     data.update(extra)
     return data
 
@@ -104,7 +113,9 @@ def test_shipped_config_parses_and_is_sensible(path):
         assert isinstance(loss, TERM_TYPES[loss.type].config) and loss.weight >= 0
         if isinstance(getattr(loss, "layers", None), list):
             for s, t in loss.layers:
-                assert -ls <= s < ls and -lt <= t < lt, f"{path.name}: {loss.name} pair {[s, t]} does not fit {ls} / {lt} blocks"
+                assert -ls <= s < ls and -lt <= t < lt, (
+                    f"{path.name}: {loss.name} pair {[s, t]} does not fit {ls} / {lt} blocks"
+                )
         if loss.type in ("dkd", "ce") and cfg.teacher.task == "sequence_classification":
             assert cfg.data.label_field
     assert any(loss.weight > 0 for loss in cfg.losses)
@@ -122,7 +133,9 @@ def test_shipped_accelerate_config_loads_and_launches_several_processes(path):
 
     cfg = load_config_from_file(str(path))
     # A MULTI_CPU config starts one process unless under mpirun; alignkd turns a MULTI_GPU launch on CPUs into a gloo group.
-    want = {"fsdp.yaml": DistributedType.FSDP, "deepspeed.yaml": DistributedType.DEEPSPEED}.get(path.name, DistributedType.MULTI_GPU)
+    want = {"fsdp.yaml": DistributedType.FSDP, "deepspeed.yaml": DistributedType.DEEPSPEED}.get(
+        path.name, DistributedType.MULTI_GPU
+    )
     assert cfg.distributed_type == want and cfg.num_processes > 1
     assert cfg.mixed_precision == "no"  # alignkd passes train.mixed_precision itself
     assert f"--config_file configs/accelerate/{path.name}" in path.read_text()
@@ -130,9 +143,16 @@ def test_shipped_accelerate_config_loads_and_launches_several_processes(path):
 
 # ---------------------------------------------------------------- field docs
 
-DATACLASSES = [Config, ModelConfig, FromTeacherConfig, StudentConfig, DataConfig, ScheduleConfig, WeightingConfig, TrainConfig] + [
-    t.config for t in TERM_TYPES.values()
-]
+DATACLASSES = [
+    Config,
+    ModelConfig,
+    FromTeacherConfig,
+    StudentConfig,
+    DataConfig,
+    ScheduleConfig,
+    WeightingConfig,
+    TrainConfig,
+] + [t.config for t in TERM_TYPES.values()]
 
 
 @pytest.mark.parametrize("cls", DATACLASSES, ids=lambda c: c.__name__)
@@ -148,7 +168,10 @@ def test_field_docs_reads_the_string_below_each_field():
     assert field_docs(TrainConfig)["steps"] == "Optimizer steps (the most, when ``max_minutes`` is set)."
     assert "forward" in field_docs(TERM_TYPES["kl"].config)["kind"]
     # A type's own docstring wins over its base's: dkd's alpha is not kl's.
-    assert "target" in field_docs(TERM_TYPES["dkd"].config)["alpha"] and "skew" in field_docs(TERM_TYPES["kl"].config)["alpha"]
+    assert (
+        "target" in field_docs(TERM_TYPES["dkd"].config)["alpha"]
+        and "skew" in field_docs(TERM_TYPES["kl"].config)["alpha"]
+    )
 
 
 def test_nested_dataclasses_are_all_listed():
@@ -231,7 +254,11 @@ def test_float_fields_accept_yaml_exponent_strings():
         (minimal(losses=[{"type": "hidden", "layers": "lats"}]), "losses[0].layers", "last"),
         (minimal(weighting={"strategy": "gradnrom"}), "weighting.strategy", "gradnorm"),
         (minimal(train={"mixed_precision": "bf61"}), "train.mixed_precision", "bf16"),
-        (minimal(losses=[{"type": "kl", "weight_schedule": {"kind": "cosin"}}]), "losses[0].weight_schedule.kind", "cosine"),
+        (
+            minimal(losses=[{"type": "kl", "weight_schedule": {"kind": "cosin"}}]),
+            "losses[0].weight_schedule.kind",
+            "cosine",
+        ),
     ],
 )
 def test_bad_enum_values_suggest_the_closest(data, where, near):
@@ -257,8 +284,14 @@ def test_fields_that_do_not_apply_to_a_loss_type_are_rejected(term, field):
 
 def test_per_type_defaults_are_filled():
     kl, dkd, con, rel, hid, att, blk, ce = losses_of(
-        {"type": "kl"}, {"type": "dkd"}, {"type": "contrastive"}, {"type": "relation"},
-        {"type": "hidden"}, {"type": "attention"}, {"type": "blockwise"}, {"type": "ce"},
+        {"type": "kl"},
+        {"type": "dkd"},
+        {"type": "contrastive"},
+        {"type": "relation"},
+        {"type": "hidden"},
+        {"type": "attention"},
+        {"type": "blockwise"},
+        {"type": "ce"},
     )
     assert (kl.temperature, kl.beta, kl.alpha) == (1.0, 0.5, 0.1)
     assert (dkd.temperature, dkd.beta, dkd.alpha) == (4.0, 8.0, 1.0)
@@ -343,11 +376,24 @@ def test_bad_values_name_the_field(data, where):
         ({"type": "relation", "num_relation_heads": 0}, "losses[0].num_relation_heads"),
         ({"type": "relation", "num_relation_heads": -2}, "losses[0].num_relation_heads"),
         ({"type": "contrastive", "max_tokens": 0}, "losses[0].max_tokens"),
-        ({"type": "kl", "temperature_schedule": {"kind": "linear", "start": 2.0, "end": 0.0}}, "losses[0].temperature_schedule"),
-        ({"type": "dkd", "temperature_schedule": {"kind": "cosine", "start": -1.0, "end": 1.0}}, "losses[0].temperature_schedule"),
+        (
+            {"type": "kl", "temperature_schedule": {"kind": "linear", "start": 2.0, "end": 0.0}},
+            "losses[0].temperature_schedule",
+        ),
+        (
+            {"type": "dkd", "temperature_schedule": {"kind": "cosine", "start": -1.0, "end": 1.0}},
+            "losses[0].temperature_schedule",
+        ),
         ({"type": "kl", "temperature_schedule": {"kind": "warmup", "start": 2.0}}, "losses[0].temperature_schedule"),
     ],
-    ids=["relation-heads-0", "relation-heads-negative", "max-tokens-0", "temperature-to-0", "temperature-from-negative", "temperature-warmup-from-0"],
+    ids=[
+        "relation-heads-0",
+        "relation-heads-negative",
+        "max-tokens-0",
+        "temperature-to-0",
+        "temperature-from-negative",
+        "temperature-warmup-from-0",
+    ],
 )
 def test_values_the_losses_cannot_take_are_rejected_up_front(term, where):
     # Each of these passes validation today and then fails inside the run
@@ -360,7 +406,10 @@ def test_values_the_losses_cannot_take_are_rejected_up_front(term, where):
 
 
 def test_dotted_overrides():
-    cfg = load_config(data=minimal(losses=[{"type": "kl"}, {"type": "ce"}]), overrides=["train.steps=5", "losses.0.weight=2", "losses.-1.weight=0.25", "train.lr=3e-4", "data.eval="])
+    cfg = load_config(
+        data=minimal(losses=[{"type": "kl"}, {"type": "ce"}]),
+        overrides=["train.steps=5", "losses.0.weight=2", "losses.-1.weight=0.25", "train.lr=3e-4", "data.eval="],
+    )
     assert cfg.train.steps == 5
     assert cfg.losses[0].weight == 2.0 and cfg.losses[1].weight == 0.25
     assert cfg.train.lr == pytest.approx(3e-4)
@@ -370,7 +419,14 @@ def test_dotted_overrides():
 def test_override_creates_missing_nested_sections():
     data = minimal()
     assert "weighting" not in data
-    cfg = load_config(data=data, overrides=["weighting.strategy=gradnorm", "losses.0.weight_schedule.kind=linear", "losses.0.weight_schedule.end=0.5"])
+    cfg = load_config(
+        data=data,
+        overrides=[
+            "weighting.strategy=gradnorm",
+            "losses.0.weight_schedule.kind=linear",
+            "losses.0.weight_schedule.end=0.5",
+        ],
+    )
     assert cfg.weighting.strategy == "gradnorm"
     assert cfg.losses[0].weight_schedule == ScheduleConfig(kind="linear", start=1.0, end=0.5, steps=None)
 
@@ -477,10 +533,20 @@ def test_every_kl_kind_loads(kind):
     assert losses_of({"type": "kl", "kind": kind})[0].kind == kind
 
 
-@pytest.mark.parametrize(("strategy", "cls"), [("static", Weighting), ("gradnorm", GradNorm), ("uncertainty", Uncertainty)])
+@pytest.mark.parametrize(
+    ("strategy", "cls"), [("static", Weighting), ("gradnorm", GradNorm), ("uncertainty", Uncertainty)]
+)
 def test_every_weighting_strategy_builds(strategy, cls):
-    cfg = load_config(data=minimal(weighting={"strategy": strategy}, losses=[{"type": "kl"}, {"type": "ce", "weight": 0.5}]))
-    w = build_weighting(cfg.weighting.strategy, [loss.name for loss in cfg.losses], [loss.weight for loss in cfg.losses], alpha=cfg.weighting.alpha, lr=cfg.weighting.lr)
+    cfg = load_config(
+        data=minimal(weighting={"strategy": strategy}, losses=[{"type": "kl"}, {"type": "ce", "weight": 0.5}])
+    )
+    w = build_weighting(
+        cfg.weighting.strategy,
+        [loss.name for loss in cfg.losses],
+        [loss.weight for loss in cfg.losses],
+        alpha=cfg.weighting.alpha,
+        lr=cfg.weighting.lr,
+    )
     assert type(w) is cls
     assert w.weights().shape == (2,) and (w.weights() > 0).all()
 
@@ -491,7 +557,17 @@ def test_every_weighting_strategy_builds(strategy, cls):
 @pytest.fixture
 def config_file(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(minimal(losses=[{"type": "kl", "temperature": 2.0}, {"type": "ce", "weight": 0.5}, {"type": "hidden", "layers": [[0, 1]]}])))
+    path.write_text(
+        yaml.safe_dump(
+            minimal(
+                losses=[
+                    {"type": "kl", "temperature": 2.0},
+                    {"type": "ce", "weight": 0.5},
+                    {"type": "hidden", "layers": [[0, 1]]},
+                ]
+            )
+        )
+    )
     return path
 
 
@@ -589,18 +665,27 @@ def test_paths_with_a_leading_tilde_are_expanded(tmp_path):
     from alignkd.config import load_config
 
     cfg = load_config(
-        data={"teacher": {"path": "~/t"}, "student": {"from_teacher": {}}, "data": {"train": "~/d"}, "losses": [{"type": "kl"}]},
+        data={
+            "teacher": {"path": "~/t"},
+            "student": {"from_teacher": {}},
+            "data": {"train": "~/d"},
+            "losses": [{"type": "kl"}],
+        },
         overrides=["train.output_dir=~/runs/x"],
     )
     home = os.path.expanduser("~")
-    assert cfg.teacher.path == f"{home}/t" and cfg.data.train == f"{home}/d" and cfg.train.output_dir == f"{home}/runs/x"
+    assert (
+        cfg.teacher.path == f"{home}/t" and cfg.data.train == f"{home}/d" and cfg.train.output_dir == f"{home}/runs/x"
+    )
 
 
 def test_the_readme_loss_table_is_the_one_derived_from_the_term_types():
     from alignkd.terms import markdown_table
 
     readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate the README's loss table: python -c 'from alignkd.terms import markdown_table; print(markdown_table())'"
+    assert markdown_table() in readme, (
+        "regenerate the README's loss table: python -c 'from alignkd.terms import markdown_table; print(markdown_table())'"
+    )
 
 
 def test_a_config_built_in_python_is_validated_and_named():
@@ -608,14 +693,20 @@ def test_a_config_built_in_python_is_validated_and_named():
     from alignkd.terms.outputs import KLConfig
 
     cfg = Config(
-        teacher=ModelConfig(path="t"), student=StudentConfig(from_teacher=FromTeacherConfig(num_layers=1)),
-        data=DataConfig(train="x.txt"), losses=[KLConfig(), KLConfig(temperature=2.0), HiddenConfig()],
+        teacher=ModelConfig(path="t"),
+        student=StudentConfig(from_teacher=FromTeacherConfig(num_layers=1)),
+        data=DataConfig(train="x.txt"),
+        losses=[KLConfig(), KLConfig(temperature=2.0), HiddenConfig()],
     )
     assert [loss.name for loss in cfg.losses] == ["kl", "kl_2", "hidden"]
     assert cfg.losses[0].temperature == 1.0 and cfg.losses[2].layers == "auto"
     with pytest.raises(ConfigError, match=r"^losses\[0\]\.temperature: must be > 0"):
-        Config(teacher=ModelConfig(path="t"), student=StudentConfig(from_teacher=FromTeacherConfig(num_layers=1)),
-               data=DataConfig(train="x.txt"), losses=[KLConfig(temperature=0.0)])
+        Config(
+            teacher=ModelConfig(path="t"),
+            student=StudentConfig(from_teacher=FromTeacherConfig(num_layers=1)),
+            data=DataConfig(train="x.txt"),
+            losses=[KLConfig(temperature=0.0)],
+        )
     with pytest.raises(ConfigError, match="^teacher.path: required"):
         Config(losses=[KLConfig()])
     # Changed after it was built: distill() checks it again before touching anything.

@@ -11,11 +11,11 @@ import json
 import sys
 
 import pytest
+import tiny
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-import tiny
 from alignkd.data import (
     BlockSampler,
     DataError,
@@ -217,7 +217,8 @@ def test_streamed_files_keep_their_encoding_errors(tmp_path, monkeypatch, suffix
     with pytest.raises(DataError) as e:
         read_texts(str(p))
     assert one_line(e) == (
-        f"{p} is not UTF-8 text; convert it or give a .txt/.md/.jsonl/.csv file" if bad == b"\xff\xfe"
+        f"{p} is not UTF-8 text; convert it or give a .txt/.md/.jsonl/.csv file"
+        if bad == b"\xff\xfe"
         else f"{p} holds NUL bytes, so it is binary, not text; give a .txt/.md/.jsonl/.csv file"
     )
 
@@ -320,8 +321,12 @@ def test_bert_like_tokenizer_separates_documents_with_sep(tmp_path):
 def test_read_labelled_string_labels_sorted(tmp_path):
     p = write_jsonl(
         tmp_path / "l.jsonl",
-        [{"text": "good movie", "label": "pos"}, {"text": "bad film", "label": "neg"}, {"text": " ", "label": "x"},
-         {"text": "good film", "label": "pos"}],
+        [
+            {"text": "good movie", "label": "pos"},
+            {"text": "bad film", "label": "neg"},
+            {"text": " ", "label": "x"},
+            {"text": "good film", "label": "pos"},
+        ],
     )
     assert read_labelled(p) == (["good movie", "bad film", "good film"], [1, 0, 1], ["neg", "pos"])
 
@@ -354,8 +359,10 @@ def test_read_labelled_errors(tmp_path):
 
 def test_classification_data_pads_masks_and_splits(tmp_path, tokenizer):
     # Texts of 3, 6 or 9 words: some fit seq_len=6 with CLS/SEP, some are truncated.
-    recs = [{"text": " ".join([f"w{i} w{i + 1} w{i + 2}"] * (1 + i % 3)), "label": "pos" if i % 2 else "neg"}
-            for i in range(10)]
+    recs = [
+        {"text": " ".join([f"w{i} w{i + 1} w{i + 2}"] * (1 + i % 3)), "label": "pos" if i % 2 else "neg"}
+        for i in range(10)
+    ]
     p = write_jsonl(tmp_path / "l.jsonl", recs)
     a = build_classification_data(p, tokenizer, seq_len=6, eval_fraction=0.2, seed=1)
     b = build_classification_data(p, tokenizer, seq_len=6, eval_fraction=0.2, seed=1)
@@ -442,7 +449,9 @@ def bos_tokenizer(*, adds: bool = True) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if adds:
         tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", BOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", bos_token="[BOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", bos_token="[BOS]"
+    )
 
 
 def test_wants_bos_is_what_the_tokenizer_does(tokenizer):
@@ -494,7 +503,9 @@ def test_lm_blocks_without_bos_are_unchanged(tmp_path, tokenizer):
     before = build_lm_data(src, tokenizer, seq_len=8, eval_fraction=0.2, seed=3)
     after = build_lm_data(src, tokenizer, seq_len=8, eval_fraction=0.2, seed=3, bos_id=resolve_bos("auto", tokenizer))
     assert torch.equal(before.train, after.train) and torch.equal(before.eval, after.eval)
-    never = build_lm_data(src, bos_tokenizer(), seq_len=8, eval_fraction=0, bos_id=resolve_bos("never", bos_tokenizer()))
+    never = build_lm_data(
+        src, bos_tokenizer(), seq_len=8, eval_fraction=0, bos_id=resolve_bos("never", bos_tokenizer())
+    )
     assert not (never.train == BOS).any()
 
 
@@ -510,7 +521,12 @@ def test_classification_rows_start_with_bos_for_a_tokenizer_that_adds_it(tmp_pat
 def test_data_bos_setting_is_validated():
     from alignkd.config import ConfigError, load_config
 
-    base = {"teacher": {"path": "t"}, "student": {"from_teacher": {"num_layers": 1}}, "data": {"train": "x.txt"}, "losses": [{"type": "kl"}]}
+    base = {
+        "teacher": {"path": "t"},
+        "student": {"from_teacher": {"num_layers": 1}},
+        "data": {"train": "x.txt"},
+        "losses": [{"type": "kl"}],
+    }
     assert load_config(data=base).data.bos == "auto"
     with pytest.raises(ConfigError, match="^data.bos: 'sometimes' is not one of auto, always, never"):
         load_config(data={**base, "data": {"train": "x.txt", "bos": "sometimes"}})
@@ -528,8 +544,15 @@ def test_a_run_records_the_bos_choice_in_its_config(tmp_path):
         "student": {"from_teacher": {"layers": [0]}},
         "data": {"train": str(corpus_dir), "seq_len": 16, "eval_fraction": 0.1},
         "losses": [{"type": "kl"}, {"type": "ce"}],
-        "train": {"steps": 1, "batch_size": 2, "warmup": 0, "mixed_precision": "no", "progress": False,
-                  "eval_batches": 1, "output_dir": str(tmp_path / "run")},
+        "train": {
+            "steps": 1,
+            "batch_size": 2,
+            "warmup": 0,
+            "mixed_precision": "no",
+            "progress": False,
+            "eval_batches": 1,
+            "output_dir": str(tmp_path / "run"),
+        },
     }
     alignkd.distill(cfg)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["bos"] == "always"

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from tiny import save_model, write_corpus
 
 from alignkd import demo
 from alignkd.assets import Assets
-from tiny import save_model, write_corpus
 
 
 @pytest.fixture
@@ -27,7 +27,9 @@ def tiny_assets(tmp_path, monkeypatch) -> Assets:
         w = csv.writer(f)
         w.writerow(["text", "label"])
         for i in range(24):
-            w.writerow([("a fine warm film" if i % 2 else "a dull cold plot") + f" {i}", "positive" if i % 2 else "negative"])
+            w.writerow(
+                [("a fine warm film" if i % 2 else "a dull cold plot") + f" {i}", "positive" if i % 2 else "negative"]
+            )
     assets = Assets(teacher=teacher, sotu=sotu, moby_dick=moby, sentiment=sentiment)
     monkeypatch.setattr("alignkd.assets.prepare", lambda **kw: assets)
     return assets

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -35,13 +36,12 @@ from transformers import (
 )
 
 import alignkd
-import tiny
 from alignkd.config import load_config
-from alignkd.losses import KL_KINDS
-from alignkd.models import ModelError
 from alignkd.engine.loop import next_batches, train
 from alignkd.engine.run import setup
 from alignkd.engine.step import schedules_at, teacher_forward, term_losses
+from alignkd.losses import KL_KINDS
+from alignkd.models import ModelError
 
 # A student narrower than the 32-wide tiny teacher: every feature term needs a projector.
 NARROW = {"config": {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32}}
@@ -67,7 +67,9 @@ def teacher(tmp_path_factory) -> Path:
     return tiny.save_model(tmp_path_factory.mktemp("teacher") / "llama", "llama", layers=2, width=32)
 
 
-def make_cfg(teacher: Path, data: Path, out: Path, *, losses, student=None, task="causal_lm", weighting="static", **train) -> dict:
+def make_cfg(
+    teacher: Path, data: Path, out: Path, *, losses, student=None, task="causal_lm", weighting="static", **train
+) -> dict:
     """A complete run config as a plain dict: fast, deterministic, fp32, no progress bar."""
     return {
         "teacher": {"path": str(teacher), "task": task, "dtype": "float32"},
@@ -76,8 +78,16 @@ def make_cfg(teacher: Path, data: Path, out: Path, *, losses, student=None, task
         "losses": copy.deepcopy(losses),
         "weighting": {"strategy": weighting} if isinstance(weighting, str) else dict(weighting),
         "train": {
-            "steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 0, "mixed_precision": "no", "progress": False,
-            "eval_every": 0, "eval_batches": 1, "output_dir": str(out), **train,
+            "steps": 3,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "warmup": 0,
+            "mixed_precision": "no",
+            "progress": False,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "output_dir": str(out),
+            **train,
         },
     }
 
@@ -97,7 +107,7 @@ def check_logged(out: Path, names: list[str], steps: int) -> list[dict]:
     rows, evals = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for r in rows:
-        logged = sorted(k[len("loss/"):] for k in r if k.startswith("loss/"))
+        logged = sorted(k[len("loss/") :] for k in r if k.startswith("loss/"))
         assert logged == sorted(names), f"step {r['step']}: logged terms {logged}, configured {names}"
         for n in names:
             assert finite(r[f"loss/{n}"]), f"step {r['step']}: loss/{n} = {r[f'loss/{n}']}"
@@ -145,10 +155,10 @@ def check_reloads(out: Path, cls, num_layers: int) -> None:
     ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     side = load_file(str(ckpts[-1] / "side.safetensors"))
     state = model.state_dict()
-    shared = [k for k in side if k.startswith("student.") and k[len("student."):] in state]
+    shared = [k for k in side if k.startswith("student.") and k[len("student.") :] in state]
     assert len(shared) >= 0.8 * len(state), f"only {len(shared)} of {len(state)} student tensors are in the checkpoint"
     for k in shared:
-        torch.testing.assert_close(state[k[len("student."):]], side[k], msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(state[k[len("student.") :]], side[k], msg=lambda m: f"{k}: {m}")
 
 
 # ---------------------------------------------------------------- every loss type, every weighting
@@ -173,7 +183,15 @@ def test_all_terms_under_each_weighting(teacher, corpus, tmp_path, strategy):
     cfg = make_cfg(teacher, corpus, tmp_path / "out", losses=ALL_TERMS, student=NARROW, weighting=strategy)
     summary = alignkd.distill(cfg)
     rows = check_logged(tmp_path / "out", list(TYPES), steps=3)
-    assert set(summary) >= {"steps", "teacher_params", "student_params", "teacher_eval", "student_eval", "last_train", "student_dir"}
+    assert set(summary) >= {
+        "steps",
+        "teacher_params",
+        "student_params",
+        "teacher_eval",
+        "student_eval",
+        "last_train",
+        "student_dir",
+    }
     assert summary["last_train"]["step"] == 3 and summary["student_params"] < summary["teacher_params"]
     if strategy != "static":
         # The dynamic strategies actually change the weights.
@@ -187,7 +205,10 @@ PER_TYPE = {
     "hidden": [{"type": "hidden", "metric": m} for m in ("mse", "cosine", "standardized")],
     "hidden-adaptive": [{"type": "hidden", "metric": "cosine", "layers": "adaptive"}],
     "attention": [{"type": "attention"}],
-    "relation": [{"type": "relation", "of": ["q", "k", "v"]}, {"type": "relation", "of": ["v"], "num_relation_heads": 2}],
+    "relation": [
+        {"type": "relation", "of": ["q", "k", "v"]},
+        {"type": "relation", "of": ["v"], "num_relation_heads": 2},
+    ],
     "contrastive": [{"type": "contrastive", "max_tokens": 24, "symmetric": True}],
     "blockwise": [{"type": "blockwise", "kind": "forward"}, {"type": "blockwise", "kind": "jsd"}],
 }
@@ -230,7 +251,14 @@ def test_family_distils_and_saves_a_student_that_reloads(tmp_path, corpus, famil
     task = "sequence_classification" if family == "bert" else "causal_lm"
     t = tiny.save_model(tmp_path / "teacher", family, task=task, layers=2, width=32)
     data = _classification_jsonl(tmp_path / "train.jsonl") if task != "causal_lm" else corpus
-    losses = [{"type": "kl"}, {"type": "ce"}, {"type": "hidden"}, {"type": "relation"}, {"type": "attention"}, {"type": "blockwise"}]
+    losses = [
+        {"type": "kl"},
+        {"type": "ce"},
+        {"type": "hidden"},
+        {"type": "relation"},
+        {"type": "attention"},
+        {"type": "blockwise"},
+    ]
     out = tmp_path / "out"
     cfg = make_cfg(t, data, out, losses=losses, task=task)
     if task != "causal_lm":
@@ -267,7 +295,9 @@ def test_narrow_student_gets_one_projector_per_mapped_layer(teacher, corpus, tmp
 
 def test_equal_widths_write_no_projectors(teacher, corpus, tmp_path):
     out = tmp_path / "out"
-    alignkd.distill(make_cfg(teacher, corpus, out, losses=[{"type": "kl"}, {"type": "hidden"}, {"type": "contrastive"}], steps=2))
+    alignkd.distill(
+        make_cfg(teacher, corpus, out, losses=[{"type": "kl"}, {"type": "hidden"}, {"type": "contrastive"}], steps=2)
+    )
     assert (out / "student" / "model.safetensors").exists()
     assert not (out / "projectors.safetensors").exists()
 
@@ -323,7 +353,9 @@ def test_blockwise_trains_student_and_projector_never_the_teacher(teacher, corpu
 def test_gradnorm_weights_move_stay_positive_and_sum_to_the_number_of_terms(teacher, corpus, tmp_path):
     losses = [{"type": "kl"}, {"type": "ce"}, {"type": "hidden"}]
     out = tmp_path / "out"
-    alignkd.distill(make_cfg(teacher, corpus, out, losses=losses, weighting={"strategy": "gradnorm", "lr": 0.05}, steps=6))
+    alignkd.distill(
+        make_cfg(teacher, corpus, out, losses=losses, weighting={"strategy": "gradnorm", "lr": 0.05}, steps=6)
+    )
     rows = check_logged(out, ["kl", "ce", "hidden"], steps=6)
     w = torch.tensor([[r[f"w/{n}"] for n in ("kl", "ce", "hidden")] for r in rows], dtype=torch.float64)
     assert (w > 0).all()
@@ -341,7 +373,17 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(teacher, corpus, 
     # make the run depend on every piece of state a checkpoint must carry.
     losses = [{"type": "kl"}, {"type": "ce"}, {"type": "hidden"}, {"type": "contrastive", "max_tokens": 24}]
     a, b = tmp_path / "a", tmp_path / "b"
-    cfg = make_cfg(teacher, corpus, a, losses=losses, student=NARROW, weighting="gradnorm", steps=6, save_every=3, keep_checkpoints=10)
+    cfg = make_cfg(
+        teacher,
+        corpus,
+        a,
+        losses=losses,
+        student=NARROW,
+        weighting="gradnorm",
+        steps=6,
+        save_every=3,
+        keep_checkpoints=10,
+    )
     alignkd.distill(cfg)
     assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step-3", "step-6"]
 
@@ -362,7 +404,9 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(teacher, corpus, 
     wa, wb = student_weights(a), student_weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), f"{k} differs after resume (max {(wa[k] - wb[k]).abs().max():.3g})"
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), (
+            f"{k} differs after resume (max {(wa[k] - wb[k]).abs().max():.3g})"
+        )
     pa, pb = load_file(str(a / "projectors.safetensors")), load_file(str(b / "projectors.safetensors"))
     for k in pa:
         assert torch.allclose(pa[k], pb[k], atol=1e-5), f"{k} differs after resume"
@@ -381,14 +425,18 @@ def test_grad_accumulation_equals_one_big_batch(teacher, corpus, tmp_path, task)
         t, data = teacher, corpus
         losses = [{"type": "kl"}, {"type": "ce", "weight": 0.5}, {"type": "hidden"}, {"type": "relation"}]
     else:
-        t = tiny.save_model(tmp_path / "bert", "bert", task=task, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        t = tiny.save_model(
+            tmp_path / "bert", "bert", task=task, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        )
         data = _classification_jsonl(tmp_path / "train.jsonl")
         losses = [{"type": "kl"}, {"type": "ce", "weight": 0.5}, {"type": "dkd"}]
     names = term_names(losses)
     runs = {}
     for bs, accum in ((4, 2), (8, 1)):
         out = tmp_path / f"bs{bs}"
-        cfg = make_cfg(t, data, out, losses=losses, task=task, steps=1, batch_size=bs, grad_accum=accum, max_grad_norm=1e6)
+        cfg = make_cfg(
+            t, data, out, losses=losses, task=task, steps=1, batch_size=bs, grad_accum=accum, max_grad_norm=1e6
+        )
         cfg["data"]["seq_len"] = 32 if task != "causal_lm" else 16
         if bs == 8:
             init = {k: v.detach().clone() for k, v in make_run(cfg).unwrapped.student.state_dict().items()}
@@ -404,7 +452,9 @@ def test_grad_accumulation_equals_one_big_batch(teacher, corpus, tmp_path, task)
     update = torch.cat([(w8[k] - init[k]).flatten() for k in w8 if k in init])
     assert update.norm() > 0
     # AdamW's first update is ~lr * sign(g): only coordinates with a near-zero gradient may differ.
-    assert diff.norm() < 0.01 * update.norm(), f"weights after one step differ: {diff.norm():.3g} vs update {update.norm():.3g}"
+    assert diff.norm() < 0.01 * update.norm(), (
+        f"weights after one step differ: {diff.norm():.3g} vs update {update.norm():.3g}"
+    )
 
 
 # ---------------------------------------------------------------- vocabularies and tokenizers
@@ -506,7 +556,9 @@ def test_a_leading_bos_is_left_out_of_the_state_terms_only(corpus, tmp_path):
 
     teacher = tiny.save_model(tmp_path / "teacher", "llama", layers=2, width=32, bos=True)
     losses = [{"type": "hidden", "layers": [[0, 1]]}, {"type": "kl"}]
-    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses, fused_head=False))  # logits to compare with
+    run = make_run(
+        make_cfg(teacher, corpus, tmp_path / "out", losses=losses, fused_head=False)
+    )  # logits to compare with
     assert run.cfg.data.bos == "always"
     batch = next_batches(run, 0)[0]
     assert (batch.input_ids[:, 0] == run.tokenizer.bos_token_id).all()
@@ -526,7 +578,9 @@ def test_a_leading_bos_is_left_out_of_the_state_terms_only(corpus, tmp_path):
 # ---------------------------------------------------------------- the fused LM head
 
 
-@pytest.mark.parametrize("family,extra", [("llama", {}), ("gemma3", {"final_logit_softcapping": 5.0}), ("gpt2", {}), ("qwen2", {})])
+@pytest.mark.parametrize(
+    "family,extra", [("llama", {}), ("gemma3", {"final_logit_softcapping": 5.0}), ("gpt2", {}), ("qwen2", {})]
+)
 def test_fused_head_terms_equal_the_logit_terms(corpus, tmp_path, family, extra):
     """kl and ce through the heads in chunks: same values and same student gradients as on full logits."""
     teacher = tiny.save_model(tmp_path / "teacher", family, layers=2, width=32, **extra)
@@ -547,7 +601,9 @@ def test_fused_head_terms_equal_the_logit_terms(corpus, tmp_path, family, extra)
         assert values[True][k] == pytest.approx(values[False][k], rel=1e-5), k
     assert grads[True].keys() == grads[False].keys()
     for n in grads[False]:
-        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6 * grads[False][n].abs().max().item() + 1e-9, msg=n)
+        torch.testing.assert_close(
+            grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6 * grads[False][n].abs().max().item() + 1e-9, msg=n
+        )
 
 
 def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
@@ -556,11 +612,23 @@ def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
         assert not run.unwrapped.fused_head and run.heads is None
     # Under autocast one logit-reading term fuses (its head matmuls in bf16); kl and ce together
     # keep the logits: fused, each would walk the head on its own.
-    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "hidden"}], mixed_precision="bf16"))
+    run = make_run(
+        make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "hidden"}], mixed_precision="bf16")
+    )
     assert run.unwrapped.fused_head
-    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "ce"}], mixed_precision="bf16"))
+    run = make_run(
+        make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "ce"}], mixed_precision="bf16")
+    )
     assert not run.unwrapped.fused_head and run.heads is None
-    cls = make_run(make_cfg(tiny.save_model(tmp_path / "bert", "bert", task="sequence_classification"), _classification_jsonl(tmp_path / "c.jsonl"), tmp_path / "cls", losses=[{"type": "kl"}], task="sequence_classification"))
+    cls = make_run(
+        make_cfg(
+            tiny.save_model(tmp_path / "bert", "bert", task="sequence_classification"),
+            _classification_jsonl(tmp_path / "c.jsonl"),
+            tmp_path / "cls",
+            losses=[{"type": "kl"}],
+            task="sequence_classification",
+        )
+    )
     assert cls.heads is None
 
 
@@ -575,7 +643,10 @@ MINITRON = [
 # teacher width-pruned to 16 (head_dim 8 kept): projectors.
 MINITRON_STUDENTS = {
     "random": {"config": {"num_hidden_layers": 1}},
-    "pruned": {"config": {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32}, "init": "prune"},
+    "pruned": {
+        "config": {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32},
+        "init": "prune",
+    },
 }
 
 
@@ -583,7 +654,19 @@ MINITRON_STUDENTS = {
 def test_minitron_recipe_trains(teacher, corpus, tmp_path, student):
     """KL + post-norm cosine hidden term + cosine embedding term under ratio weights: finite, decreasing, balanced."""
     out = tmp_path / "out"
-    alignkd.distill(make_cfg(teacher, corpus, out, losses=MINITRON, student=MINITRON_STUDENTS[student], weighting="ratio", steps=8, lr=3e-3, seed=1))
+    alignkd.distill(
+        make_cfg(
+            teacher,
+            corpus,
+            out,
+            losses=MINITRON,
+            student=MINITRON_STUDENTS[student],
+            weighting="ratio",
+            steps=8,
+            lr=3e-3,
+            seed=1,
+        )
+    )
     rows = check_logged(out, ["kl", "hidden", "embedding"], steps=8)
     for r in rows:  # one micro-batch, one process: each feature term weighs exactly what the KL does
         for n in ("hidden", "embedding"):
@@ -603,22 +686,34 @@ def test_final_norm_compares_each_models_own_post_norm_states(teacher, corpus, t
     from alignkd.losses import hidden_cosine, hidden_mse
 
     # mse: the norms' gains start at 1, and cosine would not see a per-position scale.
-    losses = [{"type": "hidden", "metric": "mse", "final_norm": True, "layers": [[0, 1]]}, {"type": "embedding", "metric": "cosine"}]
-    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses, student=MINITRON_STUDENTS["random"], seed=1))
+    losses = [
+        {"type": "hidden", "metric": "mse", "final_norm": True, "layers": [[0, 1]]},
+        {"type": "embedding", "metric": "cosine"},
+    ]
+    run = make_run(
+        make_cfg(teacher, corpus, tmp_path / "out", losses=losses, student=MINITRON_STUDENTS["random"], seed=1)
+    )
     batch = next_batches(run, 0)[0]
     got = term_losses(run, batch, run.side(batch.input_ids, batch.mask), teacher_forward(run, batch), [None, None])
     student = run.unwrapped.student
     with torch.no_grad():
         s_final = student.base_model(input_ids=batch.input_ids, attention_mask=batch.mask.long()).last_hidden_state
         t_final = run.teacher.base_model(input_ids=batch.input_ids, attention_mask=batch.mask.long()).last_hidden_state
-        s_emb, t_emb = student.get_input_embeddings()(batch.input_ids), run.teacher.get_input_embeddings()(batch.input_ids)
+        s_emb, t_emb = (
+            student.get_input_embeddings()(batch.input_ids),
+            run.teacher.get_input_embeddings()(batch.input_ids),
+        )
     features = batch.mask  # the byte tokenizer adds no BOS: every real position counts
     assert got["hidden"].item() == pytest.approx(hidden_mse(s_final, t_final, features).item(), rel=1e-5)
     assert got["embedding"].item() == pytest.approx(hidden_cosine(s_emb, t_emb, batch.mask).item(), rel=1e-5)
     assert got["hidden"].item() > 0.01  # a random student: the check compares something
 
 
-BF16_FUSED = [("llama", {"type": "kl", "kind": "jsd", "temperature": 2.0}), ("gpt2", {"type": "kl"}), ("llama", {"type": "ce"})]
+BF16_FUSED = [
+    ("llama", {"type": "kl", "kind": "jsd", "temperature": 2.0}),
+    ("gpt2", {"type": "kl"}),
+    ("llama", {"type": "ce"}),
+]
 
 
 @pytest.mark.parametrize("family,output", BF16_FUSED, ids=[f"{f}-{o['type']}" for f, o in BF16_FUSED])
@@ -630,7 +725,9 @@ def test_fused_head_terms_equal_the_logit_terms_under_bf16_autocast(corpus, tmp_
     losses = [output, {"type": "hidden"}]
     grads, values = {}, {}
     for fused in (True, False):
-        cfg = make_cfg(teacher, corpus, tmp_path / f"out{fused}", losses=losses, fused_head=fused, mixed_precision="bf16")
+        cfg = make_cfg(
+            teacher, corpus, tmp_path / f"out{fused}", losses=losses, fused_head=fused, mixed_precision="bf16"
+        )
         cfg["teacher"]["dtype"] = "bfloat16"
         run = make_run(cfg)
         assert (run.heads is not None) is fused
@@ -646,4 +743,6 @@ def test_fused_head_terms_equal_the_logit_terms_under_bf16_autocast(corpus, tmp_
         assert values[True][k] == pytest.approx(values[False][k], rel=1e-4), k
     assert grads[True].keys() == grads[False].keys()
     for n in grads[False]:
-        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-2, atol=1e-2 * grads[False][n].abs().max().item() + 1e-9, msg=n)
+        torch.testing.assert_close(
+            grads[True][n], grads[False][n], rtol=1e-2, atol=1e-2 * grads[False][n].abs().max().item() + 1e-9, msg=n
+        )

@@ -11,12 +11,11 @@ import copy
 import json
 
 import yaml
+from test_engine import _classification_jsonl, corpus, make_cfg, make_run, read_metrics, teacher  # noqa: F401  (module fixtures, shared)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from alignkd.config import load_config
 from alignkd.engine.finetune import finetune, finetune_config
-from test_engine import corpus, teacher  # noqa: F401  (module fixtures, shared)
-from test_engine import _classification_jsonl, make_cfg, make_run, read_metrics
 
 
 def distill_cfg(teacher, data, out, **train):
@@ -51,13 +50,25 @@ def test_teacher_correction_lowers_the_held_out_loss_and_saves_a_loadable_model(
     model = AutoModelForCausalLM.from_pretrained(out / "student")
     assert model.config.num_hidden_layers == 2  # the whole teacher, not the config's 1-block student
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["student"]["path"] == str(teacher) and saved["losses"] == [{"type": "ce", "weight": 1.0, "name": "ce", "weight_schedule": None}]
+    assert saved["student"]["path"] == str(teacher) and saved["losses"] == [
+        {"type": "ce", "weight": 1.0, "name": "ce", "weight_schedule": None}
+    ]
 
 
 def test_a_causal_lm_checkpoint_becomes_a_classifier(teacher, tmp_path):
     data = _classification_jsonl(tmp_path / "train.jsonl", rows=64)
     out = tmp_path / "clf"
-    cfg = make_cfg(teacher, data, out, losses=[{"type": "kl"}], task="sequence_classification", steps=15, lr=3e-3, batch_size=8, eval_batches=2)
+    cfg = make_cfg(
+        teacher,
+        data,
+        out,
+        losses=[{"type": "kl"}],
+        task="sequence_classification",
+        steps=15,
+        lr=3e-3,
+        batch_size=8,
+        eval_batches=2,
+    )
     cfg["data"]["seq_len"] = 32
     summary = finetune(load_config(data=cfg))
     assert "eval_accuracy" in summary["student_eval"] and "eval_accuracy" in summary["teacher_eval"]
@@ -72,4 +83,6 @@ def test_the_command_line_reports_before_and_after(teacher, corpus, tmp_path, ca
     path.write_text(yaml.safe_dump(distill_cfg(teacher, corpus, tmp_path / "cli", steps=2)))
     assert main(["finetune", str(path), f"train.output_dir={tmp_path / 'cli'}"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(f"fine-tuned model saved to {tmp_path / 'cli' / 'student'} (use it as teacher.path); held-out eval_ppl: before ")
+    assert line.startswith(
+        f"fine-tuned model saved to {tmp_path / 'cli' / 'student'} (use it as teacher.path); held-out eval_ppl: before "
+    )

@@ -31,9 +31,36 @@ def test_student_parameters_from_the_config_match_a_built_model(size):
 def test_a_tiny_run_on_the_cpu_prints_every_case_and_its_mfu(tmp_path):
     out = tmp_path / "r.json"
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_step", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
-         "--batch", "2", "--seq", "64", "--autocast", "no", "--dtype", "float32", "--peak-tflops", "0.5", "--json", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_step",
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch",
+            "2",
+            "--seq",
+            "64",
+            "--autocast",
+            "no",
+            "--dtype",
+            "float32",
+            "--peak-tflops",
+            "0.5",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -49,9 +76,36 @@ def test_a_tiny_run_on_the_cpu_prints_every_case_and_its_mfu(tmp_path):
 
 def test_the_fsdp_launch_shards_the_student(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_step", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
-         "--batch", "2", "--seq", "64", "--autocast", "no", "--dtype", "float32", "--cases", "c", "--launch", "fsdp"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_step",
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch",
+            "2",
+            "--seq",
+            "64",
+            "--autocast",
+            "no",
+            "--dtype",
+            "float32",
+            "--cases",
+            "c",
+            "--launch",
+            "fsdp",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "student sharded (FSDP2)" in run.stdout

@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_runs_without_heavy_imports():
-    out = subprocess.run([sys.executable, "-m", "benchmarks.kd_step", "--help"], capture_output=True, text=True, cwd=ROOT, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kd_step", "--help"], capture_output=True, text=True, cwd=ROOT, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert "--cases" in out.stdout and "--avx2" in out.stdout
 
@@ -32,8 +34,15 @@ def test_cases_parse_expand_and_reject():
 
 
 def test_every_alignkd_case_is_a_valid_config(tmp_path):
-    spec = {"teacher": "t", "corpus": "c", "layers": [0, 6, 12, 18, 24, 29], "max_train_tokens": 4096,
-            "warmup": 1, "steps": 2, "work": str(tmp_path)}
+    spec = {
+        "teacher": "t",
+        "corpus": "c",
+        "layers": [0, 6, 12, 18, 24, 29],
+        "max_train_tokens": 4096,
+        "warmup": 1,
+        "steps": 2,
+        "work": str(tmp_path),
+    }
     for case, losses in kd_step.LOSSES.items():
         over = [f"teacher.cache={tmp_path / 'cache'}"] if case.startswith("e-") else []
         cfg = load_config(data=kd_step.run_config(spec, case), overrides=over)

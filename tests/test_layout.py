@@ -115,7 +115,9 @@ def test_find_cycle_reports_the_path():
 
 
 def test_no_module_is_too_long():
-    lengths = {p.relative_to(ROOT.parent).as_posix(): len(p.read_text(encoding="utf-8").splitlines()) for p in MODULES.values()}
+    lengths = {
+        p.relative_to(ROOT.parent).as_posix(): len(p.read_text(encoding="utf-8").splitlines()) for p in MODULES.values()
+    }
     long = {p: n for p, n in sorted(lengths.items()) if n > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines, split them by concern: " + ", ".join(
         f"{p} ({n})" for p, n in long.items()

@@ -14,9 +14,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny import assert_equal
 
 from alignkd.losses import attention_kl, relation_kl
-from tiny import assert_equal
 
 B, H, T = 2, 3, 13
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -221,7 +221,10 @@ def test_relation_kl_parity(parity, gen, rand_mask, temperature, dtype):
     parity(
         lambda x, y, m: relation_kl(x, y, m, num_relation_heads=RH, temperature=temperature),
         lambda x, y, m: relation_kl_ref(x, y, m, num_relation_heads=RH, temperature=temperature),
-        xs, xt, mask, dtype=dtype,
+        xs,
+        xt,
+        mask,
+        dtype=dtype,
     )
 
 
@@ -232,13 +235,16 @@ def test_relation_kl_parity_other_widths(parity, gen, rand_mask, heads, ds, dt):
     parity(
         lambda x, y, m: relation_kl(x, y, m, num_relation_heads=heads),
         lambda x, y, m: relation_kl_ref(x, y, m, num_relation_heads=heads),
-        xs, xt, mask,
+        xs,
+        xt,
+        mask,
     )
     # mask=None counts everything
     parity(
         lambda x, y: relation_kl(x, y, num_relation_heads=heads),
         lambda x, y: relation_kl_ref(x, y, num_relation_heads=heads),
-        xs, xt,
+        xs,
+        xt,
     )
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alignkd.losses import _chunked, dkd, kl_div, KL_KINDS
+from alignkd.losses import KL_KINDS, _chunked, dkd, kl_div
 from alignkd.losses.logits import kl_rows
 
 

@@ -13,9 +13,9 @@ import math
 
 import pytest
 import torch
+from tiny import assert_equal, pad_rows
 
 from alignkd.losses import hidden_cosine, hidden_mse, hidden_standardized_mse, info_nce
-from tiny import assert_equal, pad_rows
 
 B, T, D = 3, 17, 37  # odd sizes on purpose
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -148,7 +148,10 @@ def test_info_nce_parity_btd(parity, gen, rand_mask, temperature, symmetric, dty
     parity(
         lambda x, y, m: info_nce(x, y, m, temperature=temperature, symmetric=symmetric),
         lambda x, y, m: info_nce_ref(x, y, m, temperature=temperature, symmetric=symmetric),
-        s, t, rand_mask((B, T), gen), dtype=dtype,
+        s,
+        t,
+        rand_mask((B, T), gen),
+        dtype=dtype,
     )
 
 
@@ -159,13 +162,16 @@ def test_info_nce_parity_nd(parity, gen, rand_mask, symmetric):
     parity(
         lambda x, y, m: info_nce(x, y, m, temperature=0.2, symmetric=symmetric),
         lambda x, y, m: info_nce_ref(x, y, m, temperature=0.2, symmetric=symmetric),
-        s, t, rand_mask((n,), gen),
+        s,
+        t,
+        rand_mask((n,), gen),
     )
     # mask=None counts every row.
     parity(
         lambda x, y: info_nce(x, y, temperature=0.2, symmetric=symmetric),
         lambda x, y: info_nce_ref(x, y, temperature=0.2, symmetric=symmetric),
-        s, t,
+        s,
+        t,
     )
 
 
@@ -193,9 +199,7 @@ def test_cosine_ignores_positive_scale_and_standardized_ignores_affine(gen, rand
     assert_equal(hidden_cosine(s * scale, t, mask), hidden_cosine(s, t, mask), atol=1e-5)
     # eps=1e-5 makes standardisation only approximately scale invariant: keep the
     # features' variance well above eps.
-    assert_equal(
-        hidden_standardized_mse(s * scale + 7.0, t, mask), hidden_standardized_mse(s, t, mask), atol=1e-4
-    )
+    assert_equal(hidden_standardized_mse(s * scale + 7.0, t, mask), hidden_standardized_mse(s, t, mask), atol=1e-4)
 
 
 def test_standardized_mse_uses_biased_variance_and_eps(parity):
@@ -228,7 +232,9 @@ ALL_MASKED_CASES = [
 
 
 @pytest.mark.parametrize(
-    "fn,kw", ALL_MASKED_CASES, ids=[f.__name__ + "".join(f"-{k}{v}" for k, v in kw.items()) for f, kw in ALL_MASKED_CASES]
+    "fn,kw",
+    ALL_MASKED_CASES,
+    ids=[f.__name__ + "".join(f"-{k}{v}" for k, v in kw.items()) for f, kw in ALL_MASKED_CASES],
 )
 def test_all_masked_is_zero(gen, all_masked, fn, kw):
     s, t = feats(gen, B, T, D), feats(gen, B, T, D)
@@ -346,11 +352,11 @@ def test_info_nce_non_positive_max_tokens_raises(gen):
 # calls them, against references that normalise, project, look up and compare row
 # by row in float64.
 
+import tiny  # noqa: E402
+from conftest import tolerance  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
-import tiny  # noqa: E402
-from conftest import tolerance  # noqa: E402
 from alignkd.engine.align import Projector  # noqa: E402
 from alignkd.engine.capture import Capture, Needs, Record  # noqa: E402
 from alignkd.errors import ConfigError  # noqa: E402
@@ -376,7 +382,9 @@ class Side:
 
 
 def step_tensors(student: Record, teacher: Record, mask, ids=None, side=None) -> StepTensors:
-    return StepTensors(input_ids=ids, mask=mask, labels=None, task=None, student=student, teacher=teacher, vocab=0, side=side or Side())
+    return StepTensors(
+        input_ids=ids, mask=mask, labels=None, task=None, student=student, teacher=teacher, vocab=0, side=side or Side()
+    )
 
 
 def rms_norm_ref(v: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -405,7 +413,9 @@ def linear(d_in: int, d_out: int, gen) -> Projector:
 def grads_close(got: torch.Tensor, ref: torch.Tensor, tol: dict, what: str) -> None:
     assert got is not None, f"{what}: no gradient"
     scale = ref.abs().max().item() or 1.0
-    torch.testing.assert_close(got.double(), ref, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got.double(), ref, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -419,7 +429,9 @@ def test_hidden_final_norm_parity(gen, rand_mask, metric, narrow, dtype):
     mask = rand_mask((B, T), gen)
     s_norm, t_norm = norm(ds, gen), norm(D, gen)
     proj = linear(ds, D, gen) if narrow else None
-    term = Term(HiddenConfig(name="hidden", metric=metric, final_norm=True), pairs=[(0, 1)], params={"norms": (s_norm, t_norm)})
+    term = Term(
+        HiddenConfig(name="hidden", metric=metric, final_norm=True), pairs=[(0, 1)], params={"norms": (s_norm, t_norm)}
+    )
     x = step_tensors(Record(hidden={0: hs}), Record(hidden={1: ht}), mask, side=Side({("hidden", 0): proj}))
     out = TERM_TYPES["hidden"].compute(term, x, None)
     assert out.dtype == torch.float32 and out.dim() == 0
@@ -453,7 +465,9 @@ def test_hidden_final_norm_is_switchable(gen, rand_mask, metric):
     shared = norm(D, gen)
     x = step_tensors(Record(hidden={0: hs}), Record(hidden={0: ht}), mask)
     off = Term(HiddenConfig(name="hidden", metric=metric), pairs=[(0, 0)])
-    on = Term(HiddenConfig(name="hidden", metric=metric, final_norm=True), pairs=[(0, 0)], params={"norms": (shared, shared)})
+    on = Term(
+        HiddenConfig(name="hidden", metric=metric, final_norm=True), pairs=[(0, 0)], params={"norms": (shared, shared)}
+    )
     assert_equal(TERM_TYPES["hidden"].compute(off, x, None), HIDDEN[list(METRIC_REFS).index(metric)][0](hs, ht, mask))
     assert TERM_TYPES["hidden"].compute(on, x, None).item() < 1e-4
     if metric == "mse":
@@ -501,17 +515,31 @@ def test_feature_terms_all_masked_are_zero(gen, metric):
     mask = torch.zeros(B, T, dtype=torch.bool)
     hs = feats(gen, B, T, DS).requires_grad_(True)
     s_norm, proj = norm(DS, gen), linear(DS, D, gen)
-    term = Term(HiddenConfig(name="hidden", metric=metric, final_norm=True), pairs=[(0, 0)], params={"norms": (s_norm, norm(D, gen))})
-    x = step_tensors(Record(hidden={0: hs}), Record(hidden={0: feats(gen, B, T, D)}), mask, side=Side({("hidden", 0): proj}))
+    term = Term(
+        HiddenConfig(name="hidden", metric=metric, final_norm=True),
+        pairs=[(0, 0)],
+        params={"norms": (s_norm, norm(D, gen))},
+    )
+    x = step_tensors(
+        Record(hidden={0: hs}), Record(hidden={0: feats(gen, B, T, D)}), mask, side=Side({("hidden", 0): proj})
+    )
     out = TERM_TYPES["hidden"].compute(term, x, None)
     s_emb, e_proj = nn.Embedding(V, DS), linear(DS, D, gen)
     term = Term(EmbeddingConfig(name="embedding", metric=metric), params={"embeddings": (s_emb, nn.Embedding(V, D))})
     ids = torch.randint(0, V, (B, T), generator=gen)
-    out_emb = TERM_TYPES["embedding"].compute(term, step_tensors(Record(), Record(), mask, ids=ids, side=Side({("embedding", None): e_proj})), None)
+    out_emb = TERM_TYPES["embedding"].compute(
+        term, step_tensors(Record(), Record(), mask, ids=ids, side=Side({("embedding", None): e_proj})), None
+    )
     for value in (out, out_emb):
         assert value.dtype == torch.float32 and value.item() == 0.0
     (out + out_emb).backward()
-    for what, p in (("states", hs), ("norm", s_norm.weight), ("projector", proj.linear.weight), ("table", s_emb.weight), ("embedding projector", e_proj.linear.weight)):
+    for what, p in (
+        ("states", hs),
+        ("norm", s_norm.weight),
+        ("projector", proj.linear.weight),
+        ("table", s_emb.weight),
+        ("embedding projector", e_proj.linear.weight),
+    ):
         assert p.grad is not None and torch.isfinite(p.grad).all() and (p.grad == 0).all(), what
 
 
@@ -552,7 +580,9 @@ def test_hidden_norms_resolves_or_names_the_fix():
     assert hidden_norms(HiddenConfig(), llama, llama, "losses[1]") == {}
     norms = hidden_norms(HiddenConfig(final_norm=True), llama, llama, "losses[1]")["norms"]
     assert norms[0] is llama.model.norm and norms[1] is llama.model.norm
-    with pytest.raises(ConfigError, match=r"^losses\[1\]\.final_norm: the teacher \(bert\) has no final norm; set final_norm: false$"):
+    with pytest.raises(
+        ConfigError, match=r"^losses\[1\]\.final_norm: the teacher \(bert\) has no final norm; set final_norm: false$"
+    ):
         hidden_norms(HiddenConfig(final_norm=True), llama, bert, "losses[1]")
     skeleton = tiny.build("llama").to("meta")  # a teacher left unloaded under teacher.cache
     with pytest.raises(ConfigError, match=r"final_norm: the teacher's final norm is not loaded"):

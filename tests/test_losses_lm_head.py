@@ -15,12 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LOOSE, assert_close, assert_grad_close
 
-from alignkd.losses import KL_KINDS, kl_div, lm_head_kl
-from alignkd.losses import _head_chunks
+from alignkd.losses import KL_KINDS, _head_chunks, kl_div, lm_head_kl
 from alignkd.losses import lm_head as lm_head_module
 from alignkd.losses.lm_head import lm_head_ce, lm_head_kl_ce
-from conftest import LOOSE, assert_close, assert_grad_close
 
 # Odd sizes on purpose, student and teacher of different widths.
 B, T, DS, DT, V = 3, 17, 24, 40, 123
@@ -53,8 +52,12 @@ def make(gen, *, lead=(B, T), ds=DS, dt=DT, vs=V, vt=V, bias=True, dtype=torch.f
         return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
     d = {
-        "hs": t(*lead, ds), "ws": t(vs, ds, scale=3 / ds**0.5), "bs": t(vs) if bias else None,
-        "ht": t(*lead, dt), "wt": t(vt, dt, scale=3 / dt**0.5), "bt": t(vt) if bias else None,
+        "hs": t(*lead, ds),
+        "ws": t(vs, ds, scale=3 / ds**0.5),
+        "bs": t(vs) if bias else None,
+        "ht": t(*lead, dt),
+        "wt": t(vt, dt, scale=3 / dt**0.5),
+        "bt": t(vt) if bias else None,
     }
     d["mask"] = torch.rand(lead, generator=gen) < 0.7
     d["mask"].view(-1)[0] = True
@@ -104,7 +107,18 @@ def fused(d, hs, ws, bs, *, mask="default", ce_weight=0.0, autocast=None, **kw):
     mask = d["mask"] if mask == "default" else mask
     labels = d["labels"] if ce_weight else None
     with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        return lm_head_kl(hs, ws, d["ht"], d["wt"], mask, student_bias=bs, teacher_bias=d["bt"], labels=labels, ce_weight=ce_weight, **kw)
+        return lm_head_kl(
+            hs,
+            ws,
+            d["ht"],
+            d["wt"],
+            mask,
+            student_bias=bs,
+            teacher_bias=d["bt"],
+            labels=labels,
+            ce_weight=ce_weight,
+            **kw,
+        )
 
 
 def check_against_materialised(d, tol=F32, value_tol=None, **kw):
@@ -166,7 +180,9 @@ def test_every_kind_is_tested():
 FLOAT32_BLOCKING = [(1, None), (7, None), (None, None), (7, 2000), (1, 2000)]
 
 
-@pytest.mark.parametrize("chunk_tokens,block", FLOAT32_BLOCKING, ids=[f"chunk{c}-block{b}" for c, b in FLOAT32_BLOCKING])
+@pytest.mark.parametrize(
+    "chunk_tokens,block", FLOAT32_BLOCKING, ids=[f"chunk{c}-block{b}" for c, b in FLOAT32_BLOCKING]
+)
 @pytest.mark.parametrize("kind,kw", KIND_ARGS, ids=KIND_IDS)
 def test_parity_with_kl_div_on_logits(gen, kind, kw, chunk_tokens, block, monkeypatch):
     if block is not None:
@@ -178,7 +194,9 @@ def test_parity_with_kl_div_on_logits(gen, kind, kw, chunk_tokens, block, monkey
 def test_parity_bf16(gen, kind, kw):
     # bf16 inputs without autocast: both sides run the heads in bf16, as a bf16
     # model's own head does; the maths is float32 and the gradients come back in bf16.
-    check_against_materialised(make(gen, dtype=torch.bfloat16), tol=LOOSE, kind=kind, temperature=2.0, chunk_tokens=7, **kw)
+    check_against_materialised(
+        make(gen, dtype=torch.bfloat16), tol=LOOSE, kind=kind, temperature=2.0, chunk_tokens=7, **kw
+    )
 
 
 @pytest.mark.parametrize("chunk_tokens,block", [(5, None), (None, None), (5, 2000)])
@@ -337,8 +355,15 @@ def test_parity_under_bf16_autocast(gen, kind, kw, chunk_tokens, block, monkeypa
         monkeypatch.setattr(_head_chunks, "BLOCK_ELEMENTS", block)
     d = bf16_teacher(make(gen))
     check_against_materialised(
-        d, tol=LOOSE, value_tol=AUTOCAST_VALUE, autocast=torch.bfloat16,
-        kind=kind, temperature=1.5, ce_weight=0.3, chunk_tokens=chunk_tokens, **kw,
+        d,
+        tol=LOOSE,
+        value_tol=AUTOCAST_VALUE,
+        autocast=torch.bfloat16,
+        kind=kind,
+        temperature=1.5,
+        ce_weight=0.3,
+        chunk_tokens=chunk_tokens,
+        **kw,
     )
 
 
@@ -348,8 +373,15 @@ def test_bf16_autocast_with_softcap_padded_heads_and_default_chunks(gen, kind, m
     monkeypatch.setattr(_head_chunks, "BLOCK_ELEMENTS", 2000)  # ~16 rows per block: two chunks, the last ragged
     d = bf16_teacher(make(gen, vs=130, vt=123, lead=(5, 13)))
     _, (_, g_head, g_bias) = check_against_materialised(
-        d, tol=LOOSE, value_tol=AUTOCAST_VALUE, autocast=torch.bfloat16,
-        kind=kind, temperature=1.3, softcap=2.5, ce_weight=0.5, vocab=123,
+        d,
+        tol=LOOSE,
+        value_tol=AUTOCAST_VALUE,
+        autocast=torch.bfloat16,
+        kind=kind,
+        temperature=1.3,
+        softcap=2.5,
+        ce_weight=0.5,
+        vocab=123,
     )
     assert (g_head[123:] == 0).all() and (g_bias[123:] == 0).all()
 
@@ -429,7 +461,9 @@ def reference_kl_and_ce(d, hs, ws, bs, *, vocab=None, softcap=None, autocast=Non
 
 def kl_and_ce(d, hs, ws, bs, autocast=None, **kw):
     with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-        return lm_head_kl_ce(hs, ws, d["ht"], d["wt"], d["mask"], d["labels"], student_bias=bs, teacher_bias=d["bt"], **kw)
+        return lm_head_kl_ce(
+            hs, ws, d["ht"], d["wt"], d["mask"], d["labels"], student_bias=bs, teacher_bias=d["bt"], **kw
+        )
 
 
 SPLIT_CASES = [  # (kind, autocast, chunk_tokens, BLOCK_ELEMENTS and FLOAT32_BLOCK_ELEMENTS, softcap)
@@ -444,7 +478,9 @@ SPLIT_CASES = [  # (kind, autocast, chunk_tokens, BLOCK_ELEMENTS and FLOAT32_BLO
 
 
 @pytest.mark.parametrize("kind,autocast,chunk_tokens,block,softcap", SPLIT_CASES)
-def test_kl_and_ce_from_one_pass_have_their_own_gradients(gen, kind, autocast, chunk_tokens, block, softcap, monkeypatch):
+def test_kl_and_ce_from_one_pass_have_their_own_gradients(
+    gen, kind, autocast, chunk_tokens, block, softcap, monkeypatch
+):
     if block is not None:
         monkeypatch.setattr(_head_chunks, "BLOCK_ELEMENTS", block)
         monkeypatch.setattr(_head_chunks, "FLOAT32_BLOCK_ELEMENTS", block)
@@ -475,7 +511,9 @@ def test_kl_and_ce_equal_the_separate_calls(gen):
     kl, ce = kl_and_ce(d, *a, kind="jsd", chunk_tokens=6)
     (kl + ce).backward()
     b = student_leaves(d)
-    kl_alone = lm_head_kl(b[0], b[1], d["ht"], d["wt"], d["mask"], kind="jsd", student_bias=b[2], teacher_bias=d["bt"], chunk_tokens=6)
+    kl_alone = lm_head_kl(
+        b[0], b[1], d["ht"], d["wt"], d["mask"], kind="jsd", student_bias=b[2], teacher_bias=d["bt"], chunk_tokens=6
+    )
     ce_alone = lm_head_ce(b[0], b[1], torch.where(d["mask"], d["labels"], -100), bias=b[2], chunk_tokens=6)
     (kl_alone + ce_alone).backward()
     assert kl.item() == kl_alone.item()
@@ -509,7 +547,13 @@ def test_kl_and_ce_with_nothing_counted_are_zero_with_zero_gradients(gen):
 
 
 def _call(d, **kw):
-    args = {"student_hidden": d["hs"], "student_head": d["ws"], "teacher_hidden": d["ht"], "teacher_head": d["wt"], "mask": d["mask"]}
+    args = {
+        "student_hidden": d["hs"],
+        "student_head": d["ws"],
+        "teacher_hidden": d["ht"],
+        "teacher_head": d["wt"],
+        "mask": d["mask"],
+    }
     args.update(kw)
     return lm_head_kl(**args)
 

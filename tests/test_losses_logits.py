@@ -13,9 +13,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny import assert_equal, pad_rows
 
 from alignkd.losses import KL_KINDS, dkd, kl_div
-from tiny import assert_equal, pad_rows
 
 KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
 # Non-default mixture weights too: at beta=0.5 jsd is symmetric and a swapped
@@ -133,7 +133,10 @@ def test_kl_div_parity_btv(parity, gen, rand_mask, kind, kw, temperature, dtype)
     parity(
         lambda x, y, m: kl_div(x, y, m, kind=kind, temperature=temperature, **kw),
         lambda x, y, m: kl_div_ref(x, y, m, kind=kind, temperature=temperature, **kw),
-        s, t, mask, dtype=dtype,
+        s,
+        t,
+        mask,
+        dtype=dtype,
     )
 
 
@@ -147,7 +150,10 @@ def test_kl_div_parity_nv(parity, gen, rand_mask, kind, kw, dtype):
     parity(
         lambda x, y, m: kl_div(x, y, m, kind=kind, temperature=1.5, **kw),
         lambda x, y, m: kl_div_ref(x, y, m, kind=kind, temperature=1.5, **kw),
-        s, t, mask, dtype=dtype,
+        s,
+        t,
+        mask,
+        dtype=dtype,
     )
 
 
@@ -308,9 +314,7 @@ def test_kl_div_non_positive_temperature_raises(gen, temperature):
         kl_div(s, s, temperature=temperature)
 
 
-@pytest.mark.parametrize(
-    "s_shape,t_shape", [((2, 3, 5), (2, 3, 6)), ((2, 3, 5), (2, 4, 5)), ((6, 5), (2, 3, 5))]
-)
+@pytest.mark.parametrize("s_shape,t_shape", [((2, 3, 5), (2, 3, 6)), ((2, 3, 5), (2, 4, 5)), ((6, 5), (2, 3, 5))])
 def test_kl_div_shape_mismatch_raises(gen, s_shape, t_shape):
     with pytest.raises(ValueError, match=r"\S"):
         kl_div(logits(gen, *s_shape), logits(gen, *t_shape))
@@ -342,7 +346,10 @@ def test_dkd_parity_btv(parity, gen, rand_mask, ab, temperature, dtype):
     parity(
         lambda x, y, m: dkd(x, y, tgt, m, temperature=temperature, **ab),
         lambda x, y, m: dkd_ref(x, y, tgt, m, temperature=temperature, **ab),
-        s, t, mask, dtype=dtype,
+        s,
+        t,
+        mask,
+        dtype=dtype,
     )
 
 
@@ -355,7 +362,10 @@ def test_dkd_parity_nv(parity, gen, rand_mask, dtype):
     parity(
         lambda x, y, m: dkd(x, y, tgt, m, alpha=2.0, beta=5.0, temperature=2.0),
         lambda x, y, m: dkd_ref(x, y, tgt, m, alpha=2.0, beta=5.0, temperature=2.0),
-        s, t, mask, dtype=dtype,
+        s,
+        t,
+        mask,
+        dtype=dtype,
     )
 
 

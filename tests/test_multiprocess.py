@@ -29,10 +29,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import save_model, write_corpus
 
 from alignkd.engine.distributed import make_accelerator
 from alignkd.errors import ConfigError
-from tiny import save_model, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP = ROOT / "configs" / "accelerate" / "ddp.yaml"
@@ -48,13 +48,21 @@ try:
     HAS_DEEPSPEED = True
 except ImportError:
     HAS_DEEPSPEED = False
-needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install -e .[test] installs it)")
+needs_deepspeed = pytest.mark.skipif(
+    not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install -e .[test] installs it)"
+)
 
 
 def _cfg(root: Path, out: str, batch: int, placement: str = "replicate", **train) -> Path:
     cfg = {
-        "teacher": {"path": str(root / "teacher"), "dtype": "float32", "placement": placement},  # float32: shape-independent maths
-        "student": {"config": {"num_hidden_layers": 1, "hidden_size": 48, "intermediate_size": 96}},  # widths differ: projectors
+        "teacher": {
+            "path": str(root / "teacher"),
+            "dtype": "float32",
+            "placement": placement,
+        },  # float32: shape-independent maths
+        "student": {
+            "config": {"num_hidden_layers": 1, "hidden_size": 48, "intermediate_size": 96}
+        },  # widths differ: projectors
         "data": {"train": str(root / "data"), "seq_len": 16},
         # kl + ce under mixed_precision "no" run fused from the LM heads; hidden and relation read the capture hooks.
         "losses": [{"type": "kl"}, {"type": "ce"}, {"type": "hidden"}, {"type": "relation"}],
@@ -62,9 +70,15 @@ def _cfg(root: Path, out: str, batch: int, placement: str = "replicate", **train
         # gradients', so two processes differ from one by ~1e-4 by design.)
         "weighting": {"strategy": "uncertainty"},
         "train": {
-            "steps": STEPS, "batch_size": batch, "warmup": 1, "eval_every": 0, "mixed_precision": "no", "progress": False,
+            "steps": STEPS,
+            "batch_size": batch,
+            "warmup": 1,
+            "eval_every": 0,
+            "mixed_precision": "no",
+            "progress": False,
             "eval_batches": 1000,  # every held-out block, whatever the batch size
-            "output_dir": str(root / out), **train,
+            "output_dir": str(root / out),
+            **train,
         },
     }
     path = root / f"{out}.yaml"
@@ -89,8 +103,20 @@ def _launch_two(config: Path, root: Path, launch: Path = DDP, *extra: str) -> su
     """The README's launch command, with two processes."""
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     return _run(
-        accelerate + ["--config_file", str(launch), "--num_processes", "2", "--main_process_port", str(_free_port()),
-                      "-m", "alignkd", "distill", str(config), *extra],
+        accelerate
+        + [
+            "--config_file",
+            str(launch),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "alignkd",
+            "distill",
+            str(config),
+            *extra,
+        ],
         root,
     )
 
@@ -162,7 +188,9 @@ def test_two_processes_launched_as_documented_match_one_process(one_process):
 def test_a_teacher_sharded_over_two_processes_matches_a_whole_one(one_process):
     launch = _launch_two(_cfg(one_process, "sharded", 2, placement="shard"), one_process)
     # The teacher really is split: each process holds part of its parameters (blocks halved, the rest whole).
-    said = re.search(r"teacher: blocks sharded over 2 processes with FSDP2 \(([\d.]+)M of ([\d.]+)M", " ".join(launch.stderr.split()))
+    said = re.search(
+        r"teacher: blocks sharded over 2 processes with FSDP2 \(([\d.]+)M of ([\d.]+)M", " ".join(launch.stderr.split())
+    )
     assert said, launch.stderr[-2000:]
     assert float(said[1]) < float(said[2])
     _check_matches_one_process(one_process, one_process / "sharded", launch)
@@ -172,14 +200,23 @@ def test_a_teacher_sharded_over_two_processes_matches_a_whole_one(one_process):
 def test_a_student_sharded_by_an_fsdp_launch_matches_one_process_and_resumes(one_process):
     config = _cfg(one_process, "fsdp", 2, placement="shard", save_every=1, keep_checkpoints=3)
     launch = _launch_two(config, one_process, FSDP)
-    said = re.search(r"student: blocks sharded over 2 processes with FSDP2 \(([\d.]+)M of ([\d.]+)M", " ".join(launch.stderr.split()))
+    said = re.search(
+        r"student: blocks sharded over 2 processes with FSDP2 \(([\d.]+)M of ([\d.]+)M", " ".join(launch.stderr.split())
+    )
     assert said, launch.stderr[-2000:]
     assert float(said[1]) < float(said[2])
     out = one_process / "fsdp"
     _check_matches_one_process(one_process, out, launch)
     ckpt = out / "checkpoints" / f"step-{STEPS}"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        ["optimizer-rank0.pt", "optimizer-rank1.pt", "side-rank0.safetensors", "side-rank1.safetensors", "state.json", "state.pt"]
+        [
+            "optimizer-rank0.pt",
+            "optimizer-rank1.pt",
+            "side-rank0.safetensors",
+            "side-rank1.safetensors",
+            "state.json",
+            "state.pt",
+        ]
     )
     # Resumed from the sharded checkpoint of step 2 (each process reloads its own shards and
     # AdamW moments), the last step is the uninterrupted run's.
@@ -240,18 +277,26 @@ def test_a_student_under_deepspeed_zero_matches_one_process_and_resumes(one_proc
     config = _cfg(one_process, name, 2, placement="shard", save_every=1, keep_checkpoints=3)
     launch_file = {1: _zero1_launch, 2: lambda root: DEEPSPEED, 3: _zero3_launch}[stage](one_process)
     launch = _launch_two(config, one_process, launch_file)
-    said = re.search(rf"student: DeepSpeed ZeRO-{stage} over 2 processes, .* \(([\d.]+)M of ([\d.]+)M weights here", " ".join(launch.stderr.split()))
+    said = re.search(
+        rf"student: DeepSpeed ZeRO-{stage} over 2 processes, .* \(([\d.]+)M of ([\d.]+)M weights here",
+        " ".join(launch.stderr.split()),
+    )
     assert said, launch.stderr[-2000:]
     assert (float(said[1]) < float(said[2])) == (stage == 3)
     # kl and ce run fused from the heads under every stage; ZeRO-3 keeps the student's head whole for them.
     assert ("whole on each, for the fused LM-head terms" in " ".join(launch.stderr.split())) == (stage == 3)
     # The teacher (placement: shard) is partitioned by ZeRO-3 inference whatever the student's stage, its head whole.
-    said = re.search(r"teacher: weights partitioned over 2 processes with DeepSpeed ZeRO-3 inference \(([\d.]+)M of ([\d.]+)M parameters here, the head whole on each\)", " ".join(launch.stderr.split()))
+    said = re.search(
+        r"teacher: weights partitioned over 2 processes with DeepSpeed ZeRO-3 inference \(([\d.]+)M of ([\d.]+)M parameters here, the head whole on each\)",
+        " ".join(launch.stderr.split()),
+    )
     assert said and float(said[1]) < float(said[2]), launch.stderr[-2000:]
     out = one_process / name
     _check_matches_one_process(one_process, out, launch)
     ckpt = out / "checkpoints" / f"step-{STEPS}"
-    assert sorted(p.name for p in ckpt.iterdir()) == sorted(["optimizer-rank0.pt", "optimizer-rank1.pt", "side.safetensors", "state.json", "state.pt"])
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
+        ["optimizer-rank0.pt", "optimizer-rank1.pt", "side.safetensors", "state.json", "state.pt"]
+    )
     # Each process holds part of the float32 master weights (ZeRO's flat partitions, padded).
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     parts = [torch.load(ckpt / f"optimizer-rank{r}.pt", weights_only=True)[key] for r in (0, 1)]
@@ -296,8 +341,23 @@ def test_a_nan_on_one_process_skips_the_step_on_all(one_process, launch):
     script = one_process / "poisoned.py"
     script.write_text(POISON)
     launch_file = {"fsdp": FSDP, "zero2": DEEPSPEED}.get(launch) or _zero3_launch(one_process)
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_file), "--num_processes", "2",
-          "--main_process_port", str(_free_port()), str(script), "distill", str(config)], one_process)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(launch_file),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            str(script),
+            "distill",
+            str(config),
+        ],
+        one_process,
+    )
     out = one_process / name
     train = [r for r in _records(out) if r["split"] == "train"]
     assert [r.get("bad") for r in train] == [None, "hidden"] and train[1]["skipped"] == 1
@@ -306,7 +366,10 @@ def test_a_nan_on_one_process_skips_the_step_on_all(one_process, launch):
     if after_one is None:  # FSDP checkpoints hold shards: compare with the step-1 student, saved whole by a 1-step run
         config_one = _cfg(one_process, name + "-1", 2, steps=1, min_lr_ratio=1.0)
         _launch_two(config_one, one_process, FSDP)
-        after_one = {f"student.{k}": v for k, v in load_file(str(one_process / (name + "-1") / "student" / "model.safetensors")).items()}
+        after_one = {
+            f"student.{k}": v
+            for k, v in load_file(str(one_process / (name + "-1") / "student" / "model.safetensors")).items()
+        }
     assert final and all(torch.equal(final[k], after_one[f"student.{k}"]) for k in final)
 
 
@@ -314,7 +377,9 @@ def _search_cfg(root: Path, out: str, batch: int) -> Path:
     """Blocks chosen by ``select: search``: each candidate probed by two steps of the run's own set-up, under the launch."""
     cfg = yaml.safe_load(_cfg(root, out, batch, placement="shard", steps=2).read_text())
     cfg["teacher"]["path"] = str(root / "teacher4")
-    cfg["student"] = {"from_teacher": {"num_layers": 2, "select": "search", "search_candidates": 3, "search_probe_steps": 2}}
+    cfg["student"] = {
+        "from_teacher": {"num_layers": 2, "select": "search", "search_candidates": 3, "search_probe_steps": 2}
+    }
     cfg["losses"] = [{"type": "kl"}, {"type": "hidden"}]
     path = root / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -330,8 +395,12 @@ def test_select_search_under_a_sharded_launch_probes_as_one_process_does(one_pro
         save_model(one_process / "teacher4", "llama", layers=4, width=32)
         _run([sys.executable, "-m", "alignkd", "distill", str(_search_cfg(one_process, "search-one", 4))], one_process)
     name = f"search-{launch}"
-    _launch_two(_search_cfg(one_process, name, 2), one_process, FSDP if launch == "fsdp" else _zero3_launch(one_process))
-    got, want = (json.loads((one_process / n / "block_scores.json").read_text())["candidates"] for n in (name, "search-one"))
+    _launch_two(
+        _search_cfg(one_process, name, 2), one_process, FSDP if launch == "fsdp" else _zero3_launch(one_process)
+    )
+    got, want = (
+        json.loads((one_process / n / "block_scores.json").read_text())["candidates"] for n in (name, "search-one")
+    )
     assert len(got) == len(want) == 3
     for g, w in zip(got, want):
         assert g["layers"] == w["layers"] and g["probe_loss"] == pytest.approx(w["probe_loss"], rel=1e-5), g
@@ -410,7 +479,9 @@ def test_a_deepspeed_launch_without_deepspeed_says_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed now raises ImportError
     cfg = SimpleNamespace(train=SimpleNamespace(mixed_precision="no"), weighting=SimpleNamespace(strategy="static"))
     for start in (
-        lambda: zero.wrap(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), {"stage": 2}, cfg, 2),
+        lambda: zero.wrap(
+            torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), {"stage": 2}, cfg, 2
+        ),
         lambda: zero.shard_teacher(torch.nn.Linear(2, 2), {"stage": 2}, 2),
     ):
         with pytest.raises(ConfigError) as info:

@@ -6,15 +6,15 @@ import io
 import json
 
 import pytest
+import tiny
 import torch
 import yaml
 from rich.console import Console
 
 import alignkd
-import tiny
 from alignkd import precision
-from alignkd.engine.horizon import Horizon
 from alignkd.display import Progress
+from alignkd.engine.horizon import Horizon
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +108,15 @@ def _run_cfg(tmp_path, **train) -> dict:
         "student": {"from_teacher": {"layers": [1]}},
         "data": {"train": str(corpus), "seq_len": 16, "eval_fraction": 0.1},
         "losses": [{"type": "kl"}, {"type": "ce"}],
-        "train": {"steps": 2, "batch_size": 2, "warmup": 0, "progress": False, "eval_batches": 1, "output_dir": str(tmp_path / "run"), **train},
+        "train": {
+            "steps": 2,
+            "batch_size": 2,
+            "warmup": 0,
+            "progress": False,
+            "eval_batches": 1,
+            "output_dir": str(tmp_path / "run"),
+            **train,
+        },
     }
 
 
@@ -118,14 +126,24 @@ def test_a_run_writes_and_says_its_resolved_precision(tmp_path, monkeypatch, cap
     cfg = _run_cfg(tmp_path)
     capsys.readouterr()
     summary = alignkd.distill(cfg)
-    want = {"teacher_dtype": "bfloat16" if fast else "float32", "student_dtype": "float32", "mixed_precision": "bf16" if fast else "no"}
+    want = {
+        "teacher_dtype": "bfloat16" if fast else "float32",
+        "student_dtype": "float32",
+        "mixed_precision": "bf16" if fast else "no",
+    }
     assert summary["precision"] == want
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["precision"] == want
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert (saved["teacher"]["dtype"], saved["student"]["dtype"], saved["train"]["mixed_precision"]) == tuple(want.values())
-    ours = [line for line in capsys.readouterr().err.strip().splitlines() if "it/s]" not in line]  # not HF's loading bars
+    assert (saved["teacher"]["dtype"], saved["student"]["dtype"], saved["train"]["mixed_precision"]) == tuple(
+        want.values()
+    )
+    ours = [
+        line for line in capsys.readouterr().err.strip().splitlines() if "it/s]" not in line
+    ]  # not HF's loading bars
     first = ours[0]
-    assert first.startswith(f"precision: teacher {want['teacher_dtype']}, student float32, autocast {want['mixed_precision']}")
+    assert first.startswith(
+        f"precision: teacher {want['teacher_dtype']}, student float32, autocast {want['mixed_precision']}"
+    )
 
 
 # ----------------------------------------------------------------------------- time budget

@@ -2,14 +2,21 @@
 
 import pytest
 import torch
+from tiny import build, config
 from transformers import AutoModelForCausalLM
 
 from alignkd.models import ModelError
 from alignkd.models.prune import width_prune
 from alignkd.models.student import from_config
-from tiny import build, config
 
-NARROW = {"hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 96, "num_hidden_layers": 2}
+NARROW = {
+    "hidden_size": 48,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+}
 
 
 def teacher(family: str):
@@ -49,11 +56,17 @@ def test_narrow_prune_keeps_the_most_important_channels(family):
     s = from_config(t, NARROW, "causal_lm")
     width_prune(s, t)
     emb_t, emb_s = t.get_input_embeddings().weight, s.get_input_embeddings().weight
-    cols = [j for j in range(emb_t.shape[1]) if any(torch.equal(emb_s[:, i], emb_t[:, j]) for i in range(emb_s.shape[1]))]
+    cols = [
+        j for j in range(emb_t.shape[1]) if any(torch.equal(emb_s[:, i], emb_t[:, j]) for i in range(emb_s.shape[1]))
+    ]
     assert 7 in cols and 3 not in cols and len(cols) == 48
     gate_rows_t = t.model.layers[3].mlp.gate_proj.weight
     gate_s = s.model.layers[1].mlp.gate_proj.weight
-    kept = [r for r in range(gate_rows_t.shape[0]) if any(torch.equal(gate_s[i], gate_rows_t[r, cols]) for i in range(gate_s.shape[0]))]
+    kept = [
+        r
+        for r in range(gate_rows_t.shape[0])
+        if any(torch.equal(gate_s[i], gate_rows_t[r, cols]) for i in range(gate_s.shape[0]))
+    ]
     assert 5 in kept and len(kept) == 96
     ids = torch.randint(0, 261, (2, 11))
     assert torch.isfinite(s(ids).logits).all()
@@ -65,7 +78,9 @@ def test_prune_refuses_other_families_and_head_dims():
         width_prune(from_config(t, {"n_embd": 16, "n_head": 2}, "causal_lm"), t)
     t = teacher("llama")
     with pytest.raises(ModelError, match="head_dim"):
-        width_prune(from_config(t, {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2}, "causal_lm"), t)
+        width_prune(
+            from_config(t, {"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2}, "causal_lm"), t
+        )
 
 
 # ---------------------------------------------------------------- activation importance
@@ -77,8 +92,11 @@ def activation_reference(t, ids):
 
     outs, o_in, d_in = [], {}, {}
     width, hd = t.config.hidden_size, t.config.hidden_size // t.config.num_attention_heads
-    hooks = [m.register_forward_hook(lambda m, a, o: outs.append(o.detach())) for n, m in t.named_modules()
-             if n.endswith("norm") and getattr(m, "weight", None) is not None and m.weight.shape == (width,)]
+    hooks = [
+        m.register_forward_hook(lambda m, a, o: outs.append(o.detach()))
+        for n, m in t.named_modules()
+        if n.endswith("norm") and getattr(m, "weight", None) is not None and m.weight.shape == (width,)
+    ]
     for i, b in enumerate(t.model.layers):
         hooks.append(b.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: o_in.__setitem__(i, a[0].detach())))
         hooks.append(b.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: d_in.__setitem__(i, a[0].detach())))
@@ -88,9 +106,19 @@ def activation_reference(t, ids):
         h.remove()
     n = ids.numel()
     hidden = sum(o.abs().reshape(n, width).mean(0) for o in outs)
-    heads = [torch.stack([o_in[i][..., h * hd:(h + 1) * hd].norm(dim=-1).mean() for h in range(t.config.num_attention_heads)]) for i in o_in]
+    heads = [
+        torch.stack(
+            [o_in[i][..., h * hd : (h + 1) * hd].norm(dim=-1).mean() for h in range(t.config.num_attention_heads)]
+        )
+        for i in o_in
+    ]
     group = t.config.num_attention_heads // t.config.num_key_value_heads
-    return Scores(hidden, heads, [h.reshape(-1, group).sum(1) for h in heads], [d_in[i].abs().reshape(n, -1).mean(0) for i in d_in])
+    return Scores(
+        hidden,
+        heads,
+        [h.reshape(-1, group).sum(1) for h in heads],
+        [d_in[i].abs().reshape(n, -1).mean(0) for i in d_in],
+    )
 
 
 def test_activation_scores_match_the_plain_reference():

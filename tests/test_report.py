@@ -316,7 +316,9 @@ def test_browser_renders_every_image(report, tmp_path):
 
 def test_browser_screenshot_is_not_blank(report, tmp_path):
     shot = tmp_path / "shot.png"
-    done = run_chromium([f"--screenshot={shot}", "--window-size=1280,4000", report["html"].as_uri()], tmp_path / "profile")
+    done = run_chromium(
+        [f"--screenshot={shot}", "--window-size=1280,4000", report["html"].as_uri()], tmp_path / "profile"
+    )
     assert shot.is_file(), f"no screenshot (rc {done.returncode}): {done.stderr[-500:]}"
     with Image.open(shot) as im:
         assert im.size == (1280, 4000)
@@ -348,7 +350,11 @@ def test_a_teacher_near_chance_shows_the_retention_above_chance_and_a_warning(tm
     md, html = paths["md"].read_text(), paths["html"].read_text()
     table = md_table(md, "Evaluation")
     assert tuple(table["Accuracy above chance"].values()) == ("+13.0 pts", "**+11.0 pts**", "+8.5 pts")
-    assert tuple(table["Chance accuracy (majority class)"].values()) == ("50.0%", "50.0%", "50.0%")  # a setting: never bold
+    assert tuple(table["Chance accuracy (majority class)"].values()) == (
+        "50.0%",
+        "50.0%",
+        "50.0%",
+    )  # a setting: never bold
     kept = md_table(md, "Retention and speed-up")
     assert tuple(kept["Accuracy retained"].values()) == ("**96.8%**", "92.9%")
     assert tuple(kept["Accuracy retained above chance"].values()) == ("**84.6%**", "65.4%")
@@ -362,15 +368,25 @@ def test_a_teacher_well_above_chance_gets_no_warning(tmp_path):
     run = shutil.copytree(DATA / "report_run", tmp_path / "run")
     _with_accuracies(run, {"teacher": 0.9, "student": 0.8, "baseline": 0.7}, chance=0.55)
     md = write_report(run)["md"].read_text()
-    assert tuple(md_table(md, "Retention and speed-up")["Accuracy retained above chance"].values()) == ("**71.4%**", "42.9%")
+    assert tuple(md_table(md, "Retention and speed-up")["Accuracy retained above chance"].values()) == (
+        "**71.4%**",
+        "42.9%",
+    )
     assert "Warning" not in md and "near chance" not in md
 
 
 def test_block_scores_get_their_section_and_plot(tmp_path):
     run = shutil.copytree(DATA / "report_run", tmp_path / "run")
     influence = [0.99, 0.17, 0.03, 0.05, 0.02, 0.15]
-    scores = {"teacher_blocks": 6, "kept": 3, "calibration_sequences": 64, "block_influence": influence,
-              "select": "importance", "rule": "importance", "layers": [0, 1, 5]}
+    scores = {
+        "teacher_blocks": 6,
+        "kept": 3,
+        "calibration_sequences": 64,
+        "block_influence": influence,
+        "select": "importance",
+        "rule": "importance",
+        "layers": [0, 1, 5],
+    }
     (run / "block_scores.json").write_text(json.dumps(scores))
     paths = write_report(run)
     md, html = paths["md"].read_text(), paths["html"].read_text()

@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import yaml
 from safetensors.torch import load_file
 
 import alignkd
 import alignkd.errors
-import tiny
 from alignkd.config import ConfigError
 from alignkd.engine.checkpoint import checkpoints, latest_checkpoint
 
@@ -38,8 +38,18 @@ def cfg_for(models, out: Path, **train) -> dict:
         "student": {"from_teacher": {"layers": [1]}},
         "data": {"train": str(corpus), "seq_len": 16, "eval_fraction": 0.1},
         "losses": [{"type": "kl"}, {"type": "hidden"}],
-        "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "warmup": 0, "mixed_precision": "no", "progress": False,
-                  "eval_every": 0, "eval_batches": 1, "output_dir": str(out), **train},
+        "train": {
+            "steps": 6,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "warmup": 0,
+            "mixed_precision": "no",
+            "progress": False,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "output_dir": str(out),
+            **train,
+        },
     }
 
 
@@ -69,9 +79,13 @@ def test_the_cli_says_it_in_one_line_and_exits_2(models, tmp_path):
     alignkd.distill(cfg_for(models, out, steps=1))
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg_for(models, out, steps=2)))
-    proc = subprocess.run([sys.executable, "-m", "alignkd.cli", "distill", str(config)], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkd.cli", "distill", str(config)], capture_output=True, text=True, cwd=REPO
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"alignkd distill: error: train.output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it"]
+    assert proc.stderr.strip().splitlines() == [
+        f"alignkd distill: error: train.output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+    ]
 
 
 def test_checkpoints_are_renamed_into_place_and_load_without_pickled_code(models, tmp_path):
@@ -129,7 +143,10 @@ def test_a_resume_that_changes_what_the_run_computes_names_the_keys(models, tmp_
     assert "\n" not in msg and "train.batch_size (4 -> 2)" in msg and "losses" in msg
     assert [p.name for p in checkpoints(out)] == ["step-2"]
     # More steps, other logging and evaluation are fine; so is a moved folder.
-    assert alignkd.distill(cfg_for(models, out, steps=3, eval_every=1, log_every=2), resume=True)["last_train"]["step"] == 3
+    assert (
+        alignkd.distill(cfg_for(models, out, steps=3, eval_every=1, log_every=2), resume=True)["last_train"]["step"]
+        == 3
+    )
 
 
 # ----------------------------------------------------------------------------- numerical guards
@@ -195,13 +212,23 @@ def test_repeated_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(model
 def _cli_env() -> dict:
     import os
 
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
 
 
 def _start(config: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "alignkd.cli", "distill", str(config), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=_cli_env(),
     )
 
 
@@ -229,7 +256,13 @@ def reference(models, tmp_path_factory) -> tuple[dict, Path]:
     cfg = cfg_for(models, root / "run", steps=30, save_every=1, keep_checkpoints=2)
     config = root / "c.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "alignkd.cli", "distill", str(config)], capture_output=True, text=True, cwd=REPO, env=_cli_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignkd.cli", "distill", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_cli_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return cfg, root / "run"
 
@@ -248,12 +281,20 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_curve(refe
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    done = subprocess.run([sys.executable, "-m", "alignkd.cli", "distill", str(config), "--resume"], capture_output=True, text=True, cwd=REPO, env=_cli_env())
+    done = subprocess.run(
+        [sys.executable, "-m", "alignkd.cli", "distill", str(config), "--resume"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_cli_env(),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     want, got = _curve(ref), _curve(tmp_path / "run")
     assert sorted(got) == sorted(want) == list(range(1, 31))
     for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-9), f"step {step} after a kill at step >= {kill_after}"
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-9), (
+            f"step {step} after a kill at step >= {kill_after}"
+        )
 
 
 def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(reference, tmp_path):
@@ -269,11 +310,19 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(reference, tmp_path
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     (line,) = [line for line in out.splitlines() if line.strip()]
-    assert line.startswith("stopped by SIGTERM: saved a checkpoint at step ") and line.endswith("continue with --resume")
+    assert line.startswith("stopped by SIGTERM: saved a checkpoint at step ") and line.endswith(
+        "continue with --resume"
+    )
     step = int(line.split("at step ")[1].split()[0])
     assert [p.name for p in checkpoints(tmp_path / "run")] == [f"step-{step}"] and 5 <= step < 30
     assert not (tmp_path / "run" / "student").exists()
-    done = subprocess.run([sys.executable, "-m", "alignkd.cli", "distill", str(config), "--resume"], capture_output=True, text=True, cwd=REPO, env=_cli_env())
+    done = subprocess.run(
+        [sys.executable, "-m", "alignkd.cli", "distill", str(config), "--resume"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_cli_env(),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     want, got = _curve(ref), _curve(tmp_path / "run")
     assert sorted(got) == list(range(1, 31))
@@ -292,8 +341,13 @@ class DeepSpeedEngine:  # what engine.zero recognises a ZeRO-wrapped side by
 @pytest.mark.parametrize(
     ("written", "processes", "launch"),
     [
-        ({"sharded_over": 2}, 1, None), ({"sharded_over": 2}, 4, "fsdp"), ({}, 2, "fsdp"),
-        ({"zero2_over": 2}, 2, "fsdp"), ({"zero2_over": 2}, 1, None), ({"zero2_over": 2}, 2, 3), ({"sharded_over": 2}, 2, 2),
+        ({"sharded_over": 2}, 1, None),
+        ({"sharded_over": 2}, 4, "fsdp"),
+        ({}, 2, "fsdp"),
+        ({"zero2_over": 2}, 2, "fsdp"),
+        ({"zero2_over": 2}, 1, None),
+        ({"zero2_over": 2}, 2, 3),
+        ({"sharded_over": 2}, 2, 2),
     ],
 )
 def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written, processes, launch):
@@ -306,7 +360,8 @@ def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text(json.dumps({"step": 2, **written}))
     run = SimpleNamespace(
-        out=tmp_path, accelerator=SimpleNamespace(num_processes=processes, process_index=0),
+        out=tmp_path,
+        accelerator=SimpleNamespace(num_processes=processes, process_index=0),
         whole_params=[] if launch == "fsdp" else None,
         side=DeepSpeedEngine(launch) if isinstance(launch, int) else torch.nn.Linear(1, 1),
     )

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -27,7 +28,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import alignkd
-import tiny
 from alignkd.cli import main
 from alignkd.config import ConfigError, FromTeacherConfig, load_config
 from alignkd.engine.run import select_blocks
@@ -124,11 +124,16 @@ def test_block_influence_and_span_distances_match_a_plain_reference(case):
     if kw.get("skip_bos"):
         counted[:, 0] = False
     span = 2
-    influence, angular = state_scores(model, calibration(ids, task=task, skip_bos=kw.get("skip_bos", False), **extra), span)
+    influence, angular = state_scores(
+        model, calibration(ids, task=task, skip_bos=kw.get("skip_bos", False), **extra), span
+    )
 
     h = reference_states(model, ids, mask)
     ref_bi = [(1 - plain_cos(h[i], h[i + 1]))[counted].mean().item() for i in range(4)]
-    ref_ang = [(torch.arccos(plain_cos(h[i], h[i + span]).clamp(-1, 1)) / math.pi)[counted].mean().item() for i in range(4 - span + 1)]
+    ref_ang = [
+        (torch.arccos(plain_cos(h[i], h[i + span]).clamp(-1, 1)) / math.pi)[counted].mean().item()
+        for i in range(4 - span + 1)
+    ]
     torch.testing.assert_close(torch.tensor(influence), torch.tensor(ref_bi), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.tensor(angular), torch.tensor(ref_ang), rtol=1e-4, atol=1e-6)
     assert min(influence) > 0  # random blocks do change their input
@@ -166,11 +171,18 @@ def test_every_rule_drops_the_identity_block(trained):
     teacher = AutoModelForCausalLM.from_pretrained(trained).eval()
     calib = calibration(text_rows()[:8])
     keep = [i for i in range(4) if i != IDENTITY]
-    for select, contiguous in (("perplexity", False), ("importance", False), ("perplexity", True), ("importance", True)):
+    for select, contiguous in (
+        ("perplexity", False),
+        ("importance", False),
+        ("perplexity", True),
+        ("importance", True),
+    ):
         ft = FromTeacherConfig(num_layers=3, select=select, contiguous=contiguous)
         sel = choose(teacher, calib, ft)
         assert sel.layers == keep, f"{select} contiguous={contiguous}: kept {sel.layers}"
-    drops = choose(teacher, calib, FromTeacherConfig(num_layers=3, select="perplexity")).scores["block_removal_loss_increase"]
+    drops = choose(teacher, calib, FromTeacherConfig(num_layers=3, select="perplexity")).scores[
+        "block_removal_loss_increase"
+    ]
     assert abs(drops[IDENTITY]) < 1e-6  # removing it computes exactly the same
     assert all(d > 0.01 for i, d in enumerate(drops) if i != IDENTITY), drops  # every trained block matters
     influence = choose(teacher, calib, FromTeacherConfig(num_layers=3)).scores["block_influence"]
@@ -197,8 +209,15 @@ def run_config(teacher: Path, corpus: Path, out: Path, **from_teacher) -> dict:
         "data": {"train": str(corpus), "seq_len": 16, "eval_fraction": 0.1},
         "losses": [{"type": "kl"}, {"type": "hidden"}],
         "train": {
-            "steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 0, "mixed_precision": "no", "progress": False,
-            "eval_every": 0, "eval_batches": 1, "output_dir": str(out),
+            "steps": 3,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "warmup": 0,
+            "mixed_precision": "no",
+            "progress": False,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "output_dir": str(out),
         },
     }
 
@@ -221,20 +240,34 @@ def test_a_run_records_its_chosen_blocks_and_its_config_reruns_exactly(tmp_path,
         assert layers == sorted(sorted(range(4), key=lambda i: -bi[i])[:2])
     else:
         probes = scores["candidates"]
-        assert [c["rule"] for c in probes] == [r for r in RULES if r in {c["rule"] for c in probes}][:2] and len(probes) == 2
+        assert [c["rule"] for c in probes] == [r for r in RULES if r in {c["rule"] for c in probes}][:2] and len(
+            probes
+        ) == 2
         assert layers == min(probes, key=lambda c: c["probe_loss"])["layers"]
     assert json.loads((a / "summary.json").read_text())["student_params"] == summary["student_params"]
 
     saved["train"]["output_dir"] = str(b)
     again = alignkd.distill(saved)  # layers given: nothing is chosen, nothing measured
     assert not (b / "block_scores.json").exists()
-    assert again["student_eval"] == summary["student_eval"] and again["last_train"]["loss"] == summary["last_train"]["loss"]
+    assert (
+        again["student_eval"] == summary["student_eval"]
+        and again["last_train"]["loss"] == summary["last_train"]["loss"]
+    )
     wa, wb = load_file(str(a / "student" / "model.safetensors")), load_file(str(b / "student" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_search_is_deterministic_and_keeps_the_best_probe(tmp_path, corpus, trained):
-    cfg = run_config(trained, corpus, tmp_path / "p", num_layers=2, select="search", search_candidates=2, search_probe_steps=1, calibration_sequences=8)
+    cfg = run_config(
+        trained,
+        corpus,
+        tmp_path / "p",
+        num_layers=2,
+        select="search",
+        search_candidates=2,
+        search_probe_steps=1,
+        calibration_sequences=8,
+    )
     first, _ = select_blocks(load_config(data=copy.deepcopy(cfg)), say=lambda m: None)
     second, path = select_blocks(load_config(data=copy.deepcopy(cfg)), say=lambda m: None)
     assert first.scores == second.scores and first.layers == second.layers
@@ -251,7 +284,12 @@ def test_prune_cli_prints_and_saves_the_block_scores(tmp_path, corpus, trained):
     # The layers already listed are chosen anew: prune runs the selection whatever the config holds.
     p = subprocess.run(
         [sys.executable, "-m", "alignkd.cli", "prune", str(cfg), "student.from_teacher.num_layers=3"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert p.returncode == 0, p.stderr
     keep = [i for i in range(4) if i != IDENTITY]
@@ -274,10 +312,16 @@ def base_cfg(**student) -> dict:
 @pytest.mark.parametrize(
     ("student", "message"),
     [
-        ({"path": "s", "from_teacher": {"select": "importance"}}, "student.from_teacher.select: choosing blocks applies to a student copied from the teacher, and this one comes from student.path"),
+        (
+            {"path": "s", "from_teacher": {"select": "importance"}},
+            "student.from_teacher.select: choosing blocks applies to a student copied from the teacher, and this one comes from student.path",
+        ),
         ({"config": {"num_hidden_layers": 1}, "from_teacher": {"select": "search"}}, "comes from student.config"),
         ({"from_teacher": {"select": "importnce"}}, "did you mean 'importance'"),
-        ({"from_teacher": {"select": "even", "contiguous": True}}, "student.from_teacher.contiguous: applies to select importance or perplexity, not even"),
+        (
+            {"from_teacher": {"select": "even", "contiguous": True}},
+            "student.from_teacher.contiguous: applies to select importance or perplexity, not even",
+        ),
         ({"from_teacher": {"select": "search", "contiguous": True}}, "not search"),
         ({"from_teacher": {"calibration_sequences": 0}}, "student.from_teacher.calibration_sequences: must be >= 1"),
         ({"from_teacher": {"search_candidates": 0}}, "student.from_teacher.search_candidates: must be between 1 and 5"),

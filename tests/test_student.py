@@ -8,10 +8,10 @@ back to the same logits.
 from __future__ import annotations
 
 import pytest
+import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny
 from alignkd.config import FromTeacherConfig, StudentConfig
 from alignkd.models import ModelError, check_tokenizers, common_vocab
 from alignkd.models.families import FAMILIES, blocks_of, get_path
@@ -61,7 +61,14 @@ def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module, what: str) -> No
 
 @pytest.mark.parametrize(
     ("n", "k", "expected"),
-    [(30, 6, [0, 6, 12, 17, 23, 29]), (12, 4, [0, 4, 7, 11]), (4, 2, [0, 3]), (5, 5, [0, 1, 2, 3, 4]), (7, 1, [0]), (2, 2, [0, 1])],
+    [
+        (30, 6, [0, 6, 12, 17, 23, 29]),
+        (12, 4, [0, 4, 7, 11]),
+        (4, 2, [0, 3]),
+        (5, 5, [0, 1, 2, 3, 4]),
+        (7, 1, [0]),
+        (2, 2, [0, 1]),
+    ],
 )
 def test_even_layers(n, k, expected):
     assert even_layers(n, k) == expected
@@ -242,7 +249,15 @@ def test_from_config_applies_overrides_to_the_teacher_architecture(teachers):
     c, t = student.config, teacher.config
     assert c.num_hidden_layers == 2 and len(blocks_of(student)) == 2
     assert c.intermediate_size == 40 and blocks_of(student)[0].mlp.up_proj.weight.shape == (40, 32)
-    for key in ("hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings"):
+    for key in (
+        "hidden_size",
+        "vocab_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+    ):
         assert getattr(c, key, None) == getattr(t, key, None), key
     # Fresh weights, not the teacher's.
     assert not torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
@@ -307,7 +322,9 @@ def test_student_from_a_frozen_teacher_is_trainable():
 
 def test_student_dtype():
     teacher = freeze(tiny.build("llama", layers=2))
-    student = build_student(StudentConfig(from_teacher=FromTeacherConfig(num_layers=1), dtype="bfloat16"), teacher, "causal_lm")
+    student = build_student(
+        StudentConfig(from_teacher=FromTeacherConfig(num_layers=1), dtype="bfloat16"), teacher, "causal_lm"
+    )
     assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in teacher.parameters()} == {torch.float32}
 

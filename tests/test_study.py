@@ -51,10 +51,19 @@ def write_study(tmp_path: Path, **fields) -> Path:
 def test_overrides_merge_deep_dotted_keys_index_lists_and_lists_replace():
     base = {"a": {"b": 1, "c": {"d": 2}}, "losses": [{"type": "kl", "temperature": 1.0}, {"type": "ce"}]}
     got = merge(base, {"a": {"c": {"e": 3}}, "a.b": 5, "losses.0.temperature": 2.0, "new.deep": "x"})
-    assert got == {"a": {"b": 5, "c": {"d": 2, "e": 3}}, "losses": [{"type": "kl", "temperature": 2.0}, {"type": "ce"}], "new": {"deep": "x"}}
-    assert merge(base, {"losses": [{"type": "dkd"}]})["losses"] == [{"type": "dkd"}]  # a list replaces, whatever it held
+    assert got == {
+        "a": {"b": 5, "c": {"d": 2, "e": 3}},
+        "losses": [{"type": "kl", "temperature": 2.0}, {"type": "ce"}],
+        "new": {"deep": "x"},
+    }
+    assert merge(base, {"losses": [{"type": "dkd"}]})["losses"] == [
+        {"type": "dkd"}
+    ]  # a list replaces, whatever it held
     assert merge(base, {"a": None})["a"] is None  # null replaces too (e.g. student.from_teacher: null)
-    assert merge(base, {"losses.1": {"weight": 0.5}})["losses"][1] == {"type": "ce", "weight": 0.5}  # a mapping into a list item merges
+    assert merge(base, {"losses.1": {"weight": 0.5}})["losses"][1] == {
+        "type": "ce",
+        "weight": 0.5,
+    }  # a mapping into a list item merges
     assert base["a"] == {"b": 1, "c": {"d": 2}} and base["losses"][0]["temperature"] == 1.0  # the base is never changed
 
 
@@ -80,7 +89,11 @@ def test_names_are_substituted_inside_strings_and_unknown_names_list_the_known_o
 def test_budget_sets_minutes_with_a_step_cap_or_exact_steps(tmp_path):
     study = load_study(write_study(tmp_path))
     cfg = budgeted(study.config("a"), study.spec.budget, tmp_path / "a")
-    assert cfg["train"] == {"output_dir": str(tmp_path / "a"), "max_minutes": 5.0, "steps": STEP_CAP}  # equal minutes by default
+    assert cfg["train"] == {
+        "output_dir": str(tmp_path / "a"),
+        "max_minutes": 5.0,
+        "steps": STEP_CAP,
+    }  # equal minutes by default
     study = load_study(write_study(tmp_path, budget={"steps": 40}))
     assert budgeted(study.config("b"), study.spec.budget, tmp_path / "b")["train"]["steps"] == 40
 
@@ -92,7 +105,9 @@ def test_extends_applies_the_earlier_variant_first(tmp_path):
     ]
     study = load_study(write_study(tmp_path, variants=variants))
     cfg = study.config("b")
-    assert cfg["student"]["from_teacher"] == {"num_layers": 2, "select": "importance"} and cfg["losses"] == [{"type": "dkd"}]
+    assert cfg["student"]["from_teacher"] == {"num_layers": 2, "select": "importance"} and cfg["losses"] == [
+        {"type": "dkd"}
+    ]
 
 
 # ----------------------------------------------------------------------------- study file errors
@@ -101,7 +116,10 @@ def test_extends_applies_the_earlier_variant_first(tmp_path):
 @pytest.mark.parametrize(
     "fields, fragment",
     [
-        ({"variants": [{"name": "a", "sett": {}}]}, "variants[0].sett: unknown key; valid keys here: name, about, extends, set; did you mean 'set'?"),
+        (
+            {"variants": [{"name": "a", "sett": {}}]},
+            "variants[0].sett: unknown key; valid keys here: name, about, extends, set; did you mean 'set'?",
+        ),
         ({"variants": []}, "variants: add at least one"),
         ({"budget": {"minutes": 0}}, "budget.minutes: 0 must be > 0"),
         ({"budget": {"minutes": 5, "steps": 10}}, "budget: give minutes or steps, not both"),
@@ -112,9 +130,15 @@ def test_extends_applies_the_earlier_variant_first(tmp_path):
         ({"variants": [{"name": "a", "extends": "z"}]}, "variants[0] (a).extends: 'z' is not an earlier variant"),
         ({"variants": [{"name": "a", "set": {"train": {"steps": 9}}}]}, "train.steps is set by the study"),
         ({"variants": [{"name": "a", "set": {"train.output_dir": "x"}}]}, "train.output_dir is set by the study"),
-        ({"variants": [{"name": "a", "set": {"teacher.path": "${prepare.ft}"}}]}, "${prepare.ft} names no prepare step"),
+        (
+            {"variants": [{"name": "a", "set": {"teacher.path": "${prepare.ft}"}}]},
+            "${prepare.ft} names no prepare step",
+        ),
         ({"reference": "c"}, "reference: 'c' is not a variant"),
-        ({"prepare": [{"name": "ft", "command": "finetun"}]}, "prepare[0].command: 'finetun' is not one of finetune; did you mean 'finetune'?"),
+        (
+            {"prepare": [{"name": "ft", "command": "finetun"}]},
+            "prepare[0].command: 'finetun' is not one of finetune; did you mean 'finetune'?",
+        ),
         ({"quick": {"steps": 0}}, "quick.steps: 0 must be >= 1"),
     ],
 )
@@ -151,7 +175,12 @@ def test_only_names_a_variant_of_the_study(tmp_path):
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
 def test_every_variant_of_a_shipped_study_is_a_valid_config(path, tmp_path):
     study = load_study(path)
-    names = Names(tmp_path, {a: tmp_path / a for a in ASSET_NAMES}, check_prepared=False, prepare=[p.name for p in study.spec.prepare])
+    names = Names(
+        tmp_path,
+        {a: tmp_path / a for a in ASSET_NAMES},
+        check_prepared=False,
+        prepare=[p.name for p in study.spec.prepare],
+    )
     for name in study.names:
         cfg = load_config(data=substitute(budgeted(study.config(name), study.spec.budget, tmp_path / name), names))
         assert cfg.train.output_dir == str(tmp_path / name) and cfg.train.max_minutes == study.spec.budget.minutes
@@ -164,9 +193,17 @@ def test_lm_study_has_the_planned_rows():
     cfg = {n: study.config(n) for n in study.names}
     assert cfg["ce"]["losses"] == [{"type": "ce"}]
     assert cfg["kl-search"]["student"]["from_teacher"] == {"num_layers": 6, "select": "search"}
-    assert [t["type"] for t in cfg["minitron"]["losses"]] == ["kl", "hidden", "embedding"] and cfg["minitron"]["weighting"]["strategy"] == "ratio"
-    assert cfg["minitron-corrected"]["teacher"]["path"] == "${prepare.corrected}" and cfg["minitron-corrected"]["losses"] == cfg["minitron"]["losses"]
-    assert cfg["narrow-feature"]["student"]["config"]["hidden_size"] == 288 and cfg["narrow-feature"]["student"]["from_teacher"] is None
+    assert [t["type"] for t in cfg["minitron"]["losses"]] == ["kl", "hidden", "embedding"] and cfg["minitron"][
+        "weighting"
+    ]["strategy"] == "ratio"
+    assert (
+        cfg["minitron-corrected"]["teacher"]["path"] == "${prepare.corrected}"
+        and cfg["minitron-corrected"]["losses"] == cfg["minitron"]["losses"]
+    )
+    assert (
+        cfg["narrow-feature"]["student"]["config"]["hidden_size"] == 288
+        and cfg["narrow-feature"]["student"]["from_teacher"] is None
+    )
 
 
 def test_every_prepare_command_runs_something():
@@ -175,12 +212,23 @@ def test_every_prepare_command_runs_something():
 
 
 def test_quick_stand_in_keeps_depth_and_heads_and_student_widths_keep_their_ratio():
-    real = {"model_type": "llama", "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576, "intermediate_size": 1536, "head_dim": 64}
+    real = {
+        "model_type": "llama",
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "head_dim": 64,
+    }
     tiny = tiny_shape(real)
     assert (tiny["num_hidden_layers"], tiny["num_attention_heads"], tiny["num_key_value_heads"]) == (30, 9, 3)
     assert 32 <= tiny["hidden_size"] <= 64 and tiny["head_dim"] % 2 == 0
     narrow = shrink({"hidden_size": 288, "intermediate_size": 768, "head_dim": 32, "num_hidden_layers": 6}, real, tiny)
-    assert narrow["hidden_size"] / tiny["hidden_size"] == 288 / 576 and narrow["intermediate_size"] / tiny["intermediate_size"] == 768 / 1536
+    assert (
+        narrow["hidden_size"] / tiny["hidden_size"] == 288 / 576
+        and narrow["intermediate_size"] / tiny["intermediate_size"] == 768 / 1536
+    )
     assert narrow["head_dim"] % 2 == 0 and narrow["num_hidden_layers"] == 6
 
 
@@ -201,7 +249,9 @@ def test_quick_study_of_lm_yaml_writes_a_row_and_a_curve_per_variant(tmp_path, m
     assert list(rows) == study.names
     for name, r in rows.items():
         assert r["status"] == "done" and r["steps"] == study.spec.quick.steps, (name, r)
-        assert math.isfinite(r["value"]) and r["value"] > 1 and r["params"] > 0 and math.isfinite(r["change_vs_reference"])
+        assert (
+            math.isfinite(r["value"]) and r["value"] > 1 and r["params"] > 0 and math.isfinite(r["change_vs_reference"])
+        )
         times = [p["train_s"] for p in r["curve"]]
         assert len(times) == study.spec.quick.steps and all(math.isfinite(t) for t in times) and times == sorted(times)
     assert rows["kl-even"]["change_vs_reference"] == 0.0
@@ -220,7 +270,10 @@ def test_quick_study_of_lm_yaml_writes_a_row_and_a_curve_per_variant(tmp_path, m
     before = (out / "kl-even" / "metrics.jsonl").stat().st_mtime_ns
     run_study(study, out, quick=True, only=["ce"])
     rows = _variants(out)
-    assert all(r["status"] == "done" for r in rows.values()) and (out / "kl-even" / "metrics.jsonl").stat().st_mtime_ns == before
+    assert (
+        all(r["status"] == "done" for r in rows.values())
+        and (out / "kl-even" / "metrics.jsonl").stat().st_mtime_ns == before
+    )
     # ... unless the study file changed what a kept run was made from.
     data = yaml.safe_load(LM.read_text())
     data["variants"][1]["set"] = {"losses": [{"type": "kl", "kind": "reverse"}]}  # kl-even, and nothing extends it

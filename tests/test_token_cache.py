@@ -43,7 +43,9 @@ def word_tokenizer(*, bos: bool = False, extra: str = "") -> PreTrainedTokenizer
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", bos_token="[BOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", bos_token="[BOS]"
+    )
 
 
 def metaspace_tokenizer() -> PreTrainedTokenizerFast:
@@ -77,7 +79,9 @@ def sources(tmp_path: Path) -> dict[str, str]:
         return " ".join(rng.choice(WORDS, size=rng.integers(1, 30)))
 
     jsonl = tmp_path / "c.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": doc(), "body": doc()}) + "\n" for _ in range(60)) + '{"text": " ", "body": "w1"}\n')
+    jsonl.write_text(
+        "".join(json.dumps({"text": doc(), "body": doc()}) + "\n" for _ in range(60)) + '{"text": " ", "body": "w1"}\n'
+    )
     folder = tmp_path / "folder"
     (folder / "sub").mkdir(parents=True)
     for i in range(5):
@@ -113,7 +117,12 @@ def test_cached_blocks_equal_the_in_memory_packing(tmp_path, kind, bos):
     # The seeded hold-out: the same rows in the same order, the train side a view (no copy).
     cached, plain, _ = cached_and_not(src, tok, tmp_path / "cache", seq_len=8, eval_fraction=0.2, seed=5, bos_id=bos_id)
     train_idx, eval_idx = split_indices(len(ref), 0.2, 5, "")
-    for got, want in ((cached.train, ref[train_idx]), (cached.eval, ref[eval_idx]), (plain.train, ref[train_idx]), (plain.eval, ref[eval_idx])):
+    for got, want in (
+        (cached.train, ref[train_idx]),
+        (cached.eval, ref[eval_idx]),
+        (plain.train, ref[train_idx]),
+        (plain.eval, ref[eval_idx]),
+    ):
         assert torch.equal(got[:], want)
     assert cached.train.stream is cached.eval.stream and isinstance(cached.train.stream, np.memmap)
 
@@ -136,7 +145,11 @@ def test_blocks_index_like_a_tensor(tmp_path):
     idx = torch.tensor([4, 0, 4, len(ref) - 1, -2])
     assert torch.equal(blocks[idx], ref[idx]) and blocks[idx].dtype == torch.int64
     assert torch.equal(blocks[3:9], ref[3:9]) and torch.equal(blocks[-3:], ref[-3:]) and blocks[5:2].shape == (0, 6)
-    assert torch.equal(blocks[7], ref[7]) and torch.equal(blocks[:, 0], ref[:, 0]) and torch.equal(blocks[idx, 1:], ref[idx, 1:])
+    assert (
+        torch.equal(blocks[7], ref[7])
+        and torch.equal(blocks[:, 0], ref[:, 0])
+        and torch.equal(blocks[idx, 1:], ref[idx, 1:])
+    )
     view = blocks.select(torch.tensor([9, 2, 5, 7]))
     assert torch.equal(view[:], ref[[9, 2, 5, 7]]) and torch.equal(view[1:3], ref[[2, 5]])
     assert torch.equal(view.select(torch.tensor([3, 0]))[:], ref[[7, 9]])  # a view of a view reads the right blocks
@@ -152,7 +165,9 @@ def test_second_run_reuses_the_cache_and_says_so(tmp_path):
     assert len(first) == 1 and first[0].startswith(f"token cache: tokenised {src} into ")
     b = build_lm_data(src, tok, seq_len=16, token_cache=str(tmp_path / "cache"), say=said.append, bos_id=3)
     # One file serves any seq_len and BOS choice: the stream holds neither.
-    assert said == [f"token cache: reusing {first[0].split(' into ')[1].split(' (')[0]} ({a.train.stream.size:,} tokens of {src})"]
+    assert said == [
+        f"token cache: reusing {first[0].split(' into ')[1].split(' (')[0]} ({a.train.stream.size:,} tokens of {src})"
+    ]
     assert torch.equal(b.train[:], build_lm_data(src, tok, seq_len=16, token_cache="off", bos_id=3).train)
     assert len(list((tmp_path / "cache").glob("*.tokens"))) == 1
 
@@ -192,15 +207,21 @@ def test_a_token_cap_caches_a_prefix_that_larger_caps_extend(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tokens, "BATCH_DOCS", 4)
         said = []
-        capped = build_lm_data(src, tok, seq_len=8, max_train_tokens=24, eval_fraction=0, token_cache=str(cache), say=said.append)
+        capped = build_lm_data(
+            src, tok, seq_len=8, max_train_tokens=24, eval_fraction=0, token_cache=str(cache), say=said.append
+        )
         assert "the first" in said[0] and capped.train.stream.size < len(reference_blocks(src, tok, 8)) * 8
         assert torch.equal(capped.train[:], reference_blocks(src, tok, 8, max_tokens=24))
         said = []
-        build_lm_data(src, tok, seq_len=8, max_train_tokens=16, eval_fraction=0, token_cache=str(cache), say=said.append)
+        build_lm_data(
+            src, tok, seq_len=8, max_train_tokens=16, eval_fraction=0, token_cache=str(cache), say=said.append
+        )
         assert said[0].startswith("token cache: reusing")
         said = []
         whole = build_lm_data(src, tok, seq_len=8, eval_fraction=0, token_cache=str(cache), say=said.append)
-        assert said[0].startswith("token cache: tokenised") and torch.equal(whole.train[:], reference_blocks(src, tok, 8))
+        assert said[0].startswith("token cache: tokenised") and torch.equal(
+            whole.train[:], reference_blocks(src, tok, 8)
+        )
 
 
 def test_auto_caches_big_sources_beside_them_or_in_the_user_cache(tmp_path, monkeypatch):
@@ -221,14 +242,18 @@ def test_auto_caches_big_sources_beside_them_or_in_the_user_cache(tmp_path, monk
     fallback = build_lm_data(src, tok, seq_len=8, token_cache="auto", say=said.append)
     assert said[0] == f"token cache: {tmp_path} is not writable; caching tokens in {tmp_path / 'user' / 'tokens'}"
     assert said[1].startswith("token cache: tokenised") and torch.equal(fallback.train[:], small.train)
-    with pytest.raises(DataError, match="data.token_cache: cannot write to .*; choose a writable folder, or auto or off"):
+    with pytest.raises(
+        DataError, match="data.token_cache: cannot write to .*; choose a writable folder, or auto or off"
+    ):
         build_lm_data(src, tok, seq_len=8, token_cache=str(tmp_path / "x"))
 
 
 def test_big_text_file_is_read_in_pieces_with_the_same_ids(tmp_path, monkeypatch):
     """A text file over WHOLE_TEXT_BYTES is tokenised in pieces cut before a space between words; the ids match the whole file's."""
     rng = np.random.default_rng(1)
-    lines = [" ".join(rng.choice(WORDS + ["", "\t"], size=rng.integers(0, 12))) for _ in range(400)]  # some runs of spaces
+    lines = [
+        " ".join(rng.choice(WORDS + ["", "\t"], size=rng.integers(0, 12))) for _ in range(400)
+    ]  # some runs of spaces
     text = "\n".join(lines) + "\n\n  \n"
     path = tmp_path / "big.txt"
     path.write_text(text)
@@ -236,7 +261,11 @@ def test_big_text_file_is_read_in_pieces_with_the_same_ids(tmp_path, monkeypatch
     monkeypatch.setattr(files, "TEXT_PIECE_CHARS", 64)
     pieces = list(files.text_pieces(path))
     assert len(pieces) > 20 and "".join(pieces) == text and read_texts(str(path)) == [text]
-    for tok in (word_tokenizer(), tiny.byte_tokenizer(), metaspace_tokenizer()):  # GPT-2/SmolLM2-style, SentencePiece-style
+    for tok in (
+        word_tokenizer(),
+        tiny.byte_tokenizer(),
+        metaspace_tokenizer(),
+    ):  # GPT-2/SmolLM2-style, SentencePiece-style
         whole = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         got = build_lm_data(str(path), tok, seq_len=4, eval_fraction=0, token_cache=str(tmp_path / "c")).train
         assert np.asarray(got.stream).tolist() == whole  # EOS once, at the end of the file
@@ -272,8 +301,16 @@ def test_a_run_on_cached_blocks_logs_what_the_in_memory_run_logs(tmp_path):
             "student": {"from_teacher": {"layers": [1]}},
             "data": {"train": str(corpus), "seq_len": 16, "eval_fraction": 0.1, "token_cache": setting},
             "losses": [{"type": "kl"}, {"type": "ce"}],
-            "train": {"steps": 2, "batch_size": 4, "warmup": 0, "mixed_precision": "no", "progress": False,
-                      "eval_every": 0, "eval_batches": 1, "output_dir": str(tmp_path / name)},
+            "train": {
+                "steps": 2,
+                "batch_size": 4,
+                "warmup": 0,
+                "mixed_precision": "no",
+                "progress": False,
+                "eval_every": 0,
+                "eval_batches": 1,
+                "output_dir": str(tmp_path / name),
+            },
         }
         alignkd.distill(cfg)
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -336,19 +373,29 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     _write_corpus(small, 24, words)
     _write_corpus(big, 120, words)
     t0 = time.perf_counter()
-    runs = [(str(small), str(tmp_path / "cache")), (str(big), str(tmp_path / "cache")), (str(big), str(tmp_path / "cache"))]
+    runs = [
+        (str(small), str(tmp_path / "cache")),
+        (str(big), str(tmp_path / "cache")),
+        (str(big), str(tmp_path / "cache")),
+    ]
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(words), json.dumps(runs)],
-        check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "true"},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "true"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (s_status, s_rss), (b_status, b_rss), (r_status, r_rss) = json.loads(proc.stdout.strip().splitlines()[-1])
     assert s_status == b_status == r_status == 0, proc.stdout + proc.stderr[-3000:]
     grown = b_rss - s_rss
     extra = big.stat().st_size - small.stat().st_size
-    print(f"peak RSS: {s_rss / 2**20:.0f} MiB for {small.stat().st_size / 2**20:.0f} MiB of JSONL, "
-          f"{b_rss / 2**20:.0f} MiB for {big.stat().st_size / 2**20:.0f} MiB, {r_rss / 2**20:.0f} MiB reusing its cache; "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"peak RSS: {s_rss / 2**20:.0f} MiB for {small.stat().st_size / 2**20:.0f} MiB of JSONL, "
+        f"{b_rss / 2**20:.0f} MiB for {big.stat().st_size / 2**20:.0f} MiB, {r_rss / 2**20:.0f} MiB reusing its cache; "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     # Holding the texts would add `extra` bytes; the ids as int64 blocks, plus the split's copy,
     # 2 * 8 bytes per 61: extra / 4. Allocator noise between runs is a few MiB.
     assert grown < extra / 8, f"peak RSS grew {grown / 2**20:.0f} MiB for {extra / 2**20:.0f} MiB more text"

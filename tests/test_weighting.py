@@ -331,7 +331,13 @@ def test_ratio_combine_value_and_gradients_against_the_plain_formula():
     its configured weight times L_kl, and its gradient is that weight times L_kl * grad(L_i) / L_i."""
     w = ratio()
     x = torch.tensor([0.7, 1.3, -0.4, 2.2, 0.9], dtype=torch.float64, requires_grad=True)
-    losses = {"kl": x[0] ** 2 + 1, "ce": x[1] ** 2, "hidden": (x[2] - 1) ** 2, "embedding": x[3] ** 4, "kl_2": x[4] ** 2}
+    losses = {
+        "kl": x[0] ** 2 + 1,
+        "ce": x[1] ** 2,
+        "hidden": (x[2] - 1) ** 2,
+        "embedding": x[3] ** 4,
+        "kl_2": x[4] ** 2,
+    }
     mult = [1.0, 0.5, 2.0, 1.0, 1.0]
     w.update(losses, mult, [])
     total = w.combine(losses, mult)
@@ -355,24 +361,69 @@ def test_ratio_combine_value_and_gradients_against_the_plain_formula():
 def test_ratio_keeps_the_last_weight_when_a_side_is_zero_or_not_finite(bad):
     """A term with nothing counted gives 0: its ratio is skipped, never inf or NaN (nor is a bad reference's)."""
     w = ratio()
-    w.update({"kl": torch.tensor(2.0), "ce": torch.tensor(1.0), "hidden": torch.tensor(4.0), "embedding": torch.tensor(1.0), "kl_2": torch.tensor(1.0)}, [1.0] * 5, [])
+    w.update(
+        {
+            "kl": torch.tensor(2.0),
+            "ce": torch.tensor(1.0),
+            "hidden": torch.tensor(4.0),
+            "embedding": torch.tensor(1.0),
+            "kl_2": torch.tensor(1.0),
+        },
+        [1.0] * 5,
+        [],
+    )
     before = w.weights().tolist()
     assert before[2] == pytest.approx(0.5) and before[3] == pytest.approx(4.0)
-    w.update({"kl": torch.tensor(2.0), "ce": torch.tensor(1.0), "hidden": torch.tensor(bad), "embedding": torch.tensor(8.0), "kl_2": torch.tensor(1.0)}, [1.0] * 5, [])
+    w.update(
+        {
+            "kl": torch.tensor(2.0),
+            "ce": torch.tensor(1.0),
+            "hidden": torch.tensor(bad),
+            "embedding": torch.tensor(8.0),
+            "kl_2": torch.tensor(1.0),
+        },
+        [1.0] * 5,
+        [],
+    )
     after = w.weights().tolist()
     assert after[2] == pytest.approx(before[2]) and after[3] == pytest.approx(2.0 * 2.0 / 8.0)
-    w.update({"kl": torch.tensor(bad), "ce": torch.tensor(1.0), "hidden": torch.tensor(1.0), "embedding": torch.tensor(1.0), "kl_2": torch.tensor(1.0)}, [1.0] * 5, [])
+    w.update(
+        {
+            "kl": torch.tensor(bad),
+            "ce": torch.tensor(1.0),
+            "hidden": torch.tensor(1.0),
+            "embedding": torch.tensor(1.0),
+            "kl_2": torch.tensor(1.0),
+        },
+        [1.0] * 5,
+        [],
+    )
     assert w.weights().tolist() == pytest.approx(after)
     assert all(math.isfinite(v) for v in w.weights().tolist())
     if bad == 0.0:  # an all-masked feature term contributes exactly 0 to a finite total
-        total = w.combine({"kl": torch.tensor(2.0), "ce": torch.tensor(1.0), "hidden": torch.tensor(0.0), "embedding": torch.tensor(1.0), "kl_2": torch.tensor(1.0)}, [1.0] * 5)
+        total = w.combine(
+            {
+                "kl": torch.tensor(2.0),
+                "ce": torch.tensor(1.0),
+                "hidden": torch.tensor(0.0),
+                "embedding": torch.tensor(1.0),
+                "kl_2": torch.tensor(1.0),
+            },
+            [1.0] * 5,
+        )
         assert math.isfinite(total.item())
 
 
 def test_ratio_uses_the_mean_over_processes():
     """Every process gets the same weights: the values are summed over processes and divided by their count."""
     w = ratio([1.0, 1.0, 1.0, 1.0, 1.0])
-    here = {"kl": torch.tensor(1.0), "ce": torch.tensor(1.0), "hidden": torch.tensor(1.0), "embedding": torch.tensor(2.0), "kl_2": torch.tensor(1.0)}
+    here = {
+        "kl": torch.tensor(1.0),
+        "ce": torch.tensor(1.0),
+        "hidden": torch.tensor(1.0),
+        "embedding": torch.tensor(2.0),
+        "kl_2": torch.tensor(1.0),
+    }
     there = torch.tensor([3.0, 1.0, 5.0, 2.0, 1.0])  # the other process's values, in term order
 
     def reduce(v):  # a 2-process all-reduce(sum) as the engine's reduce sees it
@@ -384,7 +435,17 @@ def test_ratio_uses_the_mean_over_processes():
 
 def test_ratio_state_dict_round_trips():
     a = ratio()
-    a.update({"kl": torch.tensor(2.0), "ce": torch.tensor(1.0), "hidden": torch.tensor(0.1), "embedding": torch.tensor(3.0), "kl_2": torch.tensor(1.0)}, [1.0] * 5, [])
+    a.update(
+        {
+            "kl": torch.tensor(2.0),
+            "ce": torch.tensor(1.0),
+            "hidden": torch.tensor(0.1),
+            "embedding": torch.tensor(3.0),
+            "kl_2": torch.tensor(1.0),
+        },
+        [1.0] * 5,
+        [],
+    )
     b = ratio()
     b.load_state_dict(_roundtrip(a.state_dict()))
     torch.testing.assert_close(b.weights(), a.weights(), rtol=0, atol=0)
@@ -405,10 +466,17 @@ def test_ratio_needs_an_output_term_and_the_types():
 def test_ratio_without_an_output_term_is_a_one_line_config_error():
     from alignkd.config import ConfigError, load_config
 
-    base = {"teacher": {"path": "t"}, "student": {"from_teacher": {"num_layers": 1}}, "data": {"train": "x.txt"}, "weighting": {"strategy": "ratio"}}
+    base = {
+        "teacher": {"path": "t"},
+        "student": {"from_teacher": {"num_layers": 1}},
+        "data": {"train": "x.txt"},
+        "weighting": {"strategy": "ratio"},
+    }
     with pytest.raises(ConfigError) as info:
         load_config(data={**base, "losses": [{"type": "ce"}, {"type": "hidden"}, {"type": "embedding"}]})
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("weighting.strategy: ratio") and "add {type: kl}" in msg
-    cfg = load_config(data={**base, "losses": [{"type": "dkd"}, {"type": "hidden", "weight": 0.0}]})  # dkd is a reference too
+    cfg = load_config(
+        data={**base, "losses": [{"type": "dkd"}, {"type": "hidden", "weight": 0.0}]}
+    )  # dkd is a reference too
     assert cfg.weighting.strategy == "ratio" and cfg.losses[1].weight == 0.0  # 0 stays 0 under ratio: allowed

@@ -43,7 +43,13 @@ def byte_tokenizer(*, bos: bool = False) -> PreTrainedTokenizerFast:
         )
         extra["bos_token"] = "<bos>"
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", **extra
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        **extra,
     )
 
 
@@ -51,21 +57,65 @@ VOCAB = 272  # 261 tokens, padded like real heads (Qwen2Tokenizer adds one more)
 
 
 def config(family: str, *, layers: int = 2, width: int = 32, heads: int = 4, vocab: int = VOCAB, **kw):
-    common = dict(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * width)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * width,
+    )
     if family == "llama":
-        return LlamaConfig(**common, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw)
+        return LlamaConfig(
+            **common,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=256,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+            **kw,
+        )
     if family == "qwen2":
-        return Qwen2Config(**common, num_key_value_heads=max(1, heads // 2), max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw)
+        return Qwen2Config(
+            **common,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=256,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+            **kw,
+        )
     if family == "gemma3":
-        return Gemma3TextConfig(**common, num_key_value_heads=max(1, heads // 2), head_dim=width // heads, max_position_embeddings=256, sliding_window=16, pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw)
+        return Gemma3TextConfig(
+            **common,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=width // heads,
+            max_position_embeddings=256,
+            sliding_window=16,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+            **kw,
+        )
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=width, n_layer=layers, n_head=heads, n_positions=256, pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw)
+        return GPT2Config(
+            vocab_size=vocab,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=256,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+            **kw,
+        )
     if family == "bert":
         return BertConfig(**common, max_position_embeddings=256, pad_token_id=0, num_labels=2, **kw)
     raise ValueError(family)
 
 
-def save_model(path: Path, family: str = "llama", *, task: str = "causal_lm", seed: int = 0, bos: bool = False, **kw) -> Path:
+def save_model(
+    path: Path, family: str = "llama", *, task: str = "causal_lm", seed: int = 0, bos: bool = False, **kw
+) -> Path:
     """Build a random tiny model (+ the byte tokenizer, with BOS when ``bos``) and save it to ``path``."""
     torch.manual_seed(seed)
     cfg = config(family, **kw)
@@ -92,7 +142,9 @@ def write_corpus(path: Path, docs: int = 12) -> Path:
     return path
 
 
-def build(family: str = "llama", *, task: str = "causal_lm", seed: int = 0, attn_implementation: str | None = None, **kw):
+def build(
+    family: str = "llama", *, task: str = "causal_lm", seed: int = 0, attn_implementation: str | None = None, **kw
+):
     """A random tiny model in memory (eval mode, so forwards are deterministic)."""
     torch.manual_seed(seed)
     cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM

@@ -15,7 +15,17 @@ import shutil
 from pathlib import Path
 
 from alignkd.assets import corpus, sentiment, teacher
-from alignkd.assets.cache import NAMES, SOURCE_KEYS, SOURCES, Assets, cache_dir, complete, layout, remove_stale, write_manifest
+from alignkd.assets.cache import (
+    NAMES,
+    SOURCE_KEYS,
+    SOURCES,
+    Assets,
+    cache_dir,
+    complete,
+    layout,
+    remove_stale,
+    write_manifest,
+)
 from alignkd.assets.download import download
 from alignkd.assets.job import Job
 from alignkd.assets.sentiment import SPLITS
@@ -53,7 +63,9 @@ def prepare(
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AssetError(f"cache: cannot create {root} ({e.strerror}); pass --cache DIR or set ALIGNKD_CACHE to a writable folder") from None
+        raise AssetError(
+            f"cache: cannot create {root} ({e.strerror}); pass --cache DIR or set ALIGNKD_CACHE to a writable folder"
+        ) from None
     with Tasks(progress) as ui:
         for name in names:
             job = Job(name, ui, f"{retry} --only {name}")

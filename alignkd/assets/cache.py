@@ -59,7 +59,9 @@ class Assets:
 
 def layout(root: Path) -> Assets:
     corpus = root / "corpus"
-    return Assets(teacher=root / "teacher", sotu=corpus / "sotu", moby_dick=corpus / "moby_dick", sentiment=root / "sentiment")
+    return Assets(
+        teacher=root / "teacher", sotu=corpus / "sotu", moby_dick=corpus / "moby_dick", sentiment=root / "sentiment"
+    )
 
 
 def complete(folder: Path, asset: str, downloaded: bool) -> dict | None:
@@ -103,4 +105,3 @@ def remove_stale(root: Path, asset: str) -> None:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError:
             pass
-

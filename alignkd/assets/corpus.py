@@ -31,7 +31,10 @@ def build(job: Job, tarball: Path, out: Path, scratch: Path) -> None:
 
 def check(folder: Path, strict: bool) -> dict:
     summary = {}
-    for name, expected, kind in (("sotu", SOTU_FILES, "State of the Union .txt"), ("moby_dick", MOBY_CHAPTERS, "chapter_*.txt")):
+    for name, expected, kind in (
+        ("sotu", SOTU_FILES, "State of the Union .txt"),
+        ("moby_dick", MOBY_CHAPTERS, "chapter_*.txt"),
+    ):
         files = sorted((folder / name).glob("*.txt"))
         if (strict and len(files) != expected) or not files:
             raise ValueError(f"found {len(files)} {kind} files, expected {expected if strict else 'at least 1'}")

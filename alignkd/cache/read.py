@@ -8,7 +8,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from alignkd.cache.format import META, VERSION, data_hash, hidden_key, needed_keys, qkv_key, read_meta, teacher_fingerprint
+from alignkd.cache.format import (
+    META,
+    VERSION,
+    data_hash,
+    hidden_key,
+    needed_keys,
+    qkv_key,
+    read_meta,
+    teacher_fingerprint,
+)
 from alignkd.engine.capture import Needs, Record
 from alignkd.errors import ConfigError
 
@@ -27,7 +36,9 @@ class TeacherCache:
             )
         self.meta = read_meta(self.folder)
         if self.meta.get("version") != VERSION:
-            raise ConfigError(f"teacher.cache {self.folder} has format version {self.meta.get('version')}, this alignkd reads {VERSION}; {REBUILD}")
+            raise ConfigError(
+                f"teacher.cache {self.folder} has format version {self.meta.get('version')}, this alignkd reads {VERSION}; {REBUILD}"
+            )
         self.starts = [s["start"] for s in self.meta["shards"]]
         self._files: dict[int, object] = {}
         self.needs = Needs()
@@ -37,11 +48,17 @@ class TeacherCache:
         """One-line errors when the cache was built for other data, another teacher, vocabulary or layers; then reads ``needs``."""
         m, where = self.meta, f"teacher.cache {self.folder}"
         if data_hash(train_blocks, eval_blocks) != m["data_hash"]:
-            raise ConfigError(f"{where} was built from other tokenised data (data.*, the tokenizer or data.bos differ); {REBUILD}")
+            raise ConfigError(
+                f"{where} was built from other tokenised data (data.*, the tokenizer or data.bos differ); {REBUILD}"
+            )
         if teacher_fingerprint(cfg.teacher.path) != m["teacher_fingerprint"]:
-            raise ConfigError(f"{where} was built with another teacher ({m['teacher']}, not {cfg.teacher.path}); {REBUILD}")
+            raise ConfigError(
+                f"{where} was built with another teacher ({m['teacher']}, not {cfg.teacher.path}); {REBUILD}"
+            )
         if vocab != m["vocab"]:
-            raise ConfigError(f"{where} holds a shared vocabulary of {m['vocab']} columns, this run has {vocab}; {REBUILD}")
+            raise ConfigError(
+                f"{where} holds a shared vocabulary of {m['vocab']} columns, this run has {vocab}; {REBUILD}"
+            )
         missing = [k for k in needed_keys(needs) if k not in m["tensors"]]
         if missing:
             raise ConfigError(f"{where} lacks {', '.join(missing)}, which this run's feature terms map to; {REBUILD}")

@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from alignkd.cache.format import META, VERSION, bytes_per_token, data_hash, hidden_key, qkv_key, shard_name, teacher_fingerprint
+from alignkd.cache.format import (
+    META,
+    VERSION,
+    bytes_per_token,
+    data_hash,
+    hidden_key,
+    qkv_key,
+    shard_name,
+    teacher_fingerprint,
+)
 from alignkd.config import validate
 from alignkd.errors import ConfigError
 
@@ -31,10 +40,14 @@ def _check_dest(dest: Path, overwrite: bool) -> None:
     if dest.exists() and not dest.is_dir():
         raise ConfigError(f"teacher.cache {dest} is a file; choose a folder for the cache")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise ConfigError(f"teacher.cache {dest} is not empty; pass --overwrite to replace it, or choose another folder")
+        raise ConfigError(
+            f"teacher.cache {dest} is not empty; pass --overwrite to replace it, or choose another folder"
+        )
     near = next(p for p in (dest.absolute(), *dest.absolute().parents) if p.exists())
     if not os.access(near, os.W_OK | os.X_OK):
-        raise ConfigError(f"teacher.cache {dest}: cannot write there ({near} is not writable); choose a writable folder")
+        raise ConfigError(
+            f"teacher.cache {dest}: cannot write there ({near} is not writable); choose a writable folder"
+        )
 
 
 class _ShardWriter:
@@ -78,9 +91,9 @@ def _topk(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
 def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     """Write the teacher cache of ``cfg`` into ``cfg.teacher.cache``; returns its ``meta.json`` content."""
     from alignkd.engine.capture import Capture, Needs
-    from alignkd.engine.plan import build_plan, forward_record
     from alignkd.engine.choose import choose_blocks, choosing
     from alignkd.engine.distributed import make_accelerator
+    from alignkd.engine.plan import build_plan, forward_record
     from alignkd.engine.run import _models, resolve_precision, setup
     from alignkd.engine.tasks import TASKS, heldout
     from alignkd.precision import DTYPES, default_device
@@ -105,8 +118,14 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     n, seq_len = blocks.shape[0], blocks.shape[1]
     k = min(cfg.teacher.cache_top_k, vocab)
     dtype = DTYPES[cfg.teacher.cache_dtype]
-    say(f"{precision}; caching {n} blocks of {seq_len} tokens: top-{k} log-probabilities"
-        + (f", {len(needs.hidden)} hidden and {len(needs.qkv)} q/k/v layers in {cfg.teacher.cache_dtype}" if needs.hidden or needs.qkv else ""))
+    say(
+        f"{precision}; caching {n} blocks of {seq_len} tokens: top-{k} log-probabilities"
+        + (
+            f", {len(needs.hidden)} hidden and {len(needs.qkv)} q/k/v layers in {cfg.teacher.cache_dtype}"
+            if needs.hidden or needs.qkv
+            else ""
+        )
+    )
     teacher.to(device)
     tmp = dest.absolute().parent / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -127,12 +146,17 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
             if writer is None:  # the first batch tells the bytes per block
                 per_block = sum(t[0].numel() * t.element_size() for t in out.values())
                 writer = _ShardWriter(tmp, max(1, SHARD_BYTES // per_block))
-                specs = {key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])} for key, t in out.items()}
+                specs = {
+                    key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])}
+                    for key, t in out.items()
+                }
             writer.add(out)
             shown.update("cache-teacher", f"{len(writer.shards)} shards written", done=min(start + bs, n), total=n)
         writer.flush()
     autocast = contextlib.nullcontext
-    teacher_eval = heldout(task, teacher, held, tok, batch_size=bs, batches=cfg.train.eval_batches, device=device, autocast=autocast)
+    teacher_eval = heldout(
+        task, teacher, held, tok, batch_size=bs, batches=cfg.train.eval_batches, device=device, autocast=autocast
+    )
     meta = {
         "version": VERSION,
         "blocks": n,

@@ -18,7 +18,20 @@ from alignkd.errors import ConfigError
 from alignkd.terms import ScheduleConfig, TermConfig
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "FromTeacherConfig", "ModelConfig", "ScheduleConfig", "StudentConfig",
-    "TermConfig", "TrainConfig", "WeightingConfig", "apply_override", "field_docs", "from_dict", "load_config",
-    "to_dict", "validate",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FromTeacherConfig",
+    "ModelConfig",
+    "ScheduleConfig",
+    "StudentConfig",
+    "TermConfig",
+    "TrainConfig",
+    "WeightingConfig",
+    "apply_override",
+    "field_docs",
+    "from_dict",
+    "load_config",
+    "to_dict",
+    "validate",
 ]

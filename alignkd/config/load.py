@@ -39,16 +39,22 @@ def _term(value: Any, where: str) -> TermConfig:
         raise ConfigError(f"{where}: expected a mapping with a type, e.g. {{type: kl}}, got {value!r}")
     kind = value.get("type")
     if kind not in TERM_TYPES:
-        raise ConfigError(f"{where}.type: '{kind}' is not one of {', '.join(TERM_TYPES)}{closest(str(kind), list(TERM_TYPES))}")
+        raise ConfigError(
+            f"{where}.type: '{kind}' is not one of {', '.join(TERM_TYPES)}{closest(str(kind), list(TERM_TYPES))}"
+        )
     cls = TERM_TYPES[kind].config
     names = [f.name for f in dataclasses.fields(cls)]
     extra = sorted(k for k in value if k not in names)
     anywhere = {f.name for t in TERM_TYPES.values() for f in dataclasses.fields(t.config)}
     typos = [k for k in extra if k not in anywhere]
     if typos:
-        raise ConfigError(f"{where}.{typos[0]}: unknown key; valid keys here: {', '.join(names)}{closest(str(typos[0]), names)}")
+        raise ConfigError(
+            f"{where}.{typos[0]}: unknown key; valid keys here: {', '.join(names)}{closest(str(typos[0]), names)}"
+        )
     if extra:
-        raise ConfigError(f"{where}: {', '.join(extra)} does not apply to type '{kind}'; it takes {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"{where}: {', '.join(extra)} does not apply to type '{kind}'; it takes {', '.join(sorted(names))}"
+        )
     return from_dict(cls, value, where)
 
 
@@ -163,7 +169,9 @@ def _index(part: str, node: list, where: str) -> int:
     return int(part)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), data: dict | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), data: dict | None = None
+) -> Config:
     """Read YAML (or take ``data``), apply dotted overrides, build a validated Config."""
     if data is None:
         if path is None:

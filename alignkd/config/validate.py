@@ -22,7 +22,13 @@ def validate(cfg) -> None:
     if not cfg.teacher.path:
         raise ConfigError("teacher.path: required (a local model folder or a hub id)")
     # "key=~/x" on a command line reaches us unexpanded (the shell only expands a leading ~).
-    for obj, name in ((cfg.teacher, "path"), (cfg.student, "path"), (cfg.data, "train"), (cfg.data, "eval"), (cfg.train, "output_dir")):
+    for obj, name in (
+        (cfg.teacher, "path"),
+        (cfg.student, "path"),
+        (cfg.data, "train"),
+        (cfg.data, "eval"),
+        (cfg.train, "output_dir"),
+    ):
         value = getattr(obj, name)
         if isinstance(value, str) and value.startswith("~"):
             setattr(obj, name, os.path.expanduser(value))
@@ -33,7 +39,10 @@ def validate(cfg) -> None:
     check_selection(cfg.student)  # first: a select beside a path or config gets its own line
     chosen = [k for k in ("path", "from_teacher", "config") if getattr(cfg.student, k) is not None]
     if len(chosen) != 1:
-        raise ConfigError("student: set exactly one of path, from_teacher or config" + (f" (got {', '.join(chosen)})" if chosen else ""))
+        raise ConfigError(
+            "student: set exactly one of path, from_teacher or config"
+            + (f" (got {', '.join(chosen)})" if chosen else "")
+        )
     one_of(cfg.student.init, ("random", "prune"), "student.init")
     one_of(cfg.student.importance, ("activation", "weight"), "student.importance")
     if not cfg.data.train:
@@ -42,14 +51,18 @@ def validate(cfg) -> None:
         raise ConfigError("data.seq_len: must be at least 2")
     one_of(cfg.data.bos, BOS_SETTINGS, "data.bos")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction: {cfg.data.eval_fraction:g} is outside [0, 1); set the share of training blocks held out, e.g. 0.05")
+        raise ConfigError(
+            f"data.eval_fraction: {cfg.data.eval_fraction:g} is outside [0, 1); set the share of training blocks held out, e.g. 0.05"
+        )
     _check_losses(cfg)
     _check_cache(cfg)
     one_of(cfg.weighting.strategy, WEIGHTINGS, "weighting.strategy")
     if cfg.weighting.every < 1:
         raise ConfigError("weighting.every: must be >= 1")
     if cfg.weighting.strategy == "ratio" and not any(role(loss.type) == "output" for loss in cfg.losses):
-        raise ConfigError("weighting.strategy: ratio scales each feature term to the first kl or dkd term's value, and losses has none; add {type: kl} or choose static, gradnorm or uncertainty")
+        raise ConfigError(
+            "weighting.strategy: ratio scales each feature term to the first kl or dkd term's value, and losses has none; add {type: kl} or choose static, gradnorm or uncertainty"
+        )
     t = cfg.train
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(t, name) < 1:
@@ -70,10 +83,14 @@ def _check_losses(cfg) -> None:
         where = f"losses[{i}]"
         one_of(loss.type, list(TERM_TYPES), f"{where}.type")
         if not isinstance(loss, TERM_TYPES[loss.type].config):
-            raise ConfigError(f"{where}: type '{loss.type}' needs a {TERM_TYPES[loss.type].config.__name__}, got a {type(loss).__name__}")
+            raise ConfigError(
+                f"{where}: type '{loss.type}' needs a {TERM_TYPES[loss.type].config.__name__}, got a {type(loss).__name__}"
+            )
         loss.check(where)
         if cfg.weighting.strategy in ("gradnorm", "uncertainty") and loss.weight == 0:
-            raise ConfigError(f"{where}.weight: 0 under {cfg.weighting.strategy} weighting would be learned away from 0; remove the term instead")
+            raise ConfigError(
+                f"{where}.weight: 0 under {cfg.weighting.strategy} weighting would be learned away from 0; remove the term instead"
+            )
     # Names: the ones given must be unique; the rest take their type, with a suffix when it repeats.
     used: set[str] = set()
     for i, loss in enumerate(cfg.losses):
@@ -102,7 +119,9 @@ def _check_cache(cfg) -> None:
     if isinstance(t.cache, str) and t.cache.startswith("~"):
         t.cache = os.path.expanduser(t.cache)
     if t.task != "causal_lm":
-        raise ConfigError(f"teacher.cache: a teacher cache holds causal-LM outputs; teacher.task is {t.task}: remove teacher.cache")
+        raise ConfigError(
+            f"teacher.cache: a teacher cache holds causal-LM outputs; teacher.task is {t.task}: remove teacher.cache"
+        )
     for i, loss in enumerate(cfg.losses):
         if not TERM_TYPES[loss.type].cached:
             able = ", ".join(k for k, v in TERM_TYPES.items() if v.cached)
@@ -110,4 +129,3 @@ def _check_cache(cfg) -> None:
                 f"losses[{i}]: the {loss.type} term needs the live teacher, not teacher.cache (cached terms: {able}); "
                 "remove the term or teacher.cache"
             )
-

@@ -41,7 +41,9 @@ class Blocks:
 
     dtype = torch.int64
 
-    def __init__(self, stream: np.ndarray, seq_len: int, bos_id: int | None, count: int, rows: torch.Tensor | None = None):
+    def __init__(
+        self, stream: np.ndarray, seq_len: int, bos_id: int | None, count: int, rows: torch.Tensor | None = None
+    ):
         self.stream, self.seq_len, self.bos_id = stream, seq_len, bos_id
         self.body = seq_len - (bos_id is not None)  # stream tokens per block
         if count * self.body > len(stream):

@@ -132,9 +132,7 @@ def csv_records(path: Path, needed: dict[str, str]) -> Iterator[tuple[str, dict]
                 return
             for name, setting in needed.items():
                 if name not in columns:
-                    raise DataError(
-                        f"{path} has no column {name!r} (columns: {', '.join(columns)}); set {setting}"
-                    )
+                    raise DataError(f"{path} has no column {name!r} (columns: {', '.join(columns)}); set {setting}")
             for row in reader:
                 yield f"{path} row {reader.line_num}", row
         except UnicodeDecodeError:

@@ -111,7 +111,15 @@ def _stream(source: str, tokenizer, text_field: str, split: str, max_tokens: int
     if not wants_cache(files, setting):
         return memory_stream(pieces(), tokenizer, eos_id, max_tokens), False
     return cached_stream(
-        source, files, tokenizer, eos_id, pieces, text_field=text_field, setting=setting, max_tokens=max_tokens, say=say,
+        source,
+        files,
+        tokenizer,
+        eos_id,
+        pieces,
+        text_field=text_field,
+        setting=setting,
+        max_tokens=max_tokens,
+        say=say,
     ), True
 
 

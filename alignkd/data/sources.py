@@ -50,9 +50,7 @@ def _load_dataset(source: str, split: str, needed: dict[str, str]):
             ) from e
     for name, setting in needed.items():
         if name not in ds.column_names:
-            raise DataError(
-                f"{source} has no column {name!r} (columns: {', '.join(ds.column_names)}); set {setting}"
-            )
+            raise DataError(f"{source} has no column {name!r} (columns: {', '.join(ds.column_names)}); set {setting}")
     return ds
 
 

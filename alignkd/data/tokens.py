@@ -55,7 +55,10 @@ def wants_cache(files: list[Path] | None, setting: str) -> bool:
 
 
 def tokenize_stream(
-    pieces: Iterable[tuple[str, bool]], tokenizer, eos_id: int | None, write: Callable[[array], None],
+    pieces: Iterable[tuple[str, bool]],
+    tokenizer,
+    eos_id: int | None,
+    write: Callable[[array], None],
     max_tokens: int | None = None,
 ) -> tuple[int, bool]:
     """Tokenise ``(text, ends_document)`` pieces in batches and hand the ids to ``write`` as int32 arrays.
@@ -177,8 +180,16 @@ def _meta(path: Path, data: Path) -> dict | None:
 
 
 def cached_stream(
-    source: str, files: list[Path], tokenizer, eos_id: int | None, pieces: Callable[[], Iterable[tuple[str, bool]]], *,
-    text_field: str, setting: str, max_tokens: int | None = None, say: Callable[[str], None] = lambda _: None,
+    source: str,
+    files: list[Path],
+    tokenizer,
+    eos_id: int | None,
+    pieces: Callable[[], Iterable[tuple[str, bool]]],
+    *,
+    text_field: str,
+    setting: str,
+    max_tokens: int | None = None,
+    say: Callable[[str], None] = lambda _: None,
 ) -> np.ndarray:
     """The token stream of ``source`` (read from ``files`` by ``pieces()``): ``[L]`` int32, memory-mapped.
 
@@ -187,8 +198,12 @@ def cached_stream(
     """
     stats = [(str(f.resolve()), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
     key = {
-        "format": FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer), "eos": eos_id, "text_field": text_field,
-        "files": stats, "pieces": [WHOLE_TEXT_BYTES, TEXT_PIECE_CHARS],  # how big text files are cut
+        "format": FORMAT,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "eos": eos_id,
+        "text_field": text_field,
+        "files": stats,
+        "pieces": [WHOLE_TEXT_BYTES, TEXT_PIECE_CHARS],  # how big text files are cut
     }
     digest = _digest(key)
     folder = cache_folder(source, setting, say)
@@ -227,7 +242,9 @@ def _build(source, data: Path, meta_path: Path, meta: dict, tokenizer, eos_id, p
     tmp_meta.write_text(json.dumps(meta | counted))
     os.replace(tmp_meta, meta_path)  # last: the data file is whole once this exists
     what = "" if complete else f", the first {tokens:,} (data.max_train_tokens)"
-    say(f"token cache: tokenised {source} into {data} ({tokens:,} tokens{what}, {time.perf_counter() - t0:.0f} s); later runs reuse it")
+    say(
+        f"token cache: tokenised {source} into {data} ({tokens:,} tokens{what}, {time.perf_counter() - t0:.0f} s); later runs reuse it"
+    )
     return counted
 
 

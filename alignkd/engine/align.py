@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from alignkd.errors import LayerMapError
-
 import math
 
 import torch
 from torch import nn
+
+from alignkd.errors import LayerMapError
 
 
 def auto_map(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
@@ -15,7 +15,9 @@ def auto_map(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
     return [(i, max(0, math.floor((i + 1) * num_teacher / num_student + 0.5) - 1)) for i in range(num_student)]
 
 
-def resolve_map(spec, num_student: int, num_teacher: int, where: str, source: list[int] | None = None) -> list[tuple[int, int]]:
+def resolve_map(
+    spec, num_student: int, num_teacher: int, where: str, source: list[int] | None = None
+) -> list[tuple[int, int]]:
     """Turn ``auto`` / ``last`` / ``source`` / ``adaptive`` / ``[[s, t], ...]`` into (student, teacher) block pairs.
 
     ``source`` pairs each block of a student copied from the teacher with the
@@ -25,7 +27,9 @@ def resolve_map(spec, num_student: int, num_teacher: int, where: str, source: li
     """
     if spec == "source":
         if source is None:
-            raise LayerMapError(f"{where}: 'source' needs a student built with student.from_teacher; use auto or explicit pairs")
+            raise LayerMapError(
+                f"{where}: 'source' needs a student built with student.from_teacher; use auto or explicit pairs"
+            )
         return list(enumerate(source))
     if spec in ("auto", "adaptive"):
         return auto_map(num_student, num_teacher)
@@ -35,7 +39,9 @@ def resolve_map(spec, num_student: int, num_teacher: int, where: str, source: li
     for s, t in spec:
         for side, idx, n in (("student", s, num_student), ("teacher", t, num_teacher)):
             if not -n <= idx < n:
-                raise LayerMapError(f"{where}: {side} layer {idx} does not exist; the {side} has {n} blocks (0..{n - 1})")
+                raise LayerMapError(
+                    f"{where}: {side} layer {idx} does not exist; the {side} has {n} blocks (0..{n - 1})"
+                )
         pairs.append((s % num_student, t % num_teacher))
     return pairs
 

@@ -78,7 +78,11 @@ def save_checkpoint(run, step: int) -> Path:
         torch.save(optimizer, tmp / f"optimizer-rank{rank}.pt")
         acc.wait_for_everyone()
     if acc.is_main_process:
-        state = {"scheduler": run.scheduler.state_dict(), "weighting": run.weighting.state_dict(), "rng": _rng_tensors()}
+        state = {
+            "scheduler": run.scheduler.state_dict(),
+            "weighting": run.weighting.state_dict(),
+            "rng": _rng_tensors(),
+        }
         if side is not None:  # ZeRO's parameters are views of its flat buffers (or partitions): saved as copies
             save_file(side, str(tmp / "side.safetensors"))
         elif not sharded:
@@ -116,7 +120,11 @@ def _launch(run) -> tuple[str, int] | None:
 
 
 def _launch_words(key: str) -> str:
-    return "whose student was sharded (an FSDP launch)" if key == "sharded_over" else f"under DeepSpeed ZeRO-{key[4:-5]} (a DeepSpeed launch)"
+    return (
+        "whose student was sharded (an FSDP launch)"
+        if key == "sharded_over"
+        else f"under DeepSpeed ZeRO-{key[4:-5]} (a DeepSpeed launch)"
+    )
 
 
 def _step_of(path: Path) -> int:
@@ -140,9 +148,15 @@ def load_checkpoint(run, path: Path) -> int:
     """Restore a checkpoint into ``run``; returns the step to continue from. Raises on a damaged checkpoint."""
     meta = json.loads((path / "state.json").read_text())
     acc, sharded, launch = run.accelerator, run.whole_params is not None, _launch(run)
-    was = next(((k, v) for k, v in meta.items() if k == "sharded_over" or (k.startswith("zero") and k.endswith("_over"))), None)
+    was = next(
+        ((k, v) for k, v in meta.items() if k == "sharded_over" or (k.startswith("zero") and k.endswith("_over"))), None
+    )
     if was != launch:
-        wrote = f"a run {_launch_words(was[0])} over {was[1]} processes" if was else "a run with one whole student (no FSDP or DeepSpeed launch)"
+        wrote = (
+            f"a run {_launch_words(was[0])} over {was[1]} processes"
+            if was
+            else "a run with one whole student (no FSDP or DeepSpeed launch)"
+        )
         raise ConfigError(f"--resume: {path} was written by {wrote}; resume it the same way")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     rank = acc.process_index
@@ -153,7 +167,11 @@ def load_checkpoint(run, path: Path) -> int:
             load_local_state(run.unwrapped, load_file(str(path / "side.safetensors")))
     else:
         load_model(run.unwrapped, str(path / "side.safetensors"), device=str(acc.device))
-    optimizer = torch.load(path / f"optimizer-rank{rank}.pt", map_location="cpu", weights_only=True) if launch else state["optimizer"]
+    optimizer = (
+        torch.load(path / f"optimizer-rank{rank}.pt", map_location="cpu", weights_only=True)
+        if launch
+        else state["optimizer"]
+    )
     if sharded:
         load_local_optimizer_state(run.optimizer, optimizer)
     elif launch:  # after the weights: ZeRO sets them again from its float32 master copy
@@ -194,7 +212,9 @@ def resume_latest(run, say) -> int:
         if not _loaded_everywhere(run, error is None):  # one process's bad file sends every process back
             e = error or RuntimeError("another process could not load its part")
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            warnings.warn(f"checkpoint {path} could not be loaded ({reason[:200]}); trying the one before", stacklevel=2)
+            warnings.warn(
+                f"checkpoint {path} could not be loaded ({reason[:200]}); trying the one before", stacklevel=2
+            )
             say(f"[yellow]checkpoint {path.name} is damaged ({type(e).__name__}); trying the one before[/]")
             continue
         say(f"resuming from {path} (step {step})")

@@ -51,13 +51,17 @@ def choosing(cfg) -> bool:
 def load_inputs(cfg) -> Inputs:
     t = cfg.teacher
     tok = load_tokenizer(t.path, what="teacher", trust_remote_code=t.trust_remote_code)
-    teacher = freeze(load_model(t.path, task=t.task, dtype=t.dtype, what="teacher", trust_remote_code=t.trust_remote_code))
+    teacher = freeze(
+        load_model(t.path, task=t.task, dtype=t.dtype, what="teacher", trust_remote_code=t.trust_remote_code)
+    )
     check_positions(teacher, cfg.data.seq_len, "teacher")
     train_data, eval_data = TASKS[t.task].load_data(cfg, tok)  # resolves data.bos in cfg, as the run would
     return Inputs(tok, teacher, train_data, eval_data)
 
 
-def choose_blocks(cfg, accelerator: Accelerator, setup: Callable, say=print, *, again: bool = False) -> tuple[Selection | None, Inputs | None]:
+def choose_blocks(
+    cfg, accelerator: Accelerator, setup: Callable, say=print, *, again: bool = False
+) -> tuple[Selection | None, Inputs | None]:
     """Choose ``student.from_teacher.layers`` as its ``select`` says and write them into ``cfg`` (config.yaml then records them).
 
     Nothing happens unless :func:`choosing` (returns ``(None, None)``), or
@@ -67,13 +71,20 @@ def choose_blocks(cfg, accelerator: Accelerator, setup: Callable, say=print, *, 
     """
     ft = cfg.student.from_teacher
     if again and ft is None:
-        raise ConfigError("student.from_teacher: choosing blocks needs a student made from the teacher's blocks; set e.g. student.from_teacher.num_layers=6")
+        raise ConfigError(
+            "student.from_teacher: choosing blocks needs a student made from the teacher's blocks; set e.g. student.from_teacher.num_layers=6"
+        )
     if not (again or choosing(cfg)):
         return None, None
     inputs = load_inputs(cfg)
     calib = Calibration(
-        calibration_rows(inputs.train_data, ft.calibration_sequences, cfg.train.seed), TASKS[cfg.teacher.task], inputs.tokenizer,
-        skip_bos=cfg.data.bos == "always", batch_size=cfg.train.batch_size, device=accelerator.device, autocast=accelerator.autocast,
+        calibration_rows(inputs.train_data, ft.calibration_sequences, cfg.train.seed),
+        TASKS[cfg.teacher.task],
+        inputs.tokenizer,
+        skip_bos=cfg.data.bos == "always",
+        batch_size=cfg.train.batch_size,
+        device=accelerator.device,
+        autocast=accelerator.autocast,
     )
     probe = _probe(cfg, accelerator, inputs, setup) if ft.select == "search" else None
     with _state_kept(accelerator):

@@ -234,7 +234,9 @@ def load_local_optimizer_state(optimizer, sd: dict) -> None:
         if is_sharded(p):
             for k, v in st.items():
                 if v.dim() > 0:  # the moments; "step" is a whole scalar
-                    st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    st[k] = DTensor.from_local(
+                        v.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    )
     optimizer.load_state_dict(sd)
 
 
@@ -242,7 +244,9 @@ def _fully_shard(what: str, instead: str):
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
-        raise ConfigError(f"{what} needs FSDP2 (torch >= 2.6; this is {torch.__version__}); upgrade torch or {instead}") from None
+        raise ConfigError(
+            f"{what} needs FSDP2 (torch >= 2.6; this is {torch.__version__}); upgrade torch or {instead}"
+        ) from None
     return fully_shard
 
 

@@ -25,7 +25,10 @@ def next_batches(run, step: int) -> list:
     """This process's micro-batches of ``step``, on its device (the sampler moves on)."""
     seed = run.cfg.train.seed * 100003 + step * 131
     return [
-        to_device(run.task.make_batch(run.train_data, run.sampler.next_indices(), run.tokenizer, seed=seed + k), run.accelerator.device)
+        to_device(
+            run.task.make_batch(run.train_data, run.sampler.next_indices(), run.tokenizer, seed=seed + k),
+            run.accelerator.device,
+        )
         for k in range(run.cfg.train.grad_accum)
     ]
 
@@ -35,7 +38,13 @@ def train_record(run, step: int, r: StepResult) -> dict:
     record = {"split": "train", "step": step, "loss": r.means["loss"]}
     record.update({f"loss/{n}": r.means[n] for n in run.weighting.names})
     record.update(run.weighting.log())
-    record.update({f"temperature/{t.cfg.name}": v for t, v in zip(run.terms, r.at.temperatures) if v is not None and t.cfg.temperature_schedule})
+    record.update(
+        {
+            f"temperature/{t.cfg.name}": v
+            for t, v in zip(run.terms, r.at.temperatures)
+            if v is not None and t.cfg.temperature_schedule
+        }
+    )
     record.update({"lr": r.lr, "tokens_per_s": r.tokens / r.seconds, "step_s": r.seconds, "grad_norm": r.grad_norm})
     if r.bad:
         record.update({"skipped": 1, "bad": ",".join(r.bad)})
@@ -124,7 +133,9 @@ def train(run, start_step: int = 0) -> dict:
                 save_checkpoint(run, done)
             if sigterm.agreed(acc) and not last:
                 progress.stop()
-                raise Preempted(done, save_checkpoint(run, done) if not saved else run.out / "checkpoints" / f"step-{done}")
+                raise Preempted(
+                    done, save_checkpoint(run, done) if not saved else run.out / "checkpoints" / f"step-{done}"
+                )
     except KeyboardInterrupt:
         # Never lose work: keep what the finished steps learned, then stop.
         progress.stop()

@@ -8,14 +8,31 @@ from pathlib import Path
 
 from alignkd.errors import ConfigError
 
-
 # What a run writes into its output folder; --overwrite removes exactly these.
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "block_scores.json", "projectors.safetensors", "eval.json", "report.html", "report.md")
+RUN_FILES = (
+    "metrics.jsonl",
+    "summary.json",
+    "config.yaml",
+    "block_scores.json",
+    "projectors.safetensors",
+    "eval.json",
+    "report.html",
+    "report.md",
+)
 RUN_DIRS = ("checkpoints", "student", "tensorboard")
 # Settings a resumed run may change: they do not change what a step computes.
-RESUMABLE = {"train.steps", "train.max_minutes", "train.log_every", "train.eval_every", "train.eval_batches",
-             "train.save_every", "train.keep_checkpoints", "train.progress", "train.output_dir",
-             "data.token_cache"}  # where tokens are cached, not which
+RESUMABLE = {
+    "train.steps",
+    "train.max_minutes",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.progress",
+    "train.output_dir",
+    "data.token_cache",
+}  # where tokens are cached, not which
 
 
 def holds_run(out: Path) -> bool:
@@ -26,7 +43,9 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: continue the run, or replace it")
     if not resume and not overwrite and holds_run(out):
-        raise ConfigError(f"train.output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        raise ConfigError(
+            f"train.output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir {out} is a file; choose a folder")
     # The folder is made only once nothing can stop the run; find out now whether it can be.
@@ -59,7 +78,9 @@ def check_resumable(saved: dict, now: dict) -> None:
     a, b = _flat(saved), _flat(now)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE)
     if changed:
-        shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
+        shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed[:4]) + (
+            " ..." if len(changed) > 4 else ""
+        )
         raise ConfigError(
             f"--resume with a config that changes what the run computes: {shown}; "
             "restore those values, or start a new run with --overwrite or another train.output_dir"

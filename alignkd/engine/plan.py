@@ -65,7 +65,9 @@ def unwrap(side: nn.Module) -> StudentSide:
     return side
 
 
-def forward_record(model: nn.Module, capture: Capture, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_head: bool) -> Record:
+def forward_record(
+    model: nn.Module, capture: Capture, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_head: bool
+) -> Record:
     """One model's forward as a Record: its logits, or with ``fused_head`` its final hidden states (no head call)."""
     if fused_head:
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask.long())
@@ -104,7 +106,9 @@ def build_plan(losses: list[TermConfig], student: nn.Module, teacher: nn.Module)
         pairs: list[tuple[int, int]] = []
         if kind.layered:
             try:
-                pairs = resolve_map(cfg.layers, ls, lt, f"{where}.layers", getattr(student, "alignkd_source_layers", None))
+                pairs = resolve_map(
+                    cfg.layers, ls, lt, f"{where}.layers", getattr(student, "alignkd_source_layers", None)
+                )
             except LayerMapError as e:
                 raise ConfigError(str(e)) from None
         if kind.needs is not None:

@@ -22,25 +22,38 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch import nn
 
-from alignkd.config import Config, to_dict, validate
-from alignkd.errors import ConfigError
 from alignkd.cache.read import TeacherCache
+from alignkd.config import Config, to_dict, validate
 from alignkd.data import BlockSampler
+from alignkd.engine import zero
 from alignkd.engine.capture import Capture
 from alignkd.engine.choose import Inputs, choose_blocks
-from alignkd.engine import zero
-from alignkd.engine.distributed import full_state, is_sharded, make_accelerator, place_teacher, shard_student, shards_student
+from alignkd.engine.distributed import (
+    full_state,
+    is_sharded,
+    make_accelerator,
+    place_teacher,
+    shard_student,
+    shards_student,
+)
 from alignkd.engine.horizon import Horizon
 from alignkd.engine.output_dir import check_output, check_resumable, clear
 from alignkd.engine.plan import StudentSide, build_plan, unwrap
 from alignkd.engine.tasks import TASKS, heldout
 from alignkd.engine.weighting import Weighting, build_weighting
-from alignkd.models.families import OutputHead, blocks_of, disable_attention_dropout, output_head
+from alignkd.errors import ConfigError
 from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
+from alignkd.models.families import OutputHead, blocks_of, disable_attention_dropout, output_head
 from alignkd.models.loading import check_positions, load_skeleton
-from alignkd.precision import bf16_support, default_device, resolve_dtype, resolve_mixed_precision, resolve_student_dtype
 from alignkd.models.select import Selection, calibration_rows, write_scores
 from alignkd.models.student import build_student, freeze, param_count
+from alignkd.precision import (
+    bf16_support,
+    default_device,
+    resolve_dtype,
+    resolve_mixed_precision,
+    resolve_student_dtype,
+)
 from alignkd.terms import TERM_TYPES, Term
 
 
@@ -88,8 +101,14 @@ class Run:
         """Held-out loss (and perplexity, or accuracy) of ``model`` on the eval data."""
         t = self.cfg.train
         return heldout(
-            self.task, model, self.eval_data, self.tokenizer, batch_size=t.batch_size, batches=t.eval_batches,
-            device=self.accelerator.device, autocast=self.accelerator.autocast,
+            self.task,
+            model,
+            self.eval_data,
+            self.tokenizer,
+            batch_size=t.batch_size,
+            batches=t.eval_batches,
+            device=self.accelerator.device,
+            autocast=self.accelerator.autocast,
         )
 
 
@@ -152,14 +171,28 @@ def _models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs | N
     """
     task = cfg.teacher.task
     weights = not (cfg.teacher.cache or fine_tunes_teacher(cfg)) if teacher_weights is None else teacher_weights
-    tok = inputs.tokenizer if inputs else load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
-    copies_teacher = cfg.student.from_teacher is not None or (cfg.student.config is not None and cfg.student.init == "prune")
+    tok = (
+        inputs.tokenizer
+        if inputs
+        else load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
+    )
+    copies_teacher = cfg.student.from_teacher is not None or (
+        cfg.student.config is not None and cfg.student.init == "prune"
+    )
     if inputs:
         teacher = inputs.teacher
     elif weights or copies_teacher:
-        teacher = load_model(cfg.teacher.path, task=task, dtype=cfg.teacher.dtype, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
+        teacher = load_model(
+            cfg.teacher.path,
+            task=task,
+            dtype=cfg.teacher.dtype,
+            what="teacher",
+            trust_remote_code=cfg.teacher.trust_remote_code,
+        )
     else:
-        teacher = load_skeleton(cfg.teacher.path, task=task, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
+        teacher = load_skeleton(
+            cfg.teacher.path, task=task, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code
+        )
     teacher = freeze(teacher)
     student = build_student(cfg.student, teacher, task, _calibration(cfg, tok, inputs, teacher))
     if not weights:
@@ -238,35 +271,76 @@ def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | Non
     side.fused_head = heads is not None
     w = cfg.weighting
     weighting = build_weighting(
-        w.strategy, [t.cfg.name for t in plan.terms], [t.cfg.weight for t in plan.terms],
-        alpha=w.alpha, lr=w.lr, every=w.every, kinds=[t.cfg.type for t in plan.terms],
+        w.strategy,
+        [t.cfg.name for t in plan.terms],
+        [t.cfg.weight for t in plan.terms],
+        alpha=w.alpha,
+        lr=w.lr,
+        every=w.every,
+        kinds=[t.cfg.type for t in plan.terms],
     )
     train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
     if cache is not None:
         cache.check(cfg, train_data["input_ids"], eval_data["input_ids"], plan.teacher_needs, vocab)
     if next(teacher.parameters()).device.type != "meta":  # a teacher that never runs is not placed
-        teacher = place_teacher(teacher, accelerator, cfg.teacher.placement, say, keep_whole=heads[1].params() if heads else ())
+        teacher = place_teacher(
+            teacher, accelerator, cfg.teacher.placement, say, keep_whole=heads[1].params() if heads else ()
+        )
     weighting.to(accelerator.device)
-    whole = shard_student(side, accelerator, say) if shards_student() else None  # before the optimizer: it replaces parameters
+    whole = (
+        shard_student(side, accelerator, say) if shards_student() else None
+    )  # before the optimizer: it replaces parameters
     optimizer = _optimizer(cfg, side, weighting)
     max_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
     horizon = Horizon(cfg.train.steps, max_seconds)
     # Stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
+    )
     if whole is not None:
         optimizer = accelerator.prepare(optimizer)
     elif settings := zero.launch_zero():
-        side = zero.wrap(side, optimizer, settings, cfg, accelerator.num_processes, say, keep_whole=heads[0].params() if heads else ())
+        side = zero.wrap(
+            side,
+            optimizer,
+            settings,
+            cfg,
+            accelerator.num_processes,
+            say,
+            keep_whole=heads[0].params() if heads else (),
+        )
         optimizer = side.optimizer  # ZeRO's, stepping the AdamW's groups the scheduler drives
     else:
         side, optimizer = accelerator.prepare(side, optimizer)
     sampler = BlockSampler(
-        train_data["input_ids"].shape[0], cfg.train.batch_size, cfg.train.seed,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        train_data["input_ids"].shape[0],
+        cfg.train.batch_size,
+        cfg.train.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
     )
     return Run(
-        cfg, accelerator, tok, teacher, teacher_capture, side, plan.terms, weighting, optimizer, scheduler,
-        train_data, eval_data, sampler, vocab, task, Path(cfg.train.output_dir), horizon, heads, cache, selection, whole,
+        cfg,
+        accelerator,
+        tok,
+        teacher,
+        teacher_capture,
+        side,
+        plan.terms,
+        weighting,
+        optimizer,
+        scheduler,
+        train_data,
+        eval_data,
+        sampler,
+        vocab,
+        task,
+        Path(cfg.train.output_dir),
+        horizon,
+        heads,
+        cache,
+        selection,
+        whole,
     )
 
 
@@ -325,7 +399,9 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"train.output_dir {out}: cannot create it ({e.strerror}); choose a writable folder") from None
+            raise ConfigError(
+                f"train.output_dir {out}: cannot create it ({e.strerror}); choose a writable folder"
+            ) from None
         if overwrite:
             clear(out)
         saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -352,7 +428,11 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
         "student_eval": last["eval"],
         "last_train": last["train"],
         "student_dir": str(student_dir),
-        "precision": {"teacher_dtype": cfg.teacher.dtype, "student_dtype": cfg.student.dtype, "mixed_precision": cfg.train.mixed_precision},
+        "precision": {
+            "teacher_dtype": cfg.teacher.dtype,
+            "student_dtype": cfg.student.dtype,
+            "mixed_precision": cfg.train.mixed_precision,
+        },
     }
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -380,7 +460,9 @@ def _teacher_eval(run: Run, say) -> dict:
         meta, cfg = run.cache.meta, run.cfg
         blocks = min(run.eval_data["input_ids"].shape[0], cfg.train.batch_size * cfg.train.eval_batches)
         if blocks != meta["teacher_eval_blocks"]:
-            say(f"teacher held-out numbers from the cache: {meta['teacher_eval_blocks']} eval blocks (the student's: {blocks})")
+            say(
+                f"teacher held-out numbers from the cache: {meta['teacher_eval_blocks']} eval blocks (the student's: {blocks})"
+            )
         return meta["teacher_eval"]
     if next(run.teacher.parameters()).device.type == "meta":
         return run.evaluate(run.unwrapped.student)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkd.engine.capture import Record
 from alignkd.engine import zero
+from alignkd.engine.capture import Record
 from alignkd.engine.distributed import average_whole, backward, clip_grad_norm, gradient_sync, held_gathered
 from alignkd.engine.plan import forward_record
 from alignkd.engine.tasks import Batch
@@ -37,7 +37,9 @@ def schedules_at(run, step: int) -> Schedules:
     total = run.horizon.total
     mult = [schedule_value(t.cfg.weight_schedule, step, total, 1.0) for t in run.terms]
     temps = [
-        schedule_value(t.cfg.temperature_schedule, step, total, t.cfg.temperature) if TERM_TYPES[t.cfg.type].tempered else None
+        schedule_value(t.cfg.temperature_schedule, step, total, t.cfg.temperature)
+        if TERM_TYPES[t.cfg.type].tempered
+        else None
         for t in run.terms
     ]
     return Schedules(mult, temps)
@@ -56,19 +58,30 @@ def teacher_forward(run, batch: Batch) -> Record:
         return forward_record(run.teacher, run.teacher_capture, batch.input_ids, batch.mask, run.unwrapped.fused_head)
 
 
-def term_losses(run, batch: Batch, student: Record, teacher: Record, temperatures: list[float | None]) -> dict[str, torch.Tensor]:
+def term_losses(
+    run, batch: Batch, student: Record, teacher: Record, temperatures: list[float | None]
+) -> dict[str, torch.Tensor]:
     """Every term's float32 value on one micro-batch, by term name."""
     x = StepTensors(
-        input_ids=batch.input_ids, mask=batch.mask, labels=batch.labels, task=run.task,
-        student=student, teacher=teacher, vocab=run.vocab, side=run.unwrapped,
-        teacher_model=run.teacher, teacher_capture=run.teacher_capture,
+        input_ids=batch.input_ids,
+        mask=batch.mask,
+        labels=batch.labels,
+        task=run.task,
+        student=student,
+        teacher=teacher,
+        vocab=run.vocab,
+        side=run.unwrapped,
+        teacher_model=run.teacher,
+        teacher_capture=run.teacher_capture,
         feature_mask=run.task.feature_mask(batch, run.cfg.data.bos == "always"),
         heads=run.heads if run.unwrapped.fused_head else None,
     )
     return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in zip(run.terms, temperatures)}
 
 
-def micro_step(run, batch: Batch, token_share: float, at: Schedules, *, update_weights: bool, sync: bool) -> dict[str, torch.Tensor]:
+def micro_step(
+    run, batch: Batch, token_share: float, at: Schedules, *, update_weights: bool, sync: bool
+) -> dict[str, torch.Tensor]:
     """Teacher forward, student forward, term losses, weighted backward of one micro-batch.
 
     ``token_share`` is this micro-batch's share of the step's counted positions
@@ -121,8 +134,12 @@ def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
     for k, batch in enumerate(batches):
         token_share = counts[k] * acc.num_processes / global_count
         values = micro_step(
-            run, batch, token_share, at,
-            update_weights=k == 0 and run.weighting.due(step), sync=k == len(batches) - 1,
+            run,
+            batch,
+            token_share,
+            at,
+            update_weights=k == 0 and run.weighting.due(step),
+            sync=k == len(batches) - 1,
         )
         for name, v in values.items():
             sums[name] = sums.get(name, 0.0) + v.double() * counts[k]

@@ -41,9 +41,17 @@ class CausalLM:
         bos_id = resolve_bos(d.bos, tokenizer)
         d.bos = "never" if bos_id is None else "always"
         lm = build_lm_data(
-            d.train, tokenizer, seq_len=d.seq_len, eval=d.eval, eval_fraction=d.eval_fraction,
-            text_field=d.text_field, max_train_tokens=d.max_train_tokens, seed=cfg.train.seed, bos_id=bos_id,
-            token_cache=d.token_cache, say=say,
+            d.train,
+            tokenizer,
+            seq_len=d.seq_len,
+            eval=d.eval,
+            eval_fraction=d.eval_fraction,
+            text_field=d.text_field,
+            max_train_tokens=d.max_train_tokens,
+            seed=cfg.train.seed,
+            bos_id=bos_id,
+            token_cache=d.token_cache,
+            say=say,
         )
         return {"input_ids": lm.train}, {"input_ids": lm.eval}
 
@@ -132,8 +140,14 @@ class Classification(CausalLM):
     def load_data(self, cfg, tokenizer, say=lambda _: None) -> tuple[dict, dict]:
         d = cfg.data  # labelled sets stay in memory: no token cache to report
         c = build_classification_data(
-            d.train, tokenizer, seq_len=d.seq_len, eval=d.eval, eval_fraction=d.eval_fraction,
-            text_field=d.text_field, label_field=d.label_field, seed=cfg.train.seed,
+            d.train,
+            tokenizer,
+            seq_len=d.seq_len,
+            eval=d.eval,
+            eval_fraction=d.eval_fraction,
+            text_field=d.text_field,
+            label_field=d.label_field,
+            seed=cfg.train.seed,
         )
         return (
             {"input_ids": c.train_ids, "mask": c.train_mask, "labels": c.train_labels},
@@ -166,7 +180,9 @@ class Classification(CausalLM):
 TASKS = {t.name: t for t in (CausalLM(), MaskedLM(), Classification())}
 
 
-def _mlm_mask(ids: torch.Tensor, mask: torch.Tensor, tokenizer, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlm_mask(
+    ids: torch.Tensor, mask: torch.Tensor, tokenizer, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-style masking: 15% of real tokens are targets; 80% of those become [MASK], 10% random."""
     r = torch.rand(ids.shape, generator=gen)
     target = (r < 0.15) & mask

@@ -54,7 +54,9 @@ class Weighting(nn.Module):
         """Whether ``update`` runs at this optimizer step (on its first micro-batch)."""
         return False
 
-    def update(self, losses: dict[str, torch.Tensor], multipliers: list[float], shared: list[nn.Parameter], reduce=None) -> None:
+    def update(
+        self, losses: dict[str, torch.Tensor], multipliers: list[float], shared: list[nn.Parameter], reduce=None
+    ) -> None:
         """Adjust the weights after a step's forward (no-op for static)."""
 
     def model_params(self) -> list[nn.Parameter]:
@@ -150,7 +152,8 @@ class Uncertainty(Weighting):
         # The schedule multiplies the whole term, regulariser included, so a term
         # switched off by its schedule leaves its log-variance alone.
         return sum(
-            multipliers[i] * (torch.exp(-self.log_vars[i]) * losses[n] + self.log_vars[i]) for i, n in enumerate(self.names)
+            multipliers[i] * (torch.exp(-self.log_vars[i]) * losses[n] + self.log_vars[i])
+            for i, n in enumerate(self.names)
         )
 
 
@@ -171,7 +174,9 @@ class Ratio(Weighting):
     def __init__(self, names: list[str], init: list[float], roles: list[str]):
         super().__init__(names, init)
         if "output" not in roles:
-            raise ConfigError("weighting.strategy: ratio scales feature terms to the first kl or dkd term, and there is none; add one or choose another strategy")
+            raise ConfigError(
+                "weighting.strategy: ratio scales feature terms to the first kl or dkd term, and there is none; add one or choose another strategy"
+            )
         self.reference = roles.index("output")
         self.scaled = [r == "feature" for r in roles]
         self.register_buffer("w", self.init.clone())
@@ -194,7 +199,14 @@ class Ratio(Weighting):
 
 
 def build_weighting(
-    strategy: str, names: list[str], init: list[float], *, alpha: float = 1.5, lr: float = 0.025, every: int = 1, kinds: list[str] | None = None
+    strategy: str,
+    names: list[str],
+    init: list[float],
+    *,
+    alpha: float = 1.5,
+    lr: float = 0.025,
+    every: int = 1,
+    kinds: list[str] | None = None,
 ) -> Weighting:
     """The weighting of terms ``names`` (configured weights ``init``; ``kinds``: their types, which ``ratio`` needs)."""
     if strategy == "ratio":

@@ -52,8 +52,12 @@ def launch_zero() -> dict | None:
         try:
             zero = {**zero, **json.loads(open(path).read()).get("zero_optimization", {})}
         except (OSError, ValueError, AttributeError) as e:
-            raise ConfigError(f"accelerate launch: deepspeed_config_file {path} cannot be read ({e}); fix the path or the JSON") from None
-        offload |= {str((zero.get(k) or {}).get("device", "none")).lower() for k in ("offload_optimizer", "offload_param")}
+            raise ConfigError(
+                f"accelerate launch: deepspeed_config_file {path} cannot be read ({e}); fix the path or the JSON"
+            ) from None
+        offload |= {
+            str((zero.get(k) or {}).get("device", "none")).lower() for k in ("offload_optimizer", "offload_param")
+        }
     stage = str(zero["stage"])
     if stage not in ("1", "2", "3"):
         raise ConfigError(
@@ -73,7 +77,9 @@ def launch_stage() -> int | None:
     return zero["stage"] if zero else None
 
 
-def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num_processes: int, say=print, keep_whole=()):
+def wrap(
+    side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num_processes: int, say=print, keep_whole=()
+):
     """Hand ``side`` and its AdamW to a DeepSpeed engine with the ``zero_optimization`` settings ``zero``; returns the engine (``engine.optimizer`` is ZeRO's).
 
     The AdamW's param groups stay the ones ZeRO steps, so an LR scheduler built on
@@ -88,7 +94,9 @@ def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num
     deepspeed = _deepspeed()
     t = cfg.train
     if t.mixed_precision == "fp16":
-        raise ConfigError("train.mixed_precision: fp16 under a DeepSpeed launch is not supported (its loss scaling would bypass ZeRO); use bf16 or no")
+        raise ConfigError(
+            "train.mixed_precision: fp16 under a DeepSpeed launch is not supported (its loss scaling would bypass ZeRO); use bf16 or no"
+        )
     if zero["stage"] == 3 and cfg.weighting.strategy == "gradnorm":
         raise ConfigError(
             "weighting.strategy: gradnorm under DeepSpeed ZeRO-3 is not supported (its per-term gradients need the embedding "
@@ -116,10 +124,20 @@ def wrap(side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num
         engine.kept_whole = _persist(keep_whole, engine.optimizer.persistent_parameters)  # its step re-gathers them
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in side.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in side.parameters())
-    split = "weights, gradients and optimizer state" if zero["stage"] == 3 else "optimizer state" + (" and gradients" if zero["stage"] == 2 else "")
-    say(f"student: DeepSpeed ZeRO-{zero['stage']} over {num_processes} processes, {split} partitioned "
+    split = (
+        "weights, gradients and optimizer state"
+        if zero["stage"] == 3
+        else "optimizer state" + (" and gradients" if zero["stage"] == 2 else "")
+    )
+    say(
+        f"student: DeepSpeed ZeRO-{zero['stage']} over {num_processes} processes, {split} partitioned "
         f"({held / 1e6:.2f}M of {total / 1e6:.2f}M weights here"
-        + (f"; the output head's {sum(p.ds_numel for p in engine.kept_whole) / 1e6:.2f}M whole on each, for the fused LM-head terms)" if engine.kept_whole else ")"))
+        + (
+            f"; the output head's {sum(p.ds_numel for p in engine.kept_whole) / 1e6:.2f}M whole on each, for the fused LM-head terms)"
+            if engine.kept_whole
+            else ")"
+        )
+    )
     return engine
 
 
@@ -148,8 +166,11 @@ def shard_teacher(teacher: nn.Module, zero: dict, num_processes: int, say=print,
     teacher.__dict__["zero_engine"] = engine
     held = sum(p.ds_tensor.numel() for p in teacher.parameters())
     total = sum(p.ds_numel for p in teacher.parameters())
-    say(f"teacher: weights partitioned over {num_processes} processes with DeepSpeed ZeRO-3 inference "
-        f"({held / 1e6:.2f}M of {total / 1e6:.2f}M parameters here" + (", the head whole on each)" if keep_whole else ")"))
+    say(
+        f"teacher: weights partitioned over {num_processes} processes with DeepSpeed ZeRO-3 inference "
+        f"({held / 1e6:.2f}M of {total / 1e6:.2f}M parameters here"
+        + (", the head whole on each)" if keep_whole else ")")
+    )
     return teacher
 
 
@@ -171,7 +192,9 @@ def _deepspeed():
     try:
         import deepspeed
     except ImportError:
-        raise ConfigError("a DeepSpeed launch needs deepspeed: pip install deepspeed (or launch with configs/accelerate/fsdp.yaml)") from None
+        raise ConfigError(
+            "a DeepSpeed launch needs deepspeed: pip install deepspeed (or launch with configs/accelerate/fsdp.yaml)"
+        ) from None
     return deepspeed
 
 
@@ -252,7 +275,9 @@ def copied_state(module: nn.Module) -> dict[str, torch.Tensor]:
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
         copies: dict[int, torch.Tensor] = {}
-        return {k: copies.setdefault(id(v), v.detach().cpu().clone()) for k, v in module.state_dict(keep_vars=True).items()}
+        return {
+            k: copies.setdefault(id(v), v.detach().cpu().clone()) for k, v in module.state_dict(keep_vars=True).items()
+        }
 
 
 def export_states(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -270,7 +295,10 @@ def side_state(engine) -> dict[str, torch.Tensor]:
 
 # ZeRO's optimizer state that differs between processes and steps (stages 1-2, stage 3): the
 # rest of its state_dict is layout (paddings, partition counts) rebuilt by the engine.
-_PARTITION_KEYS = {False: ("base_optimizer_state", "single_partition_of_fp32_groups"), True: ("optimizer_state_dict", "fp32_flat_groups")}
+_PARTITION_KEYS = {
+    False: ("base_optimizer_state", "single_partition_of_fp32_groups"),
+    True: ("optimizer_state_dict", "fp32_flat_groups"),
+}
 
 
 def partition_state(engine) -> dict:
@@ -299,7 +327,9 @@ def load_partition_state(engine, saved: dict) -> None:
             held[0].all_gather(held)
     else:
         with torch.no_grad():
-            for mine, theirs in zip(opt.single_partition_of_fp32_groups, saved["single_partition_of_fp32_groups"], strict=True):
+            for mine, theirs in zip(
+                opt.single_partition_of_fp32_groups, saved["single_partition_of_fp32_groups"], strict=True
+            ):
                 mine.copy_(theirs)
         opt.optimizer.load_state_dict(saved["base_optimizer_state"])
     if engine.beside is not None:

@@ -15,7 +15,9 @@ MAX_TEXT_TOKENS = 256  # labelled texts are clipped to this, so long reviews do 
 TEMPLATE = "Review: {text}\nSentiment:"  # a few-shot example is TEMPLATE + " {label}\n\n"
 
 
-def split_shots(labels: list[str], *, shots: int, examples: int | None = None, seed: int = 0) -> tuple[list[int], list[int]]:
+def split_shots(
+    labels: list[str], *, shots: int, examples: int | None = None, seed: int = 0
+) -> tuple[list[int], list[int]]:
     """Indices of the in-context examples and of the scored examples (disjoint), drawn with ``seed``.
 
     The shots take the classes in turn (so a 4-shot prompt of two classes holds
@@ -34,7 +36,9 @@ def split_shots(labels: list[str], *, shots: int, examples: int | None = None, s
     taken = set(chosen)
     scored = [i for i in order if i not in taken][:examples]
     if not scored:
-        raise EvalError(f"{len(labels)} labelled example(s) and {shots} shot(s) leave none to score; give more examples or fewer --shots")
+        raise EvalError(
+            f"{len(labels)} labelled example(s) and {shots} shot(s) leave none to score; give more examples or fewer --shots"
+        )
     return chosen, scored
 
 
@@ -104,12 +108,16 @@ def _head_names(model, names: list[str]) -> list[str | None]:
 
 
 @torch.inference_mode()
-def _classifier_predictions(model, tokenizer, texts: list[str], names: list[str], on_step: Step | None) -> list[str | None]:
+def _classifier_predictions(
+    model, tokenizer, texts: list[str], names: list[str], on_step: Step | None
+) -> list[str | None]:
     head = _head_names(model, names)
     max_len = min(context_length(model) or 512, 512)
     preds: list[str | None] = []
     for start in range(0, len(texts), 16):
-        enc = tokenizer(texts[start : start + 16], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        enc = tokenizer(
+            texts[start : start + 16], padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+        )
         logits = model(**enc.to(device_of(model))).logits
         preds += [head[i] for i in logits.argmax(-1).tolist()]
         if on_step:
@@ -118,8 +126,16 @@ def _classifier_predictions(model, tokenizer, texts: list[str], names: list[str]
 
 
 def label_accuracy(
-    model, tokenizer, texts: list[str], labels: list[str], *, shots: int, seed: int = 0,
-    examples: int | None = None, names: list[str] | None = None, on_step: Step | None = None,
+    model,
+    tokenizer,
+    texts: list[str],
+    labels: list[str],
+    *,
+    shots: int,
+    seed: int = 0,
+    examples: int | None = None,
+    names: list[str] | None = None,
+    on_step: Step | None = None,
 ) -> float:
     """Accuracy on the examples :func:`split_shots` leaves to score.
 

@@ -44,7 +44,9 @@ def latency(model, *, batch: int, length: int, new_tokens: int, repeats: int = 5
     if is_classifier(model):
         prefill = _timed(lambda: model(input_ids=ids), device, repeats, warmup)
     else:
-        check_context(model, length + new_tokens, "the latency prompt and its new tokens", "use a shorter --latency-len")
+        check_context(
+            model, length + new_tokens, "the latency prompt and its new tokens", "use a shorter --latency-len"
+        )
         extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
         prefill = _timed(lambda: model(ids, use_cache=True, **extra), device, repeats, warmup)
     out["prefill_ms_per_token"] = 1000 * prefill / (batch * length)
@@ -53,7 +55,9 @@ def latency(model, *, batch: int, length: int, new_tokens: int, repeats: int = 5
 
         def generate(n: int) -> float:
             config = generation_config(model, n, exact=True)
-            return _timed(lambda: model.generate(ids, attention_mask=mask, generation_config=config), device, repeats, warmup)
+            return _timed(
+                lambda: model.generate(ids, attention_mask=mask, generation_config=config), device, repeats, warmup
+            )
 
         # Both runs share the prefill and the set-up, so their difference is the decode steps alone.
         steps = generate(new_tokens) - generate(1)

@@ -20,7 +20,9 @@ def passages(ids: torch.Tensor, count: int, new_tokens: int) -> tuple[torch.Tens
     span = PROMPT_TOKENS + new_tokens
     n = ids.numel()
     if n < span:
-        raise EvalError(f"the held-out text has {n} tokens; generation needs at least {span} ({PROMPT_TOKENS} prompt + {new_tokens} new)")
+        raise EvalError(
+            f"the held-out text has {n} tokens; generation needs at least {span} ({PROMPT_TOKENS} prompt + {new_tokens} new)"
+        )
     starts = [round(i * (n - span) / max(count - 1, 1)) for i in range(count)]
     rows = torch.stack([ids[s : s + span] for s in starts])
     return rows[:, :PROMPT_TOKENS], rows[:, PROMPT_TOKENS:]
@@ -35,8 +37,11 @@ def generation_config(model, new_tokens: int, *, exact: bool = False):
     pad = model.config.pad_token_id
     pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
     return GenerationConfig(
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens if exact else None, do_sample=False,
-        eos_token_id=eos, pad_token_id=pad,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens if exact else None,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
 
 

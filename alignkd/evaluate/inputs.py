@@ -30,7 +30,8 @@ def read_held_out(source: str) -> list[str]:
 
 def read_labelled(source: str) -> tuple[list[str], list[str], list[str]]:
     """Texts, their label names and the sorted class names from a CSV/JSONL with text,label columns."""
-    from alignkd.data import DataError, read_labelled as read
+    from alignkd.data import DataError
+    from alignkd.data import read_labelled as read
 
     try:
         texts, ids, names = read(source)

@@ -14,7 +14,9 @@ from alignkd.evaluate.settings import Step
 
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int, window: int, stride: int, on_step: Step | None = None) -> tuple[float, int]:
+def perplexity(
+    model, tokenizer, texts: list[str], *, max_tokens: int, window: int, stride: int, on_step: Step | None = None
+) -> tuple[float, int]:
     """Sliding-window perplexity of a causal LM over the first ``max_tokens`` text tokens of ``texts``.
 
     The windows are ``window`` tokens long and start every ``stride`` tokens; a
@@ -35,7 +37,12 @@ def perplexity(model, tokenizer, texts: list[str], *, max_tokens: int, window: i
     n = ids.numel()
     if n < 2 - lead.numel():
         raise EvalError(f"the held-out text has {n} token(s); perplexity needs at least {2 - lead.numel()}")
-    check_context(model, min(window, n + lead.numel()), f"a perplexity window of {window} tokens", f"pass a window of at most {context_length(model)}")
+    check_context(
+        model,
+        min(window, n + lead.numel()),
+        f"a perplexity window of {window} tokens",
+        f"pass a window of at most {context_length(model)}",
+    )
     span = window - lead.numel()  # text tokens per window
     step = min(stride, span)  # with BOS, stride == window would otherwise skip a token between windows
     count = 1 + max(0, -(-(n - span) // step))  # windows until one reaches the end

@@ -48,20 +48,24 @@ def _read_inputs(s: EvalSettings) -> _Inputs:
     inputs = _Inputs(sources={"text": None, "labelled": None})
     if "perplexity" not in s.skip or "generation" not in s.skip:
         source = s.text or packaged(
-            "corpus/moby_dick", "no held-out text given and the packaged text is not prepared; run `alignkd assets` or pass --text"
+            "corpus/moby_dick",
+            "no held-out text given and the packaged text is not prepared; run `alignkd assets` or pass --text",
         )
         inputs.sources["text"] = str(source)
         inputs.texts = read_held_out(str(source))
     if "accuracy" not in s.skip:
         source = s.labelled or packaged(
-            "sentiment/test.csv", "no labelled data given and the packaged sentiment data is not prepared; run `alignkd assets` or pass --labelled"
+            "sentiment/test.csv",
+            "no labelled data given and the packaged sentiment data is not prepared; run `alignkd assets` or pass --labelled",
         )
         inputs.sources["labelled"] = str(source)
         inputs.labelled = read_labelled(str(source))
     return inputs
 
 
-def _evaluate_one(role: str, path: str, s: EvalSettings, inputs: _Inputs, device: str, show: Tasks) -> tuple[dict, list[str] | None]:
+def _evaluate_one(
+    role: str, path: str, s: EvalSettings, inputs: _Inputs, device: str, show: Tasks
+) -> tuple[dict, list[str] | None]:
     """Metrics of one model, and its continuations (None when generation did not run)."""
     t0 = time.perf_counter()
     model, tok = load(role, path, s.dtype, device)
@@ -71,16 +75,22 @@ def _evaluate_one(role: str, path: str, s: EvalSettings, inputs: _Inputs, device
     outputs = None
     if "perplexity" not in s.skip and causal:
         with show.running(f"{role} perplexity") as step:
-            ppl, n = perplexity(model, tok, inputs.texts, max_tokens=s.ppl_tokens, window=s.window, stride=s.stride, on_step=step)
+            ppl, n = perplexity(
+                model, tok, inputs.texts, max_tokens=s.ppl_tokens, window=s.window, stride=s.stride, on_step=step
+            )
         metrics.update(perplexity=ppl, ppl_tokens_scored=n, bos=wants_bos(tok))
         show.say(f"  perplexity {ppl:.4g} over {n} tokens ({show.seconds:.1f} s)")
     if "accuracy" not in s.skip:
         texts, labels, names = inputs.labelled
         with show.running(f"{role} accuracy") as step:
             _, scored = split_shots(labels, shots=s.shots, examples=s.examples, seed=s.seed)
-            acc = label_accuracy(model, tok, texts, labels, shots=s.shots, seed=s.seed, examples=s.examples, names=names, on_step=step)
+            acc = label_accuracy(
+                model, tok, texts, labels, shots=s.shots, seed=s.seed, examples=s.examples, names=names, on_step=step
+            )
         chance = chance_level([labels[i] for i in scored])
-        metrics.update(accuracy=acc, accuracy_above_chance=acc - chance, accuracy_chance=chance, accuracy_examples=len(scored))
+        metrics.update(
+            accuracy=acc, accuracy_above_chance=acc - chance, accuracy_chance=chance, accuracy_examples=len(scored)
+        )
         show.say(f"  accuracy {acc:.3f} on {len(scored)} examples ({show.seconds:.1f} s)")
     if "generation" not in s.skip and causal:
         with show.running(f"{role} generation") as step:
@@ -88,11 +98,17 @@ def _evaluate_one(role: str, path: str, s: EvalSettings, inputs: _Inputs, device
             prompts, refs = passages(token_stream(tok, inputs.texts), s.prompts, s.new_tokens)
             outputs = continuations(model, tok, prompts, s.new_tokens, on_step=step)
             metrics.update(generation_metrics(outputs, tok.batch_decode(refs, skip_special_tokens=True)))
-        show.say(f"  bleu {metrics['bleu']:.3g} rougeL {metrics['rougeL']:.3g} cer {metrics['cer']:.3g} ({show.seconds:.1f} s)")
+        show.say(
+            f"  bleu {metrics['bleu']:.3g} rougeL {metrics['rougeL']:.3g} cer {metrics['cer']:.3g} ({show.seconds:.1f} s)"
+        )
     if "latency" not in s.skip:
         with show.running(f"{role} latency") as step:
-            metrics.update(latency(model, batch=s.latency_batch, length=s.latency_len, new_tokens=s.new_tokens if causal else 0))
-        show.say(f"  prefill {metrics['prefill_ms_per_token']:.3g} ms/token, decode {metrics.get('decode_ms_per_token', float('nan')):.3g} ms/token ({show.seconds:.1f} s)")
+            metrics.update(
+                latency(model, batch=s.latency_batch, length=s.latency_len, new_tokens=s.new_tokens if causal else 0)
+            )
+        show.say(
+            f"  prefill {metrics['prefill_ms_per_token']:.3g} ms/token, decode {metrics.get('decode_ms_per_token', float('nan')):.3g} ms/token ({show.seconds:.1f} s)"
+        )
     metrics.update(param_counts(model))
     metrics["size_mb"] = size_on_disk(path)
     # Free the model before the next one loads: only one is in memory at a time.
@@ -103,7 +119,14 @@ def _evaluate_one(role: str, path: str, s: EvalSettings, inputs: _Inputs, device
     return metrics, outputs
 
 
-def evaluate_models(models: dict[str, str], settings: EvalSettings, *, teacher: str | None = None, out: str | Path | None = None, progress: bool = True) -> dict:
+def evaluate_models(
+    models: dict[str, str],
+    settings: EvalSettings,
+    *,
+    teacher: str | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate each ``role -> path`` model (``teacher`` names the teacher's role); returns ``eval.json``'s dict.
 
     The teacher runs first, so each other model's continuations can be scored
@@ -125,8 +148,23 @@ def evaluate_models(models: dict[str, str], settings: EvalSettings, *, teacher: 
     settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, device))
     result: dict = {
         "settings": {
-            **inputs.sources, "device": device, "dtype": settings.dtype,
-            **{k: getattr(settings, k) for k in ("ppl_tokens", "window", "stride", "examples", "shots", "prompts", "new_tokens", "latency_batch", "latency_len")},
+            **inputs.sources,
+            "device": device,
+            "dtype": settings.dtype,
+            **{
+                k: getattr(settings, k)
+                for k in (
+                    "ppl_tokens",
+                    "window",
+                    "stride",
+                    "examples",
+                    "shots",
+                    "prompts",
+                    "new_tokens",
+                    "latency_batch",
+                    "latency_len",
+                )
+            },
         },
         "models": {},
         "retention": {},

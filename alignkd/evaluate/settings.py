@@ -58,7 +58,9 @@ def check_settings(s: EvalSettings) -> None:
     if s.window < 2:
         raise EvalError(f"window is {s.window}; a window needs at least 2 tokens to score one")
     if s.stride > s.window:
-        raise EvalError(f"stride {s.stride} is longer than window {s.window}; tokens would go unscored, use stride <= window")
+        raise EvalError(
+            f"stride {s.stride} is longer than window {s.window}; tokens would go unscored, use stride <= window"
+        )
     if s.shots < 0:
         raise EvalError(f"shots is {s.shots}; it must be 0 or more")
     if s.dtype not in ("auto", *DTYPE_NAMES):

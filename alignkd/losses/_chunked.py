@@ -12,7 +12,7 @@ still the one per-row function; only the evaluation order changes.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -22,7 +22,9 @@ CHUNK_ELEMENTS = 1 << 22
 
 class _ChunkedRowSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student: torch.Tensor, fn: Callable, rows: torch.Tensor, others: tuple, rows_per_chunk: int, analytic: bool):
+    def forward(
+        ctx, student: torch.Tensor, fn: Callable, rows: torch.Tensor, others: tuple, rows_per_chunk: int, analytic: bool
+    ):
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         every_row = rows.numel() == student.shape[0]
         grad = torch.empty_like(student) if every_row else torch.zeros_like(student)

@@ -186,7 +186,9 @@ def _evaluate(hidden, head, bias, p: Plan) -> tuple[list[torch.Tensor], list[lis
             zt = None if zt_blk is None else _capped(zt_blk[sl].float(), p.softcap)
             if p.teacher_topk is not None:
                 zt = tuple(t.index_select(0, blk[sl]) for t in p.teacher_topk)
-            kl, ce, gs = _chunk(zs, zt, None if p.labels is None else p.labels.index_select(0, blk[sl]), p, want_grad, n)
+            kl, ce, gs = _chunk(
+                zs, zt, None if p.labels is None else p.labels.index_select(0, blk[sl]), p, want_grad, n
+            )
             kl_sum += kl
             ce_sum += ce
             for k, g in enumerate(gs):
@@ -245,12 +247,15 @@ def _kl_and_grad(zs: torch.Tensor, zt, p: Plan, want_grad: bool):
     tail)`` (``sparse_kl``'s buckets; their gradient w.r.t. the logits is in closed form).
     """
     if isinstance(zt, tuple):
+
         def rows(z):
             s, t = topk_buckets(z, *zt, p.temperature)
             return kl_rows(s, t, kind=p.kind, beta=p.beta, alpha=p.alpha) * p.temperature**2
     else:
+
         def rows(z):
             return kl_rows(z, zt, kind=p.kind, temperature=p.temperature, beta=p.beta, alpha=p.alpha)
+
     if not want_grad:
         return rows(zs).sum(), None
     if p.kind == "forward" and not isinstance(zt, tuple):  # closed form T * (p_S - p_T), as kl_div does

@@ -18,7 +18,9 @@ def _kl_over_keys(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> to
     return torch.where(p > 0, p * (logp - logq), torch.zeros((), device=p.device)).sum(-1)
 
 
-def attention_kl(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_kl(
+    student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(teacher || student) between attention probability maps.
 
     Args:
@@ -91,9 +93,7 @@ def relation_kl(
     h = num_relation_heads
     for side, x in (("student", student_x), ("teacher", teacher_x)):
         if h < 1 or x.shape[-1] % h:
-            raise ValueError(
-                f"relation_kl: num_relation_heads={h} must divide the {side} width {x.shape[-1]}"
-            )
+            raise ValueError(f"relation_kl: num_relation_heads={h} must divide the {side} width {x.shape[-1]}")
     mask = check_mask(student_x, mask, "relation_kl")
 
     def log_relation(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from alignkd.losses._reduce import check_mask, check_same_shape, float32_math, mean_over, rows
 
 
-def _pair(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Counted rows of both sides as float32 ``[N, D]``."""
     check_same_shape(student, teacher, name, "features")
     mask = check_mask(student, mask, name)
@@ -44,7 +46,9 @@ def _standardize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
-def hidden_standardized_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_standardized_mse(
+    student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`hidden_mse` after standardising each position's feature vector on both sides.
 
     Models whose hidden states have large magnitudes (a few channels in the

@@ -97,9 +97,23 @@ def lm_head_kl(
         the forward pass.
     """
     plan = _kl_plan(
-        student_hidden, student_head, teacher_hidden, teacher_head, mask, kind=kind, temperature=temperature,
-        beta=beta, alpha=alpha, labels=labels, ce_weight=ce_weight, chunk_tokens=chunk_tokens,
-        student_bias=student_bias, teacher_bias=teacher_bias, softcap=softcap, vocab=vocab, split=False,
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        mask,
+        kind=kind,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+        labels=labels,
+        ce_weight=ce_weight,
+        chunk_tokens=chunk_tokens,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        softcap=softcap,
+        vocab=vocab,
+        split=False,
     )
     return HeadLoss.apply(student_hidden, student_head, student_bias, plan)[0]
 
@@ -141,19 +155,51 @@ def lm_head_kl_ce(
         when there are none).
     """
     if labels is None:
-        raise ValueError("lm_head_kl_ce: labels are required (the target token at each position; -100 where there is none)")
+        raise ValueError(
+            "lm_head_kl_ce: labels are required (the target token at each position; -100 where there is none)"
+        )
     plan = _kl_plan(
-        student_hidden, student_head, teacher_hidden, teacher_head, mask, kind=kind, temperature=temperature,
-        beta=beta, alpha=alpha, labels=labels, ce_weight=1.0, chunk_tokens=chunk_tokens,
-        student_bias=student_bias, teacher_bias=teacher_bias, softcap=softcap, vocab=vocab, split=True,
+        student_hidden,
+        student_head,
+        teacher_hidden,
+        teacher_head,
+        mask,
+        kind=kind,
+        temperature=temperature,
+        beta=beta,
+        alpha=alpha,
+        labels=labels,
+        ce_weight=1.0,
+        chunk_tokens=chunk_tokens,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        softcap=softcap,
+        vocab=vocab,
+        split=True,
     )
     kl, ce = HeadLoss.apply(student_hidden, student_head, student_bias, plan)
     return kl, ce
 
 
 def _kl_plan(
-    student_hidden, student_head, teacher_hidden, teacher_head, mask, *, kind, temperature, beta, alpha,
-    labels, ce_weight, chunk_tokens, student_bias, teacher_bias, softcap, vocab, split: bool,
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    mask,
+    *,
+    kind,
+    temperature,
+    beta,
+    alpha,
+    labels,
+    ce_weight,
+    chunk_tokens,
+    student_bias,
+    teacher_bias,
+    softcap,
+    vocab,
+    split: bool,
 ) -> Plan:
     """Check the arguments of :func:`lm_head_kl` / :func:`lm_head_kl_ce` and lay out their walk."""
     _check_divergence(kind, temperature, beta, alpha)
@@ -180,7 +226,9 @@ def _kl_plan(
         n_ce = int((flat_mask & (flat_labels >= 0)).sum())
 
     grad_on = torch.is_grad_enabled()
-    needs = tuple(bool(grad_on and x is not None and x.requires_grad) for x in (student_hidden, student_head, student_bias))
+    needs = tuple(
+        bool(grad_on and x is not None and x.requires_grad) for x in (student_hidden, student_head, student_bias)
+    )
     d_t = teacher_hidden.shape[-1]
     t_dtype = matmul_dtype(teacher_hidden)
     return Plan(
@@ -241,7 +289,11 @@ def lm_head_sparse_kl(
     vocab = student_head.shape[0] if vocab is None else int(vocab)
     k = teacher_ids.shape[-1]
     lead = tuple(student_hidden.shape[:-1])
-    if tuple(teacher_ids.shape) != lead + (k,) or teacher_logprobs.shape != teacher_ids.shape or tuple(teacher_tail.shape) != lead:
+    if (
+        tuple(teacher_ids.shape) != lead + (k,)
+        or teacher_logprobs.shape != teacher_ids.shape
+        or tuple(teacher_tail.shape) != lead
+    ):
         raise ValueError(
             f"{NAME}: teacher ids {tuple(teacher_ids.shape)}, log-probabilities {tuple(teacher_logprobs.shape)} and tail "
             f"{tuple(teacher_tail.shape)} must cover the student's positions {lead} (by k, by k, and one each)"
@@ -251,12 +303,25 @@ def lm_head_sparse_kl(
     mask = check_mask(student_hidden, mask, NAME)
     grad_on = torch.is_grad_enabled()
     plan = Plan(
-        teacher_hidden=None, teacher_head=None, teacher_bias=None, rows=mask.reshape(-1).nonzero().squeeze(1), labels=None,
-        n_ce=0, vocab=vocab, kind=kind, temperature=float(temperature), beta=float(beta), alpha=float(alpha), ce_weight=0.0,
+        teacher_hidden=None,
+        teacher_head=None,
+        teacher_bias=None,
+        rows=mask.reshape(-1).nonzero().squeeze(1),
+        labels=None,
+        n_ce=0,
+        vocab=vocab,
+        kind=kind,
+        temperature=float(temperature),
+        beta=float(beta),
+        alpha=float(alpha),
+        ce_weight=0.0,
         softcap=None if softcap is None else float(softcap),
         chunk_tokens=_chunk_rows(chunk_tokens, vocab, student_hidden.device),
-        needs=tuple(bool(grad_on and x is not None and x.requires_grad) for x in (student_hidden, student_head, student_bias)),
-        dtype=matmul_dtype(student_hidden), teacher_dtype=torch.float32,
+        needs=tuple(
+            bool(grad_on and x is not None and x.requires_grad) for x in (student_hidden, student_head, student_bias)
+        ),
+        dtype=matmul_dtype(student_hidden),
+        teacher_dtype=torch.float32,
         teacher_topk=(teacher_ids.reshape(-1, k).long(), teacher_logprobs.reshape(-1, k), teacher_tail.reshape(-1)),
     )
     return HeadLoss.apply(student_hidden, student_head, student_bias, plan)[0]
@@ -289,17 +354,30 @@ def lm_head_ce(
     if not 1 <= vocab <= head.shape[0]:
         raise ValueError(f"{NAME}: vocab={vocab} must be in [1, {head.shape[0]}]")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"{NAME}: labels have shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:-1])} (one id per position)")
+        raise ValueError(
+            f"{NAME}: labels have shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:-1])} (one id per position)"
+        )
     flat = _check_labels(labels, torch.ones(labels.shape, dtype=torch.bool, device=labels.device), vocab)
     rows = (flat >= 0).nonzero().squeeze(1)
     grad_on = torch.is_grad_enabled()
     plan = Plan(
-        teacher_hidden=None, teacher_head=None, teacher_bias=None, rows=rows, labels=flat, n_ce=rows.numel(),
-        vocab=vocab, kind="forward", temperature=1.0, beta=0.5, alpha=0.1, ce_weight=1.0,
+        teacher_hidden=None,
+        teacher_head=None,
+        teacher_bias=None,
+        rows=rows,
+        labels=flat,
+        n_ce=rows.numel(),
+        vocab=vocab,
+        kind="forward",
+        temperature=1.0,
+        beta=0.5,
+        alpha=0.1,
+        ce_weight=1.0,
         softcap=None if softcap is None else float(softcap),
         chunk_tokens=_chunk_rows(chunk_tokens, vocab, hidden.device),
         needs=tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, head, bias)),
-        dtype=matmul_dtype(hidden), teacher_dtype=torch.float32,
+        dtype=matmul_dtype(hidden),
+        teacher_dtype=torch.float32,
     )
     return HeadLoss.apply(hidden, head, bias, plan)[0]
 
@@ -322,7 +400,9 @@ def _check_shapes(hs, ws, ht, wt, bs, bt) -> None:
                 "(the output-head weight, one row per token id, as wide as the hidden states)"
             )
         if b is not None and tuple(b.shape) != (w.shape[0],):
-            raise ValueError(f"{NAME}: {side} bias has shape {tuple(b.shape)}, expected ({w.shape[0]},), one per head row")
+            raise ValueError(
+                f"{NAME}: {side} bias has shape {tuple(b.shape)}, expected ({w.shape[0]},), one per head row"
+            )
     if hs.shape[:-1] != ht.shape[:-1]:
         raise ValueError(
             f"{NAME}: student hidden states {tuple(hs.shape)} and teacher hidden states {tuple(ht.shape)} "
@@ -332,7 +412,9 @@ def _check_shapes(hs, ws, ht, wt, bs, bt) -> None:
 
 def _check_labels(labels: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
     if tuple(labels.shape) != tuple(mask.shape):
-        raise ValueError(f"{NAME}: labels have shape {tuple(labels.shape)}, expected {tuple(mask.shape)} (one id per position)")
+        raise ValueError(
+            f"{NAME}: labels have shape {tuple(labels.shape)}, expected {tuple(mask.shape)} (one id per position)"
+        )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"{NAME}: labels must hold integer token ids, got {labels.dtype}")
     flat = labels.reshape(-1).to(device=mask.device, dtype=torch.long)
@@ -340,5 +422,3 @@ def _check_labels(labels: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch
     if counted.numel() and int(counted.max()) >= vocab:
         raise ValueError(f"{NAME}: label id {int(counted.max())} is out of range for a vocabulary of {vocab}")
     return flat
-
-

@@ -120,7 +120,9 @@ def kl_div(
         return kl_rows(s_rows, t_rows, kind=kind, temperature=temperature, beta=beta, alpha=alpha)
 
     closed_form = _forward_kl_value_and_grad(temperature) if kind == "forward" else None
-    total = row_sum(per_row, student_logits.reshape(-1, v), rows, teacher_logits.reshape(-1, v), value_and_grad=closed_form)
+    total = row_sum(
+        per_row, student_logits.reshape(-1, v), rows, teacher_logits.reshape(-1, v), value_and_grad=closed_form
+    )
     return mean_over(total, rows.numel())
 
 
@@ -175,7 +177,9 @@ def dkd(
         raise ValueError("dkd: needs at least 2 classes")
     mask = check_mask(student_logits, mask, "dkd")
     if tuple(target.shape) != tuple(mask.shape):
-        raise ValueError(f"dkd: target has shape {tuple(target.shape)}, expected {tuple(mask.shape)} (one id per position)")
+        raise ValueError(
+            f"dkd: target has shape {tuple(target.shape)}, expected {tuple(mask.shape)} (one id per position)"
+        )
     if target.dtype.is_floating_point:
         raise ValueError("dkd: target must hold integer class ids")
     v = student_logits.shape[-1]
@@ -184,6 +188,7 @@ def dkd(
     tgt = target.reshape(-1, 1).long()  # [N_all, 1]; only counted rows are read
     if rows.numel() and int(tgt[rows].max()) >= v:
         raise ValueError(f"dkd: target id {int(tgt[rows].max())} is out of range for {v} classes")
+
     def split(z: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # log p(target), log p(not target) and log-softmax over the non-target classes,
         # all from logsumexps so nothing is computed as log(1 - p).

@@ -75,7 +75,11 @@ class _StudentBuckets(torch.autograd.Function):
 
 
 def topk_buckets(
-    student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_tail: torch.Tensor, temperature: float
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_tail: torch.Tensor,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bucketed log-probabilities ``(student, teacher)``: ``[N, V], [N, k], [N, k], [N] -> [N, k(+1)], [N, k(+1)]``.
 
@@ -132,7 +136,11 @@ def sparse_kl(
         return kl_rows(s, t, kind=kind, beta=beta, alpha=alpha) * temperature**2
 
     total = row_sum(
-        per_row, student_logits.reshape(-1, v), rows,
-        teacher_ids.reshape(-1, k), teacher_logprobs.reshape(-1, k), teacher_tail.reshape(-1),
+        per_row,
+        student_logits.reshape(-1, v),
+        rows,
+        teacher_ids.reshape(-1, k),
+        teacher_logprobs.reshape(-1, k),
+        teacher_tail.reshape(-1),
     )
     return mean_over(total, rows.numel())

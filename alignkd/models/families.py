@@ -129,12 +129,12 @@ def final_norm_of(model: nn.Module) -> nn.Module | None:
 
 def hidden_size_of(model: nn.Module) -> int:
     cfg = model.config
-    return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    return getattr(cfg, "hidden_size", None) or cfg.n_embd
 
 
 def num_heads_of(model: nn.Module) -> int:
     cfg = model.config
-    return getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    return getattr(cfg, "num_attention_heads", None) or cfg.n_head
 
 
 def disable_attention_dropout(model: nn.Module) -> None:

@@ -65,7 +65,15 @@ def _offline_miss(path: str, what: str) -> ModelError | None:
     return None
 
 
-def load_model(path: str, *, task: str, dtype: str = "float32", what: str = "model", trust_remote_code: bool = False, attn_implementation: str | None = None):
+def load_model(
+    path: str,
+    *,
+    task: str,
+    dtype: str = "float32",
+    what: str = "model",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
     """Load a pretrained model for ``task`` from a folder or hub id."""
     _check_source(path, what)
     kwargs = {"dtype": DTYPES[resolve_dtype(dtype, default_device())], "trust_remote_code": trust_remote_code}
@@ -74,7 +82,9 @@ def load_model(path: str, *, task: str, dtype: str = "float32", what: str = "mod
     try:
         return AUTO_CLASSES[task].from_pretrained(path, **kwargs)
     except OSError as e:
-        raise _offline_miss(path, what) or ModelError(f"{what}: could not load {path!r} ({str(e).splitlines()[0]})") from None
+        raise _offline_miss(path, what) or ModelError(
+            f"{what}: could not load {path!r} ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def load_skeleton(path: str, *, task: str, what: str = "model", trust_remote_code: bool = False):
@@ -86,7 +96,9 @@ def load_skeleton(path: str, *, task: str, what: str = "model", trust_remote_cod
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _offline_miss(path, what) or ModelError(f"{what}: could not load {path!r} ({str(e).splitlines()[0]})") from None
+        raise _offline_miss(path, what) or ModelError(
+            f"{what}: could not load {path!r} ({str(e).splitlines()[0]})"
+        ) from None
     with torch.device("meta"):
         return AUTO_CLASSES[task].from_config(config, trust_remote_code=trust_remote_code)
 
@@ -96,7 +108,9 @@ def load_tokenizer(path: str, *, what: str = "model", trust_remote_code: bool = 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _offline_miss(path, what) or ModelError(f"{what}: no tokenizer found for {path!r} ({str(e).splitlines()[0]})") from None
+        raise _offline_miss(path, what) or ModelError(
+            f"{what}: no tokenizer found for {path!r} ({str(e).splitlines()[0]})"
+        ) from None
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token  # packing never pads; this only helps evaluation batches
     return tok
@@ -123,8 +137,16 @@ def common_vocab(teacher, student, tokenizer) -> int:
     such heads meet on the first ``min(V_t, V_s)`` ids. Anything smaller than the
     tokenizer is a real mismatch.
     """
-    vt = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None else teacher.config.vocab_size
-    vs = student.get_output_embeddings().weight.shape[0] if student.get_output_embeddings() is not None else student.config.vocab_size
+    vt = (
+        teacher.get_output_embeddings().weight.shape[0]
+        if teacher.get_output_embeddings() is not None
+        else teacher.config.vocab_size
+    )
+    vs = (
+        student.get_output_embeddings().weight.shape[0]
+        if student.get_output_embeddings() is not None
+        else student.config.vocab_size
+    )
     need = len(tokenizer)
     if min(vt, vs) < need:
         raise ModelError(
@@ -138,4 +160,6 @@ def check_positions(model, seq_len: int, what: str) -> None:
     """``data.seq_len`` must fit the model's position table (``max_position_embeddings``)."""
     most = getattr(model.config, "max_position_embeddings", None)
     if most is not None and seq_len > most:
-        raise ModelError(f"data.seq_len {seq_len} is beyond the {what}'s maximum of {most} positions; set data.seq_len to {most} or less")
+        raise ModelError(
+            f"data.seq_len {seq_len} is beyond the {what}'s maximum of {most} positions; set data.seq_len to {most} or less"
+        )

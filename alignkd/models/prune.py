@@ -98,7 +98,11 @@ def weight_scores(teacher: nn.Module) -> Scores:
         a, m = block.self_attn, block.mlp
         kv.append(_heads(a.k_proj.weight, hd) + _heads(a.v_proj.weight, hd))
         q.append(_heads(a.q_proj.weight, hd) + _heads(a.o_proj.weight.T, hd))
-        mlp.append(m.gate_proj.weight.float().norm(dim=1) * m.up_proj.weight.float().norm(dim=1) * m.down_proj.weight.float().norm(dim=0))
+        mlp.append(
+            m.gate_proj.weight.float().norm(dim=1)
+            * m.up_proj.weight.float().norm(dim=1)
+            * m.down_proj.weight.float().norm(dim=0)
+        )
     return Scores(emb.norm(dim=0) * gain, q, kv, mlp)
 
 
@@ -106,7 +110,9 @@ def weight_scores(teacher: nn.Module) -> Scores:
 def activation_scores(teacher: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> Scores:
     """Importances from the teacher's activations on calibration blocks ``input_ids`` ``[N, T]`` (every position counted)."""
     hd, width = _head_dim(teacher), teacher.config.hidden_size
-    groups = teacher.config.num_attention_heads // _cfg(teacher, "num_key_value_heads", teacher.config.num_attention_heads)
+    groups = teacher.config.num_attention_heads // _cfg(
+        teacher, "num_key_value_heads", teacher.config.num_attention_heads
+    )
     blocks = blocks_of(teacher)
     hidden = torch.zeros(width)
     heads = [torch.zeros(teacher.config.num_attention_heads) for _ in blocks]
@@ -121,15 +127,20 @@ def activation_scores(teacher: nn.Module, input_ids: torch.Tensor, batch_size: i
         def hook(module, args):
             x = args[0].detach().float()
             heads[i] += x.reshape(*x.shape[:-1], -1, hd).norm(dim=-1).reshape(-1, heads[i].numel()).sum(0).cpu()
+
         return hook
 
     def mlp_in(i):
         def hook(module, args):
             mlp[i] += args[0].detach().float().abs().reshape(-1, mlp[i].numel()).sum(0).cpu()
+
         return hook
 
-    handles = [m.register_forward_hook(norm_out) for name, m in teacher.named_modules()
-               if name.endswith("norm") and getattr(m, "weight", None) is not None and m.weight.shape == (width,)]
+    handles = [
+        m.register_forward_hook(norm_out)
+        for name, m in teacher.named_modules()
+        if name.endswith("norm") and getattr(m, "weight", None) is not None and m.weight.shape == (width,)
+    ]
     for i, b in enumerate(blocks):
         handles.append(b.self_attn.o_proj.register_forward_pre_hook(attn_in(i)))
         handles.append(b.mlp.down_proj.register_forward_pre_hook(mlp_in(i)))
@@ -152,7 +163,9 @@ def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = 
     """Copy the teacher's most important channels into ``student`` in place (``scores``: default :func:`weight_scores`)."""
     mt = _cfg(teacher, "model_type")
     if mt not in _LLAMA_TYPES or _cfg(student, "model_type") != mt:
-        raise ModelError(f"student.init=prune supports llama-like models ({', '.join(sorted(_LLAMA_TYPES))}), not '{mt}'")
+        raise ModelError(
+            f"student.init=prune supports llama-like models ({', '.join(sorted(_LLAMA_TYPES))}), not '{mt}'"
+        )
     hd = _head_dim(teacher)
     if _head_dim(student) != hd:
         raise ModelError(
@@ -160,8 +173,14 @@ def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = 
         )
     t_blocks, s_blocks = blocks_of(teacher), blocks_of(student)
     chosen = even_layers(len(t_blocks), len(s_blocks))
-    t_heads, t_kv = teacher.config.num_attention_heads, _cfg(teacher, "num_key_value_heads", teacher.config.num_attention_heads)
-    s_heads, s_kv = student.config.num_attention_heads, _cfg(student, "num_key_value_heads", student.config.num_attention_heads)
+    t_heads, t_kv = (
+        teacher.config.num_attention_heads,
+        _cfg(teacher, "num_key_value_heads", teacher.config.num_attention_heads),
+    )
+    s_heads, s_kv = (
+        student.config.num_attention_heads,
+        _cfg(student, "num_key_value_heads", student.config.num_attention_heads),
+    )
     t_group, s_group = t_heads // t_kv, s_heads // s_kv
     if s_kv > t_kv or s_group > t_group:
         raise ModelError(
@@ -176,7 +195,9 @@ def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = 
             if idx is not None:
                 src = src.index_select(dim, idx.to(src.device))
         if src.shape != dst.shape:
-            raise ModelError(f"student.init=prune: cannot fit teacher weight {tuple(src.shape)} into {tuple(dst.shape)}")
+            raise ModelError(
+                f"student.init=prune: cannot fit teacher weight {tuple(src.shape)} into {tuple(dst.shape)}"
+            )
         dst.copy_(src.to(dst.dtype))
 
     copy(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight, None, hid)
@@ -188,7 +209,9 @@ def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = 
         ta, sa = t_block.self_attn, s_block.self_attn
         kv_keep = _top(scores.kv_heads[t_idx], s_kv)
         q_score = scores.query_heads[t_idx]
-        q_keep = torch.cat([g * t_group + _top(q_score[g * t_group : (g + 1) * t_group], s_group) for g in kv_keep.tolist()])
+        q_keep = torch.cat(
+            [g * t_group + _top(q_score[g * t_group : (g + 1) * t_group], s_group) for g in kv_keep.tolist()]
+        )
         q_rows, kv_rows = _expand(q_keep, hd), _expand(kv_keep, hd)
         copy(sa.q_proj.weight, ta.q_proj.weight, q_rows, hid)
         copy(sa.k_proj.weight, ta.k_proj.weight, kv_rows, hid)

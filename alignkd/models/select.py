@@ -75,7 +75,11 @@ class Calibration:
         for i, start in enumerate(range(0, self.sequences, self.batch_size)):
             idx = torch.arange(start, min(start + self.batch_size, self.sequences))
             b = self.task.make_batch(self.data, idx, self.tokenizer, seed=10_000 + i)
-            b = Batch(b.input_ids.to(self.device), b.mask.to(self.device), b.labels.to(self.device) if b.labels is not None else None)
+            b = Batch(
+                b.input_ids.to(self.device),
+                b.mask.to(self.device),
+                b.labels.to(self.device) if b.labels is not None else None,
+            )
             counted = self.task.feature_mask(b, self.skip_bos)
             yield b, b.mask if counted is None else counted
 
@@ -133,8 +137,14 @@ def calibration_loss(model: nn.Module, calib: Calibration) -> float:
     """The model's mean loss on the calibration text (next-token, masked-token or class cross-entropy)."""
     batches = math.ceil(calib.sequences / calib.batch_size)
     return heldout(
-        calib.task, model, calib.data, calib.tokenizer, batch_size=calib.batch_size, batches=batches,
-        device=calib.device, autocast=calib.autocast,
+        calib.task,
+        model,
+        calib.data,
+        calib.tokenizer,
+        batch_size=calib.batch_size,
+        batches=batches,
+        device=calib.device,
+        autocast=calib.autocast,
     )["eval_loss"]
 
 
@@ -183,7 +193,10 @@ class Scores:
         """``[n - span + 1]`` loss increase when the span starting at block l is removed."""
         if not self.span:
             return []
-        return [removal_increase(self.teacher, self.calib, list(range(i, i + self.span)), self.base_loss) for i in range(self.k + 1)]
+        return [
+            removal_increase(self.teacher, self.calib, list(range(i, i + self.span)), self.base_loss)
+            for i in range(self.k + 1)
+        ]
 
     def keep_top(self, score: list[float]) -> list[int]:
         """The k blocks of highest ``score`` (ties: the earlier block), in order."""
@@ -240,7 +253,9 @@ def rule_of(ft: FromTeacherConfig) -> str:
     return f"{ft.select}_span" if ft.contiguous else ft.select
 
 
-def choose(teacher: nn.Module, calib: Calibration, ft: FromTeacherConfig, probe: Callable[[list[int]], float] | None = None) -> Selection:
+def choose(
+    teacher: nn.Module, calib: Calibration, ft: FromTeacherConfig, probe: Callable[[list[int]], float] | None = None
+) -> Selection:
     """Choose the blocks of ``ft`` on ``calib``. The state scores are always measured (one forward), for the record.
 
     ``probe(layers)`` (``search`` only): the held-out loss after a short
@@ -251,7 +266,11 @@ def choose(teacher: nn.Module, calib: Calibration, ft: FromTeacherConfig, probe:
     if ft.select != "search":
         rule = rule_of(ft)
         layers = RULES[rule](s)
-        return Selection(layers, rule, {**s.to_dict(), "select": ft.select, "contiguous": ft.contiguous, "rule": rule, "layers": layers})
+        return Selection(
+            layers,
+            rule,
+            {**s.to_dict(), "select": ft.select, "contiguous": ft.contiguous, "rule": rule, "layers": layers},
+        )
     if probe is None:
         raise ValueError("select search needs a probe")
     tried: list[dict] = []
@@ -265,8 +284,12 @@ def choose(teacher: nn.Module, calib: Calibration, ft: FromTeacherConfig, probe:
         tried.append({"rule": name, "layers": layers, "probe_loss": loss if math.isfinite(loss) else float("inf")})
     best = min(tried, key=lambda c: c["probe_loss"])  # the first of equals: the order of RULES
     scores = {
-        **s.to_dict(), "select": "search", "probe_steps": ft.search_probe_steps, "candidates": tried,
-        "rule": best["rule"], "layers": best["layers"],
+        **s.to_dict(),
+        "select": "search",
+        "probe_steps": ft.search_probe_steps,
+        "candidates": tried,
+        "rule": best["rule"],
+        "layers": best["layers"],
     }
     return Selection(best["layers"], best["rule"], scores)
 
@@ -285,13 +308,17 @@ def check_selection(student: StudentConfig) -> None:
         return
     other = next((k for k in ("path", "config") if getattr(student, k) is not None), None)
     if other and ft.select != "even":
-        raise ConfigError(f"{where}.select: choosing blocks applies to a student copied from the teacher, and this one comes from student.{other}; keep one of the two")
+        raise ConfigError(
+            f"{where}.select: choosing blocks applies to a student copied from the teacher, and this one comes from student.{other}; keep one of the two"
+        )
     one_of(ft.select, SELECTIONS, f"{where}.select")
     if ft.contiguous and rule_of(ft) not in RULES:
         raise ConfigError(f"{where}.contiguous: applies to select importance or perplexity, not {ft.select}; remove it")
     if ft.calibration_sequences < 1:
         raise ConfigError(f"{where}.calibration_sequences: must be >= 1 (default 64)")
     if not 1 <= ft.search_candidates <= len(RULES):
-        raise ConfigError(f"{where}.search_candidates: must be between 1 and {len(RULES)} (the rules: {', '.join(RULES)})")
+        raise ConfigError(
+            f"{where}.search_candidates: must be between 1 and {len(RULES)} (the rules: {', '.join(RULES)})"
+        )
     if ft.search_probe_steps < 1:
         raise ConfigError(f"{where}.search_probe_steps: must be >= 1")

@@ -33,7 +33,9 @@ def kept_count(num_teacher: int, num_layers: int | None) -> int:
     return num_layers if num_layers is not None else max(1, num_teacher // 4)
 
 
-def depth_pruned(teacher: nn.Module, layers: list[int] | None, num_layers: int | None, *, share_weights: bool = False) -> nn.Module:
+def depth_pruned(
+    teacher: nn.Module, layers: list[int] | None, num_layers: int | None, *, share_weights: bool = False
+) -> nn.Module:
     """A copy of ``teacher`` that keeps only the blocks ``layers`` (DistilBERT / Minitron depth pruning).
 
     Embeddings, final norm and head are copied with them. ``share_weights``: the
@@ -47,7 +49,9 @@ def depth_pruned(teacher: nn.Module, layers: list[int] | None, num_layers: int |
         raise ModelError("student.from_teacher.layers: list at least one teacher block")
     for i in layers:
         if not 0 <= i < n:
-            raise ModelError(f"student.from_teacher.layers: block {i} does not exist; the teacher has {n} blocks (0..{n - 1})")
+            raise ModelError(
+                f"student.from_teacher.layers: block {i} does not exist; the teacher has {n} blocks (0..{n - 1})"
+            )
     # deepcopy takes what the memo already holds as is: preset, the tensors are shared.
     memo = {id(t): t for t in itertools.chain(teacher.parameters(), teacher.buffers())} if share_weights else None
     student = copy.deepcopy(teacher, memo)
@@ -92,7 +96,9 @@ def from_config(teacher: nn.Module, overrides: dict, task: str) -> nn.Module:
     return AUTO_CLASSES[task].from_config(cfg)
 
 
-def build_student(cfg: StudentConfig, teacher: nn.Module, task: str, calibration: torch.Tensor | None = None) -> nn.Module:
+def build_student(
+    cfg: StudentConfig, teacher: nn.Module, task: str, calibration: torch.Tensor | None = None
+) -> nn.Module:
     """The trainable student, in ``cfg.dtype``, in train mode.
 
     ``calibration``: ``[N, T]`` token blocks a width-pruned student's channels are ranked on

@@ -16,17 +16,23 @@ def block_blocks(scores: dict | None) -> list[Block]:
 
     kept = set(scores["layers"])
     panels = [
-        (key, label) for key, label in (
+        (key, label)
+        for key, label in (
             ("block_influence", "Block influence: 1 - cos(block input, block output)"),
             ("block_removal_loss_increase", "Calibration loss increase when the block alone is removed"),
-        ) if scores.get(key)
+        )
+        if scores.get(key)
     ]
     text = (
         f"The student keeps teacher blocks {scores['layers']} of {scores['teacher_blocks']}, chosen by "
         f"{scores.get('rule', scores.get('select'))} on {scores.get('calibration_sequences')} calibration sequences."
     )
     if scores.get("candidates"):
-        text += " Search probes: " + "; ".join(f"{c['rule']} {c['layers']}: held-out loss {c['probe_loss']:.4g}" for c in scores["candidates"]) + "."
+        text += (
+            " Search probes: "
+            + "; ".join(f"{c['rule']} {c['layers']}: held-out loss {c['probe_loss']:.4g}" for c in scores["candidates"])
+            + "."
+        )
     blocks: list[Block] = [("h2", "Block selection"), ("p", text)]
     if not panels:
         return blocks
@@ -41,5 +47,7 @@ def block_blocks(scores: dict | None) -> list[Block]:
             ax.tick_params(axis="x", labelsize=7)
         axes[-1].set_xlabel("teacher block (blue: kept by the student)")
         png = _png(fig)
-    blocks.append(("plot", Plot("blocks", "Block scores", "Per-block scores on calibration text; the kept blocks in blue.", png)))
+    blocks.append(
+        ("plot", Plot("blocks", "Block scores", "Per-block scores on calibration text; the kept blocks in blue.", png))
+    )
     return blocks

@@ -48,7 +48,9 @@ def _metric_rows(
     return rows
 
 
-def _best(key: str, better: str | None, values: dict[str, dict], candidates: list[str], texts: dict[str, str]) -> set[str]:
+def _best(
+    key: str, better: str | None, values: dict[str, dict], candidates: list[str], texts: dict[str, str]
+) -> set[str]:
     """Columns holding the best value of a row; none when there is nothing to choose between."""
     scored = {c: number(values.get(c, {}).get(key)) for c in candidates}
     scored = {c: v for c, v in scored.items() if math.isfinite(v)}
@@ -68,7 +70,9 @@ def model_order(names: list[str]) -> list[str]:
 
 def evaluation_blocks(ev: dict) -> list[Block]:
     models = ev.get("models") if isinstance(ev.get("models"), dict) else {}
-    metrics = {n: m.get("metrics", {}) for n, m in models.items() if isinstance(m, dict) and isinstance(m.get("metrics"), dict)}
+    metrics = {
+        n: m.get("metrics", {}) for n, m in models.items() if isinstance(m, dict) and isinstance(m.get("metrics"), dict)
+    }
     blocks: list[Block] = []
     if metrics:
         columns = model_order(list(metrics))
@@ -86,7 +90,9 @@ def evaluation_blocks(ev: dict) -> list[Block]:
         blocks.append(("table", table))
         paths = [f"{n}: {models[n]['path']}" for n in columns if isinstance(models[n].get("path"), str)]
         if paths:
-            blocks.append(("p", "Models: " + "; ".join(paths) + ". Bold: the best of the models other than the teacher."))
+            blocks.append(
+                ("p", "Models: " + "; ".join(paths) + ". Bold: the best of the models other than the teacher.")
+            )
     retention = ev.get("retention") if isinstance(ev.get("retention"), dict) else {}
     retention = {n: r for n, r in retention.items() if isinstance(r, dict) and r}
     if retention:
@@ -123,7 +129,9 @@ def settings_sentence(s) -> str:
         parts.append(f"Evaluated on {s.get('device', '?')} in {s.get('dtype', '?')}")
     if "ppl_tokens" in s:
         source = f" of {s['text']}" if isinstance(s.get("text"), str) else ""
-        parts.append(f"perplexity over up to {fmt_or_nan(s['ppl_tokens'], count)} held-out tokens{source} (window {s.get('window', '?')}, stride {s.get('stride', '?')})")
+        parts.append(
+            f"perplexity over up to {fmt_or_nan(s['ppl_tokens'], count)} held-out tokens{source} (window {s.get('window', '?')}, stride {s.get('stride', '?')})"
+        )
     if "examples" in s:
         source = f" from {s['labelled']}" if isinstance(s.get("labelled"), str) else ""
         parts.append(f"accuracy on {s['examples']} labelled examples{source} ({s.get('shots', 0)}-shot for causal LMs)")

@@ -13,7 +13,11 @@ def headline(run: RunLog, summary: dict | None, ev: dict | None, baselines: list
     """One paragraph: sizes, perplexities, retention and speed-up, training length."""
     metrics = {}
     if ev and isinstance(ev.get("models"), dict):
-        metrics = {n: m.get("metrics", {}) for n, m in ev["models"].items() if isinstance(m, dict) and isinstance(m.get("metrics"), dict)}
+        metrics = {
+            n: m.get("metrics", {})
+            for n, m in ev["models"].items()
+            if isinstance(m, dict) and isinstance(m.get("metrics"), dict)
+        }
     summary = summary or {}
     out = []
 
@@ -21,7 +25,9 @@ def headline(run: RunLog, summary: dict | None, ev: dict | None, baselines: list
     sp = number(metrics.get("student", {}).get("params", summary.get("student_params")))
     if math.isfinite(tp) and math.isfinite(sp) and tp > 0:
         change = "fewer" if sp <= tp else "more"
-        out.append(f"The student has {millions(sp)} parameters against the teacher's {millions(tp)} ({abs(1 - sp / tp):.1%} {change}).")
+        out.append(
+            f"The student has {millions(sp)} parameters against the teacher's {millions(tp)} ({abs(1 - sp / tp):.1%} {change})."
+        )
 
     ppl = {n: m["perplexity"] for n, m in metrics.items() if "perplexity" in m}
     if ppl:
@@ -40,21 +46,43 @@ def headline(run: RunLog, summary: dict | None, ev: dict | None, baselines: list
             if v is not None:
                 ev_ppl[b.name] = v
         if ev_ppl:
-            out.append("Eval-split perplexity at the end of training: " + ", ".join(f"{n} {fmt_or_nan(v, fixed(2))}" for n, v in ev_ppl.items()) + ".")
+            out.append(
+                "Eval-split perplexity at the end of training: "
+                + ", ".join(f"{n} {fmt_or_nan(v, fixed(2))}" for n, v in ev_ppl.items())
+                + "."
+            )
 
     ret = (ev or {}).get("retention")
     if isinstance(ret, dict) and ret:
-        name = "student" if isinstance(ret.get("student"), dict) else next((n for n, r in ret.items() if isinstance(r, dict)), None)
+        name = (
+            "student"
+            if isinstance(ret.get("student"), dict)
+            else next((n for n, r in ret.items() if isinstance(r, dict)), None)
+        )
         r = ret.get(name, {}) if name else {}
-        shares = (("perplexity", "perplexity"), ("accuracy", "accuracy"), ("accuracy_above_chance", "accuracy above chance"), ("bleu", "BLEU"))
+        shares = (
+            ("perplexity", "perplexity"),
+            ("accuracy", "accuracy"),
+            ("accuracy_above_chance", "accuracy above chance"),
+            ("bleu", "BLEU"),
+        )
         kept = [f"{label} {percent(number(r[k]))}" for k, label in shares if finite(r.get(k))]
-        fast = [f"{times(number(r[k]))} faster at {kind}" for k, kind in (("prefill_speedup", "prefill"), ("decode_speedup", "decoding")) if finite(r.get(k))]
+        fast = [
+            f"{times(number(r[k]))} faster at {kind}"
+            for k, kind in (("prefill_speedup", "prefill"), ("decode_speedup", "decoding"))
+            if finite(r.get(k))
+        ]
         if kept:
-            out.append(f"Against the teacher the {name} keeps {', '.join(kept)}" + (f"; it is {' and '.join(fast)}." if fast else "."))
+            out.append(
+                f"Against the teacher the {name} keeps {', '.join(kept)}"
+                + (f"; it is {' and '.join(fast)}." if fast else ".")
+            )
         elif fast:
             out.append(f"The {name} is {' and '.join(fast)} than the teacher.")
         if warnings_of(ev):
-            out.append("The teacher's accuracy is near chance, so accuracy retention says little (see Retention and speed-up).")
+            out.append(
+                "The teacher's accuracy is near chance, so accuracy retention says little (see Retention and speed-up)."
+            )
 
     steps = len(run.train)
     if steps:

@@ -116,7 +116,9 @@ def _plot_losses(run: RunLog, baselines: list[RunLog], colors: dict[str, str]) -
         color = "#222222" if panel == "total" else colors.get(panel, PALETTE[0])
         curves = [values]
         if steps:
-            _line(ax, steps, values, color=color, label=f"{run.name} (distilled)" if panel == "ce" and base_ce else None)
+            _line(
+                ax, steps, values, color=color, label=f"{run.name} (distilled)" if panel == "ce" and base_ce else None
+            )
         if panel == "ce":
             for i, (b, bs, bv) in enumerate(base_ce):
                 bcolor, dash = BASELINE_STYLES[i % len(BASELINE_STYLES)]
@@ -131,7 +133,11 @@ def _plot_losses(run: RunLog, baselines: list[RunLog], colors: dict[str, str]) -
         ax.set_visible(False)
     fig.suptitle("Training loss per term", fontsize=11)
     smoothed = _smooth(run.series("loss")[1]) is not None
-    caption = "Each loss term as logged" + (" (light) under its moving average (solid)" if smoothed else "") + "; a log axis where a term spans over 100×."
+    caption = (
+        "Each loss term as logged"
+        + (" (light) under its moving average (solid)" if smoothed else "")
+        + "; a log axis where a term spans over 100×."
+    )
     if base_ce:
         caption += " Dashed: the baseline runs' CE loss on their own batches."
     return Plot("losses", "Training loss per term", caption, _png(fig))
@@ -171,8 +177,10 @@ def _plot_eval(run: RunLog, baselines: list[RunLog], summary: dict | None) -> Pl
     ax.set_ylabel(label)
     ax.set_title(f"Held-out {label} during training")
     ax.legend(loc="best")
-    caption = "The run's eval split, scored every train.eval_every steps" + (", beside the baseline runs" if baselines else "") + (
-        "; dotted: the teacher on the same split." if math.isfinite(teacher) else "."
+    caption = (
+        "The run's eval split, scored every train.eval_every steps"
+        + (", beside the baseline runs" if baselines else "")
+        + ("; dotted: the teacher on the same split." if math.isfinite(teacher) else ".")
     )
     return Plot("eval", f"Held-out {label} during training", caption, _png(fig))
 
@@ -186,12 +194,24 @@ def _plot_weights(run: RunLog, colors: dict[str, str]) -> Plot | None:
     for k in keys:
         steps, values = run.series(k)
         name = k[len("w/") :]
-        ax.plot(steps, values, color=colors.get(name, PALETTE[0]), label=name, marker="o" if len(steps) < 10 else None, markersize=3.5)
+        ax.plot(
+            steps,
+            values,
+            color=colors.get(name, PALETTE[0]),
+            label=name,
+            marker="o" if len(steps) < 10 else None,
+            markersize=3.5,
+        )
     _steps_axis(ax)
     ax.set_ylabel("weight")
     ax.set_title("Loss weights over training")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return Plot("weights", "Loss weights over training", "The weight of each term at each step (set by the weighting strategy and any weight schedule).", _png(fig))
+    return Plot(
+        "weights",
+        "Loss weights over training",
+        "The weight of each term at each step (set by the weighting strategy and any weight schedule).",
+        _png(fig),
+    )
 
 
 def _plot_schedules(run: RunLog, colors: dict[str, str]) -> Plot | None:
@@ -213,7 +233,14 @@ def _plot_schedules(run: RunLog, colors: dict[str, str]) -> Plot | None:
             for k in temps:
                 steps, values = run.series(k)
                 name = k[len("temperature/") :]
-                ax.plot(steps, values, color=colors.get(name, PALETTE[0]), label=name, marker="o" if few else None, markersize=3.5)
+                ax.plot(
+                    steps,
+                    values,
+                    color=colors.get(name, PALETTE[0]),
+                    label=name,
+                    marker="o" if few else None,
+                    markersize=3.5,
+                )
             ax.legend(loc="best")
             ax.set_title("temperature")
         else:
@@ -222,7 +249,11 @@ def _plot_schedules(run: RunLog, colors: dict[str, str]) -> Plot | None:
             _log_if_wide(ax, values)
             ax.set_title("gradient norm (before clipping)")
         _steps_axis(ax)
-    shown = {"lr": "the learning rate", "temperature": "the scheduled temperatures", "grad_norm": "the gradient norm before clipping"}
+    shown = {
+        "lr": "the learning rate",
+        "temperature": "the scheduled temperatures",
+        "grad_norm": "the gradient norm before clipping",
+    }
     names = [shown[p] for p in panels]
     caption = (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]).capitalize() + "."
     return Plot("schedules", "Learning rate, temperatures and gradient norm", caption, _png(fig))

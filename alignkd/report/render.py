@@ -66,7 +66,13 @@ def to_html(blocks: list[Block], title: str) -> str:
             )
         elif kind == "code":
             out.append(f"<pre><code>{e(body)}</code></pre>")
-    out += [f"<footer>Written by alignkd {e(__version__)} (alignkd report).</footer>", "</main>", "</body>", "</html>", ""]
+    out += [
+        f"<footer>Written by alignkd {e(__version__)} (alignkd report).</footer>",
+        "</main>",
+        "</body>",
+        "</html>",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -120,7 +126,10 @@ def _md_cell(text: str) -> str:
 
 
 def _md_table(t: Table) -> str:
-    lines = ["| " + " | ".join(_md_cell(c) for c in t.columns) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(t.columns) - 1)) + "|"]
+    lines = [
+        "| " + " | ".join(_md_cell(c) for c in t.columns) + " |",
+        "|" + "|".join([" --- "] + [" ---: "] * (len(t.columns) - 1)) + "|",
+    ]
     for row in t.rows:
         if isinstance(row, str):
             lines.append("| " + " | ".join([f"*{_md_cell(row)}*"] + [""] * (len(t.columns) - 1)) + " |")

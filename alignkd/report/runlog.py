@@ -81,7 +81,6 @@ def read_json(path: Path, what: str) -> dict | None:
     return data
 
 
-
 def finite(v) -> bool:
     return math.isfinite(number(v))
 
@@ -92,4 +91,3 @@ def first_finite(values: list[float]) -> float | None:
 
 def last_finite(values: list[float]) -> float | None:
     return next((v for v in reversed(values) if math.isfinite(v)), None)
-

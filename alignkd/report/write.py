@@ -60,7 +60,12 @@ def write_report(
     ]
     skipped = run.skipped + sum(b.skipped for b in base_runs)
     if skipped:
-        blocks.append(("p", f"{skipped} line(s) of metrics.jsonl were not JSON records (a write cut off mid-line?) and were skipped."))
+        blocks.append(
+            (
+                "p",
+                f"{skipped} line(s) of metrics.jsonl were not JSON records (a write cut off mid-line?) and were skipped.",
+            )
+        )
     if curves:
         blocks += [("h2", "Training curves")] + [("plot", p) for p in curves]
     if schedules:

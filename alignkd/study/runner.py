@@ -36,7 +36,9 @@ def selected(study: Study, only: list[str] | None) -> list[str]:
         return study.names
     for name in only:
         if name not in study.names:
-            raise ConfigError(f"--only {name}: no such variant; the study has {', '.join(study.names)}{closest(name, study.names)}")
+            raise ConfigError(
+                f"--only {name}: no such variant; the study has {', '.join(study.names)}{closest(name, study.names)}"
+            )
     return [n for n in study.names if n in only]
 
 
@@ -71,7 +73,11 @@ class Plan:
         self.steps: dict[str, dict] = {}
         for step in study.steps_needed(names):
             raw = study.step_config(step)
-            raw = budgeted(quick_config(raw, standins), quick_budget, out / "prepare" / step) if quick else _with_output(raw, out / "prepare" / step)
+            raw = (
+                budgeted(quick_config(raw, standins), quick_budget, out / "prepare" / step)
+                if quick
+                else _with_output(raw, out / "prepare" / step)
+            )
             self.steps[step] = self._checked(substitute(raw, resolve), f"prepare step {step}")
         self.variants: dict[str, dict] = {}
         for name in names:
@@ -93,7 +99,9 @@ def _with_output(cfg: dict, folder: Path) -> dict:
     return merge(cfg, {"train": {"output_dir": str(folder)}})
 
 
-def run_study(study: Study, out: str | Path, *, quick: bool = False, only: list[str] | None = None, stages: Stages | None = None) -> dict:
+def run_study(
+    study: Study, out: str | Path, *, quick: bool = False, only: list[str] | None = None, stages: Stages | None = None
+) -> dict:
     """Run the study's variants (``only``: just these) into ``out``; write study.md, study.html, study.json there.
 
     Returns what study.json holds. A variant that fails with bad input or

@@ -171,7 +171,9 @@ def check(path: Path, data: Any) -> Study:
     _check_names([p.name for p in spec.prepare], "prepare")
     for i, p in enumerate(spec.prepare):
         if p.command not in PREPARE_COMMANDS:
-            raise ConfigError(f"prepare[{i}].command: '{p.command}' is not one of {', '.join(PREPARE_COMMANDS)}{closest(p.command, list(PREPARE_COMMANDS))}")
+            raise ConfigError(
+                f"prepare[{i}].command: '{p.command}' is not one of {', '.join(PREPARE_COMMANDS)}{closest(p.command, list(PREPARE_COMMANDS))}"
+            )
         for key in ("train.output_dir",):
             if touches(p.set, key):
                 raise ConfigError(f"prepare[{i}].set: {key} is set by the study (OUT/prepare/{p.name}); remove it")
@@ -185,7 +187,9 @@ def check(path: Path, data: Any) -> Study:
         if v.extends is not None and v.extends not in overrides:
             known = list(overrides)
             hint = closest(v.extends, known) if known else ""
-            raise ConfigError(f"{where}.extends: '{v.extends}' is not an earlier variant ({', '.join(known) or 'none before it'}){hint}")
+            raise ConfigError(
+                f"{where}.extends: '{v.extends}' is not an earlier variant ({', '.join(known) or 'none before it'}){hint}"
+            )
         chain = merge(overrides[v.extends], v.set, f"{where}.set") if v.extends else dict(v.set)
         merge(spec.base, chain, f"{where}.set")  # a dotted key that cannot apply fails here, not mid-study
         overrides[v.name] = chain
@@ -212,7 +216,9 @@ def _check_names(names: list[str], where: str) -> None:
     seen: set[str] = set()
     for i, name in enumerate(names):
         if not SAFE_NAME.match(name or ""):
-            raise ConfigError(f"{where}[{i}].name: {name!r} must be a folder name: letters, digits, _ . - (e.g. kl-search)")
+            raise ConfigError(
+                f"{where}[{i}].name: {name!r} must be a folder name: letters, digits, _ . - (e.g. kl-search)"
+            )
         if name in seen:
             raise ConfigError(f"{where}[{i}].name: '{name}' is used twice; names must be unique")
         seen.add(name)

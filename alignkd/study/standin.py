@@ -22,9 +22,23 @@ VOCAB = 272  # 261 tokens, padded like real output heads
 POSITIONS = 256
 WIDTH_KEYS = ("hidden_size", "intermediate_size", "head_dim")
 """``student.config`` keys that scale with the teacher's width."""
-KEPT = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "hidden_act")
+KEPT = (
+    "model_type",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+    "hidden_act",
+)
 """The real teacher's config.json keys the stand-in copies."""
-DEFAULT_SHAPE = {"model_type": "llama", "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256, "intermediate_size": 512}
+DEFAULT_SHAPE = {
+    "model_type": "llama",
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+}
 
 
 @dataclass
@@ -55,7 +69,14 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 def real_shape(folder: Path | None, fallback: dict) -> dict:
@@ -98,7 +119,9 @@ def shrink(student_config: dict, real: dict, tiny: dict) -> dict:
             continue
         base = real_head if key == "head_dim" else real.get(key)
         if not base:
-            raise ConfigError(f"student.config.{key}: --quick cannot scale it: the teacher's config gives no {key}; add it under quick.teacher")
+            raise ConfigError(
+                f"student.config.{key}: --quick cannot scale it: the teacher's config gives no {key}; add it under quick.teacher"
+            )
         value = out[key] * tiny[key] / base
         out[key] = max(2, 2 * round(value / 2)) if key == "head_dim" else max(2, round(value))
     return out
@@ -136,12 +159,27 @@ SUBJECTS = ["the whale", "the captain", "a sailor", "the ship", "the harpoon", "
 VERBS = ["follows", "watches", "breaks", "finds", "carries", "remembers", "calls", "leaves"]
 OBJECTS = ["the rope", "a storm", "the deck", "the island", "a letter", "the mast", "the harbour", "a lantern"]
 ENDINGS = ["at dawn", "in silence", "again", "before the night", "with care", "for the last time"]
-GOOD = ["a warm and clever film", "wonderful acting", "a delight from start to end", "sharp, funny and moving", "the best of the year"]
-BAD = ["a dull and tired film", "clumsy acting", "a bore from start to end", "flat, slow and empty", "the worst of the year"]
+GOOD = [
+    "a warm and clever film",
+    "wonderful acting",
+    "a delight from start to end",
+    "sharp, funny and moving",
+    "the best of the year",
+]
+BAD = [
+    "a dull and tired film",
+    "clumsy acting",
+    "a bore from start to end",
+    "flat, slow and empty",
+    "the worst of the year",
+]
 
 
 def _document(rng: random.Random, sentences: int) -> str:
-    lines = [f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(ENDINGS)}." for _ in range(sentences)]
+    lines = [
+        f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(ENDINGS)}."
+        for _ in range(sentences)
+    ]
     return " ".join(lines) + "\n"
 
 
@@ -151,4 +189,9 @@ def _write_reviews(path: Path, rng: random.Random, rows: int) -> None:
         writer.writerow(["text", "label"])
         for i in range(rows):
             good = i % 2 == 0
-            writer.writerow([f"{rng.choice(GOOD if good else BAD)}, {rng.choice(OBJECTS)} aside", "positive" if good else "negative"])
+            writer.writerow(
+                [
+                    f"{rng.choice(GOOD if good else BAD)}, {rng.choice(OBJECTS)} aside",
+                    "positive" if good else "negative",
+                ]
+            )

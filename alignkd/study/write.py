@@ -29,7 +29,9 @@ def write_study(study: Study, out: Path, quick: bool) -> dict:
         "title": study.title,
         "study_file": str(study.path),
         "quick": quick,
-        "budget": {k: v for k, v in vars(study.spec.budget).items() if v is not None} if not quick else {"steps": study.spec.quick.steps},
+        "budget": {k: v for k, v in vars(study.spec.budget).items() if v is not None}
+        if not quick
+        else {"steps": study.spec.quick.steps},
         "metric": key,
         "better": BY_KEY[METRICS[key]].better,
         "reference": ref.name,
@@ -53,10 +55,16 @@ def budget_text(study: Study, quick: bool) -> str:
     if quick:
         return f"{study.spec.quick.steps} steps each on tiny stand-in models (--quick: a check that the study runs, not a result)"
     b = study.spec.budget
-    return f"{b.minutes:g} training minutes each (a faster recipe gets more steps)" if b.minutes is not None else f"{b.steps} optimizer steps each"
+    return (
+        f"{b.minutes:g} training minutes each (a faster recipe gets more steps)"
+        if b.minutes is not None
+        else f"{b.steps} optimizer steps each"
+    )
 
 
-def _blocks(study: Study, out: Path, quick: bool, rows: list[Row], key: str, ref: Row, plot: Plot | None) -> list[Block]:
+def _blocks(
+    study: Study, out: Path, quick: bool, rows: list[Row], key: str, ref: Row, plot: Plot | None
+) -> list[Block]:
     label = METRICS[key]
     blocks: list[Block] = [
         ("h1", f"Study: {study.title}"),
@@ -74,7 +82,12 @@ def _blocks(study: Study, out: Path, quick: bool, rows: list[Row], key: str, ref
     variants = Table(["variant", "what it tries", "builds on"])
     for v in study.spec.variants:
         variants.rows.append([Cell(v.name), Cell(v.about or "—"), Cell(v.extends or "base")])
-    blocks += [("h2", "Variants"), ("table", variants), ("h2", "Study file"), ("code", study.path.read_text(errors="replace"))]
+    blocks += [
+        ("h2", "Variants"),
+        ("table", variants),
+        ("h2", "Study file"),
+        ("code", study.path.read_text(errors="replace")),
+    ]
     return blocks
 
 
@@ -101,22 +114,26 @@ def _change_text(c: float, key: str) -> str:
 def _table(rows: list[Row], key: str, ref: Row) -> Table:
     metric = BY_KEY[METRICS[key]]
     top = best(rows, key)
-    t = Table(["variant", "steps", "train min", "other min", f"held-out {metric.label.lower()}", f"vs {ref.name}", "params"])
+    t = Table(
+        ["variant", "steps", "train min", "other min", f"held-out {metric.label.lower()}", f"vs {ref.name}", "params"]
+    )
     for r in rows:
         if r.status != "done":
             t.rows.append([Cell(r.name), Cell("—"), Cell("—"), Cell("—"), Cell(r.status), Cell("—"), Cell("—")])
             continue
         other = (r.wall_s - r.train_s) / 60 if r.wall_s is not None and r.train_s is not None else math.nan
         vs = "reference" if r is ref else _change_text(change(r.value, ref.value, key), key)
-        t.rows.append([
-            Cell(r.name),
-            Cell(f"{r.steps:,}" if r.steps is not None else "—"),
-            Cell(_minutes(r.train_s / 60 if r.train_s is not None else math.nan)),
-            Cell(_minutes(other)),
-            Cell(metric.fmt(r.value) if math.isfinite(r.value) else "nan", bold=r is top),
-            Cell(vs),
-            Cell(BY_KEY["params"].fmt(r.params) if r.params is not None else "—"),
-        ])
+        t.rows.append(
+            [
+                Cell(r.name),
+                Cell(f"{r.steps:,}" if r.steps is not None else "—"),
+                Cell(_minutes(r.train_s / 60 if r.train_s is not None else math.nan)),
+                Cell(_minutes(other)),
+                Cell(metric.fmt(r.value) if math.isfinite(r.value) else "nan", bold=r is top),
+                Cell(vs),
+                Cell(BY_KEY["params"].fmt(r.params) if r.params is not None else "—"),
+            ]
+        )
     teacher = next((r.teacher for r in (ref, *rows) if math.isfinite(r.teacher)), math.nan)
     if math.isfinite(teacher):
         t.rows.append([Cell("teacher"), Cell(""), Cell(""), Cell(""), Cell(metric.fmt(teacher)), Cell(""), Cell("")])
@@ -146,7 +163,15 @@ def _curves(rows: list[Row], key: str, ref: Row) -> Plot | None:
         for i, r in enumerate(drawn):
             pts = [(p["train_s"] / per, p["value"]) for p in r.curve if math.isfinite(p["train_s"])]
             xs, ys = [x for x, _ in pts], [y for _, y in pts]
-            ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], marker="o", markersize=3.5, label=r.name, linewidth=2.2 if r is ref else 1.6)
+            ax.plot(
+                xs,
+                ys,
+                color=PALETTE[i % len(PALETTE)],
+                marker="o",
+                markersize=3.5,
+                label=r.name,
+                linewidth=2.2 if r is ref else 1.6,
+            )
             curves.append(ys)
         if math.isfinite(ref.teacher):
             ax.axhline(ref.teacher, color="#888888", linestyle=":", linewidth=1.2, label="teacher")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,13 +111,17 @@ class Layered:
         if isinstance(layers, str):
             one_of(layers, LAYER_MAPS, f"{where}.layers")
             if layers == "adaptive" and not adaptive:
-                raise ConfigError(f"{where}.layers: adaptive applies to hidden losses only; use auto, last or explicit pairs")
+                raise ConfigError(
+                    f"{where}.layers: adaptive applies to hidden losses only; use auto, last or explicit pairs"
+                )
         elif not (
             isinstance(layers, list)
             and layers
             and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in layers)
         ):
-            raise ConfigError(f"{where}.layers: use auto, last, source, adaptive, or a list of [student, teacher] pairs like [[0, 3], [1, 7]]")
+            raise ConfigError(
+                f"{where}.layers: use auto, last, source, adaptive, or a list of [student, teacher] pairs like [[0, 3], [1, 7]]"
+            )
 
 
 @dataclass

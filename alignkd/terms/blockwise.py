@@ -68,7 +68,10 @@ def blockwise_term(term: Term, x: StepTensors, temperature: float | None) -> tor
 
 
 BLOCKWISE = TermType(
-    BlockwiseConfig, blockwise_term,
+    BlockwiseConfig,
+    blockwise_term,
     "student state -> projector -> teacher's remaining blocks and head, KL to the teacher's logits",
-    needs=blockwise_needs, projected=True, reads_logits=True,
+    needs=blockwise_needs,
+    projected=True,
+    reads_logits=True,
 )

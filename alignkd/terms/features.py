@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,9 +68,13 @@ def hidden_norms(cfg: HiddenConfig, student: nn.Module, teacher: nn.Module, wher
     norms = (final_norm_of(student), final_norm_of(teacher))
     for role, model, norm in zip(("student", "teacher"), (student, teacher), norms):
         if norm is None:
-            raise ConfigError(f"{where}.final_norm: the {role} ({model.config.model_type}) has no final norm; set final_norm: false")
+            raise ConfigError(
+                f"{where}.final_norm: the {role} ({model.config.model_type}) has no final norm; set final_norm: false"
+            )
         if any(p.is_meta for p in norm.parameters()):
-            raise ConfigError(f"{where}.final_norm: the {role}'s final norm is not loaded (teacher.cache); set final_norm: false or remove teacher.cache")
+            raise ConfigError(
+                f"{where}.final_norm: the {role}'s final norm is not loaded (teacher.cache); set final_norm: false or remove teacher.cache"
+            )
     return {"norms": norms}
 
 
@@ -203,7 +208,9 @@ def relation_heads(cfg: RelationConfig, student: nn.Module, teacher: nn.Module, 
         h = cfg.num_relation_heads
         bad = [w for w in widths if w % h]
         if bad:
-            raise ConfigError(f"{where}.num_relation_heads: {h} does not divide the projection width {bad[0]}; pick a divisor of {math.gcd(*widths)}")
+            raise ConfigError(
+                f"{where}.num_relation_heads: {h} does not divide the projection width {bad[0]}; pick a divisor of {math.gcd(*widths)}"
+            )
         return {"heads": h}
     for h in range(num_heads_of(student), 0, -1):
         if all(w % h == 0 for w in widths):
@@ -215,7 +222,13 @@ def relation_term(term: Term, x: StepTensors, temperature: float | None) -> torc
     # The full mask: a leading BOS stays a key, since the relations' softmax over keys includes the sink.
     return mean(
         [
-            L.relation_kl(x.student.qkv[(s, part)], x.teacher.qkv[(t, part)], x.mask, num_relation_heads=term.params["heads"], temperature=temperature)
+            L.relation_kl(
+                x.student.qkv[(s, part)],
+                x.teacher.qkv[(t, part)],
+                x.mask,
+                num_relation_heads=term.params["heads"],
+                temperature=temperature,
+            )
             for s, t in term.pairs
             for part in term.cfg.of
         ]
@@ -257,16 +270,55 @@ def contrastive_term(term: Term, x: StepTensors, temperature: float | None) -> t
     c = term.cfg
     return mean(
         [
-            L.info_nce(projected(term, x, s), x.teacher.hidden[t], x.features(), temperature=temperature, symmetric=c.symmetric, max_tokens=c.max_tokens)
+            L.info_nce(
+                projected(term, x, s),
+                x.teacher.hidden[t],
+                x.features(),
+                temperature=temperature,
+                symmetric=c.symmetric,
+                max_tokens=c.max_tokens,
+            )
             for s, t in term.pairs
         ]
     )
 
 
 HIDDEN = TermType(
-    HiddenConfig, hidden_term, "block outputs through a projector when widths differ", needs=hidden_needs, projected=True, cached=True, prepare=hidden_norms,
+    HiddenConfig,
+    hidden_term,
+    "block outputs through a projector when widths differ",
+    needs=hidden_needs,
+    projected=True,
+    cached=True,
+    prepare=hidden_norms,
 )
-EMBEDDING = TermType(EmbeddingConfig, embedding_term, "input embedding outputs through a projector when widths differ", projected=True, prepare=embedding_modules)
-ATTENTION = TermType(AttentionConfig, attention_term, "attention maps (eager attention is switched on, with a warning)", needs=attention_needs, eager_attention=True)
-RELATION = TermType(RelationConfig, relation_term, "MiniLMv2 q/k/v self-relations (works with SDPA/flash)", needs=relation_needs, prepare=relation_heads, cached=True)
-CONTRASTIVE = TermType(ContrastiveConfig, contrastive_term, "InfoNCE between student and teacher token features", needs=contrastive_needs, projected=True, cached=True)
+EMBEDDING = TermType(
+    EmbeddingConfig,
+    embedding_term,
+    "input embedding outputs through a projector when widths differ",
+    projected=True,
+    prepare=embedding_modules,
+)
+ATTENTION = TermType(
+    AttentionConfig,
+    attention_term,
+    "attention maps (eager attention is switched on, with a warning)",
+    needs=attention_needs,
+    eager_attention=True,
+)
+RELATION = TermType(
+    RelationConfig,
+    relation_term,
+    "MiniLMv2 q/k/v self-relations (works with SDPA/flash)",
+    needs=relation_needs,
+    prepare=relation_heads,
+    cached=True,
+)
+CONTRASTIVE = TermType(
+    ContrastiveConfig,
+    contrastive_term,
+    "InfoNCE between student and teacher token features",
+    needs=contrastive_needs,
+    projected=True,
+    cached=True,
+)

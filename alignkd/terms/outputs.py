@@ -24,7 +24,9 @@ def ce_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
     if x.heads is not None:  # fused: chunked through the head, no logits
         head = x.heads[0]
         labels = torch.where(has, tgt, torch.full_like(tgt, -100))
-        return L.lm_head_ce(x.student.final_hidden, head.weight, labels, bias=head.bias, softcap=head.softcap, vocab=x.vocab)
+        return L.lm_head_ce(
+            x.student.final_hidden, head.weight, labels, bias=head.bias, softcap=head.softcap, vocab=x.vocab
+        )
     s, _, _ = x.logits()
     # ignore_index instead of s[has]: no [N, V] copy forward and no scatter backward.
     tgt = torch.where(has, tgt, torch.full_like(tgt, -100))
@@ -69,16 +71,32 @@ def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
         if x.heads is not None:  # fused: chunked through the student's head, no logits
             s = x.heads[0]
             return L.lm_head_sparse_kl(
-                x.student.final_hidden, s.weight, t.topk_ids, t.topk_logprobs, t.tail, x.mask,
-                student_bias=s.bias, softcap=s.softcap, vocab=x.vocab, **kw,
+                x.student.final_hidden,
+                s.weight,
+                t.topk_ids,
+                t.topk_logprobs,
+                t.tail,
+                x.mask,
+                student_bias=s.bias,
+                softcap=s.softcap,
+                vocab=x.vocab,
+                **kw,
             )
         s, _, m = x.logits()
         return L.sparse_kl(s, t.topk_ids, t.topk_logprobs, t.tail, m, **kw)
     if x.heads is not None:  # fused: chunked through both heads, no logits
         s, t = x.heads
         return L.lm_head_kl(
-            x.student.final_hidden, s.weight, x.teacher.final_hidden, t.weight, x.mask,
-            student_bias=s.bias, teacher_bias=t.bias, softcap=s.softcap, vocab=x.vocab, **kw,
+            x.student.final_hidden,
+            s.weight,
+            x.teacher.final_hidden,
+            t.weight,
+            x.mask,
+            student_bias=s.bias,
+            teacher_bias=t.bias,
+            softcap=s.softcap,
+            vocab=x.vocab,
+            **kw,
         )
     s, t, m = x.logits()
     return L.kl_div(s, t, m, **kw)
@@ -111,6 +129,14 @@ def dkd_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Ten
     return L.dkd(s, t, tgt, m & has, alpha=c.alpha, beta=c.beta, temperature=temperature)
 
 
-CE = TermType(CEConfig, ce_term, "ground-truth next token (or label)", uses_teacher=False, reads_logits=True, fused=True, cached=True)
+CE = TermType(
+    CEConfig,
+    ce_term,
+    "ground-truth next token (or label)",
+    uses_teacher=False,
+    reads_logits=True,
+    fused=True,
+    cached=True,
+)
 KL = TermType(KLConfig, kl_term, "output distributions", reads_logits=True, fused=True, cached=True)
 DKD = TermType(DKDConfig, dkd_term, "decoupled KD (target / non-target)", reads_logits=True)
