@@ -200,8 +200,8 @@ def _held_out(summary: dict) -> tuple[str, float, float]:
 def _cache_teacher(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from alignkd.cache.write import cache_teacher
     from alignkd.config import load_config
+    from alignkd.engine.cache_teacher import cache_teacher
 
     hf_logging.disable_progress_bar()
     cache_teacher(load_config(args.config, args.overrides), overwrite=args.overwrite, say=print)

@@ -37,7 +37,7 @@ def student_layers(teacher: Path) -> list[int]:
     """The teacher blocks the student keeps: 6 of SmolLM2's 30, else a fifth spread evenly."""
     from transformers import AutoConfig
 
-    from alignkd.models.prune import even_layers
+    from alignkd.models.depth import even_layers
 
     n = AutoConfig.from_pretrained(teacher).num_hidden_layers
     return STUDENT_LAYERS if n == len(STUDENT_LAYERS) * 5 else even_layers(n, max(1, n // 5))

@@ -153,8 +153,8 @@ def prepare_case(spec: dict, case: str) -> dict:
     """Save the student (as ``setup`` builds it) and the packed blocks for the plain-PyTorch cases."""
     import torch
 
+    from alignkd.align.tasks import TASKS
     from alignkd.config import load_config
-    from alignkd.engine.tasks import TASKS
     from alignkd.models import load_model, load_tokenizer
     from alignkd.models.student import build_student
 

@@ -1,11 +1,11 @@
-"""Tests of alignkd.engine.align: layer maps, projectors and adaptive layer mixtures."""
+"""Tests of alignkd.align.maps: layer maps, projectors and adaptive layer mixtures."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from alignkd.engine.align import AdaptiveMix, LayerMapError, Projector, auto_map, resolve_map
+from alignkd.align.maps import AdaptiveMix, LayerMapError, Projector, auto_map, resolve_map
 
 
 def reference_auto(ls: int, lt: int) -> list[tuple[int, int]]:
@@ -193,7 +193,7 @@ def test_adaptive_gradient_reaches_the_logits():
 
 
 def test_source_map_pairs_copied_blocks_with_their_origin():
-    from alignkd.engine.align import LayerMapError, resolve_map
+    from alignkd.align.maps import LayerMapError, resolve_map
 
     assert resolve_map("source", 3, 30, "losses[0].layers", source=[0, 14, 29]) == [(0, 0), (1, 14), (2, 29)]
     with pytest.raises(LayerMapError, match="from_teacher"):
@@ -203,7 +203,7 @@ def test_source_map_pairs_copied_blocks_with_their_origin():
 def test_plan_uses_the_blocks_a_depth_pruned_student_came_from():
     from tiny import build
 
-    from alignkd.engine.plan import build_plan
+    from alignkd.align.plan import build_plan
     from alignkd.models.student import depth_pruned
     from alignkd.terms.features import HiddenConfig
 

@@ -19,11 +19,11 @@ import torch
 from test_engine import corpus, make_cfg, make_run, read_metrics, teacher  # noqa: F401  (module fixtures, shared)
 
 import alignkd
-from alignkd.cache.format import META, bytes_per_token
-from alignkd.cache.write import cache_teacher
 from alignkd.config import load_config
+from alignkd.engine.cache_teacher import cache_teacher
 from alignkd.errors import ConfigError
 from alignkd.losses import KL_KINDS, _head_chunks, kl_div, lm_head_sparse_kl, sparse_kl
+from alignkd.teacher.cache_format import META, bytes_per_token
 
 
 def top_k(teacher_logits: torch.Tensor, k: int):

@@ -1,4 +1,4 @@
-"""Tests of alignkd.engine.capture (hooks) and alignkd.engine.plan (what each model must expose).
+"""Tests of alignkd.models.capture (hooks) and alignkd.align.plan (what each model must expose).
 
 Captured tensors are compared with what transformers itself returns
 (``output_hidden_states`` / ``output_attentions``) or with the projections
@@ -11,10 +11,10 @@ import pytest
 import tiny
 import torch
 
+from alignkd.align.maps import AdaptiveMix, Projector
+from alignkd.align.plan import StudentSide, build_plan
 from alignkd.config import ConfigError, load_config
-from alignkd.engine.align import AdaptiveMix, Projector
-from alignkd.engine.capture import Capture, Needs
-from alignkd.engine.plan import StudentSide, build_plan
+from alignkd.models.capture import Capture, Needs
 from alignkd.models.families import FAMILIES, blocks_of, get_path
 
 DECODERS = ["llama", "qwen2", "gemma3", "gpt2"]

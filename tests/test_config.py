@@ -17,6 +17,7 @@ import yaml
 
 import alignkd
 from alignkd import cli
+from alignkd.align.weighting import GradNorm, Uncertainty, Weighting, build_weighting
 from alignkd.config import (
     Config,
     ConfigError,
@@ -30,7 +31,6 @@ from alignkd.config import (
     field_docs,
     load_config,
 )
-from alignkd.engine.weighting import GradNorm, Uncertainty, Weighting, build_weighting
 from alignkd.losses import KL_KINDS
 from alignkd.terms import HIDDEN_METRICS, TERM_TYPES, TermConfig
 from alignkd.terms.base import Layered, Tempered

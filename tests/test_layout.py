@@ -16,6 +16,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "alignkd"
 MAX_LINES = 400
 
+LAYERS = [
+    ("errors",),
+    ("checks", "precision", "display"),
+    ("losses",),
+    ("assets", "models", "data"),
+    ("terms",),
+    ("align",),
+    ("config",),
+    ("backend",),
+    ("teacher",),
+    ("engine",),
+    ("evaluate", "report", "study", "demo", "cli", "testing", "__main__", ""),
+]
+"""alignkd's packages (and top-level modules) from the bottom up. A package may import
+those of its own layer and of the layers below it, never one above; within a layer
+the package graph must still have no cycle. ``""`` is the top-level ``alignkd``
+package itself (its ``distill`` shortcut)."""
+
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT.parent).with_suffix("").parts
@@ -126,3 +144,47 @@ def test_no_module_is_too_long():
 
 def test_errors_import_nothing_from_alignkd():
     assert imports_of("alignkd.errors") == set(), "alignkd/errors.py is the bottom of the package"
+
+
+def package_of(module: str) -> str:
+    """``alignkd.engine.run`` -> ``engine``; ``alignkd.errors`` -> ``errors``; ``alignkd`` -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {package_of(m): set() for m in MODULES}
+    for name in MODULES:
+        for target in imports_of(name):
+            if package_of(target) != package_of(name):
+                graph[package_of(name)].add(package_of(target))
+    return graph
+
+
+def test_every_package_has_a_layer():
+    layered = {p for layer in LAYERS for p in layer}
+    missing = sorted(set(package_graph()) - layered)
+    assert not missing, f"add these packages to LAYERS in tests/test_layout.py (and docs/architecture.md): {missing}"
+
+
+def test_packages_import_only_their_layer_and_below():
+    level = {p: i for i, layer in enumerate(LAYERS) for p in layer}
+    upward = [
+        f"alignkd.{m} imports alignkd.{t}"
+        for m in sorted(MODULES)
+        for t in sorted(imports_of(m))
+        if level.get(package_of(t), -1) > level.get(package_of(m), len(LAYERS))
+    ]
+    assert not upward, "a lower package imports a higher one (see LAYERS): " + "; ".join(upward)
+
+
+def test_no_package_cycles():
+    cycle = find_cycle(package_graph())
+    assert cycle is None, "package import cycle: " + " -> ".join(cycle)
+
+
+def test_layer_check_sees_an_upward_import(monkeypatch):
+    """The check is not vacuous: an edge from a low package to a high one is reported."""
+    level = {p: i for i, layer in enumerate(LAYERS) for p in layer}
+    assert level["losses"] < level["engine"] and level["models"] < level["align"] < level["config"]
+    assert "alignkd.terms" in {m.rsplit(".", 1)[0] if m.count(".") > 1 else m for m in imports_of("alignkd.align.plan")}

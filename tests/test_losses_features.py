@@ -357,9 +357,9 @@ from conftest import tolerance  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
-from alignkd.engine.align import Projector  # noqa: E402
-from alignkd.engine.capture import Capture, Needs, Record  # noqa: E402
+from alignkd.align.maps import Projector  # noqa: E402
 from alignkd.errors import ConfigError  # noqa: E402
+from alignkd.models.capture import Capture, Needs, Record  # noqa: E402
 from alignkd.models.families import blocks_of, final_norm_of  # noqa: E402
 from alignkd.terms import TERM_TYPES, StepTensors, Term  # noqa: E402
 from alignkd.terms.features import EmbeddingConfig, HiddenConfig, hidden_norms  # noqa: E402

@@ -31,7 +31,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny import save_model, write_corpus
 
-from alignkd.engine.distributed import make_accelerator
+from alignkd.backend.distributed import make_accelerator
 from alignkd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -429,7 +429,7 @@ def test_deepspeed_launches_alignkd_cannot_run_are_refused_in_one_line(env, monk
 
 
 def test_a_deepspeed_config_file_gives_the_stage(tmp_path, monkeypatch):
-    from alignkd.engine.zero import launch_stage
+    from alignkd.backend.zero import launch_stage
 
     path = tmp_path / "ds.json"
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -447,7 +447,7 @@ def test_a_deepspeed_config_file_gives_the_stage(tmp_path, monkeypatch):
 def test_fp16_autocast_under_deepspeed_is_refused_in_one_line():
     from types import SimpleNamespace
 
-    from alignkd.engine import zero
+    from alignkd.backend import zero
 
     cfg = SimpleNamespace(train=SimpleNamespace(mixed_precision="fp16", batch_size=2, grad_accum=1, max_grad_norm=1.0))
     with pytest.raises(ConfigError) as info:
@@ -459,7 +459,7 @@ def test_fp16_autocast_under_deepspeed_is_refused_in_one_line():
 def test_gradnorm_under_zero3_is_refused_in_one_line():
     from types import SimpleNamespace
 
-    from alignkd.engine import zero
+    from alignkd.backend import zero
 
     cfg = SimpleNamespace(
         train=SimpleNamespace(mixed_precision="no", batch_size=2, grad_accum=1, max_grad_norm=1.0),
@@ -474,7 +474,7 @@ def test_a_deepspeed_launch_without_deepspeed_says_to_install_it(monkeypatch):
     """Both places that start a DeepSpeed engine (the student's ZeRO, the teacher's ZeRO-3 inference) say what to do."""
     from types import SimpleNamespace
 
-    from alignkd.engine import zero
+    from alignkd.backend import zero
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed now raises ImportError
     cfg = SimpleNamespace(train=SimpleNamespace(mixed_precision="no"), weighting=SimpleNamespace(strategy="static"))

@@ -6,8 +6,8 @@ from tiny import build, config
 from transformers import AutoModelForCausalLM
 
 from alignkd.models import ModelError
-from alignkd.models.prune import width_prune
 from alignkd.models.student import from_config
+from alignkd.models.width import width_prune
 
 NARROW = {
     "hidden_size": 48,
@@ -88,7 +88,7 @@ def test_prune_refuses_other_families_and_head_dims():
 
 def activation_reference(t, ids):
     """Plain reference: record whole activations, then take the means in the test's own way."""
-    from alignkd.models.prune import Scores
+    from alignkd.models.width import Scores
 
     outs, o_in, d_in = [], {}, {}
     width, hd = t.config.hidden_size, t.config.hidden_size // t.config.num_attention_heads
@@ -122,7 +122,7 @@ def activation_reference(t, ids):
 
 
 def test_activation_scores_match_the_plain_reference():
-    from alignkd.models.prune import activation_scores
+    from alignkd.models.width import activation_scores
 
     t = teacher("llama")
     ids = torch.randint(0, 261, (5, 13), generator=torch.Generator().manual_seed(1))
@@ -135,7 +135,7 @@ def test_activation_scores_match_the_plain_reference():
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_full_width_prune_by_activations_is_the_teacher(family):
-    from alignkd.models.prune import activation_scores
+    from alignkd.models.width import activation_scores
 
     t = teacher(family)
     s = from_config(t, {}, "causal_lm")
@@ -147,7 +147,7 @@ def test_full_width_prune_by_activations_is_the_teacher(family):
 def test_a_head_that_carries_nothing_is_pruned_by_activation_not_by_weight():
     """kv head 0 of the last block is silenced (its v rows zeroed) while its k and o weights are made the largest:
     weight norms would keep it, activations drop it."""
-    from alignkd.models.prune import activation_scores
+    from alignkd.models.width import activation_scores
 
     t = teacher("llama")
     hd, a = 16, t.model.layers[3].self_attn

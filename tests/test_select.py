@@ -1,4 +1,4 @@
-"""Tests of choosing a depth-pruned student's blocks (alignkd.models.select, alignkd.engine.choose, ``alignkd prune``).
+"""Tests of choosing a depth-pruned student's blocks (alignkd.align.blocks, alignkd.engine.block_choice, ``alignkd prune``).
 
 The state scores are checked against a plain reference computed here from the
 model's own hidden states; the loss-based scores against a plain cross-entropy
@@ -28,12 +28,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import alignkd
+from alignkd.align.blocks import RULES, Calibration, calibration_loss, choose, removal_increase, state_scores
+from alignkd.align.tasks import TASKS
 from alignkd.cli import main
 from alignkd.config import ConfigError, FromTeacherConfig, load_config
 from alignkd.engine.run import select_blocks
-from alignkd.engine.tasks import TASKS
 from alignkd.models.families import FAMILIES, blocks_of, get_path
-from alignkd.models.select import RULES, Calibration, calibration_loss, choose, removal_increase, state_scores
 from alignkd.models.student import depth_pruned
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from alignkd.config import FromTeacherConfig, StudentConfig
 from alignkd.models import ModelError, check_tokenizers, common_vocab
+from alignkd.models.depth import even_layers
 from alignkd.models.families import FAMILIES, blocks_of, get_path
-from alignkd.models.prune import even_layers
 from alignkd.models.student import build_student, depth_pruned, freeze, from_config, kept_count
 
 FAMILY_NAMES = ["llama", "qwen2", "gemma3", "gpt2"]

@@ -1,4 +1,4 @@
-"""Tests of alignkd.engine.weighting: schedules, static weights, GradNorm, uncertainty and ratio weighting.
+"""Tests of alignkd.align.weighting: schedules, static weights, GradNorm, uncertainty and ratio weighting.
 
 GradNorm is checked on a toy multi-task problem (one shared linear layer, losses
 whose gradients differ by orders of magnitude) for the properties the paper
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from alignkd.align.weighting import GradNorm, Ratio, Uncertainty, Weighting, build_weighting, schedule_value
 from alignkd.config import ScheduleConfig
-from alignkd.engine.weighting import GradNorm, Ratio, Uncertainty, Weighting, build_weighting, schedule_value
 
 # ---------------------------------------------------------------- schedules
 

@@ -15,7 +15,10 @@ import shutil
 from pathlib import Path
 
 from alignkd.assets import corpus, sentiment, teacher
-from alignkd.assets.cache import (
+from alignkd.assets.download import download
+from alignkd.assets.job import Job
+from alignkd.assets.sentiment import SPLITS
+from alignkd.assets.store import (
     NAMES,
     SOURCE_KEYS,
     SOURCES,
@@ -26,9 +29,6 @@ from alignkd.assets.cache import (
     remove_stale,
     write_manifest,
 )
-from alignkd.assets.download import download
-from alignkd.assets.job import Job
-from alignkd.assets.sentiment import SPLITS
 from alignkd.display import Tasks
 from alignkd.errors import AssetError
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from alignkd.assets.cache import SOURCES
 from alignkd.assets.job import Job
+from alignkd.assets.store import SOURCES
 from alignkd.errors import AssetError
 
 DOWNLOAD_TIMEOUT_S = 900

@@ -13,10 +13,10 @@ from typing import Any, Union
 
 import yaml
 
+from alignkd.checks import closest
 from alignkd.config.schema import Config
 from alignkd.errors import ConfigError
 from alignkd.terms import TERM_TYPES, TermConfig
-from alignkd.terms.base import closest
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -11,7 +11,6 @@ from typing import Any
 
 from alignkd.terms import TermConfig
 
-
 @dataclass
 class ModelConfig:
     """The teacher model."""

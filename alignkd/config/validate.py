@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import os
 
+from alignkd.checks import one_of
 from alignkd.errors import ConfigError
 from alignkd.terms import TERM_TYPES, role
-from alignkd.terms.base import one_of
 
 TASKS = ("causal_lm", "sequence_classification", "masked_lm")
+PLACEMENTS = ("replicate", "shard")
+"""Values of ``teacher.placement``."""
 WEIGHTINGS = ("static", "gradnorm", "uncertainty", "ratio")
 
 
 def validate(cfg) -> None:
     """Check values and cross-field rules; expand ``~`` in paths and name the loss terms. Idempotent."""
+    from alignkd.align.blocks import check_selection
     from alignkd.data import BOS_SETTINGS
-    from alignkd.engine.distributed import PLACEMENTS
-    from alignkd.models.select import check_selection
     from alignkd.precision import DTYPE_NAMES, MIXED_PRECISION
 
     if not cfg.teacher.path:

@@ -143,7 +143,7 @@ def cache_folder(source: str, setting: str, say: Callable[[str], None]) -> Path:
     beside = Path(source).resolve().parent / CACHE_FOLDER
     if _writable(beside):
         return beside
-    from alignkd.assets.cache import cache_dir
+    from alignkd.assets.store import cache_dir
 
     fallback = cache_dir() / "tokens"
     if not _writable(fallback):

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from alignkd.engine import zero
-from alignkd.engine.distributed import load_local_optimizer_state, load_local_state, local_optimizer_state, local_state
+from alignkd.backend import zero
+from alignkd.backend.distributed import load_local_optimizer_state, load_local_state, local_optimizer_state, local_state
 from alignkd.errors import ConfigError
 
 

@@ -22,13 +22,12 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch import nn
 
-from alignkd.cache.read import TeacherCache
-from alignkd.config import Config, to_dict, validate
-from alignkd.data import BlockSampler
-from alignkd.engine import zero
-from alignkd.engine.capture import Capture
-from alignkd.engine.choose import Inputs, choose_blocks
-from alignkd.engine.distributed import (
+from alignkd.align.blocks import Selection, calibration_rows, write_scores
+from alignkd.align.plan import StudentSide, build_plan, unwrap
+from alignkd.align.tasks import TASKS, heldout
+from alignkd.align.weighting import Weighting, build_weighting
+from alignkd.backend import zero
+from alignkd.backend.distributed import (
     full_state,
     is_sharded,
     make_accelerator,
@@ -36,16 +35,16 @@ from alignkd.engine.distributed import (
     shard_student,
     shards_student,
 )
+from alignkd.config import Config, to_dict, validate
+from alignkd.data import BlockSampler
+from alignkd.engine.block_choice import Inputs, choose_blocks
 from alignkd.engine.horizon import Horizon
 from alignkd.engine.output_dir import check_output, check_resumable, clear
-from alignkd.engine.plan import StudentSide, build_plan, unwrap
-from alignkd.engine.tasks import TASKS, heldout
-from alignkd.engine.weighting import Weighting, build_weighting
 from alignkd.errors import ConfigError
 from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
+from alignkd.models.capture import Capture
 from alignkd.models.families import OutputHead, blocks_of, disable_attention_dropout, output_head
 from alignkd.models.loading import check_positions, load_skeleton
-from alignkd.models.select import Selection, calibration_rows, write_scores
 from alignkd.models.student import build_student, freeze, param_count
 from alignkd.precision import (
     bf16_support,
@@ -54,6 +53,7 @@ from alignkd.precision import (
     resolve_mixed_precision,
     resolve_student_dtype,
 )
+from alignkd.teacher.cached import TeacherCache
 from alignkd.terms import TERM_TYPES, Term
 
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkd.engine import zero
-from alignkd.engine.capture import Record
-from alignkd.engine.distributed import average_whole, backward, clip_grad_norm, gradient_sync, held_gathered
-from alignkd.engine.plan import forward_record
-from alignkd.engine.tasks import Batch
-from alignkd.engine.weighting import schedule_value
+from alignkd.align.plan import forward_record
+from alignkd.align.tasks import Batch
+from alignkd.align.weighting import schedule_value
+from alignkd.backend import zero
+from alignkd.backend.distributed import average_whole, backward, clip_grad_norm, gradient_sync, held_gathered
+from alignkd.models.capture import Record
 from alignkd.terms import TERM_TYPES, StepTensors
 
 

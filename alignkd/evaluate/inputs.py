@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from alignkd.assets.cache import cache_dir
+from alignkd.assets.store import cache_dir
 from alignkd.errors import EvalError
 
 

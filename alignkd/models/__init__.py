@@ -3,7 +3,7 @@
 - :mod:`~alignkd.models.families`: where blocks, attention, q/k/v and the final norm
   live in each family; the only place that knows module names.
 - :mod:`~alignkd.models.loading`: teachers and tokenizers from a folder or hub id.
-- :mod:`~alignkd.models.prune`: which teacher blocks to keep, width pruning.
+- :mod:`~alignkd.models.width`: which teacher blocks to keep, width pruning.
 - :mod:`~alignkd.models.student`: the trainable student (from a path, teacher blocks or a config).
 
 Dependencies point one way: families, loading <- prune <- student. This file

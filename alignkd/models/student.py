@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from alignkd.errors import ModelError
+from alignkd.models.depth import even_layers
 from alignkd.models.families import blocks_of, family_of, get_path
 from alignkd.models.loading import AUTO_CLASSES, load_model
-from alignkd.models.prune import activation_scores, even_layers, width_prune
+from alignkd.models.width import activation_scores, width_prune
 from alignkd.precision import DTYPES, resolve_student_dtype
 
 if TYPE_CHECKING:  # the config package validates through models.select, which builds on this module

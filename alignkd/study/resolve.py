@@ -13,11 +13,11 @@ import dataclasses
 from pathlib import Path
 
 from alignkd.assets import Assets, cache_dir
-from alignkd.assets.cache import complete, layout
+from alignkd.assets.store import complete, layout
+from alignkd.checks import closest
 from alignkd.errors import AssetError, ConfigError
 from alignkd.study.merge import merge
 from alignkd.study.standin import StandIns, shrink
-from alignkd.terms.base import closest
 
 ASSET_NAMES = tuple(f.name for f in dataclasses.fields(Assets))
 

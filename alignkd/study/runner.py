@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from alignkd.checks import closest
 from alignkd.config import load_config
 from alignkd.display import Stages
 from alignkd.errors import ConfigError, UserError
@@ -28,7 +29,6 @@ from alignkd.study.merge import merge, substitute
 from alignkd.study.resolve import Names, packaged, product, quick_config, stand_in
 from alignkd.study.spec import BudgetSpec, Study, budgeted
 from alignkd.study.standin import StandIns, build, real_shape
-from alignkd.terms.base import closest
 
 
 def selected(study: Study, only: list[str] | None) -> list[str]:

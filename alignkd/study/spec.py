@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
+from alignkd.checks import closest
 from alignkd.config.load import from_dict
 from alignkd.errors import ConfigError
 from alignkd.study.merge import merge, names_in, touches
-from alignkd.terms.base import closest
 
 STEP_CAP = 1_000_000
 """``train.steps`` of a run budgeted in minutes: a cap that the minutes always reach first."""

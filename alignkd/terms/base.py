@@ -9,7 +9,6 @@ planning, ``--print-config`` and the README's loss table all read these.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,24 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkd.engine.capture import Capture, Needs, Record
+from alignkd.checks import one_of
 from alignkd.errors import ConfigError
+from alignkd.models.capture import Capture, Needs, Record
 
 LAYER_MAPS = ("auto", "last", "source", "adaptive")
 PROJECTORS = ("linear", "linear_norm", "none")
 SCHEDULE_KINDS = ("constant", "warmup", "linear", "cosine")
-
-
-def closest(key: str, options) -> str:
-    """``"; did you mean 'x'?"`` for the option nearest ``key``, or ``""``."""
-    near = difflib.get_close_matches(str(key), [str(o) for o in options], n=1)
-    return f"; did you mean '{near[0]}'?" if near else ""
-
-
-def one_of(value: Any, options, where: str) -> None:
-    """Raise ConfigError naming ``where`` unless ``value`` is among ``options`` (with a did-you-mean)."""
-    if value not in options:
-        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(map(str, options))}{closest(value, options)}")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -160,7 +148,7 @@ class StepTensors:
     labels: torch.Tensor | None
     """Classification: ``[B]`` class ids; masked LM: ``[B, T]`` ids with -100 where not predicted; causal LM: None (next token)."""
     task: Any
-    """The task object (``alignkd.engine.tasks``): which logits count and what they predict."""
+    """The task object (``alignkd.align.tasks``): which logits count and what they predict."""
     student: Record
     teacher: Record
     vocab: int

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkd import losses as L
-from alignkd.engine.capture import Needs
+from alignkd.models.capture import Needs
 from alignkd.models.families import blocks_of
 from alignkd.terms.base import Layered, Projected, StepTensors, Tempered, Term, TermConfig, TermType, mean
 from alignkd.terms.features import projected

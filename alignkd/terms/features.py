@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from alignkd import losses as L
-from alignkd.engine.capture import Needs
+from alignkd.checks import one_of
 from alignkd.errors import ConfigError
+from alignkd.models.capture import Needs
 from alignkd.models.families import blocks_of, family_of, final_norm_of, get_path, hidden_size_of, num_heads_of
-from alignkd.terms.base import Layered, Projected, StepTensors, Tempered, Term, TermConfig, TermType, mean, one_of
+from alignkd.terms.base import Layered, Projected, StepTensors, Tempered, Term, TermConfig, TermType, mean
 
 
 def projected(term: Term, x: StepTensors, s_block: int | None, h: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from alignkd import losses as L
+from alignkd.checks import one_of
 from alignkd.errors import ConfigError
-from alignkd.terms.base import StepTensors, Tempered, Term, TermConfig, TermType, one_of
+from alignkd.terms.base import StepTensors, Tempered, Term, TermConfig, TermType
 
 
 @dataclass

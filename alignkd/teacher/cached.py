@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from alignkd.cache.format import (
+from alignkd.errors import ConfigError
+from alignkd.models.capture import Needs, Record
+from alignkd.teacher.cache_format import (
     META,
     VERSION,
     data_hash,
@@ -18,8 +20,6 @@ from alignkd.cache.format import (
     read_meta,
     teacher_fingerprint,
 )
-from alignkd.engine.capture import Needs, Record
-from alignkd.errors import ConfigError
 
 REBUILD = "rebuild it with `alignkd cache-teacher CONFIG --overwrite` and this run's config"
 

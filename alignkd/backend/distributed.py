@@ -24,13 +24,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from alignkd.engine import zero
+from alignkd.backend import zero
 from alignkd.errors import ConfigError
 from alignkd.models.families import blocks_of
 from alignkd.precision import default_device
-
-PLACEMENTS = ("replicate", "shard")
-"""Values of ``teacher.placement``."""
 
 
 def _flag(name: str) -> bool:

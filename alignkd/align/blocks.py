@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from alignkd.engine.capture import Capture, Needs
-from alignkd.engine.tasks import Batch, heldout
+from alignkd.align.tasks import Batch, heldout
+from alignkd.checks import one_of
 from alignkd.errors import ConfigError
+from alignkd.models.capture import Capture, Needs
+from alignkd.models.depth import even_layers
 from alignkd.models.families import blocks_of
-from alignkd.models.prune import even_layers
 from alignkd.models.student import depth_pruned, kept_count
-from alignkd.terms.base import one_of
 
 if TYPE_CHECKING:
     from alignkd.config import FromTeacherConfig, StudentConfig

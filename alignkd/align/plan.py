@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alignkd.engine.align import AdaptiveMix, LayerMapError, Projector, resolve_map
-from alignkd.engine.capture import Capture, Needs, Record
+from alignkd.align.maps import AdaptiveMix, LayerMapError, Projector, resolve_map
 from alignkd.errors import ConfigError
+from alignkd.models.capture import Capture, Needs, Record
 from alignkd.models.families import blocks_of, hidden_size_of
 from alignkd.terms import TERM_TYPES, Term, TermConfig
 

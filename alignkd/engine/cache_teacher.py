@@ -2,7 +2,7 @@
 
 The teacher's top-k log-probabilities and tail mass, and the hidden states and
 q/k/v projections that the config's feature terms map to, are written shard by
-shard (``alignkd.cache.format``) into a hidden temporary folder, which is renamed
+shard (``alignkd.teacher.cache_format``) into a hidden temporary folder, which is renamed
 into place at the end: a kill leaves no half cache where a run would read it.
 """
 
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from alignkd.cache.format import (
+from alignkd.config import validate
+from alignkd.errors import ConfigError
+from alignkd.teacher.cache_format import (
     META,
     VERSION,
     bytes_per_token,
@@ -29,8 +31,6 @@ from alignkd.cache.format import (
     shard_name,
     teacher_fingerprint,
 )
-from alignkd.config import validate
-from alignkd.errors import ConfigError
 
 # A shard holds about this many bytes, so a reader maps a few files, not thousands.
 SHARD_BYTES = 256 << 20
@@ -90,12 +90,12 @@ def _topk(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
 
 def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     """Write the teacher cache of ``cfg`` into ``cfg.teacher.cache``; returns its ``meta.json`` content."""
-    from alignkd.engine.capture import Capture, Needs
-    from alignkd.engine.choose import choose_blocks, choosing
-    from alignkd.engine.distributed import make_accelerator
-    from alignkd.engine.plan import build_plan, forward_record
+    from alignkd.align.plan import build_plan, forward_record
+    from alignkd.align.tasks import TASKS, heldout
+    from alignkd.backend.distributed import make_accelerator
+    from alignkd.engine.block_choice import choose_blocks, choosing
     from alignkd.engine.run import _models, resolve_precision, setup
-    from alignkd.engine.tasks import TASKS, heldout
+    from alignkd.models.capture import Capture, Needs
     from alignkd.precision import DTYPES, default_device
 
     validate(cfg)

@@ -11,9 +11,8 @@ import math
 import torch
 from torch import nn
 
-from alignkd.config import ScheduleConfig
 from alignkd.errors import ConfigError
-from alignkd.terms import role
+from alignkd.terms import ScheduleConfig, role
 
 
 def schedule_value(s: ScheduleConfig | None, step: int, total_steps: int, default: float) -> float:

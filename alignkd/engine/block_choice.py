@@ -1,6 +1,6 @@
 """Choosing a depth-pruned student's blocks inside a run: the teacher, calibration text and short distillation probes.
 
-The measurements and rules are :mod:`alignkd.models.select`'s. This module gives
+The measurements and rules are :mod:`alignkd.align.blocks`'s. This module gives
 them the run's teacher and data, and for ``search`` scores each candidate with a
 few optimizer steps of the run's own set-up and step. That set-up is passed in
 (``setup``): ``engine.run`` calls this module before it builds the student, so
@@ -21,13 +21,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from alignkd.align.blocks import Calibration, Selection, calibration_rows, choose
+from alignkd.align.tasks import TASKS
 from alignkd.engine.loop import next_batches
 from alignkd.engine.step import optimizer_step
-from alignkd.engine.tasks import TASKS
 from alignkd.errors import ConfigError
 from alignkd.models import load_model, load_tokenizer
 from alignkd.models.loading import check_positions
-from alignkd.models.select import Calibration, Selection, calibration_rows, choose
 from alignkd.models.student import freeze
 
 
