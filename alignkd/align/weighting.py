@@ -7,6 +7,8 @@ is back-propagated. The term weights are what get logged.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -197,6 +199,38 @@ class Ratio(Weighting):
                 self.w[i] = self.init[i] * ref / v
 
 
+@dataclass(frozen=True)
+class WeightingType:
+    """One weighting strategy (the value of ``weighting.strategy``): what it does and how it is built."""
+
+    build: Callable[..., Weighting]
+    """``(names, init, *, alpha, lr, every, kinds) -> Weighting``."""
+    does: str
+    """What it does, for the configuration reference."""
+
+
+def _ratio(names, init, *, kinds=None, **_) -> Weighting:
+    if kinds is None:
+        raise ValueError("ratio weighting needs the term types (kinds)")
+    return Ratio(names, init, [role(k) for k in kinds])
+
+
+WEIGHTINGS: dict[str, WeightingType] = {
+    "static": WeightingType(lambda names, init, **_: Weighting(names, init), "the configured weights, fixed"),
+    "gradnorm": WeightingType(
+        lambda names, init, *, alpha=1.5, lr=0.025, every=1, **_: GradNorm(
+            names, init, alpha=alpha, lr=lr, every=every
+        ),
+        "GradNorm: weights learned so that the terms' gradient norms train at matching rates",
+    ),
+    "uncertainty": WeightingType(
+        lambda names, init, **_: Uncertainty(names, init), "homoscedastic uncertainty: a learned log-variance per term"
+    ),
+    "ratio": WeightingType(_ratio, "each feature term scaled to the first kl or dkd term's value at every step"),
+}
+"""Every weighting strategy by name; ``weighting.strategy`` is checked against these keys."""
+
+
 def build_weighting(
     strategy: str,
     names: list[str],
@@ -208,14 +242,6 @@ def build_weighting(
     kinds: list[str] | None = None,
 ) -> Weighting:
     """The weighting of terms ``names`` (configured weights ``init``; ``kinds``: their types, which ``ratio`` needs)."""
-    if strategy == "ratio":
-        if kinds is None:
-            raise ValueError("ratio weighting needs the term types (kinds)")
-        return Ratio(names, init, [role(k) for k in kinds])
-    if strategy == "gradnorm":
-        return GradNorm(names, init, alpha=alpha, lr=lr, every=every)
-    if strategy == "uncertainty":
-        return Uncertainty(names, init)
-    if strategy == "static":
-        return Weighting(names, init)
-    raise ValueError(f"unknown weighting strategy {strategy!r}; choose static, gradnorm, uncertainty or ratio")
+    if strategy not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting strategy {strategy!r}; choose one of {', '.join(WEIGHTINGS)}")
+    return WEIGHTINGS[strategy].build(names, init, alpha=alpha, lr=lr, every=every, kinds=kinds)

@@ -4,6 +4,7 @@ Errors are ``ConfigError`` with one line that names the field and the fix.
 """
 
 from alignkd.config.load import apply_override, field_docs, from_dict, load_config, to_dict
+from alignkd.config.resolve import resolve, resolve_precision, resolved
 from alignkd.config.schema import (
     Config,
     DataConfig,
@@ -33,5 +34,8 @@ __all__ = [
     "from_dict",
     "load_config",
     "to_dict",
+    "resolve",
+    "resolve_precision",
+    "resolved",
     "validate",
 ]

@@ -11,6 +11,7 @@ from typing import Any
 
 from alignkd.terms import TermConfig
 
+
 @dataclass
 class ModelConfig:
     """The teacher model."""
@@ -173,7 +174,7 @@ class Config:
     """Optimisation and output."""
 
     def __post_init__(self):
-        # Whatever builds a Config (YAML, a dict, Python), it is checked and its defaults filled.
-        from alignkd.config.validate import validate
+        # Whatever builds a Config (YAML, a dict, Python), its defaults are filled and it is checked.
+        from alignkd.config.resolve import resolved
 
-        validate(self)
+        resolved(self)

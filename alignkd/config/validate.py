@@ -2,40 +2,31 @@
 
 from __future__ import annotations
 
-import os
-
+from alignkd.align.tasks import TASKS
+from alignkd.align.weighting import WEIGHTINGS
 from alignkd.checks import one_of
 from alignkd.errors import ConfigError
 from alignkd.terms import TERM_TYPES, role
 
-TASKS = ("causal_lm", "sequence_classification", "masked_lm")
 PLACEMENTS = ("replicate", "shard")
 """Values of ``teacher.placement``."""
-WEIGHTINGS = ("static", "gradnorm", "uncertainty", "ratio")
 
 
 def validate(cfg) -> None:
-    """Check values and cross-field rules; expand ``~`` in paths and name the loss terms. Idempotent."""
+    """Check values and cross-field rules; raise ``ConfigError`` naming the first bad field. Changes nothing.
+
+    Defaults that depend on other fields (term names, ``~`` in paths) are filled
+    by ``config.resolve.resolve`` first.
+    """
     from alignkd.align.blocks import check_selection
     from alignkd.data import BOS_SETTINGS
     from alignkd.precision import DTYPE_NAMES, MIXED_PRECISION
 
     if not cfg.teacher.path:
         raise ConfigError("teacher.path: required (a local model folder or a hub id)")
-    # "key=~/x" on a command line reaches us unexpanded (the shell only expands a leading ~).
-    for obj, name in (
-        (cfg.teacher, "path"),
-        (cfg.student, "path"),
-        (cfg.data, "train"),
-        (cfg.data, "eval"),
-        (cfg.train, "output_dir"),
-    ):
-        value = getattr(obj, name)
-        if isinstance(value, str) and value.startswith("~"):
-            setattr(obj, name, os.path.expanduser(value))
     one_of(cfg.teacher.dtype, ("auto", *DTYPE_NAMES), "teacher.dtype")
     one_of(cfg.student.dtype, ("auto", *DTYPE_NAMES), "student.dtype")
-    one_of(cfg.teacher.task, TASKS, "teacher.task")
+    one_of(cfg.teacher.task, list(TASKS), "teacher.task")
     one_of(cfg.teacher.placement, PLACEMENTS, "teacher.placement")
     check_selection(cfg.student)  # first: a select beside a path or config gets its own line
     chosen = [k for k in ("path", "from_teacher", "config") if getattr(cfg.student, k) is not None]
@@ -57,7 +48,7 @@ def validate(cfg) -> None:
         )
     _check_losses(cfg)
     _check_cache(cfg)
-    one_of(cfg.weighting.strategy, WEIGHTINGS, "weighting.strategy")
+    one_of(cfg.weighting.strategy, list(WEIGHTINGS), "weighting.strategy")
     if cfg.weighting.every < 1:
         raise ConfigError("weighting.every: must be >= 1")
     if cfg.weighting.strategy == "ratio" and not any(role(loss.type) == "output" for loss in cfg.losses):
@@ -92,22 +83,12 @@ def _check_losses(cfg) -> None:
             raise ConfigError(
                 f"{where}.weight: 0 under {cfg.weighting.strategy} weighting would be learned away from 0; remove the term instead"
             )
-    # Names: the ones given must be unique; the rest take their type, with a suffix when it repeats.
+    # Names must be unique (resolve() gave the unnamed terms unused ones).
     used: set[str] = set()
     for i, loss in enumerate(cfg.losses):
-        if loss.name is not None and not getattr(loss, "_auto_name", False):
-            if loss.name in used:
-                raise ConfigError(f"losses[{i}].name: '{loss.name}' is used by two terms; names must be unique")
-            used.add(loss.name)
-    for loss in cfg.losses:
-        if loss.name is None or getattr(loss, "_auto_name", False):
-            name, k = loss.type, 1
-            while name in used:
-                k += 1
-                name = f"{loss.type}_{k}"
-            loss.name = name
-            object.__setattr__(loss, "_auto_name", True)  # re-validation may rename it, never reject it
-            used.add(name)
+        if loss.name in used:
+            raise ConfigError(f"losses[{i}].name: '{loss.name}' is used by two terms; names must be unique")
+        used.add(loss.name)
 
 
 def _check_cache(cfg) -> None:
@@ -117,8 +98,6 @@ def _check_cache(cfg) -> None:
     one_of(t.cache_dtype, ("bfloat16", "float16", "float32"), "teacher.cache_dtype")
     if t.cache is None:
         return
-    if isinstance(t.cache, str) and t.cache.startswith("~"):
-        t.cache = os.path.expanduser(t.cache)
     if t.task != "causal_lm":
         raise ConfigError(
             f"teacher.cache: a teacher cache holds causal-LM outputs; teacher.task is {t.task}: remove teacher.cache"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from alignkd.config import validate
+from alignkd.config import resolved
 from alignkd.errors import ConfigError
 from alignkd.teacher.cache_format import (
     META,
@@ -93,12 +93,13 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     from alignkd.align.plan import build_plan, forward_record
     from alignkd.align.tasks import TASKS, heldout
     from alignkd.backend.distributed import make_accelerator
+    from alignkd.config import resolve_precision
     from alignkd.engine.block_choice import choose_blocks, choosing
-    from alignkd.engine.run import _models, resolve_precision, setup
+    from alignkd.engine.run import _models, setup
     from alignkd.models.capture import Capture, Needs
     from alignkd.precision import DTYPES, default_device
 
-    validate(cfg)
+    resolved(cfg)
     if not cfg.teacher.cache:
         raise ConfigError("teacher.cache: name the folder to write the cache to, e.g. teacher.cache=runs/teacher-cache")
     dest = Path(cfg.teacher.cache)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 
-from alignkd.config import Config, validate
+from alignkd.config import Config, resolved
 from alignkd.config.schema import StudentConfig, WeightingConfig
 from alignkd.terms.outputs import CEConfig
 
@@ -26,7 +26,7 @@ def finetune_config(cfg: Config) -> Config:
     out.losses = [CEConfig(type="ce")]
     out.weighting = WeightingConfig()
     out.teacher.cache = None
-    validate(out)
+    resolved(out)
     return out
 
 

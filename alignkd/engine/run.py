@@ -35,7 +35,7 @@ from alignkd.backend.distributed import (
     shard_student,
     shards_student,
 )
-from alignkd.config import Config, to_dict, validate
+from alignkd.config import Config, resolve_precision, resolved, to_dict
 from alignkd.data import BlockSampler
 from alignkd.engine.block_choice import Inputs, choose_blocks
 from alignkd.engine.horizon import Horizon
@@ -47,11 +47,7 @@ from alignkd.models.families import OutputHead, blocks_of, disable_attention_dro
 from alignkd.models.loading import check_positions, load_skeleton
 from alignkd.models.student import build_student, freeze, param_count
 from alignkd.precision import (
-    bf16_support,
     default_device,
-    resolve_dtype,
-    resolve_mixed_precision,
-    resolve_student_dtype,
 )
 from alignkd.teacher.cached import TeacherCache
 from alignkd.terms import TERM_TYPES, Term
@@ -110,23 +106,6 @@ class Run:
             device=self.accelerator.device,
             autocast=self.accelerator.autocast,
         )
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> str:
-    """Turn every ``auto`` precision of ``cfg`` into what is fast on ``device``, in place; returns the run's precision line.
-
-    The resolved values are what ``config.yaml`` records, so a rerun elsewhere is exact.
-    """
-    # Probe the hardware only when asked to choose: the probe runs a bf16 matmul.
-    auto = "auto" in (cfg.teacher.dtype, cfg.train.mixed_precision)
-    why = bf16_support(device).reason if auto else "as configured"
-    cfg.teacher.dtype = resolve_dtype(cfg.teacher.dtype, device)
-    cfg.student.dtype = resolve_student_dtype(cfg.student.dtype)
-    cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision, device)
-    return (
-        f"precision: teacher {cfg.teacher.dtype}, student {cfg.student.dtype}, "
-        f"autocast {cfg.train.mixed_precision} ({device.type}: {why})"
-    )
 
 
 def lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):
@@ -376,7 +355,7 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     from alignkd.engine.checkpoint import resume_latest
     from alignkd.engine.loop import train
 
-    validate(cfg)  # a Config changed after it was built is checked again
+    resolved(cfg)  # a Config changed after it was built is resolved and checked again
     out = Path(cfg.train.output_dir)
     check_output(out, resume, overwrite)
     # Accelerate keeps its settings in a process-wide singleton; a second run in the
@@ -441,7 +420,7 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
 
 def select_blocks(cfg: Config, say=print) -> tuple[Selection, Path]:
     """``alignkd prune``: choose the student's blocks as the config says (listed ``layers`` are chosen anew), and write ``block_scores.json``."""
-    validate(cfg)
+    resolved(cfg)
     AcceleratorState._reset_state(reset_partial_state=False)
     notes = [resolve_precision(cfg, default_device())]  # said once nothing can stop it: bad input gets one line
     accelerator = make_accelerator(cfg.train.mixed_precision)
