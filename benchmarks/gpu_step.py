@@ -7,7 +7,7 @@ corpus of random words, so nothing is downloaded. Each case runs in its own
 process on batches of ``--batch`` x ``--seq`` tokens:
 
 - ``a``: a minimal PyTorch loop: the student's ``labels`` loss under bf16 autocast, AdamW;
-- ``c``: ``alignkd.engine.run.setup`` + ``engine.step.optimizer_step`` (what ``alignkd
+- ``c``: ``alignkd.engine.setup.setup`` + ``engine.step.optimizer_step`` (what ``alignkd
   distill`` runs) with forward KL, teacher in bf16, the fused LM-head loss;
 - ``d``: the same with KL + hidden (standardized, through learned projectors) + q/k/v
   relation on 2 mapped layers.
@@ -211,7 +211,7 @@ def case_main(spec: dict, case: str) -> dict:
 
         from alignkd.config import load_config
         from alignkd.engine.loop import next_batches
-        from alignkd.engine.run import setup
+        from alignkd.engine.setup import setup
         from alignkd.engine.step import optimizer_step
 
         cfg = load_config(data=run_config(spec, case))
@@ -221,7 +221,7 @@ def case_main(spec: dict, case: str) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         result = timed(lambda i: optimizer_step(run, i, next_batches(run, i)).means["loss"], spec, sync)
-        result["note"] = "student sharded (FSDP2)" if run.whole_params is not None else ""
+        result["note"] = "student sharded (FSDP2)" if run.backend.layout == "sharded_over" else ""
     result["gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return result
 

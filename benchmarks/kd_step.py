@@ -9,7 +9,7 @@ per case. The time is the median over ``--steps`` steps after ``--warmup`` steps
 
 - ``a``: minimal PyTorch loop: ``student(input_ids, labels=input_ids).loss``, backward, AdamW step;
 - ``t``: the teacher's forward alone (logits included), under ``inference_mode``;
-- ``b`` / ``c`` / ``d``: ``alignkd.engine.run.setup`` + ``engine.step.optimizer_step`` with
+- ``b`` / ``c`` / ``d``: ``alignkd.engine.setup.setup`` + ``engine.step.optimizer_step`` with
   batches drawn as ``engine.loop`` draws them, i.e. what ``alignkd distill`` runs:
   CE only; forward KL; KL + hidden (standardized) + q/k/v relation on 2 mapped layers;
 - ``g`` / ``g-bf16``: forward KL + CE (both through the student's head), float32 and
@@ -173,7 +173,7 @@ def alignkd_case(spec: dict, case: str) -> dict:
 
     from alignkd.config import load_config
     from alignkd.engine.loop import next_batches
-    from alignkd.engine.run import setup
+    from alignkd.engine.setup import setup
     from alignkd.engine.step import optimizer_step
 
     overrides = [f"teacher.cache={spec['caches'][case]}"] if case.startswith("e-") else []

@@ -279,7 +279,7 @@ def test_a_cached_run_never_loads_the_teacher_weights(teacher, corpus, tmp_path)
     meta = json.loads((cache / META).read_text())
     assert bytes_per_token(meta) == {"logits": 8 * 4 + 8 * 4 + 4, "hidden.1": 32 * 2}  # bfloat16 states
     run = make_run(cfg)
-    assert all(p.device.type == "meta" for p in run.teacher.parameters())
+    assert all(p.device.type == "meta" for p in run.teacher.model.parameters())
     from alignkd.engine.loop import next_batches
     from alignkd.engine.step import optimizer_step
 

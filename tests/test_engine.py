@@ -1,6 +1,6 @@
 """Integration tests of the distillation engine: short real runs on tiny models.
 
-Each test drives ``alignkd.distill`` (or ``alignkd.engine.run.setup`` and the loop
+Each test drives ``alignkd.distill`` (or ``alignkd.engine.setup.setup`` and the loop
 pieces) on offline tiny models from ``tiny.py`` and checks what a run wrote or
 what the step did: every loss type and weighting logs finite values, every
 model family distils and saves a student that transformers reloads, projectors
@@ -38,8 +38,8 @@ from transformers import (
 import alignkd
 from alignkd.config import load_config
 from alignkd.engine.loop import next_batches, train
-from alignkd.engine.run import setup
-from alignkd.engine.step import schedules_at, teacher_forward, term_losses
+from alignkd.engine.setup import setup
+from alignkd.engine.step import schedules_at, term_losses
 from alignkd.losses import KL_KINDS
 from alignkd.models import ModelError
 
@@ -131,7 +131,7 @@ def term_names(losses: list[dict]) -> list[str]:
 
 
 def make_run(cfg: dict):
-    """``alignkd.engine.run.setup`` of a config dict, as ``distill`` would start it."""
+    """``alignkd.engine.setup.setup`` of a config dict, as ``distill`` would start it."""
     c = load_config(data=copy.deepcopy(cfg))
     Path(c.train.output_dir).mkdir(parents=True, exist_ok=True)
     set_seed(c.train.seed)
@@ -307,8 +307,8 @@ def test_equal_widths_write_no_projectors(teacher, corpus, tmp_path):
 
 def test_setup_freezes_the_teacher(teacher, corpus, tmp_path):
     run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "attention"}]))
-    assert not any(p.requires_grad for p in run.teacher.parameters())
-    assert not run.teacher.training and not any(m.training for m in run.teacher.modules())
+    assert not any(p.requires_grad for p in run.teacher.model.parameters())
+    assert not run.teacher.model.training and not any(m.training for m in run.teacher.model.modules())
     assert all(p.requires_grad for p in run.unwrapped.student.parameters())
     assert run.unwrapped.student.training
 
@@ -318,10 +318,10 @@ def test_blockwise_trains_student_and_projector_never_the_teacher(teacher, corpu
     # teacher block 1, final norm and head then run on it.
     losses = [{"type": "blockwise", "layers": [[0, 0]]}, {"type": "kl"}]
     run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses, student=NARROW, steps=2))
-    before = {k: v.detach().clone() for k, v in run.teacher.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in run.teacher.model.state_dict().items()}
 
     batch = next_batches(run, 0)[0]
-    t_rec = teacher_forward(run, batch)
+    t_rec = run.teacher.record(batch, run.accelerator.device, run.unwrapped.fused)
     s_rec = run.side(batch.input_ids, batch.mask)
     losses_now = term_losses(run, batch, s_rec, t_rec, schedules_at(run, 0).temperatures)
     loss = losses_now["blockwise"]
@@ -334,17 +334,17 @@ def test_blockwise_trains_student_and_projector_never_the_teacher(teacher, corpu
     q0 = student.model.layers[0].self_attn.q_proj.weight.grad
     assert q0 is not None and q0.abs().sum() > 0, "no gradient reached student block 0"
     assert student.get_input_embeddings().weight.grad.abs().sum() > 0
-    with_grad = [n for n, p in run.teacher.named_parameters() if p.grad is not None]
+    with_grad = [n for n, p in run.teacher.model.named_parameters() if p.grad is not None]
     assert not with_grad, f"teacher parameters got gradients: {with_grad[:3]}"
     run.optimizer.zero_grad(set_to_none=True)
 
     student_before = {k: v.detach().clone() for k, v in student.state_dict().items()}
     train(run)
-    after = run.teacher.state_dict()
+    after = run.teacher.model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"training changed teacher weights: {changed[:3]}"
     assert any(not torch.equal(student_before[k], v) for k, v in student.state_dict().items())
-    assert not any(p.requires_grad for p in run.teacher.parameters())
+    assert not any(p.requires_grad for p in run.teacher.model.parameters())
 
 
 # ---------------------------------------------------------------- weighting over a run
@@ -531,7 +531,7 @@ def test_an_interrupt_after_the_optimizer_step_does_not_replay_the_step(teacher,
     # Ctrl-C during step 3's evaluation, after its optimizer step: the checkpoint is
     # step 3 with the data position after it, and the resumed run equals one never
     # interrupted (a replayed step 3 would apply its batches twice).
-    from alignkd.engine.run import Run
+    from alignkd.engine.setup import Run
 
     losses = [{"type": "kl"}, {"type": "ce"}]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -562,7 +562,7 @@ def test_a_leading_bos_is_left_out_of_the_state_terms_only(corpus, tmp_path):
     assert run.cfg.data.bos == "always"
     batch = next_batches(run, 0)[0]
     assert (batch.input_ids[:, 0] == run.tokenizer.bos_token_id).all()
-    t_rec = teacher_forward(run, batch)
+    t_rec = run.teacher.record(batch, run.accelerator.device, run.unwrapped.fused)
     s_rec = run.side(batch.input_ids, batch.mask)
     got = term_losses(run, batch, s_rec, t_rec, schedules_at(run, 0).temperatures)
     after_bos = batch.mask.clone()
@@ -588,9 +588,9 @@ def test_fused_head_terms_equal_the_logit_terms(corpus, tmp_path, family, extra)
     grads, values = {}, {}
     for fused in (True, False):
         run = make_run(make_cfg(teacher, corpus, tmp_path / f"out{fused}", losses=losses, fused_head=fused))
-        assert run.unwrapped.fused_head is fused and (run.heads is not None) is fused
+        assert run.unwrapped.fused is fused and run.unwrapped.fused is fused
         batch = next_batches(run, 0)[0]
-        t_rec = teacher_forward(run, batch)
+        t_rec = run.teacher.record(batch, run.accelerator.device, run.unwrapped.fused)
         s_rec = run.side(batch.input_ids, batch.mask)
         assert (s_rec.logits is None and t_rec.logits is None) is fused
         got = term_losses(run, batch, s_rec, t_rec, schedules_at(run, 0).temperatures)
@@ -609,17 +609,17 @@ def test_fused_head_terms_equal_the_logit_terms(corpus, tmp_path, family, extra)
 def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
     for losses in ([{"type": "dkd"}], [{"type": "kl"}, {"type": "blockwise"}]):
         run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses))
-        assert not run.unwrapped.fused_head and run.heads is None
+        assert not run.unwrapped.fused and not run.unwrapped.fused
     # Under autocast one logit-reading term fuses (its head matmuls in bf16); kl and ce together
     # keep the logits: fused, each would walk the head on its own.
     run = make_run(
         make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "hidden"}], mixed_precision="bf16")
     )
-    assert run.unwrapped.fused_head
+    assert run.unwrapped.fused
     run = make_run(
         make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "ce"}], mixed_precision="bf16")
     )
-    assert not run.unwrapped.fused_head and run.heads is None
+    assert not run.unwrapped.fused and not run.unwrapped.fused
     cls = make_run(
         make_cfg(
             tiny.save_model(tmp_path / "bert", "bert", task="sequence_classification"),
@@ -629,7 +629,7 @@ def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
             task="sequence_classification",
         )
     )
-    assert cls.heads is None
+    assert not cls.unwrapped.fused
 
 
 # ---------------------------------------------------------------- the Minitron recipe: post-norm states, embeddings, ratio weights
@@ -694,14 +694,16 @@ def test_final_norm_compares_each_models_own_post_norm_states(teacher, corpus, t
         make_cfg(teacher, corpus, tmp_path / "out", losses=losses, student=MINITRON_STUDENTS["random"], seed=1)
     )
     batch = next_batches(run, 0)[0]
-    got = term_losses(run, batch, run.side(batch.input_ids, batch.mask), teacher_forward(run, batch), [None, None])
+    got = term_losses(run, batch, run.side(batch.input_ids, batch.mask), run.teacher.record(batch, run.accelerator.device, run.unwrapped.fused), [None, None])
     student = run.unwrapped.student
     with torch.no_grad():
         s_final = student.base_model(input_ids=batch.input_ids, attention_mask=batch.mask.long()).last_hidden_state
-        t_final = run.teacher.base_model(input_ids=batch.input_ids, attention_mask=batch.mask.long()).last_hidden_state
+        t_final = run.teacher.model.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.mask.long()
+        ).last_hidden_state
         s_emb, t_emb = (
             student.get_input_embeddings()(batch.input_ids),
-            run.teacher.get_input_embeddings()(batch.input_ids),
+            run.teacher.model.get_input_embeddings()(batch.input_ids),
         )
     features = batch.mask  # the byte tokenizer adds no BOS: every real position counts
     assert got["hidden"].item() == pytest.approx(hidden_mse(s_final, t_final, features).item(), rel=1e-5)
@@ -730,9 +732,9 @@ def test_fused_head_terms_equal_the_logit_terms_under_bf16_autocast(corpus, tmp_
         )
         cfg["teacher"]["dtype"] = "bfloat16"
         run = make_run(cfg)
-        assert (run.heads is not None) is fused
+        assert run.unwrapped.fused is fused
         batch = next_batches(run, 0)[0]
-        t_rec = teacher_forward(run, batch)
+        t_rec = run.teacher.record(batch, run.accelerator.device, run.unwrapped.fused)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # what micro_step's accelerator.autocast() does
             s_rec = run.side(batch.input_ids, batch.mask)
             got = term_losses(run, batch, s_rec, t_rec, schedules_at(run, 0).temperatures)

@@ -29,7 +29,7 @@ def test_the_config_becomes_the_teacher_trained_on_cross_entropy(teacher, corpus
     assert cfg.student.path == str(teacher) and cfg.student.from_teacher is None
     assert [t.type for t in cfg.losses] == ["ce"] and cfg.weighting.strategy == "static"
     run = make_run(json.loads(json.dumps(_as_dict(cfg))))
-    assert all(p.device.type == "meta" for p in run.teacher.parameters())  # never loaded twice
+    assert all(p.device.type == "meta" for p in run.teacher.model.parameters())  # never loaded twice
     assert not run.needs_teacher
 
 

@@ -31,7 +31,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny import save_model, write_corpus
 
-from alignkd.backend.distributed import make_accelerator
+from alignkd.backend import make_accelerator
 from alignkd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -330,14 +330,6 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(reference, tmp_path
         assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-9), s
 
 
-class DeepSpeedEngine:  # what engine.zero recognises a ZeRO-wrapped side by
-    def __init__(self, stage: int):
-        self.stage = stage
-
-    def zero_optimization_stage(self) -> int:
-        return self.stage
-
-
 @pytest.mark.parametrize(
     ("written", "processes", "launch"),
     [
@@ -359,12 +351,13 @@ def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written
     ckpt = tmp_path / "checkpoints" / "step-2"
     ckpt.mkdir(parents=True)
     (ckpt / "state.json").write_text(json.dumps({"step": 2, **written}))
-    run = SimpleNamespace(
-        out=tmp_path,
-        accelerator=SimpleNamespace(num_processes=processes, process_index=0),
-        whole_params=[] if launch == "fsdp" else None,
-        side=DeepSpeedEngine(launch) if isinstance(launch, int) else torch.nn.Linear(1, 1),
+    from alignkd.backend import FSDP2, Backend, ZeRO
+
+    acc = SimpleNamespace(num_processes=processes, process_index=0)
+    backend = (
+        FSDP2(acc) if launch == "fsdp" else ZeRO(acc, {"stage": launch}) if isinstance(launch, int) else Backend(acc)
     )
+    run = SimpleNamespace(out=tmp_path, accelerator=acc, backend=backend, side=torch.nn.Linear(1, 1))
     with pytest.raises(ConfigError) as info:
         resume_latest(run, say=lambda msg: None)
     assert "\n" not in str(info.value) and "resume it the same way" in str(info.value)

@@ -32,7 +32,7 @@ from alignkd.align.blocks import RULES, Calibration, calibration_loss, choose, r
 from alignkd.align.tasks import TASKS
 from alignkd.cli import main
 from alignkd.config import ConfigError, FromTeacherConfig, load_config
-from alignkd.engine.run import select_blocks
+from alignkd.engine.block_choice import choose_blocks_only
 from alignkd.models.families import FAMILIES, blocks_of, get_path
 from alignkd.models.student import depth_pruned
 
@@ -268,8 +268,8 @@ def test_search_is_deterministic_and_keeps_the_best_probe(tmp_path, corpus, trai
         search_probe_steps=1,
         calibration_sequences=8,
     )
-    first, _ = select_blocks(load_config(data=copy.deepcopy(cfg)), say=lambda m: None)
-    second, path = select_blocks(load_config(data=copy.deepcopy(cfg)), say=lambda m: None)
+    first, _ = choose_blocks_only(load_config(data=copy.deepcopy(cfg)), say=lambda m: None)
+    second, path = choose_blocks_only(load_config(data=copy.deepcopy(cfg)), say=lambda m: None)
     assert first.scores == second.scores and first.layers == second.layers
     tried = first.scores["candidates"]
     assert len(tried) == 2 and all(math.isfinite(c["probe_loss"]) for c in tried)

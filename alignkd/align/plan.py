@@ -15,7 +15,7 @@ from torch import nn
 from alignkd.align.maps import AdaptiveMix, LayerMapError, Projector, resolve_map
 from alignkd.errors import ConfigError
 from alignkd.models.capture import Capture, Needs, Record
-from alignkd.models.families import blocks_of, hidden_size_of
+from alignkd.models.families import OutputHead, blocks_of, hidden_size_of
 from alignkd.terms import TERM_TYPES, Term, TermConfig
 
 
@@ -34,20 +34,23 @@ class StudentSide(nn.Module):
         self.projectors = nn.ModuleDict(projectors)
         self.mixes = nn.ModuleDict(mixes)
         self.capture = Capture(student, needs)
-        self.fused_head = False
-        """Stop at the final norm: the output terms read the head's weights, not logits."""
+        self.head: OutputHead | None = None
+        """The student's output head when the output terms read it fused (no logits): the forward then stops
+        at the final norm. Set once at set-up; the run's one record of whether the LM head is fused."""
+
+    @property
+    def fused(self) -> bool:
+        return self.head is not None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Record:
         """Student forward: ``[B, T]`` ids and mask -> Record of logits (or final hidden states) and captured tensors."""
-        return forward_record(self.student, self.capture, input_ids, attention_mask, self.fused_head)
+        return forward_record(self.student, self.capture, input_ids, attention_mask, self.fused)
 
     def projector(self, name: str, block: int | None) -> nn.Module | None:
-        key = _key(name, block)
-        return self.projectors[key] if key in self.projectors else None
+        return self.projectors[key] if (key := _key(name, block)) in self.projectors else None
 
     def mix(self, name: str) -> AdaptiveMix | None:
-        key = _key(name)
-        return self.mixes[key] if key in self.mixes else None
+        return self.mixes[key] if (key := _key(name)) in self.mixes else None
 
     def aux_state(self) -> dict[str, torch.Tensor]:
         """Projector and mixture weights (saved with the run, never inside the student)."""
@@ -82,7 +85,7 @@ def forward_record(
 
 
 @dataclass
-class Plan:
+class TermPlan:
     terms: list[Term]
     student_needs: Needs
     teacher_needs: Needs
@@ -91,7 +94,7 @@ class Plan:
     needs_eager_attention: bool
 
 
-def build_plan(losses: list[TermConfig], student: nn.Module, teacher: nn.Module) -> Plan:
+def build_plan(losses: list[TermConfig], student: nn.Module, teacher: nn.Module) -> TermPlan:
     """Resolve each term's layer map and ask its type what to capture and which projectors to train."""
     ls, lt = len(blocks_of(student)), len(blocks_of(teacher))
     ds, dt = hidden_size_of(student), hidden_size_of(teacher)
@@ -129,4 +132,4 @@ def build_plan(losses: list[TermConfig], student: nn.Module, teacher: nn.Module)
         eager |= kind.eager_attention
         params = kind.prepare(cfg, student, teacher, where) if kind.prepare is not None else {}
         terms.append(Term(cfg=cfg, pairs=pairs, params=params))
-    return Plan(terms, s_needs, t_needs, projectors, mixes, eager)
+    return TermPlan(terms, s_needs, t_needs, projectors, mixes, eager)

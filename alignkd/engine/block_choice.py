@@ -2,9 +2,9 @@
 
 The measurements and rules are :mod:`alignkd.align.blocks`'s. This module gives
 them the run's teacher and data, and for ``search`` scores each candidate with a
-few optimizer steps of the run's own set-up and step. That set-up is passed in
-(``setup``): ``engine.run`` calls this module before it builds the student, so
-this module cannot import it back.
+few optimizer steps of the run's own set-up and step. A run calls it before
+its set-up (``engine.run.distill``); ``alignkd choose-blocks`` calls
+``choose_blocks_only``.
 """
 
 from __future__ import annotations
@@ -13,33 +13,23 @@ import contextlib
 import copy
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import nn
 
-from alignkd.align.blocks import Calibration, Selection, calibration_rows, choose
+from alignkd.align.blocks import Calibration, Selection, calibration_rows, choose, write_scores
 from alignkd.align.tasks import TASKS
+from alignkd.backend import make_accelerator
+from alignkd.config import resolve_precision, resolved
+from alignkd.engine.load import Inputs, load_inputs
 from alignkd.engine.loop import next_batches
+from alignkd.engine.setup import setup
 from alignkd.engine.step import optimizer_step
 from alignkd.errors import ConfigError
-from alignkd.models import load_model, load_tokenizer
-from alignkd.models.loading import check_positions
-from alignkd.models.student import freeze
-
-
-@dataclass
-class Inputs:
-    """Tokenizer, teacher and data, loaded once for the selection and reused by the run that follows it."""
-
-    tokenizer: object
-    teacher: nn.Module
-    """Frozen, with its weights (a run that reads a teacher cache empties it after building the student)."""
-    train_data: dict[str, torch.Tensor]
-    eval_data: dict[str, torch.Tensor]
+from alignkd.precision import default_device
 
 
 def choosing(cfg) -> bool:
@@ -48,26 +38,14 @@ def choosing(cfg) -> bool:
     return ft is not None and ft.layers is None and ft.select != "even"
 
 
-def load_inputs(cfg) -> Inputs:
-    t = cfg.teacher
-    tok = load_tokenizer(t.path, what="teacher", trust_remote_code=t.trust_remote_code)
-    teacher = freeze(
-        load_model(t.path, task=t.task, dtype=t.dtype, what="teacher", trust_remote_code=t.trust_remote_code)
-    )
-    check_positions(teacher, cfg.data.seq_len, "teacher")
-    train_data, eval_data = TASKS[t.task].load_data(cfg, tok)  # resolves data.bos in cfg, as the run would
-    return Inputs(tok, teacher, train_data, eval_data)
-
-
 def choose_blocks(
-    cfg, accelerator: Accelerator, setup: Callable, say=print, *, again: bool = False
+    cfg, accelerator: Accelerator, say=print, *, again: bool = False
 ) -> tuple[Selection | None, Inputs | None]:
     """Choose ``student.from_teacher.layers`` as its ``select`` says and write them into ``cfg`` (config.yaml then records them).
 
     Nothing happens unless :func:`choosing` (returns ``(None, None)``), or
-    ``again`` (``alignkd prune``: blocks already listed are chosen anew). Returns
-    the selection and the loaded inputs, which the run reuses. ``setup`` is
-    ``engine.run.setup``, for ``search``'s probes.
+    ``again`` (``alignkd choose-blocks``: blocks already listed are chosen anew).
+    Returns the selection and the loaded inputs, which the run's set-up reuses.
     """
     ft = cfg.student.from_teacher
     if again and ft is None:
@@ -86,7 +64,7 @@ def choose_blocks(
         device=accelerator.device,
         autocast=accelerator.autocast,
     )
-    probe = _probe(cfg, accelerator, inputs, setup) if ft.select == "search" else None
+    probe = _probe(cfg, accelerator, inputs) if ft.select == "search" else None
     with _state_kept(accelerator):
         selection = choose(inputs.teacher.to(accelerator.device), calib, ft, probe)
     ft.layers = list(selection.layers)
@@ -94,7 +72,7 @@ def choose_blocks(
     return selection, inputs
 
 
-def _probe(cfg, accelerator: Accelerator, inputs: Inputs, setup: Callable) -> Callable[[list[int]], float]:
+def _probe(cfg, accelerator: Accelerator, inputs: Inputs) -> Callable[[list[int]], float]:
     """``search``'s score of a candidate: the held-out loss after ``search_probe_steps`` steps of this run with those blocks."""
     steps = cfg.student.from_teacher.search_probe_steps
 
@@ -112,7 +90,7 @@ def _probe(cfg, accelerator: Accelerator, inputs: Inputs, setup: Callable) -> Ca
                 optimizer_step(run, step, next_batches(run, step))
             return run.evaluate(run.unwrapped.student)["eval_loss"]
         finally:
-            run.teacher_capture.remove()  # its hooks sit on the shared teacher
+            run.teacher.close()  # its hooks sit on the shared teacher
             accelerator.free_memory()  # forget the probe's prepared model and optimizer
 
     return held_out_loss
@@ -130,3 +108,16 @@ def _state_kept(accelerator: Accelerator):
     np.random.set_state(npy)
     if scaler is not None:
         accelerator.scaler.load_state_dict(scaler)
+
+
+def choose_blocks_only(cfg, say=print) -> tuple[Selection, Path]:
+    """``alignkd choose-blocks``: choose the student's blocks as the config says (listed ``layers`` are chosen anew), and write ``block_scores.json``."""
+    resolved(cfg)
+    notes = [resolve_precision(cfg, default_device())]  # said once nothing can stop it: bad input gets one line
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    set_seed(cfg.train.seed)
+    selection, _ = choose_blocks(cfg, accelerator, notes.append, again=True)
+    for note in notes:
+        say(note)
+    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+    return selection, write_scores(selection, cfg.train.output_dir)

@@ -19,8 +19,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from alignkd.config import resolved
+from alignkd.align.plan import build_plan, forward_record
+from alignkd.align.tasks import TASKS, heldout
+from alignkd.backend import make_accelerator
+from alignkd.config import resolve_precision, resolved
+from alignkd.display import Tasks
+from alignkd.engine.block_choice import choose_blocks, choosing
+from alignkd.engine.checkpoint import replace_dir
+from alignkd.engine.load import load_models
 from alignkd.errors import ConfigError
+from alignkd.models.capture import Capture, Needs
+from alignkd.precision import DTYPES, default_device
 from alignkd.teacher.cache_format import (
     META,
     VERSION,
@@ -90,15 +99,6 @@ def _topk(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
 
 def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     """Write the teacher cache of ``cfg`` into ``cfg.teacher.cache``; returns its ``meta.json`` content."""
-    from alignkd.align.plan import build_plan, forward_record
-    from alignkd.align.tasks import TASKS, heldout
-    from alignkd.backend.distributed import make_accelerator
-    from alignkd.config import resolve_precision
-    from alignkd.engine.block_choice import choose_blocks, choosing
-    from alignkd.engine.run import _models, setup
-    from alignkd.models.capture import Capture, Needs
-    from alignkd.precision import DTYPES, default_device
-
     resolved(cfg)
     if not cfg.teacher.cache:
         raise ConfigError("teacher.cache: name the folder to write the cache to, e.g. teacher.cache=runs/teacher-cache")
@@ -109,8 +109,8 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     task = TASKS[cfg.teacher.task]
     inputs = None
     if choosing(cfg):  # the run will choose its blocks: choose the same ones now, for its layer map
-        _, inputs = choose_blocks(cfg, make_accelerator(cfg.train.mixed_precision), setup, say)
-    tok, teacher, student, vocab = _models(cfg, teacher_weights=True, inputs=inputs)
+        _, inputs = choose_blocks(cfg, make_accelerator(cfg.train.mixed_precision), say)
+    tok, teacher, student, vocab = load_models(cfg, teacher_weights=True, inputs=inputs)
     needs = build_plan(cfg.losses, student, teacher).teacher_needs
     del student
     capture = Capture(teacher, Needs(hidden=needs.hidden, qkv=needs.qkv))
@@ -118,46 +118,22 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     blocks = train["input_ids"]
     n, seq_len = blocks.shape[0], blocks.shape[1]
     k = min(cfg.teacher.cache_top_k, vocab)
-    dtype = DTYPES[cfg.teacher.cache_dtype]
+    stored = f", {len(needs.hidden)} hidden and {len(needs.qkv)} q/k/v layers in {cfg.teacher.cache_dtype}"
     say(
         f"{precision}; caching {n} blocks of {seq_len} tokens: top-{k} log-probabilities"
-        + (
-            f", {len(needs.hidden)} hidden and {len(needs.qkv)} q/k/v layers in {cfg.teacher.cache_dtype}"
-            if needs.hidden or needs.qkv
-            else ""
-        )
+        + (stored if needs.hidden or needs.qkv else "")
     )
     teacher.to(device)
     tmp = dest.absolute().parent / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    writer = None
-    specs: dict[str, dict] = {}
     t0 = time.perf_counter()
-    from alignkd.display import Tasks
-
     bs = cfg.train.batch_size
-    with Tasks(bar=True) as shown, torch.inference_mode():
-        for start in range(0, n, bs):
-            ids = torch.as_tensor(blocks[start : start + bs]).to(device)
-            rec = forward_record(teacher, capture, ids, torch.ones_like(ids, dtype=torch.bool), False)
-            out = _topk(rec.logits[..., :vocab], k)
-            out.update({hidden_key(b): h.to(dtype) for b, h in rec.hidden.items()})
-            out.update({qkv_key(b, p): x.to(dtype) for (b, p), x in rec.qkv.items()})
-            if writer is None:  # the first batch tells the bytes per block
-                per_block = sum(t[0].numel() * t.element_size() for t in out.values())
-                writer = _ShardWriter(tmp, max(1, SHARD_BYTES // per_block))
-                specs = {
-                    key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])}
-                    for key, t in out.items()
-                }
-            writer.add(out)
-            shown.update("cache-teacher", f"{len(writer.shards)} shards written", done=min(start + bs, n), total=n)
-        writer.flush()
-    autocast = contextlib.nullcontext
+    shards, specs = _write_shards(teacher, capture, blocks, tmp, k, vocab, DTYPES[cfg.teacher.cache_dtype], bs)
     teacher_eval = heldout(
-        task, teacher, held, tok, batch_size=bs, batches=cfg.train.eval_batches, device=device, autocast=autocast
-    )
+        task, teacher, held, tok, batch_size=bs, batches=cfg.train.eval_batches, device=device,
+        autocast=contextlib.nullcontext,
+    )  # fmt: skip
     meta = {
         "version": VERSION,
         "blocks": n,
@@ -170,19 +146,48 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
         "teacher_dtype": cfg.teacher.dtype,
         "bos": cfg.data.bos,
         "tensors": specs,
-        "shards": writer.shards,
+        "shards": shards,
         "teacher_eval": teacher_eval,
         "teacher_eval_blocks": min(held["input_ids"].shape[0], bs * cfg.train.eval_batches),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (tmp / META).write_text(json.dumps(meta, indent=1))  # last: a folder without it is not a cache
-    from alignkd.engine.checkpoint import replace_dir
-
     replace_dir(tmp, dest)
     per = bytes_per_token(meta)
     total = sum((dest / s["file"]).stat().st_size for s in meta["shards"])
     say(
-        f"teacher cache: {dest} ({total / 1e6:.1f} MB, {n * seq_len} tokens, {meta['seconds']:.0f} s); bytes per token: "
-        + ", ".join(f"{key} {b}" for key, b in per.items())
+        f"teacher cache: {dest} ({total / 1e6:.1f} MB, {n * seq_len} tokens, {meta['seconds']:.0f} s); "
+        "bytes per token: " + ", ".join(f"{key} {b}" for key, b in per.items())
     )
     return meta
+
+
+def _write_shards(teacher, capture, blocks, folder: Path, k: int, vocab: int, dtype, batch_size: int):
+    """Run the teacher over ``blocks`` ``[N, T]`` in batches and write its outputs shard by shard into ``folder``.
+
+    Returns (the shards' entries for ``meta.json``, each stored tensor's dtype and per-block shape).
+    """
+    device = next(teacher.parameters()).device
+    writer = None
+    specs: dict[str, dict] = {}
+    n = blocks.shape[0]
+    with Tasks(bar=True) as shown, torch.inference_mode():
+        for start in range(0, n, batch_size):
+            ids = torch.as_tensor(blocks[start : start + batch_size]).to(device)
+            rec = forward_record(teacher, capture, ids, torch.ones_like(ids, dtype=torch.bool), False)
+            out = _topk(rec.logits[..., :vocab], k)
+            out.update({hidden_key(b): h.to(dtype) for b, h in rec.hidden.items()})
+            out.update({qkv_key(b, p): x.to(dtype) for (b, p), x in rec.qkv.items()})
+            if writer is None:  # the first batch tells the bytes per block
+                per_block = sum(t[0].numel() * t.element_size() for t in out.values())
+                writer = _ShardWriter(folder, max(1, SHARD_BYTES // per_block))
+                specs = {
+                    key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])}
+                    for key, t in out.items()
+                }
+            writer.add(out)
+            shown.update(
+                "cache-teacher", f"{len(writer.shards)} shards written", done=min(start + batch_size, n), total=n
+            )
+        writer.flush()
+    return writer.shards, specs

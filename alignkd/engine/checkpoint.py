@@ -22,13 +22,14 @@ import random
 import shutil
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 
-from alignkd.backend import zero
-from alignkd.backend.distributed import load_local_optimizer_state, load_local_state, local_optimizer_state, local_state
 from alignkd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from alignkd.engine.setup import Run
 
 
 def _rng_tensors() -> dict:
@@ -55,40 +56,24 @@ def replace_dir(tmp: Path, dest: Path) -> None:
         os.replace(tmp, dest)
 
 
-def save_checkpoint(run, step: int) -> Path:
+def save_checkpoint(run: Run, step: int) -> Path:
     """Write ``step-N`` after ``step`` finished optimizer steps; keep the newest ``train.keep_checkpoints``."""
     acc = run.accelerator
     acc.wait_for_everyone()
     root = run.out / "checkpoints"
     path = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
-    sharded, launch = run.whole_params is not None, _launch(run)
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    # A ZeRO side is written whole by the main process; under ZeRO-3 every process takes part in the gather.
-    writes_side = launch and not sharded and (acc.is_main_process or zero.is_stage3(run.side))
-    side = zero.side_state(run.side) if writes_side else None
-    if launch:  # every process writes its part into the folder the main process made
-        acc.wait_for_everyone()
-        rank = acc.process_index
-        if sharded:
-            save_file(local_state(run.unwrapped), str(tmp / f"side-rank{rank}.safetensors"))
-        optimizer = local_optimizer_state(run.optimizer) if sharded else zero.partition_state(run.side)
-        torch.save(optimizer, tmp / f"optimizer-rank{rank}.pt")
-        acc.wait_for_everyone()
+    extra = run.backend.save(run.side, run.optimizer, tmp)  # every process writes its part
     if acc.is_main_process:
         state = {
             "scheduler": run.scheduler.state_dict(),
             "weighting": run.weighting.state_dict(),
             "rng": _rng_tensors(),
+            **extra,
         }
-        if side is not None:  # ZeRO's parameters are views of its flat buffers (or partitions): saved as copies
-            save_file(side, str(tmp / "side.safetensors"))
-        elif not sharded:
-            save_model(run.unwrapped, str(tmp / "side.safetensors"))  # student and projectors; handles tied weights
-        if not launch:
-            state["optimizer"] = run.optimizer.state_dict()
         torch.save(state, tmp / "state.pt")
         meta = {
             "step": step,
@@ -96,8 +81,8 @@ def save_checkpoint(run, step: int) -> Path:
             "train_seconds": run.horizon.elapsed,
             "python_rng": _python_rng(),
         }
-        if launch:
-            meta[launch[0]] = launch[1]
+        if run.backend.layout is not None:
+            meta[run.backend.layout] = acc.num_processes
         (tmp / "state.json").write_text(json.dumps(meta))
         replace_dir(tmp, path)
         old = sorted(checkpoints(run.out), key=_step_of)
@@ -105,26 +90,6 @@ def save_checkpoint(run, step: int) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
     acc.wait_for_everyone()
     return path
-
-
-def _launch(run) -> tuple[str, int] | None:
-    """(``state.json`` key, process count) when each process saves its own part of the run; None for one whole state.
-
-    The key names the layout of the parts: ``sharded_over`` (FSDP shards) or ``zeroS_over`` (ZeRO stage S partitions).
-    """
-    if run.whole_params is not None:
-        return "sharded_over", run.accelerator.num_processes
-    if zero.is_engine(run.side):
-        return f"zero{run.side.zero_optimization_stage()}_over", run.accelerator.num_processes
-    return None
-
-
-def _launch_words(key: str) -> str:
-    return (
-        "whose student was sharded (an FSDP launch)"
-        if key == "sharded_over"
-        else f"under DeepSpeed ZeRO-{key[4:-5]} (a DeepSpeed launch)"
-    )
 
 
 def _step_of(path: Path) -> int:
@@ -144,40 +109,17 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(ckpts, key=_step_of) if ckpts else None
 
 
-def load_checkpoint(run, path: Path) -> int:
+def load_checkpoint(run: Run, path: Path) -> int:
     """Restore a checkpoint into ``run``; returns the step to continue from. Raises on a damaged checkpoint."""
     meta = json.loads((path / "state.json").read_text())
-    acc, sharded, launch = run.accelerator, run.whole_params is not None, _launch(run)
-    was = next(
-        ((k, v) for k, v in meta.items() if k == "sharded_over" or (k.startswith("zero") and k.endswith("_over"))), None
-    )
-    if was != launch:
-        wrote = (
-            f"a run {_launch_words(was[0])} over {was[1]} processes"
-            if was
-            else "a run with one whole student (no FSDP or DeepSpeed launch)"
-        )
+    acc, backend = run.accelerator, run.backend
+    was = next(((k, v) for k, v in meta.items() if k.endswith("_over")), None)
+    now = (backend.layout, acc.num_processes) if backend.layout is not None else None
+    if was != now:
+        wrote = f"a run {backend.describe(was[0])} over {was[1]} processes" if was else f"a run {backend.describe('')}"
         raise ConfigError(f"--resume: {path} was written by {wrote}; resume it the same way")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    rank = acc.process_index
-    if sharded:
-        load_local_state(run.unwrapped, load_file(str(path / f"side-rank{rank}.safetensors")))
-    elif launch:  # under ZeRO-3 the weights come back with the optimizer partition (its master copy)
-        if not zero.is_stage3(run.side):
-            load_local_state(run.unwrapped, load_file(str(path / "side.safetensors")))
-    else:
-        load_model(run.unwrapped, str(path / "side.safetensors"), device=str(acc.device))
-    optimizer = (
-        torch.load(path / f"optimizer-rank{rank}.pt", map_location="cpu", weights_only=True)
-        if launch
-        else state["optimizer"]
-    )
-    if sharded:
-        load_local_optimizer_state(run.optimizer, optimizer)
-    elif launch:  # after the weights: ZeRO sets them again from its float32 master copy
-        zero.load_partition_state(run.side, optimizer)
-    else:
-        run.optimizer.load_state_dict(optimizer)
+    backend.load(run.side, run.optimizer, path, state)
     run.scheduler.load_state_dict(state["scheduler"])
     run.weighting.load_state_dict(state["weighting"])
     run.sampler.load_state_dict(meta["sampler"])
@@ -191,7 +133,7 @@ def load_checkpoint(run, path: Path) -> int:
     return step
 
 
-def _loaded_everywhere(run, ok: bool) -> bool:
+def _loaded_everywhere(run: Run, ok: bool) -> bool:
     """Whether every process loaded the checkpoint (a collective under a multi-process launch)."""
     acc = run.accelerator
     if acc.num_processes == 1:
@@ -199,7 +141,7 @@ def _loaded_everywhere(run, ok: bool) -> bool:
     return acc.reduce(torch.tensor(float(ok), device=acc.device), "sum").item() == acc.num_processes
 
 
-def resume_latest(run, say) -> int:
+def resume_latest(run: Run, say) -> int:
     """Load the newest checkpoint that loads; a damaged one is reported and skipped. Returns the step (0: none)."""
     for path in sorted(checkpoints(run.out), key=_step_of, reverse=True):
         error = None

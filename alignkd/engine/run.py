@@ -1,326 +1,29 @@
-"""A whole distillation run: set-up (models, data, plan, optimizer), the loop, the saved student and summary.
-
-``distill(cfg)`` is the run. ``setup`` builds everything once into a ``Run``;
-the loop (``engine.loop``) and the step (``engine.step``) read it.
-"""
+"""A whole distillation run: set-up, the loop, the exported student and the summary (``distill``)."""
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
-from torch import nn
 
-from alignkd.align.blocks import Selection, calibration_rows, write_scores
-from alignkd.align.plan import StudentSide, build_plan, unwrap
-from alignkd.align.tasks import TASKS, heldout
-from alignkd.align.weighting import Weighting, build_weighting
-from alignkd.backend import zero
-from alignkd.backend.distributed import (
-    full_state,
-    is_sharded,
-    make_accelerator,
-    place_teacher,
-    shard_student,
-    shards_student,
-)
+from alignkd.align.blocks import write_scores
+from alignkd.backend import make_accelerator
 from alignkd.config import Config, resolve_precision, resolved, to_dict
-from alignkd.data import BlockSampler
-from alignkd.engine.block_choice import Inputs, choose_blocks
-from alignkd.engine.horizon import Horizon
+from alignkd.engine.block_choice import choose_blocks
+from alignkd.engine.checkpoint import replace_dir, resume_latest
+from alignkd.engine.loop import train
 from alignkd.engine.output_dir import check_output, check_resumable, clear
+from alignkd.engine.setup import Run, setup
 from alignkd.errors import ConfigError
-from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
-from alignkd.models.capture import Capture
-from alignkd.models.families import OutputHead, blocks_of, disable_attention_dropout, output_head
-from alignkd.models.loading import check_positions, load_skeleton
-from alignkd.models.student import build_student, freeze, param_count
-from alignkd.precision import (
-    default_device,
-)
-from alignkd.teacher.cached import TeacherCache
-from alignkd.terms import TERM_TYPES, Term
-
-
-@dataclass
-class Run:
-    cfg: Config
-    accelerator: Accelerator
-    tokenizer: object
-    teacher: nn.Module
-    teacher_capture: Capture
-    side: nn.Module
-    """``StudentSide``, wrapped by Accelerate (DDP etc.) or by a DeepSpeed engine (``engine.zero``)."""
-    terms: list[Term]
-    weighting: Weighting
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    train_data: dict[str, torch.Tensor]
-    eval_data: dict[str, torch.Tensor]
-    sampler: BlockSampler
-    vocab: int
-    task: object
-    """The task object (``engine.tasks``)."""
-    out: Path
-    horizon: Horizon
-    """When training ends (``train.steps`` or ``train.max_minutes``); the schedules read its ``total``."""
-    heads: tuple[OutputHead, OutputHead] | None = None
-    """(student, teacher) output heads when the run fuses them into the output terms."""
-    cache: TeacherCache | None = None
-    """The teacher cache (``teacher.cache``) the run reads instead of running the teacher."""
-    selection: Selection | None = None
-    """How the student's blocks were chosen (``student.from_teacher.select``), when the run chose them."""
-    whole_params: list[nn.Parameter] | None = None
-    """Under an FSDP launch, the side's parameters left whole on every process (the blocks' are sharded); None otherwise."""
-
-    @property
-    def needs_teacher(self) -> bool:
-        """False for a run of ground-truth terms only (a baseline): then the teacher never runs."""
-        return any(TERM_TYPES[t.cfg.type].uses_teacher for t in self.terms)
-
-    @property
-    def unwrapped(self) -> StudentSide:
-        return unwrap(self.side)
-
-    def evaluate(self, model: nn.Module) -> dict:
-        """Held-out loss (and perplexity, or accuracy) of ``model`` on the eval data."""
-        t = self.cfg.train
-        return heldout(
-            self.task,
-            model,
-            self.eval_data,
-            self.tokenizer,
-            batch_size=t.batch_size,
-            batches=t.eval_batches,
-            device=self.accelerator.device,
-            autocast=self.accelerator.autocast,
-        )
-
-
-def lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):
-    """Linear warm-up, then cosine decay to ``min_ratio`` at the horizon's projected last step."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        frac = min((step - warmup) / max(horizon.total - warmup, 1), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-
-    return f
-
-
-def fine_tunes_teacher(cfg: Config) -> bool:
-    """The student is the teacher's checkpoint and no term reads the teacher: its forward never runs."""
-    return cfg.student.path == cfg.teacher.path and not any(TERM_TYPES[t.type].uses_teacher for t in cfg.losses)
-
-
-PRUNE_CALIBRATION = 64  # training blocks a width-pruned student's channels are ranked on
-
-
-def _calibration(cfg: Config, tok, inputs: Inputs | None, teacher: nn.Module) -> torch.Tensor | None:
-    """``[N, T]`` training blocks to rank the teacher's channels on, when the student is pruned by activations; else None."""
-    s = cfg.student
-    if s.config is None or s.init != "prune" or s.importance != "activation":
-        return None
-    data = inputs.train_data if inputs else TASKS[cfg.teacher.task].load_data(copy.deepcopy(cfg), tok)[0]
-    teacher.to(default_device())  # the calibration forward runs where the teacher will
-    return calibration_rows(data, PRUNE_CALIBRATION, cfg.train.seed)["input_ids"]
-
-
-def _models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs | None = None):
-    """Tokenizer, frozen teacher, student, and the logit columns they share.
-
-    Without ``teacher_weights`` the teacher is left on the meta device: its
-    structure, no weights. By default that is when the run reads a teacher cache,
-    or when the student is the teacher's own checkpoint trained on the ground
-    truth alone (``alignkd finetune``). A student copied from the teacher still
-    needs them, so the teacher is then loaded, copied from and emptied.
-    ``inputs``: tokenizer and teacher already loaded.
-    """
-    task = cfg.teacher.task
-    weights = not (cfg.teacher.cache or fine_tunes_teacher(cfg)) if teacher_weights is None else teacher_weights
-    tok = (
-        inputs.tokenizer
-        if inputs
-        else load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
-    )
-    copies_teacher = cfg.student.from_teacher is not None or (
-        cfg.student.config is not None and cfg.student.init == "prune"
-    )
-    if inputs:
-        teacher = inputs.teacher
-    elif weights or copies_teacher:
-        teacher = load_model(
-            cfg.teacher.path,
-            task=task,
-            dtype=cfg.teacher.dtype,
-            what="teacher",
-            trust_remote_code=cfg.teacher.trust_remote_code,
-        )
-    else:
-        teacher = load_skeleton(
-            cfg.teacher.path, task=task, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code
-        )
-    teacher = freeze(teacher)
-    student = build_student(cfg.student, teacher, task, _calibration(cfg, tok, inputs, teacher))
-    if not weights:
-        teacher.to("meta")  # frees the weights: the run never calls the teacher
-    for model, what in ((teacher, "teacher"), (student, "student")):
-        check_positions(model, cfg.data.seq_len, what)
-        if task == "sequence_classification" and model.config.pad_token_id is None:
-            # A classifier made from a causal LM checkpoint finds each text's last token by the pad id.
-            model.config.pad_token_id = tok.pad_token_id
-    if cfg.student.path is not None:
-        try:
-            check_tokenizers(tok, load_tokenizer(cfg.student.path, what="student"))
-        except ValueError as e:
-            if "no tokenizer found" not in str(e):
-                raise
-    vocab = common_vocab(teacher, student, tok) if task != "sequence_classification" else 0
-    return tok, teacher, student, vocab
-
-
-def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tuple[OutputHead, OutputHead] | None:
-    """The two output heads when the output terms can skip the logits, else None.
-
-    Needs ``train.fused_head``, a causal LM, every logit-reading term able to run
-    fused (kl, ce; not dkd or blockwise), and both families' logits a plain head
-    with the same soft-capping. Under autocast the fused losses run the head
-    matmuls in its dtype, as the models' own heads would, and keep pace with them
-    with one logit-reading term (a bf16 KD step of the demo on an AMX CPU: 2.07 s
-    fused, 1.98 s on logits); with two (kl and ce) each walks the student's head on
-    its own, where the logits are made once and their two gradients summed before
-    one backward through the head (3.0 s fused, 2.5 s on logits), so such runs keep
-    the logits. (Float32 runs still fuse both, though the two walks cost them as
-    much: 4.3 s fused, 3.5 s on logits, measured before float32 blocks.)
-    """
-    kinds = [TERM_TYPES[t.type] for t in cfg.losses]
-    if not cfg.train.fused_head or task.name != "causal_lm" or any(k.reads_logits and not k.fused for k in kinds):
-        return None
-    if cfg.train.mixed_precision != "no" and sum(k.reads_logits for k in kinds) > 1:
-        return None
-    s, t = output_head(student), output_head(teacher)
-    if s is None or t is None or s.softcap != t.softcap:
-        return None
-    return s, t
-
-
-def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms, biases and the weighting's own parameters."""
-    decay, no_decay = [], []
-    for name, p in side.named_parameters():
-        (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
-    groups = []
-    for params, wd in ((decay, cfg.train.weight_decay), (no_decay + weighting.model_params(), 0.0)):
-        # AdamW's foreach maths cannot mix shards (an FSDP student's blocks) and whole tensors in a group.
-        for part in ([p for p in params if not is_sharded(p)], [p for p in params if is_sharded(p)]):
-            if part:
-                groups.append({"params": part, "weight_decay": wd})
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
-
-
-def setup(cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | None = None) -> Run:
-    """Load models and data (unless ``inputs`` holds them), choose the student's blocks if asked, and build everything the loop needs."""
-    resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
-    task = TASKS[cfg.teacher.task]
-    selection, inputs = choose_blocks(cfg, accelerator, setup, say) if inputs is None else (None, inputs)
-    tok, teacher, student, vocab = _models(cfg, inputs=inputs)
-    plan = build_plan(cfg.losses, student, teacher)
-    if plan.needs_eager_attention:
-        say("[yellow]attention loss: switching both models to eager attention (slower, O(T^2) memory per layer)[/]")
-        for m in (teacher, student):
-            m.set_attn_implementation("eager")
-        disable_attention_dropout(student)
-    teacher_capture = Capture(teacher, plan.teacher_needs)
-    side = StudentSide(student, plan.student_needs, plan.projectors, plan.mixes)
-    cache = TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None
-    # With a cache only the student's head is read (the teacher's stays on the meta device).
-    heads = fused_heads(cfg, task, student, teacher)
-    side.fused_head = heads is not None
-    w = cfg.weighting
-    weighting = build_weighting(
-        w.strategy,
-        [t.cfg.name for t in plan.terms],
-        [t.cfg.weight for t in plan.terms],
-        alpha=w.alpha,
-        lr=w.lr,
-        every=w.every,
-        kinds=[t.cfg.type for t in plan.terms],
-    )
-    train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
-    if cache is not None:
-        cache.check(cfg, train_data["input_ids"], eval_data["input_ids"], plan.teacher_needs, vocab)
-    if next(teacher.parameters()).device.type != "meta":  # a teacher that never runs is not placed
-        teacher = place_teacher(
-            teacher, accelerator, cfg.teacher.placement, say, keep_whole=heads[1].params() if heads else ()
-        )
-    weighting.to(accelerator.device)
-    whole = (
-        shard_student(side, accelerator, say) if shards_student() else None
-    )  # before the optimizer: it replaces parameters
-    optimizer = _optimizer(cfg, side, weighting)
-    max_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
-    horizon = Horizon(cfg.train.steps, max_seconds)
-    # Stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
-    )
-    if whole is not None:
-        optimizer = accelerator.prepare(optimizer)
-    elif settings := zero.launch_zero():
-        side = zero.wrap(
-            side,
-            optimizer,
-            settings,
-            cfg,
-            accelerator.num_processes,
-            say,
-            keep_whole=heads[0].params() if heads else (),
-        )
-        optimizer = side.optimizer  # ZeRO's, stepping the AdamW's groups the scheduler drives
-    else:
-        side, optimizer = accelerator.prepare(side, optimizer)
-    sampler = BlockSampler(
-        train_data["input_ids"].shape[0],
-        cfg.train.batch_size,
-        cfg.train.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
-    return Run(
-        cfg,
-        accelerator,
-        tok,
-        teacher,
-        teacher_capture,
-        side,
-        plan.terms,
-        weighting,
-        optimizer,
-        scheduler,
-        train_data,
-        eval_data,
-        sampler,
-        vocab,
-        task,
-        Path(cfg.train.output_dir),
-        horizon,
-        heads,
-        cache,
-        selection,
-        whole,
-    )
+from alignkd.models.families import blocks_of
+from alignkd.models.student import param_count
+from alignkd.precision import default_device
 
 
 def save_outputs(run: Run) -> Path:
@@ -328,12 +31,9 @@ def save_outputs(run: Run) -> Path:
     acc = run.accelerator
     acc.wait_for_everyone()
     dest = run.out / "student"
-    # A sharded student is gathered whole first (every process takes part); ZeRO's parameters are views of its flat buffers.
-    state, aux = full_state(run.unwrapped.student) if run.whole_params is not None else None, run.unwrapped.aux_state()
-    state, aux = zero.export_states(run.side) if zero.is_engine(run.side) else (state, aux)
+    # Split weights are gathered whole first (every process takes part).
+    state, aux = run.backend.export(run.side)
     if acc.is_main_process:
-        from alignkd.engine.checkpoint import replace_dir
-
         tmp = run.out / ".student.tmp"  # written whole, then renamed into place
         shutil.rmtree(tmp, ignore_errors=True)
         run.unwrapped.student.save_pretrained(tmp, state_dict=state)
@@ -352,22 +52,17 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     An output folder that already holds a run needs ``resume`` (continue it, with
     a config that computes the same) or ``overwrite`` (replace it).
     """
-    from alignkd.engine.checkpoint import resume_latest
-    from alignkd.engine.loop import train
-
     resolved(cfg)  # a Config changed after it was built is resolved and checked again
     out = Path(cfg.train.output_dir)
     check_output(out, resume, overwrite)
-    # Accelerate keeps its settings in a process-wide singleton; a second run in the
-    # same process (the demo's baseline, a notebook) may ask for other precision.
-    # Resetting it keeps the process group of a distributed launch.
-    AcceleratorState._reset_state(reset_partial_state=False)
     precision = resolve_precision(cfg, default_device())
     accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.train.seed)
     say = _say(accelerator)
     notes: list[str] = []  # setup's notes wait too: bad input gets its one line and nothing else
-    run = setup(cfg, accelerator, notes.append)  # bad input stops here, before the output folder is touched
+    # Bad input stops in these two, before the output folder is touched.
+    selection, inputs = choose_blocks(cfg, accelerator, notes.append)
+    run = setup(cfg, accelerator, notes.append, inputs)
     saved = out / "config.yaml"
     if resume and saved.is_file():
         check_resumable(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
@@ -384,14 +79,16 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
         if overwrite:
             clear(out)
         saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        if run.selection is not None:
-            write_scores(run.selection, out)
+        if selection is not None:
+            write_scores(selection, out)
     accelerator.wait_for_everyone()
-    teacher_eval = _teacher_eval(run, say)  # before a resume replaces the student's weights
+    teacher_eval = run.teacher.heldout(
+        run.evaluate, run.unwrapped.student, _eval_blocks(run), say
+    )  # before a resume replaces the student's weights
     start = resume_latest(run, say) if resume else 0
     student = run.unwrapped.student
     say(
-        f"teacher {param_count(run.teacher) / 1e6:.2f}M params ({len(blocks_of(run.teacher))} blocks), "
+        f"teacher {param_count(run.teacher.model) / 1e6:.2f}M params ({len(blocks_of(run.teacher.model))} blocks), "
         f"student {param_count(student) / 1e6:.2f}M ({len(blocks_of(student))} blocks); "
         f"{run.train_data['input_ids'].shape[0]} training blocks; terms: {', '.join(run.weighting.names)}"
     )
@@ -401,7 +98,7 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     summary = {
         "steps": last["train"].get("step", start),
         "train_seconds": time.perf_counter() - t0,
-        "teacher_params": param_count(run.teacher),
+        "teacher_params": param_count(run.teacher.model),
         "student_params": param_count(student),
         "teacher_eval": teacher_eval,
         "student_eval": last["eval"],
@@ -418,34 +115,10 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     return summary
 
 
-def select_blocks(cfg: Config, say=print) -> tuple[Selection, Path]:
-    """``alignkd prune``: choose the student's blocks as the config says (listed ``layers`` are chosen anew), and write ``block_scores.json``."""
-    resolved(cfg)
-    AcceleratorState._reset_state(reset_partial_state=False)
-    notes = [resolve_precision(cfg, default_device())]  # said once nothing can stop it: bad input gets one line
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    set_seed(cfg.train.seed)
-    selection, _ = choose_blocks(cfg, accelerator, setup, notes.append, again=True)
-    for note in notes:
-        say(note)
-    Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-    return selection, write_scores(selection, cfg.train.output_dir)
-
-
-def _teacher_eval(run: Run, say) -> dict:
-    """The teacher's held-out numbers: measured, read from the teacher cache, or, when the
-    student starts as the teacher's checkpoint and the teacher never runs, the student's at step 0."""
-    if run.cache is not None:  # measured when the cache was built, on the same eval data
-        meta, cfg = run.cache.meta, run.cfg
-        blocks = min(run.eval_data["input_ids"].shape[0], cfg.train.batch_size * cfg.train.eval_batches)
-        if blocks != meta["teacher_eval_blocks"]:
-            say(
-                f"teacher held-out numbers from the cache: {meta['teacher_eval_blocks']} eval blocks (the student's: {blocks})"
-            )
-        return meta["teacher_eval"]
-    if next(run.teacher.parameters()).device.type == "meta":
-        return run.evaluate(run.unwrapped.student)
-    return run.evaluate(run.teacher)
+def _eval_blocks(run: Run) -> int:
+    """How many eval blocks ``run.evaluate`` scores."""
+    t = run.cfg.train
+    return min(run.eval_data["input_ids"].shape[0], t.batch_size * t.eval_batches)
 
 
 def _say(accelerator: Accelerator):

@@ -14,11 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkd.align.plan import forward_record
 from alignkd.align.tasks import Batch
 from alignkd.align.weighting import schedule_value
-from alignkd.backend import zero
-from alignkd.backend.distributed import average_whole, backward, clip_grad_norm, gradient_sync, held_gathered
 from alignkd.models.capture import Record
 from alignkd.terms import TERM_TYPES, StepTensors
 
@@ -50,18 +47,11 @@ def to_device(batch: Batch, device) -> Batch:
     return Batch(batch.input_ids.to(device), batch.mask.to(device), labels, batch.index)
 
 
-def teacher_forward(run, batch: Batch) -> Record:
-    """Frozen teacher under inference mode; returns its logits and captured tensors (from the cache, when the run has one)."""
-    if run.cache is not None:
-        return run.cache.record(batch.index, run.accelerator.device)
-    with torch.inference_mode():
-        return forward_record(run.teacher, run.teacher_capture, batch.input_ids, batch.mask, run.unwrapped.fused_head)
-
-
 def term_losses(
     run, batch: Batch, student: Record, teacher: Record, temperatures: list[float | None]
 ) -> dict[str, torch.Tensor]:
     """Every term's float32 value on one micro-batch, by term name."""
+    side = run.unwrapped
     x = StepTensors(
         input_ids=batch.input_ids,
         mask=batch.mask,
@@ -70,11 +60,11 @@ def term_losses(
         student=student,
         teacher=teacher,
         vocab=run.vocab,
-        side=run.unwrapped,
-        teacher_model=run.teacher,
-        teacher_capture=run.teacher_capture,
+        side=side,
+        teacher_model=run.teacher.model,
+        teacher_capture=run.teacher.capture,
         feature_mask=run.task.feature_mask(batch, run.cfg.data.bos == "always"),
-        heads=run.heads if run.unwrapped.fused_head else None,
+        heads=(side.head, run.teacher.head) if side.fused else None,
     )
     return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in zip(run.terms, temperatures)}
 
@@ -91,19 +81,19 @@ def micro_step(
     ``sync``: all-reduce gradients in this backward (the last micro-batch only).
     Returns the detached term values and ``loss``, their weighted sum.
     """
-    acc = run.accelerator
-    teacher = teacher_forward(run, batch) if run.needs_teacher else Record()
-    with gradient_sync(run, sync):
+    acc, backend = run.accelerator, run.backend
+    teacher = run.teacher.record(batch, acc.device, run.unwrapped.fused) if run.needs_teacher else Record()
+    with backend.gradient_sync(run.side, sync):
         with acc.autocast():
             student = run.side(batch.input_ids, batch.mask)
-            zero.ensure_whole(run.side)  # the fused LM-head terms read the head outside its module's forward
+            backend.ensure_whole(run.side)  # the fused LM-head terms read the head outside its module's forward
             losses = term_losses(run, batch, student, teacher, at.temperatures)
         if update_weights and _all_finite(acc, losses):  # a NaN would poison the learned weights
             shared = [run.unwrapped.student.get_input_embeddings().weight]  # every term's gradient passes through here
-            with held_gathered(run):
+            with backend.held_gathered(run.side):
                 run.weighting.update(losses, at.multipliers, shared, reduce=lambda v: acc.reduce(v, "sum"))
         loss = run.weighting.combine(losses, at.multipliers)
-        backward(run, loss * token_share, sync)
+        backend.backward(run.side, loss * token_share, sync)
     return {**{k: v.detach() for k, v in losses.items()}, "loss": loss.detach()}
 
 
@@ -143,29 +133,20 @@ def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
         )
         for name, v in values.items():
             sums[name] = sums.get(name, 0.0) + v.double() * counts[k]
-    # DDP (or FSDP, or ZeRO) averages the side's gradients over processes; the rest is averaged here.
-    average_whole(run)
+    # The back-end averages the side's gradients over processes; the weighting's are averaged here.
+    run.backend.average(run.weighting.model_params())
     keys = ["loss", *run.weighting.names]
     totals = acc.reduce(torch.stack([sums[k] for k in keys]).to(acc.device), "sum").tolist()
     tokens = sum(int(b.mask.sum()) for b in batches) * acc.num_processes
     lr = run.scheduler.get_last_lr()[0]
     # Every process sees the same reduced values, so all skip or all step.
     bad = [k for k, v in zip(keys[1:], totals[1:]) if not math.isfinite(v)]
-    max_norm = run.cfg.train.max_grad_norm
-    if zero.is_engine(run.side):
-        # ZeRO clips over every process's partition and skips a step whose gradient is not
-        # finite (a non-finite term makes it so), in one call; the norm is known after it.
-        grad_norm, applied = zero.step(run.side)
-        bad = bad or ([] if applied else ["gradient"])
-    else:
-        # With clipping off, an infinite bound still returns the norm for the log.
-        grad_norm = clip_grad_norm(run, max_norm if max_norm > 0 else math.inf)
-        # Under fp16 an infinite gradient is the loss scaler's business: it skips the step and rescales.
-        if not bad and not math.isfinite(grad_norm) and run.cfg.train.mixed_precision != "fp16":
-            bad.append("gradient")
-        applied = not bad
-        if applied:
-            run.optimizer.step()
+    fp16 = run.cfg.train.mixed_precision == "fp16"
+    grad_norm, applied = run.backend.clip_and_step(
+        run.side, run.optimizer, run.cfg.train.max_grad_norm, bool(bad), fp16
+    )
+    if not applied and not bad:
+        bad = ["gradient"]
     if applied:
         # Last, so that nothing between the update and the loop's step count can be interrupted.
         run.scheduler.step()

@@ -1,0 +1,55 @@
+"""How this process was launched (one process, DDP, FSDP or DeepSpeed) and its Accelerator."""
+
+from __future__ import annotations
+
+import os
+
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from alignkd.backend import zero
+from alignkd.precision import default_device
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+FSDP_LAUNCH = "ACCELERATE_USE_FSDP"
+"""Set by ``accelerate launch`` with an FSDP config: the run shards the student (``shard_student``)."""
+
+
+def shards_student() -> bool:
+    """Whether this process was launched to shard the student (an FSDP launch)."""
+    return _flag(FSDP_LAUNCH)
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """This process's Accelerator; on a machine without GPUs, the processes of a launch form a gloo group.
+
+    ``accelerate launch --cpu`` starts one process whatever ``--num_processes``
+    says (Accelerate runs several CPU processes only under ``mpirun``), and
+    ``accelerate launch --multi_gpu`` / ``torchrun`` on a machine without GPUs
+    start N processes that Accelerate, unless told to use the CPU, runs as N
+    independent single-process runs (each writing its own outputs). Passing
+    ``cpu=True`` where the run's device is the CPU makes them one gloo group.
+
+    Under an FSDP or DeepSpeed launch the Accelerator is built as for DDP (its
+    plugins would wrap the whole side, head included, or step the optimizer inside
+    backward); ``shard_student`` and ``engine.zero`` do that work.
+    """
+    zero.launch_stage()  # a DeepSpeed launch alignkd cannot run stops here, in one line
+    # Accelerate keeps its settings in a process-wide singleton, and a second run in the
+    # same process (the demo's baseline, a study, a notebook) may ask for another precision.
+    # Accelerate has no public reset; this private one keeps a launch's process group. It is
+    # the only place alignkd touches Accelerate's private API.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    if default_device().type == "cpu":
+        # Where deepspeed is installed, transformers imports it to save a model; told the device, it
+        # does not print its "unable to detect" warning on stdout.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    hidden = {k: os.environ.pop(k) for k in (FSDP_LAUNCH, zero.DEEPSPEED_LAUNCH) if k in os.environ}
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=default_device().type == "cpu")
+    finally:
+        os.environ.update(hidden)

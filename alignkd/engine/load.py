@@ -1,0 +1,137 @@
+"""Loading a run's models: tokenizer, frozen teacher, the student built from it, and what the heads share."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from alignkd.align.blocks import calibration_rows
+from alignkd.align.tasks import TASKS
+from alignkd.config import Config
+from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
+from alignkd.models.families import OutputHead, output_head
+from alignkd.models.loading import check_positions, load_skeleton
+from alignkd.models.student import build_student, freeze
+from alignkd.precision import default_device
+from alignkd.terms import TERM_TYPES
+
+
+@dataclass
+class Inputs:
+    """Tokenizer, teacher and data, loaded once for the selection and reused by the run that follows it."""
+
+    tokenizer: object
+    teacher: nn.Module
+    """Frozen, with its weights (a run that reads a teacher cache empties it after building the student)."""
+    train_data: dict[str, torch.Tensor]
+    eval_data: dict[str, torch.Tensor]
+
+
+def load_inputs(cfg) -> Inputs:
+    t = cfg.teacher
+    tok = load_tokenizer(t.path, what="teacher", trust_remote_code=t.trust_remote_code)
+    teacher = freeze(
+        load_model(t.path, task=t.task, dtype=t.dtype, what="teacher", trust_remote_code=t.trust_remote_code)
+    )
+    check_positions(teacher, cfg.data.seq_len, "teacher")
+    train_data, eval_data = TASKS[t.task].load_data(cfg, tok)  # resolves data.bos in cfg, as the run would
+    return Inputs(tok, teacher, train_data, eval_data)
+
+
+def fine_tunes_teacher(cfg: Config) -> bool:
+    """The student is the teacher's checkpoint and no term reads the teacher: its forward never runs."""
+    return cfg.student.path == cfg.teacher.path and not any(TERM_TYPES[t.type].uses_teacher for t in cfg.losses)
+
+
+PRUNE_CALIBRATION = 64  # training blocks a width-pruned student's channels are ranked on
+
+
+def _calibration(cfg: Config, tok, inputs: Inputs | None, teacher: nn.Module) -> torch.Tensor | None:
+    """``[N, T]`` training blocks to rank the teacher's channels on, when the student is pruned by activations; else None."""
+    s = cfg.student
+    if s.config is None or s.init != "prune" or s.importance != "activation":
+        return None
+    data = inputs.train_data if inputs else TASKS[cfg.teacher.task].load_data(copy.deepcopy(cfg), tok)[0]
+    teacher.to(default_device())  # the calibration forward runs where the teacher will
+    return calibration_rows(data, PRUNE_CALIBRATION, cfg.train.seed)["input_ids"]
+
+
+def load_models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs | None = None):
+    """Tokenizer, frozen teacher, student, and the logit columns they share.
+
+    Without ``teacher_weights`` the teacher is left on the meta device: its
+    structure, no weights. By default that is when the run reads a teacher cache,
+    or when the student is the teacher's own checkpoint trained on the ground
+    truth alone (``alignkd finetune``). A student copied from the teacher still
+    needs them, so the teacher is then loaded, copied from and emptied.
+    ``inputs``: tokenizer and teacher already loaded.
+    """
+    task = cfg.teacher.task
+    weights = not (cfg.teacher.cache or fine_tunes_teacher(cfg)) if teacher_weights is None else teacher_weights
+    tok = (
+        inputs.tokenizer
+        if inputs
+        else load_tokenizer(cfg.teacher.path, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code)
+    )
+    copies_teacher = cfg.student.from_teacher is not None or (
+        cfg.student.config is not None and cfg.student.init == "prune"
+    )
+    if inputs:
+        teacher = inputs.teacher
+    elif weights or copies_teacher:
+        teacher = load_model(
+            cfg.teacher.path,
+            task=task,
+            dtype=cfg.teacher.dtype,
+            what="teacher",
+            trust_remote_code=cfg.teacher.trust_remote_code,
+        )
+    else:
+        teacher = load_skeleton(
+            cfg.teacher.path, task=task, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code
+        )
+    teacher = freeze(teacher)
+    student = build_student(cfg.student, teacher, task, _calibration(cfg, tok, inputs, teacher))
+    if not weights:
+        teacher.to("meta")  # frees the weights: the run never calls the teacher
+    for model, what in ((teacher, "teacher"), (student, "student")):
+        check_positions(model, cfg.data.seq_len, what)
+        if task == "sequence_classification" and model.config.pad_token_id is None:
+            # A classifier made from a causal LM checkpoint finds each text's last token by the pad id.
+            model.config.pad_token_id = tok.pad_token_id
+    if cfg.student.path is not None:
+        try:
+            check_tokenizers(tok, load_tokenizer(cfg.student.path, what="student"))
+        except ValueError as e:
+            if "no tokenizer found" not in str(e):
+                raise
+    vocab = common_vocab(teacher, student, tok) if task != "sequence_classification" else 0
+    return tok, teacher, student, vocab
+
+
+def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tuple[OutputHead, OutputHead] | None:
+    """The two output heads when the output terms can skip the logits, else None.
+
+    Needs ``train.fused_head``, a causal LM, every logit-reading term able to run
+    fused (kl, ce; not dkd or blockwise), and both families' logits a plain head
+    with the same soft-capping. Under autocast the fused losses run the head
+    matmuls in its dtype, as the models' own heads would, and keep pace with them
+    with one logit-reading term (a bf16 KD step of the demo on an AMX CPU: 2.07 s
+    fused, 1.98 s on logits); with two (kl and ce) each walks the student's head on
+    its own, where the logits are made once and their two gradients summed before
+    one backward through the head (3.0 s fused, 2.5 s on logits), so such runs keep
+    the logits. (Float32 runs still fuse both, though the two walks cost them as
+    much: 4.3 s fused, 3.5 s on logits, measured before float32 blocks.)
+    """
+    kinds = [TERM_TYPES[t.type] for t in cfg.losses]
+    if not cfg.train.fused_head or task.name != "causal_lm" or any(k.reads_logits and not k.fused for k in kinds):
+        return None
+    if cfg.train.mixed_precision != "no" and sum(k.reads_logits for k in kinds) > 1:
+        return None
+    s, t = output_head(student), output_head(teacher)
+    if s is None or t is None or s.softcap != t.softcap:
+        return None
+    return s, t

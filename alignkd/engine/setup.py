@@ -1,0 +1,188 @@
+"""Everything a run needs, built once: models, plan, teacher, back-end, weighting, optimizer, data (``setup`` -> ``Run``).
+
+The loop (``engine.loop``) and the step (``engine.step``) read the ``Run``. The
+student's blocks are chosen before (``engine.block_choice``), so that a block
+search can call ``setup`` for its probes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from alignkd.align.plan import StudentSide, build_plan, unwrap
+from alignkd.align.tasks import TASKS, CausalLM, heldout
+from alignkd.align.weighting import Weighting, build_weighting
+from alignkd.backend import Backend, make_backend
+from alignkd.config import Config, resolve_precision
+from alignkd.data import BlockSampler
+from alignkd.engine.horizon import Horizon
+from alignkd.engine.load import Inputs, fused_heads, load_models
+from alignkd.models.capture import Capture
+from alignkd.models.families import disable_attention_dropout
+from alignkd.teacher import Teacher, TeacherCache
+from alignkd.terms import TERM_TYPES, Term
+
+
+@dataclass(kw_only=True)
+class Run:
+    """What the loop, the step, checkpoints and the export read of a run."""
+
+    cfg: Config
+    """The resolved config (what ``config.yaml`` records)."""
+    accelerator: Accelerator
+    backend: Backend
+    """The parallel back-end (one process, DDP, FSDP2 or ZeRO): it wraps, steps and saves the side."""
+    tokenizer: object
+    """The teacher's tokenizer (the student shares it)."""
+    teacher: Teacher
+    side: nn.Module
+    """The ``StudentSide`` (student, projectors, mixtures) as the back-end wrapped it; ``unwrapped`` is the side."""
+    terms: list[Term]
+    weighting: Weighting
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    """Stepped once per applied optimizer step."""
+    train_data: dict[str, torch.Tensor]
+    eval_data: dict[str, torch.Tensor]
+    sampler: BlockSampler
+    vocab: int
+    """Logit columns the two models share (0 for classification)."""
+    task: CausalLM
+    """The task object of ``alignkd.align.tasks`` (causal LM, masked LM or classification)."""
+    out: Path
+    """``train.output_dir``."""
+    horizon: Horizon
+    """When training ends (``train.steps`` or ``train.max_minutes``); the schedules read its ``total``."""
+
+    @property
+    def needs_teacher(self) -> bool:
+        """False for a run of ground-truth terms only (a baseline): then the teacher never runs."""
+        return any(TERM_TYPES[t.cfg.type].uses_teacher for t in self.terms)
+
+    @property
+    def unwrapped(self) -> StudentSide:
+        return unwrap(self.side)
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """Held-out loss (and perplexity, or accuracy) of ``model`` on the eval data."""
+        t = self.cfg.train
+        return heldout(
+            self.task,
+            model,
+            self.eval_data,
+            self.tokenizer,
+            batch_size=t.batch_size,
+            batches=t.eval_batches,
+            device=self.accelerator.device,
+            autocast=self.accelerator.autocast,
+        )
+
+
+def lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):
+    """Linear warm-up, then cosine decay to ``min_ratio`` at the horizon's projected last step."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = min((step - warmup) / max(horizon.total - warmup, 1), 1.0)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting, backend: Backend) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases and the weighting's own parameters."""
+    decay, no_decay = [], []
+    for name, p in side.named_parameters():
+        (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [
+        {"params": part, "weight_decay": wd}
+        for params, wd in ((decay, cfg.train.weight_decay), (no_decay + weighting.model_params(), 0.0))
+        for part in backend.param_groups(params)
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
+
+
+def setup(
+    cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | None = None, backend: Backend | None = None
+) -> Run:
+    """Load models and data (unless ``inputs`` holds them) and build everything the loop needs.
+
+    ``backend``: the one this process was launched for unless given.
+    """
+    resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
+    backend = backend or make_backend(accelerator)
+    task = TASKS[cfg.teacher.task]
+    tok, teacher_model, student, vocab = load_models(cfg, inputs=inputs)
+    plan = build_plan(cfg.losses, student, teacher_model)
+    if plan.needs_eager_attention:
+        say("[yellow]attention loss: switching both models to eager attention (slower, O(T^2) memory per layer)[/]")
+        for m in (teacher_model, student):
+            m.set_attn_implementation("eager")
+        disable_attention_dropout(student)
+    side = StudentSide(student, plan.student_needs, plan.projectors, plan.mixes)
+    heads = fused_heads(cfg, task, student, teacher_model)
+    side.head = heads[0] if heads else None
+    teacher = Teacher(
+        teacher_model,
+        Capture(teacher_model, plan.teacher_needs),
+        cache=TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None,
+        head=heads[1] if heads else None,
+    )
+    w = cfg.weighting
+    weighting = build_weighting(
+        w.strategy,
+        [t.cfg.name for t in plan.terms],
+        [t.cfg.weight for t in plan.terms],
+        alpha=w.alpha,
+        lr=w.lr,
+        every=w.every,
+        kinds=[t.cfg.type for t in plan.terms],
+    )
+    train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
+    if teacher.cache is not None:
+        teacher.cache.check(cfg, train_data["input_ids"], eval_data["input_ids"], plan.teacher_needs, vocab)
+    teacher.place(backend, cfg.teacher.placement, say)
+    weighting.to(accelerator.device)
+    backend.shard(side, say)  # before the optimizer: sharding replaces parameters
+    optimizer = _optimizer(cfg, side, weighting, backend)
+    max_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
+    horizon = Horizon(cfg.train.steps, max_seconds)
+    # Stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
+    )
+    keep_whole = side.head.params() if side.head is not None else ()
+    wrapped, optimizer = backend.wrap(side, optimizer, cfg, say, keep_whole=keep_whole)
+    sampler = BlockSampler(
+        train_data["input_ids"].shape[0],
+        cfg.train.batch_size,
+        cfg.train.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        backend=backend,
+        tokenizer=tok,
+        teacher=teacher,
+        side=wrapped,
+        terms=plan.terms,
+        weighting=weighting,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_data=train_data,
+        eval_data=eval_data,
+        sampler=sampler,
+        vocab=vocab,
+        task=task,
+        out=Path(cfg.train.output_dir),
+        horizon=horizon,
+    )
