@@ -437,7 +437,7 @@ CASES: list[Case] = [
     # ---------------------------------------------------------------- prune, and block selection in distill
     Case(
         "prune_student_not_from_teacher",
-        lambda w: ["prune", str(w.config), f"train.output_dir={w.out('prune_student_not_from_teacher')}"],
+        lambda w: ["choose-blocks", str(w.config), f"train.output_dir={w.out('prune_student_not_from_teacher')}"],
         ("student.from_teacher: choosing blocks needs", "num_layers"),
     ),
     Case(
@@ -448,7 +448,7 @@ CASES: list[Case] = [
     Case(
         "select_misspelled",
         lambda w: [
-            "prune",
+            "choose-blocks",
             str(w.config),
             "student.config=null",
             "student.from_teacher.select=importnce",
@@ -459,7 +459,7 @@ CASES: list[Case] = [
     Case(
         "prune_more_blocks_than_the_teacher",
         lambda w: [
-            "prune",
+            "choose-blocks",
             str(w.config),
             "student.config=null",
             "student.from_teacher.num_layers=3",

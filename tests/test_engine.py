@@ -38,6 +38,7 @@ from transformers import (
 import alignkd
 from alignkd.config import load_config
 from alignkd.engine.loop import next_batches, train
+from alignkd.engine.block_choice import choose_blocks
 from alignkd.engine.setup import setup
 from alignkd.engine.step import schedules_at, term_losses
 from alignkd.losses import KL_KINDS
@@ -135,7 +136,9 @@ def make_run(cfg: dict):
     c = load_config(data=copy.deepcopy(cfg))
     Path(c.train.output_dir).mkdir(parents=True, exist_ok=True)
     set_seed(c.train.seed)
-    return setup(c, Accelerator(mixed_precision="no"), say=lambda msg: None)
+    acc = Accelerator(mixed_precision="no")
+    _, inputs = choose_blocks(c, acc, say=lambda msg: None)  # as distill does, before the set-up
+    return setup(c, acc, say=lambda msg: None, inputs=inputs)
 
 
 def student_weights(out: Path) -> dict[str, torch.Tensor]:

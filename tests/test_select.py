@@ -283,7 +283,7 @@ def test_prune_cli_prints_and_saves_the_block_scores(tmp_path, corpus, trained):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # The layers already listed are chosen anew: prune runs the selection whatever the config holds.
     p = subprocess.run(
-        [sys.executable, "-m", "alignkd.cli", "prune", str(cfg), "student.from_teacher.num_layers=3"],
+        [sys.executable, "-m", "alignkd.cli", "choose-blocks", str(cfg), "student.from_teacher.num_layers=3"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -335,10 +335,19 @@ def test_bad_selection_settings_are_one_line(student, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def test_the_old_command_name_prune_says_what_it_became(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(base_cfg(config={"num_hidden_layers": 1})))
+    assert main(["prune", str(cfg)]) == 2  # runs choose-blocks, which refuses this student in one line
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "alignkd prune is now `alignkd choose-blocks`; running that"
+    assert len(lines) == 2 and lines[1].startswith("alignkd choose-blocks: error: student.from_teacher")
+
+
 def test_prune_needs_a_student_from_the_teacher(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(base_cfg(config={"num_hidden_layers": 1})))
-    assert main(["prune", str(cfg)]) == 2
+    assert main(["choose-blocks", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "student.from_teacher" in err and "num_layers" in err
 
@@ -346,6 +355,6 @@ def test_prune_needs_a_student_from_the_teacher(tmp_path, capsys):
 def test_prune_refuses_a_count_the_teacher_cannot_give(tmp_path, corpus, trained, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(run_config(trained, corpus, tmp_path / "o", select="importance", num_layers=9)))
-    assert main(["prune", str(cfg)]) == 2
+    assert main(["choose-blocks", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "num_layers: must be between 1 and 4" in err
