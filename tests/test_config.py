@@ -11,6 +11,7 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -499,7 +500,7 @@ def test_every_term_type_is_complete(name):
     kind = TERM_TYPES[name]
     assert callable(kind.compute), name
     assert issubclass(kind.config, TermConfig) and kind.config().type == name  # the map key is the type's own
-    assert kind.matches, f"{name}: the README table needs what it matches"
+    assert kind.matches, f"{name}: the docs' loss table needs what it matches"
     # Captures and projectors only for terms that map layers; a projector needs a projector field.
     assert (kind.needs is not None) == kind.layered, name
     assert kind.projected == ("projector" in kind.fields()), name
@@ -679,13 +680,75 @@ def test_paths_with_a_leading_tilde_are_expanded(tmp_path):
     )
 
 
-def test_the_readme_loss_table_is_the_one_derived_from_the_term_types():
-    from alignkd.terms import markdown_table
+def _docs_hooks():
+    """``docs/hooks.py``, the mkdocs hook that generates the configuration reference at build time."""
+    import importlib.util
 
-    readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme, (
-        "regenerate the README's loss table: python -c 'from alignkd.terms import markdown_table; print(markdown_table())'"
+    spec = importlib.util.spec_from_file_location("alignkd_docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dataclass_keys(cls, prefix: str):
+    """(dotted key, docstring) of every field of ``cls`` and of the dataclasses nested in it."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}"
+        yield key, docs[f.name]
+        nested = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)]
+        for inner in nested:
+            yield from _dataclass_keys(inner, key)
+
+
+def test_the_generated_configuration_reference_lists_every_section_field_and_term():
+    hooks = _docs_hooks()
+    page = hooks.on_page_markdown(
+        (ROOT / "docs" / "configuration.md").read_text(),
+        SimpleNamespace(file=SimpleNamespace(src_uri="configuration.md")),
+        config=None,
+        files=None,
     )
+    assert "<!-- alignkd:" not in page, "a placeholder was left in the page"
+    rows = {
+        line.split("|")[1].strip(): line.replace("\\|", "|") for line in page.splitlines() if line.startswith("| `")
+    }
+
+    def listed(key: str, doc: str) -> None:
+        assert f"`{key}`" in rows, f"the configuration reference lacks {key}"
+        assert doc in rows[f"`{key}`"], f"{key}: its row lacks the field's docstring"
+
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        assert f"{{#{f.name}}}" in page, f"no section for {f.name}"
+        hint = hints[f.name]
+        if typing.get_origin(hint) is list:  # the loss terms: common fields, then each type's own
+            for key, doc in _dataclass_keys(TermConfig, f"{f.name}[i]"):
+                listed(key, doc)
+            continue
+        for key, doc in _dataclass_keys(hint, f.name):
+            listed(key, doc)
+    common = {f.name for f in dataclasses.fields(TermConfig)}
+    for name, kind in TERM_TYPES.items():
+        start = page.index(f"{{#term-{name}}}")
+        section = page[start : page.find("\n### Term type", start + 1)]
+        assert kind.matches in section, name
+        docs = field_docs(kind.config)
+        for f in dataclasses.fields(kind.config):
+            if f.name not in common:
+                assert f"| `losses[i].{f.name}` |" in section, f"the reference's {name} section lacks {f.name}"
+                assert docs[f.name] in section.replace("\\|", "|"), f"{name}.{f.name}: no docstring in the reference"
+
+
+def test_the_generated_loss_table_lists_every_term_type():
+    table = _docs_hooks().loss_terms_table()
+    for name, kind in TERM_TYPES.items():
+        row = next((line for line in table.splitlines() if f"[`{name}`]" in line), "")
+        assert kind.matches in row, f"the loss table lacks {name}"
+        for f in dataclasses.fields(kind.config):
+            if f.name not in {g.name for g in dataclasses.fields(TermConfig)} | {"temperature_schedule"}:
+                assert f"`{f.name}`" in row, f"{name}: the loss table lacks {f.name}"
+    assert "<!-- alignkd:loss-terms -->" in (ROOT / "docs" / "losses.md").read_text()
 
 
 def test_a_config_built_in_python_is_validated_and_named():

@@ -1,4 +1,4 @@
-"""Two processes launched as the README says (``accelerate launch``, gloo on CPU) against one process.
+"""Two processes launched as docs/scaling-out.md says (``accelerate launch``, gloo on CPU) against one process.
 
 The global batch of 2 processes x 2 blocks is the first 4 entries of the same
 permutation a single process with batch 4 takes, so every step's logged
@@ -100,7 +100,7 @@ def _free_port() -> int:
 
 
 def _launch_two(config: Path, root: Path, launch: Path = DDP, *extra: str) -> subprocess.CompletedProcess:
-    """The README's launch command, with two processes."""
+    """The launch command of docs/scaling-out.md, with two processes."""
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     return _run(
         accelerate

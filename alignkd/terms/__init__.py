@@ -35,19 +35,3 @@ def role(type_name: str) -> str:
         return "truth"
     # Block-wise KD reads logits too, but of the teacher's blocks run on a student state.
     return "output" if kind.reads_logits and not kind.layered else "feature"
-
-
-def markdown_table() -> str:
-    """The README's loss-term table, derived from ``TERM_TYPES`` (a test keeps the README equal to it)."""
-    import dataclasses
-
-    common = {f.name for f in dataclasses.fields(TermConfig)} | {"temperature_schedule"}
-    rows = ["| `type` | what it matches | its fields (defaults) | from `teacher.cache` |", "|---|---|---|---|"]
-    for name, kind in TERM_TYPES.items():
-        own = [f for f in dataclasses.fields(kind.config) if f.name not in common]
-        cells = []
-        for f in own:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            cells.append(f"`{f.name}`" + (f" ({default})" if default is not None else ""))
-        rows.append(f"| `{name}` | {kind.matches} | {', '.join(cells) or '-'} | {'yes' if kind.cached else 'no'} |")
-    return "\n".join(rows)
