@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from alignkd import __version__
+from alignkd.display import hide_hf_bars
 from alignkd.errors import USER_ERRORS, ConfigError, EvalError, ReportError
 
 
@@ -159,13 +160,9 @@ def _distill(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    from transformers.utils import logging as hf_logging
-
-    from alignkd.engine.run import distill
-
-    hf_logging.disable_progress_bar()  # our own progress display; errors stay one line
 
     from alignkd.engine.loop import Preempted
+    from alignkd.engine.run import distill
 
     try:
         summary = distill(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -191,23 +188,19 @@ def _held_out(summary: dict) -> tuple[str, float, float]:
 
 
 def _cache_teacher(args) -> int:
-    from transformers.utils import logging as hf_logging
 
     from alignkd.config import load_config
     from alignkd.engine.cache_teacher import cache_teacher
 
-    hf_logging.disable_progress_bar()
     cache_teacher(load_config(args.config, args.overrides), overwrite=args.overwrite, say=print)
     return 0
 
 
 def _choose_blocks(args) -> int:
-    from transformers.utils import logging as hf_logging
 
     from alignkd.config import load_config
     from alignkd.engine.block_choice import choose_blocks_only
 
-    hf_logging.disable_progress_bar()
     selection, path = choose_blocks_only(load_config(args.config, args.overrides))
     s = selection.scores
     columns = {"block_influence": "influence", "block_removal_loss_increase": "removal +loss"}
@@ -229,12 +222,10 @@ def _choose_blocks(args) -> int:
 
 
 def _finetune(args) -> int:
-    from transformers.utils import logging as hf_logging
 
     from alignkd.config import load_config
     from alignkd.engine.finetune import finetune
 
-    hf_logging.disable_progress_bar()
     summary = finetune(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         key, after, before = _held_out(summary)  # the "teacher" is the model before fine-tuning
@@ -246,11 +237,9 @@ def _finetune(args) -> int:
 
 
 def _eval(args) -> int:
-    from transformers.utils import logging as hf_logging
 
     from alignkd.evaluate import EvalSettings, evaluate_models, print_table
 
-    hf_logging.disable_progress_bar()  # our own progress display
     models = {"teacher": args.teacher, "student": args.model} if args.teacher else {"model": args.model}
     for item in args.baseline:
         name, sep, path = item.partition("=")
@@ -314,11 +303,9 @@ def _demo(args) -> int:
         raise ConfigError(f"--minutes {args.minutes:g}: the time budget must be > 0 minutes")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file; choose a folder for the demo's runs and report")
-    from transformers.utils import logging as hf_logging
 
     from alignkd.demo import run
 
-    hf_logging.disable_progress_bar()  # the demo's own stage display is enough
     result = run(steps=args.steps, out=args.out, minutes=args.minutes)
     print(f"report: {result['report']}")
     return 0
@@ -331,11 +318,9 @@ def _study(args) -> int:
     out = Path(args.out or Path("runs") / "study" / (study.path.stem + ("-quick" if args.quick else "")))
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; choose a folder for the study's runs and tables")
-    from transformers.utils import logging as hf_logging
 
     from alignkd.study import run_study
 
-    hf_logging.disable_progress_bar()
     result = run_study(study, out, quick=args.quick, only=args.only)
     for name in ("study.md", "study.html", "study.json"):
         print(f"wrote {out / name}")
@@ -380,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in RENAMED:
         print(f"alignkd {args.command} is now `alignkd {RENAMED[args.command]}`; running that", file=sys.stderr)
         args.command = RENAMED[args.command]
+    hide_hf_bars()  # every command shows its own progress; errors stay one line
     try:
         return COMMANDS[args.command](args)
     except Exception as e:

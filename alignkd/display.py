@@ -225,3 +225,24 @@ class Stages:
         yield
         self.seconds[name] = round(time.perf_counter() - t0, 1)
         self.console.print(f"[green]{name}: {self.seconds[name]:.0f} s")
+
+
+@contextmanager
+def hf_bars_hidden():
+    """Hide transformers' progress bars inside the block (ours is on screen) and restore them after it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def hide_hf_bars() -> None:
+    """Hide transformers' progress bars for the rest of the process: every command shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -61,21 +61,19 @@ def _gguf_to_hf(gguf: Path, out: Path) -> None:
 def _quiet_transformers():
     """Hide transformers' progress bars (ours is on screen) and restore them afterwards."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    from alignkd.display import hf_bars_hidden
+
     # The GGUF tensor loop calls tqdm directly, past the switch above.
     original = getattr(gguf_utils, "tqdm", None)
     if original is not None:
         gguf_utils.tqdm = lambda iterable, **kwargs: iterable
     try:
-        yield
+        with hf_bars_hidden():
+            yield
     finally:
         if original is not None:
             gguf_utils.tqdm = original
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def check(folder: Path, strict: bool) -> dict:

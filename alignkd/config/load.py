@@ -142,31 +142,39 @@ def apply_override(data: dict, assignment: str) -> None:
         raise ConfigError(f"override {assignment!r}: write it as key.sub=value")
     key, raw = assignment.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else None
-    parts = key.strip().split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            node = node[_index(part, node, where)]
-        elif isinstance(node, dict):
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        else:
-            raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is a value, not a mapping")
-    last = parts[-1]
+    set_dotted(data, key.strip().split("."), value, f"override {key.strip()}")
+
+
+def set_dotted(node: Any, parts: list[str], value: Any, where: str, *, merge: bool = False) -> None:
+    """Set the value at the dotted path ``parts`` inside raw config data (dicts and lists), in place.
+
+    A number indexes a list; mappings missing on the way are created. ``merge``: a
+    mapping ``value`` merges key by key into a mapping or list already there, each
+    of its keys itself a dotted path (how a study's variant changes its base).
+    Errors name ``where``.
+    """
+    head, rest = parts[0], parts[1:]
     if isinstance(node, list):
-        node[_index(last, node, key)] = value
+        if not head.lstrip("-").isdigit() or not -len(node) <= int(head) < len(node):
+            raise ConfigError(f"{where}: '{head}' is not an index of a list of {len(node)} items")
+        key: Any = int(head)
     elif isinstance(node, dict):
-        node[last] = value
+        key = head
+        if rest and node.get(head) is None:
+            node[head] = {}  # a dotted key creates the mappings it passes through
     else:
-        raise ConfigError(f"override {key}: {'.'.join(parts[:-1])} is not a mapping")
-
-
-def _index(part: str, node: list, where: str) -> int:
-    if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-        raise ConfigError(f"override {where}: '{part}' is not an index of a list of {len(node)} items")
-    return int(part)
+        raise ConfigError(f"{where}: '{head}' sits under a value, not under a mapping or list")
+    if rest:
+        set_dotted(node[key], rest, value, where, merge=merge)
+    elif (
+        merge
+        and isinstance(value, dict)
+        and isinstance(node[key] if isinstance(node, list) else node.get(key), (dict, list))
+    ):
+        for sub, v in value.items():
+            set_dotted(node[key], str(sub).split("."), v, f"{where}.{sub}", merge=True)
+    else:
+        node[key] = value
 
 
 def load_config(

@@ -17,11 +17,12 @@ import torch
 
 from alignkd.display import Progress
 from alignkd.engine.checkpoint import save_checkpoint
+from alignkd.engine.setup import Run
 from alignkd.engine.step import StepResult, optimizer_step, to_device
 from alignkd.errors import TrainingError
 
 
-def next_batches(run, step: int) -> list:
+def next_batches(run: Run, step: int) -> list:
     """This process's micro-batches of ``step``, on its device (the sampler moves on)."""
     seed = run.cfg.train.seed * 100003 + step * 131
     return [
@@ -33,7 +34,7 @@ def next_batches(run, step: int) -> list:
     ]
 
 
-def train_record(run, step: int, r: StepResult) -> dict:
+def train_record(run: Run, step: int, r: StepResult) -> dict:
     """The ``metrics.jsonl`` record of a finished step."""
     record = {"split": "train", "step": step, "loss": r.means["loss"]}
     record.update({f"loss/{n}": r.means[n] for n in run.weighting.names})
@@ -85,7 +86,7 @@ class _Sigterm:
         return acc.reduce(torch.tensor(float(self.requested), device=acc.device), "sum").item() > 0
 
 
-def train(run, start_step: int = 0) -> dict:
+def train(run: Run, start_step: int = 0) -> dict:
     """The loop. Returns the last training and evaluation records: ``{"train": ..., "eval": ...}``.
 
     Raises ``Preempted`` after SIGTERM, once the step in progress is done and saved.
@@ -153,7 +154,7 @@ def train(run, start_step: int = 0) -> dict:
     return {"train": record, "eval": ev}
 
 
-def _stop_bad(run, count: int, bad: list[str]) -> None:
+def _stop_bad(run: Run, count: int, bad: list[str]) -> None:
     from alignkd.engine.checkpoint import latest_checkpoint
 
     good = latest_checkpoint(run.out)

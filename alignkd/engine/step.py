@@ -16,6 +16,7 @@ import torch
 
 from alignkd.align.tasks import Batch
 from alignkd.align.weighting import schedule_value
+from alignkd.engine.setup import Run
 from alignkd.models.capture import Record
 from alignkd.terms import TERM_TYPES, StepTensors
 
@@ -30,7 +31,7 @@ class Schedules:
     """Temperatures (``temperature_schedule``, else the configured one; None for untempered terms)."""
 
 
-def schedules_at(run, step: int) -> Schedules:
+def schedules_at(run: Run, step: int) -> Schedules:
     total = run.horizon.total
     mult = [schedule_value(t.cfg.weight_schedule, step, total, 1.0) for t in run.terms]
     temps = [
@@ -48,7 +49,7 @@ def to_device(batch: Batch, device) -> Batch:
 
 
 def term_losses(
-    run, batch: Batch, student: Record, teacher: Record, temperatures: list[float | None]
+    run: Run, batch: Batch, student: Record, teacher: Record, temperatures: list[float | None]
 ) -> dict[str, torch.Tensor]:
     """Every term's float32 value on one micro-batch, by term name."""
     side = run.unwrapped
@@ -70,7 +71,7 @@ def term_losses(
 
 
 def micro_step(
-    run, batch: Batch, token_share: float, at: Schedules, *, update_weights: bool, sync: bool
+    run: Run, batch: Batch, token_share: float, at: Schedules, *, update_weights: bool, sync: bool
 ) -> dict[str, torch.Tensor]:
     """Teacher forward, student forward, term losses, weighted backward of one micro-batch.
 
@@ -114,7 +115,7 @@ class StepResult:
     """Why the step was skipped (terms with a non-finite value, or "gradient"); empty when it was applied."""
 
 
-def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
+def optimizer_step(run: Run, step: int, batches: list[Batch]) -> StepResult:
     """Accumulate over ``batches`` (this process's micro-batches), clip, step the optimizer and the schedule."""
     acc, t0 = run.accelerator, time.perf_counter()
     at = schedules_at(run, step)

@@ -58,23 +58,21 @@ def check_model_path(role: str, path: str) -> None:
 def load(role: str, path: str, dtype: str, device: str):
     """``(model, tokenizer)`` in eval mode on ``device``: a sequence classifier when its config says so, else a causal LM."""
     from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
 
+    from alignkd.display import hf_bars_hidden
     from alignkd.models import ModelError, load_model, load_tokenizer
 
     check_model_path(role, path)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # HF's loading bars would break into our progress display
-    try:
-        config = AutoConfig.from_pretrained(path)
-        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-        tokenizer = load_tokenizer(path, what=role)
-        model = load_model(path, task="sequence_classification" if classifier else "causal_lm", dtype=dtype, what=role)
-    except ModelError as e:
-        raise EvalError(str(e)) from None
-    except (OSError, ValueError) as e:
-        raise EvalError(f"{role}: could not load {path!r} ({str(e).strip().splitlines()[0]})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    with hf_bars_hidden():  # HF's loading bars would break into our progress display
+        try:
+            config = AutoConfig.from_pretrained(path)
+            classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+            tokenizer = load_tokenizer(path, what=role)
+            model = load_model(
+                path, task="sequence_classification" if classifier else "causal_lm", dtype=dtype, what=role
+            )
+        except ModelError as e:
+            raise EvalError(str(e)) from None
+        except (OSError, ValueError) as e:
+            raise EvalError(f"{role}: could not load {path!r} ({str(e).strip().splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alignkd.report.document import Block, Plot
-from alignkd.report.plots import STYLE, _new_figure, _png
+from alignkd.report.plots import STYLE, new_figure, png
 
 KEPT, DROPPED = "#1f77b4", "#c7c7c7"
 
@@ -37,7 +37,7 @@ def block_blocks(scores: dict | None) -> list[Block]:
     if not panels:
         return blocks
     with matplotlib.rc_context(STYLE):
-        fig = _new_figure(2.2 * len(panels) + 0.4)
+        fig = new_figure(2.2 * len(panels) + 0.4)
         axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
         for ax, (key, label) in zip(axes, panels):
             values = scores[key]
@@ -46,8 +46,8 @@ def block_blocks(scores: dict | None) -> list[Block]:
             ax.set_xticks(range(len(values)))
             ax.tick_params(axis="x", labelsize=7)
         axes[-1].set_xlabel("teacher block (blue: kept by the student)")
-        png = _png(fig)
+        image = png(fig)
     blocks.append(
-        ("plot", Plot("blocks", "Block scores", "Per-block scores on calibration text; the kept blocks in blue.", png))
+        ("plot", Plot("blocks", "Block scores", "Per-block scores on calibration text; the kept blocks in blue.", image))
     )
     return blocks

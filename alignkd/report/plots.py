@@ -45,7 +45,7 @@ def _smooth(values: list[float]) -> list[float] | None:
     return out
 
 
-def _log_if_wide(ax, *curves: list[float]) -> None:
+def log_if_wide(ax, *curves: list[float]) -> None:
     """Log y when the positive values span more than two decades (losses that fall by 100×)."""
     vals = [v for c in curves for v in c if math.isfinite(v)]
     if vals and min(vals) > 0 and max(vals) / min(vals) > 100:
@@ -63,14 +63,14 @@ def _line(ax, steps, values, *, color, label=None, smooth=True, **kw) -> None:
         ax.plot(steps, avg, color=color, label=label, **kw)
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     # No Software/date metadata: the same run gives the same bytes.
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None}, facecolor="white")
     return buf.getvalue()
 
 
-def _new_figure(height_in: float):
+def new_figure(height_in: float):
     # The object API with the Agg canvas: no pyplot, no global backend switch (so a
     # notebook's backend is left alone) and no display needed, which is what
     # matplotlib.use("Agg") would otherwise be for.
@@ -108,7 +108,7 @@ def _plot_losses(run: RunLog, baselines: list[RunLog], colors: dict[str, str]) -
         return None
     ncols = 1 if len(panels) == 1 else 2 if len(panels) in (2, 4) else 3
     nrows = math.ceil(len(panels) / ncols)
-    fig = _new_figure(2.5 * nrows + 0.4)
+    fig = new_figure(2.5 * nrows + 0.4)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
         key = "loss" if panel == "total" else f"loss/{panel}"
@@ -126,7 +126,7 @@ def _plot_losses(run: RunLog, baselines: list[RunLog], colors: dict[str, str]) -
                 curves.append(bv)
             if base_ce:
                 ax.legend(loc="upper right")
-        _log_if_wide(ax, *curves)
+        log_if_wide(ax, *curves)
         ax.set_title("total (weighted)" if panel == "total" else panel)
         _steps_axis(ax)
     for ax in axes[len(panels) :]:
@@ -140,7 +140,7 @@ def _plot_losses(run: RunLog, baselines: list[RunLog], colors: dict[str, str]) -
     )
     if base_ce:
         caption += " Dashed: the baseline runs' CE loss on their own batches."
-    return Plot("losses", "Training loss per term", caption, _png(fig))
+    return Plot("losses", "Training loss per term", caption, png(fig))
 
 
 def _eval_key(run: RunLog, baselines: list[RunLog]) -> str | None:
@@ -155,7 +155,7 @@ def _plot_eval(run: RunLog, baselines: list[RunLog], summary: dict | None) -> Pl
     if key is None:
         return None
     label = {"eval_ppl": "perplexity", "eval_accuracy": "accuracy", "eval_loss": "loss"}[key]
-    fig = _new_figure(3.6)
+    fig = new_figure(3.6)
     ax = fig.subplots()
     curves = []
     steps, values = run.series(key, "eval")
@@ -172,7 +172,7 @@ def _plot_eval(run: RunLog, baselines: list[RunLog], summary: dict | None) -> Pl
     if math.isfinite(teacher):
         ax.axhline(teacher, color="#888888", linestyle=":", linewidth=1.2, label="teacher")
         curves.append([teacher])
-    _log_if_wide(ax, *curves)
+    log_if_wide(ax, *curves)
     _steps_axis(ax)
     ax.set_ylabel(label)
     ax.set_title(f"Held-out {label} during training")
@@ -182,14 +182,14 @@ def _plot_eval(run: RunLog, baselines: list[RunLog], summary: dict | None) -> Pl
         + (", beside the baseline runs" if baselines else "")
         + ("; dotted: the teacher on the same split." if math.isfinite(teacher) else ".")
     )
-    return Plot("eval", f"Held-out {label} during training", caption, _png(fig))
+    return Plot("eval", f"Held-out {label} during training", caption, png(fig))
 
 
 def _plot_weights(run: RunLog, colors: dict[str, str]) -> Plot | None:
     keys = run.keys("w/")
     if not keys:
         return None
-    fig = _new_figure(3.2)
+    fig = new_figure(3.2)
     ax = fig.subplots()
     for k in keys:
         steps, values = run.series(k)
@@ -210,7 +210,7 @@ def _plot_weights(run: RunLog, colors: dict[str, str]) -> Plot | None:
         "weights",
         "Loss weights over training",
         "The weight of each term at each step (set by the weighting strategy and any weight schedule).",
-        _png(fig),
+        png(fig),
     )
 
 
@@ -220,7 +220,7 @@ def _plot_schedules(run: RunLog, colors: dict[str, str]) -> Plot | None:
     panels = [p for p in ("lr", "temperature", "grad_norm") if (temps if p == "temperature" else p in logged)]
     if not panels:
         return None
-    fig = _new_figure(2.8)
+    fig = new_figure(2.8)
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
         few = len(run.train) < 10
@@ -246,7 +246,7 @@ def _plot_schedules(run: RunLog, colors: dict[str, str]) -> Plot | None:
         else:
             steps, values = run.series("grad_norm")
             _line(ax, steps, values, color="#555555")
-            _log_if_wide(ax, values)
+            log_if_wide(ax, values)
             ax.set_title("gradient norm (before clipping)")
         _steps_axis(ax)
     shown = {
@@ -256,7 +256,7 @@ def _plot_schedules(run: RunLog, colors: dict[str, str]) -> Plot | None:
     }
     names = [shown[p] for p in panels]
     caption = (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]).capitalize() + "."
-    return Plot("schedules", "Learning rate, temperatures and gradient norm", caption, _png(fig))
+    return Plot("schedules", "Learning rate, temperatures and gradient norm", caption, png(fig))
 
 
 def plots(run: RunLog, baselines: list[RunLog], summary: dict | None) -> tuple[list[Plot], list[Plot]]:

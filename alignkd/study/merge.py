@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from alignkd.errors import ConfigError
+from alignkd.config.load import set_dotted
 
 NAME = re.compile(r"\$\{([^}]*)\}")
 
@@ -34,27 +34,7 @@ def merge(base: dict, overrides: dict, where: str = "set") -> dict:
 
 def _merge_into(node: dict | list, overrides: dict, where: str) -> None:
     for key, value in overrides.items():
-        _set(node, str(key).split("."), copy.deepcopy(value), f"{where}.{key}")
-
-
-def _set(node: Any, parts: list[str], value: Any, where: str) -> None:
-    head, rest = parts[0], parts[1:]
-    if isinstance(node, list):
-        if not head.lstrip("-").isdigit() or not -len(node) <= int(head) < len(node):
-            raise ConfigError(f"{where}: '{head}' is not an index of a list of {len(node)} items")
-        key: Any = int(head)
-    elif isinstance(node, dict):
-        key = head
-        if rest and node.get(head) is None:
-            node[head] = {}  # a dotted key creates the mappings it passes through
-    else:
-        raise ConfigError(f"{where}: '{head}' sits under a value, not under a mapping or list")
-    if rest:
-        _set(node[key], rest, value, where)
-    elif isinstance(value, dict) and isinstance(node[key] if isinstance(node, list) else node.get(key), (dict, list)):
-        _merge_into(node[key], value, where)
-    else:
-        node[key] = value
+        set_dotted(node, str(key).split("."), copy.deepcopy(value), f"{where}.{key}", merge=True)
 
 
 def names_in(value: Any) -> set[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alignkd.evaluate.catalogue import BY_KEY, points
 from alignkd.report.document import Block, Cell, Plot, Table
-from alignkd.report.plots import PALETTE, STYLE, _log_if_wide, _new_figure, _png
+from alignkd.report.plots import PALETTE, STYLE, log_if_wide, new_figure, png
 from alignkd.report.render import to_html, to_markdown
 from alignkd.study.results import METRICS, Row, best, change, collect, metric_of
 from alignkd.study.spec import Study
@@ -155,7 +155,7 @@ def _curves(rows: list[Row], key: str, ref: Row) -> Plot | None:
         return None
     metric = BY_KEY[METRICS[key]]
     with matplotlib.rc_context(STYLE):
-        fig = _new_figure(4.2)
+        fig = new_figure(4.2)
         ax = fig.subplots()
         curves = []
         longest = max(p["train_s"] for r in drawn for p in r.curve if math.isfinite(p["train_s"]))
@@ -176,15 +176,15 @@ def _curves(rows: list[Row], key: str, ref: Row) -> Plot | None:
         if math.isfinite(ref.teacher):
             ax.axhline(ref.teacher, color="#888888", linestyle=":", linewidth=1.2, label="teacher")
             curves.append([ref.teacher])
-        _log_if_wide(ax, *curves)
+        log_if_wide(ax, *curves)
         ax.set_xlabel(f"training {unit}")
         ax.set_ylabel(metric.label.lower())
         ax.set_title(f"Held-out {metric.label.lower()} against training time")
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
-        png = _png(fig)
+        image = png(fig)
     caption = (
         f"Each variant's held-out {metric.label.lower()} at each of its evaluations, against its training clock "
         "(what the minutes budget counts; set-up and block selection not included)"
         + ("; dotted: the reference's teacher on the same blocks." if math.isfinite(ref.teacher) else ".")
     )
-    return Plot("curves", f"Held-out {metric.label.lower()} against training time", caption, png)
+    return Plot("curves", f"Held-out {metric.label.lower()} against training time", caption, image)
