@@ -188,3 +188,9 @@ def test_layer_check_sees_an_upward_import(monkeypatch):
     level = {p: i for i, layer in enumerate(LAYERS) for p in layer}
     assert level["losses"] < level["engine"] and level["models"] < level["align"] < level["config"]
     assert "alignkd.terms" in {m.rsplit(".", 1)[0] if m.count(".") > 1 else m for m in imports_of("alignkd.align.plan")}
+
+
+def test_the_architecture_page_names_every_package():
+    page = (ROOT.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = [p for layer in LAYERS for p in layer if p not in ("", "__main__") and f"`{p}`" not in page]
+    assert not missing, f"docs/architecture.md's layer table lacks {missing}"
