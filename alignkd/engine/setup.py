@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from alignkd.align.plan import StudentSide, build_plan, unwrap
+from alignkd.align.plan import StudentSide, TermPlan, build_plan, unwrap
 from alignkd.align.tasks import TASKS, CausalLM, heldout
 from alignkd.align.weighting import Weighting, build_weighting
 from alignkd.backend import Backend, make_backend
@@ -109,17 +109,10 @@ def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting, backend: Back
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
 
 
-def setup(
-    cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | None = None, backend: Backend | None = None
-) -> Run:
-    """Load models and data (unless ``inputs`` holds them) and build everything the loop needs.
-
-    ``backend``: the one this process was launched for unless given.
-    """
-    resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
-    backend = backend or make_backend(accelerator)
-    task = TASKS[cfg.teacher.task]
-    tok, teacher_model, student, vocab = load_models(cfg, inputs=inputs)
+def _meet(
+    cfg: Config, task, student: nn.Module, teacher_model: nn.Module, say
+) -> tuple[TermPlan, StudentSide, Teacher]:
+    """The terms resolved against the two models, the trainable side and the teacher that the terms read."""
     plan = build_plan(cfg.losses, student, teacher_model)
     if plan.needs_eager_attention:
         say("[yellow]attention loss: switching both models to eager attention (slower, O(T^2) memory per layer)[/]")
@@ -135,16 +128,35 @@ def setup(
         cache=TeacherCache(cfg.teacher.cache) if cfg.teacher.cache else None,
         head=heads[1] if heads else None,
     )
+    return plan, side, teacher
+
+
+def _weighting(cfg: Config, terms: list[Term]) -> Weighting:
     w = cfg.weighting
-    weighting = build_weighting(
+    return build_weighting(
         w.strategy,
-        [t.cfg.name for t in plan.terms],
-        [t.cfg.weight for t in plan.terms],
+        [t.cfg.name for t in terms],
+        [t.cfg.weight for t in terms],
         alpha=w.alpha,
         lr=w.lr,
         every=w.every,
-        kinds=[t.cfg.type for t in plan.terms],
+        kinds=[t.cfg.type for t in terms],
     )
+
+
+def setup(
+    cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | None = None, backend: Backend | None = None
+) -> Run:
+    """Load models and data (unless ``inputs`` holds them) and build everything the loop needs.
+
+    ``backend``: the one this process was launched for unless given.
+    """
+    resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
+    backend = backend or make_backend(accelerator)
+    task = TASKS[cfg.teacher.task]
+    tok, teacher_model, student, vocab = load_models(cfg, inputs=inputs)
+    plan, side, teacher = _meet(cfg, task, student, teacher_model, say)
+    weighting = _weighting(cfg, plan.terms)
     train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
     if teacher.cache is not None:
         teacher.cache.check(cfg, train_data["input_ids"], eval_data["input_ids"], plan.teacher_needs, vocab)
