@@ -309,7 +309,8 @@ def check_selection(student: StudentConfig) -> None:
     other = next((k for k in ("path", "config") if getattr(student, k) is not None), None)
     if other and ft.select != "even":
         raise ConfigError(
-            f"{where}.select: choosing blocks applies to a student copied from the teacher, and this one comes from student.{other}; keep one of the two"
+            f"{where}.select: choosing blocks applies to a student copied from the teacher, "
+            f"and this one comes from student.{other}; keep one of the two"
         )
     one_of(ft.select, SELECTIONS, f"{where}.select")
     if ft.contiguous and rule_of(ft) not in RULES:

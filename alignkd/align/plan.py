@@ -43,7 +43,8 @@ class StudentSide(nn.Module):
         return self.head is not None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Record:
-        """Student forward: ``[B, T]`` ids and mask -> Record of logits (or final hidden states) and captured tensors."""
+        """Student forward: ``[B, T]`` ids and mask -> Record of logits (or final hidden states) and captured
+        tensors."""
         return forward_record(self.student, self.capture, input_ids, attention_mask, self.fused)
 
     def projector(self, name: str, block: int | None) -> nn.Module | None:

@@ -65,7 +65,7 @@ class Weighting(nn.Module):
         return []
 
     def log(self) -> dict[str, float]:
-        return {f"w/{n}": float(v) for n, v in zip(self.names, self.weights().detach().cpu())}
+        return {f"w/{n}": float(v) for n, v in zip(self.names, self.weights().detach().cpu(), strict=True)}
 
 
 class GradNorm(Weighting):
@@ -176,7 +176,8 @@ class Ratio(Weighting):
         super().__init__(names, init)
         if "output" not in roles:
             raise ConfigError(
-                "weighting.strategy: ratio scales feature terms to the first kl or dkd term, and there is none; add one or choose another strategy"
+                "weighting.strategy: ratio scales feature terms to the first kl or dkd term, and there is none; "
+                "add one or choose another strategy"
             )
         self.reference = roles.index("output")
         self.scaled = [r == "feature" for r in roles]
