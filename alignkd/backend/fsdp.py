@@ -1,4 +1,5 @@
-"""FSDP2 for the student's blocks (an FSDP launch) and for a sharded teacher: sharding, and states as each process holds them.
+"""FSDP2 for the student's blocks (an FSDP launch) and for a sharded teacher: sharding, and states as each process holds
+them.
 
 ``shard_student`` splits each of the student's blocks over the processes, while
 the embeddings, final norm, head, projectors and mixtures stay whole on every
@@ -18,7 +19,8 @@ from alignkd.models.families import blocks_of
 
 
 def shard_student(side: nn.Module, accelerator: Accelerator, say=print) -> list[nn.Parameter]:
-    """Split the student's blocks over the processes (FSDP2); returns the parameters left whole, whose gradients ``average_whole`` averages.
+    """Split the student's blocks over the processes (FSDP2); returns the parameters left whole, whose gradients
+    ``average_whole`` averages.
 
     Call before the optimizer is built: sharding replaces the blocks' parameters.
     """
@@ -38,7 +40,8 @@ def shard_student(side: nn.Module, accelerator: Accelerator, say=print) -> list[
         side(ids, torch.ones_like(ids))
     say(
         f"student: blocks sharded over {accelerator.num_processes} processes with FSDP2 "
-        f"({_local_params(side.student) / 1e6:.2f}M of {sum(p.numel() for p in side.student.parameters()) / 1e6:.2f}M parameters here)"
+        f"({_local_params(side.student) / 1e6:.2f}M of "
+        f"{sum(p.numel() for p in side.student.parameters()) / 1e6:.2f}M parameters here)"
     )
     return whole
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,7 +38,8 @@ def _env(name: str) -> str:
 
 
 def launch_zero() -> dict | None:
-    """The ``zero_optimization`` settings this process was launched with (None: not a DeepSpeed launch); refuses what alignkd cannot run.
+    """The ``zero_optimization`` settings this process was launched with (None: not a DeepSpeed launch); refuses what
+    alignkd cannot run.
 
     From Accelerate's ``deepspeed_config`` (``zero_stage``, the offload devices),
     or the ``zero_optimization`` section of its ``deepspeed_config_file``, whose
@@ -50,7 +52,7 @@ def launch_zero() -> dict | None:
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
     if path and path.lower() != "none":
         try:
-            zero = {**zero, **json.loads(open(path).read()).get("zero_optimization", {})}
+            zero = {**zero, **json.loads(Path(path).read_text()).get("zero_optimization", {})}
         except (OSError, ValueError, AttributeError) as e:
             raise ConfigError(
                 f"accelerate launch: deepspeed_config_file {path} cannot be read ({e}); fix the path or the JSON"
@@ -61,12 +63,14 @@ def launch_zero() -> dict | None:
     stage = str(zero["stage"])
     if stage not in ("1", "2", "3"):
         raise ConfigError(
-            f"accelerate launch: DeepSpeed ZeRO stage {stage or '?'} has nothing to partition; set zero_stage: 1, 2 or 3 "
+            f"accelerate launch: DeepSpeed ZeRO stage {stage or '?'} has nothing to partition; "
+            "set zero_stage: 1, 2 or 3 "
             "(configs/accelerate/deepspeed.yaml), or launch with configs/accelerate/ddp.yaml"
         )
     if offload - {"", "none"}:
         raise ConfigError(
-            "accelerate launch: DeepSpeed offload is not supported; set offload_optimizer_device and offload_param_device to none"
+            "accelerate launch: DeepSpeed offload is not supported; "
+            "set offload_optimizer_device and offload_param_device to none"
         )
     return {**zero, "stage": int(stage)}
 
@@ -80,7 +84,8 @@ def launch_stage() -> int | None:
 def wrap(
     side: nn.Module, optimizer: torch.optim.Optimizer, zero: dict, cfg, num_processes: int, say=print, keep_whole=()
 ):
-    """Hand ``side`` and its AdamW to a DeepSpeed engine with the ``zero_optimization`` settings ``zero``; returns the engine (``engine.optimizer`` is ZeRO's).
+    """Hand ``side`` and its AdamW to a DeepSpeed engine with the ``zero_optimization`` settings ``zero``; returns the
+    engine (``engine.optimizer`` is ZeRO's).
 
     The AdamW's param groups stay the ones ZeRO steps, so an LR scheduler built on
     it keeps working. Parameters of the AdamW outside ``side`` (a learned
@@ -95,12 +100,14 @@ def wrap(
     t = cfg.train
     if t.mixed_precision == "fp16":
         raise ConfigError(
-            "train.mixed_precision: fp16 under a DeepSpeed launch is not supported (its loss scaling would bypass ZeRO); use bf16 or no"
+            "train.mixed_precision: fp16 under a DeepSpeed launch is not supported "
+            "(its loss scaling would bypass ZeRO); use bf16 or no"
         )
     if zero["stage"] == 3 and cfg.weighting.strategy == "gradnorm":
         raise ConfigError(
-            "weighting.strategy: gradnorm under DeepSpeed ZeRO-3 is not supported (its per-term gradients need the embedding "
-            "weight whole); use ratio or uncertainty, zero_stage 1 or 2, or launch with configs/accelerate/fsdp.yaml"
+            "weighting.strategy: gradnorm under DeepSpeed ZeRO-3 is not supported "
+            "(its per-term gradients need the embedding weight whole); "
+            "use ratio or uncertainty, zero_stage 1 or 2, or launch with configs/accelerate/fsdp.yaml"
         )
     dtype = next(side.parameters()).dtype
     ds = {
@@ -133,7 +140,8 @@ def wrap(
         f"student: DeepSpeed ZeRO-{zero['stage']} over {num_processes} processes, {split} partitioned "
         f"({held / 1e6:.2f}M of {total / 1e6:.2f}M weights here"
         + (
-            f"; the output head's {sum(p.ds_numel for p in engine.kept_whole) / 1e6:.2f}M whole on each, for the fused LM-head terms)"
+            f"; the output head's {sum(p.ds_numel for p in engine.kept_whole) / 1e6:.2f}M whole on each, "
+            "for the fused LM-head terms)"
             if engine.kept_whole
             else ")"
         )
@@ -142,7 +150,8 @@ def wrap(
 
 
 def shard_teacher(teacher: nn.Module, zero: dict, num_processes: int, say=print, keep_whole=()) -> nn.Module:
-    """Partition the frozen teacher's weights over the processes with ZeRO-3 inference (an engine without optimizer); returns the teacher.
+    """Partition the frozen teacher's weights over the processes with ZeRO-3 inference (an engine without optimizer);
+    returns the teacher.
 
     Each module's weights are gathered for its own forward and freed after it,
     whatever stage the student runs under. ``keep_whole`` (the teacher's head
@@ -175,8 +184,9 @@ def shard_teacher(teacher: nn.Module, zero: dict, num_processes: int, say=print,
 
 
 def _persist(params, registry: list | None = None) -> list:
-    """Make ZeRO-3 parameters persistent (never released after a module's forward), gather them, and add them to ``registry``
-    (an optimizer's ``persistent_parameters``, which it re-gathers after each step); returns them as a list."""
+    """Make ZeRO-3 parameters persistent (never released after a module's forward), gather them, and add them to
+    ``registry`` (an optimizer's ``persistent_parameters``, which it re-gathers after each step); returns them as a
+    list."""
     params = list(params)
     for p in params:
         p.ds_persist = True
@@ -199,10 +209,12 @@ def _deepspeed():
 
 
 def _split_off(optimizer: torch.optim.Optimizer, inside: set[int]) -> tuple[torch.optim.Optimizer, list[int]] | None:
-    """Move the parameters not in ``inside`` out of ``optimizer``'s groups into a new AdamW; returns it and, per its group, the source group's index.
+    """Move the parameters not in ``inside`` out of ``optimizer``'s groups into a new AdamW; returns it and, per its
+    group, the source group's index.
 
     Indices, not the group dicts: loading a state dict replaces an optimizer's group dicts.
-    (alignkd's optimizer puts the weighting's parameters in a group with the side's norms and biases, so no group is left empty.)
+    (alignkd's optimizer puts the weighting's parameters in a group with the side's norms and biases, so no group
+    is left empty.)
     """
     groups, sources = [], []
     for i, g in enumerate(optimizer.param_groups):
@@ -229,7 +241,8 @@ def backward(engine, loss: torch.Tensor, sync: bool) -> None:
 
 
 def step(engine) -> tuple[float, bool]:
-    """Clip and apply the optimizer step over every process's partition; returns (gradient norm before clipping, applied).
+    """Clip and apply the optimizer step over every process's partition; returns (gradient norm before clipping,
+    applied).
 
     The parameters beside the side take their step with it (their gradients are
     averaged by the loop and are not clipped: ZeRO's norm is over its partitions).
@@ -242,7 +255,7 @@ def step(engine) -> tuple[float, bool]:
     if engine.beside is not None:
         beside, sources = engine.beside
         if applied:
-            for g, i in zip(beside.param_groups, sources):
+            for g, i in zip(beside.param_groups, sources, strict=True):
                 g["lr"] = engine.optimizer.param_groups[i]["lr"]  # the scheduler's, set on the group ZeRO steps
             beside.step()
         beside.zero_grad(set_to_none=True)
@@ -254,7 +267,8 @@ def is_stage3(side) -> bool:
 
 
 def ensure_whole(side) -> None:
-    """Gather the parameters ``wrap`` keeps whole where something partitioned them (a ZeRO-3 engine only; a collective there).
+    """Gather the parameters ``wrap`` keeps whole where something partitioned them (a ZeRO-3 engine only; a collective
+    there).
 
     DeepSpeed re-gathers its persistent parameters after each step; saving and
     loading a checkpoint partition them, and alignkd's fused LM-head terms read
@@ -266,7 +280,8 @@ def ensure_whole(side) -> None:
 
 
 def copied_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` whole and copied out of ZeRO's flat buffers (its parameters are views of them), on the CPU; tied tensors stay one.
+    """``module.state_dict()`` whole and copied out of ZeRO's flat buffers (its parameters are views of them), on the
+    CPU; tied tensors stay one.
 
     Under ZeRO-3 the partitioned parameters are gathered first: a collective, every process calls it.
     """
@@ -302,7 +317,8 @@ _PARTITION_KEYS = {
 
 
 def partition_state(engine) -> dict:
-    """This process's ZeRO optimizer partition: AdamW's moments over it and its float32 master weights (tensors only); and the AdamW beside."""
+    """This process's ZeRO optimizer partition: AdamW's moments over it and its float32 master weights (tensors only);
+    and the AdamW beside."""
     sd = engine.optimizer.state_dict()
     keys = _PARTITION_KEYS[is_stage3(engine)]
     return {**{k: sd[k] for k in keys}, "beside": engine.beside[0].state_dict() if engine.beside else None}
