@@ -1,4 +1,5 @@
-"""The run config: typed dataclasses (``schema``), YAML loading and overrides (``load``), cross-field checks (``validate``).
+"""The run config: typed dataclasses (``schema``), YAML loading and overrides (``load``), cross-field checks
+(``validate``).
 
 Errors are ``ConfigError`` with one line that names the field and the fix.
 """

@@ -27,7 +27,7 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in zip(body, body[1:], strict=False):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
@@ -128,7 +128,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain-dict form of a config (what ``--print-config`` prints and runs save); a term holds only its type's fields."""
+    """Plain-dict form of a config (what ``--print-config`` prints and runs save); a term holds only its type's
+    fields."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, list):

@@ -45,7 +45,8 @@ def resolve(cfg) -> None:
 
 
 def resolve_precision(cfg, device: torch.device) -> str:
-    """Turn every ``auto`` precision of ``cfg`` into what is fast on ``device``, in place; returns the precision line."""
+    """Turn every ``auto`` precision of ``cfg`` into what is fast on ``device``, in place; returns the precision
+    line."""
     # Probe the hardware only when asked to choose: the probe runs a bf16 matmul.
     auto = "auto" in (cfg.teacher.dtype, cfg.train.mixed_precision)
     why = bf16_support(device).reason if auto else "as configured"

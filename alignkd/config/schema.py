@@ -19,15 +19,19 @@ class ModelConfig:
     path: str = ""
     """Local directory or hub id of a Hugging Face model."""
     dtype: str = "auto"
-    """Weights dtype: auto (bfloat16 where it is fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else float32), float32, bfloat16 or float16."""
+    """Weights dtype: auto (bfloat16 where it is fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else float32),
+    float32, bfloat16 or float16."""
     task: str = "causal_lm"
     """Model head: causal_lm, sequence_classification or masked_lm."""
     placement: str = "replicate"
-    """With several processes: replicate (a whole copy on each, in ``dtype``) or shard (its blocks split over the processes: FSDP2, or ZeRO-3 under DeepSpeed)."""
+    """With several processes: replicate (a whole copy on each, in ``dtype``) or shard (its blocks split over the
+    processes: FSDP2, or ZeRO-3 under DeepSpeed)."""
     trust_remote_code: bool = False
     """Allow model code shipped with a hub repository."""
     cache: str | None = None
-    """Folder of a teacher cache (``alignkd cache-teacher`` writes it): training then reads the teacher's top-k log-probabilities and states from it and never runs the teacher (causal LM; kl, ce, hidden, relation, contrastive terms)."""
+    """Folder of a teacher cache (``alignkd cache-teacher`` writes it): training then reads the teacher's top-k
+    log-probabilities and states from it and never runs the teacher (causal LM; kl, ce, hidden, relation, contrastive
+    terms)."""
     cache_top_k: int = 64
     """Teacher cache: log-probabilities kept per position (the rest is one tail bucket)."""
     cache_dtype: str = "bfloat16"
@@ -39,17 +43,24 @@ class FromTeacherConfig:
     """A student made by copying some of the teacher's blocks (depth pruning)."""
 
     layers: list[int] | None = None
-    """Teacher block indices to keep, in order; None lets ``select`` choose ``num_layers`` blocks (a run then writes its choice here, in config.yaml)."""
+    """Teacher block indices to keep, in order; None lets ``select`` choose ``num_layers`` blocks (a run then writes its
+    choice here, in config.yaml)."""
     num_layers: int | None = None
     """How many blocks to keep when ``layers`` is None (default: a quarter of the teacher's, at least 1)."""
     select: str = "even"
-    """How blocks are chosen when ``layers`` is None: even (spread evenly), importance (highest Block Influence, 1 - cos(block input, output), on calibration text), perplexity (those whose removal raises the teacher's calibration loss most) or search (a short distillation probe of each candidate set the other rules give; the best is kept)."""
+    """How blocks are chosen when ``layers`` is None: even (spread evenly), importance (highest Block Influence,
+    1 - cos(block input, output), on calibration text), perplexity (those whose removal raises the teacher's
+    calibration loss most) or search (a short distillation probe of each candidate set the other rules give; the best is
+    kept)."""
     contiguous: bool = False
-    """importance, perplexity: remove one contiguous span of blocks instead (the span whose input and output are closest by angular distance, or whose removal costs least loss)."""
+    """importance, perplexity: remove one contiguous span of blocks instead (the span whose input and output are closest
+    by angular distance, or whose removal costs least loss)."""
     calibration_sequences: int = 64
-    """Training blocks the scores are measured on (cost: one teacher forward over them; perplexity: one per block or span)."""
+    """Training blocks the scores are measured on (cost: one teacher forward over them; perplexity: one per block or
+    span)."""
     search_candidates: int = 4
-    """search: candidate sets probed, in order: importance, importance_span, perplexity, even, perplexity_span (a set given twice is probed once)."""
+    """search: candidate sets probed, in order: importance, importance_span, perplexity, even, perplexity_span (a set
+    given twice is probed once)."""
     search_probe_steps: int = 20
     """search: optimizer steps of each candidate's probe, scored by the held-out loss after it."""
 
@@ -65,11 +76,14 @@ class StudentConfig:
     config: dict[str, Any] | None = None
     """Overrides of the teacher's config (e.g. num_hidden_layers, hidden_size) for a new student of its architecture."""
     init: str = "random"
-    """For a ``config`` student: random (fresh weights) or prune (a width-pruned copy of the teacher's most important channels, ranked by ``importance``)."""
+    """For a ``config`` student: random (fresh weights) or prune (a width-pruned copy of the teacher's most important
+    channels, ranked by ``importance``)."""
     importance: str = "activation"
-    """For ``init: prune``: how the teacher's channels are ranked: activation (mean activation magnitudes on 64 training blocks, as in Minitron) or weight (weight norms; no data)."""
+    """For ``init: prune``: how the teacher's channels are ranked: activation (mean activation magnitudes on 64 training
+    blocks, as in Minitron) or weight (weight norms; no data)."""
     dtype: str = "auto"
-    """Student weights dtype while training: auto (float32, the optimizer's master weights; bf16 compute comes from train.mixed_precision), float32, bfloat16 or float16."""
+    """Student weights dtype while training: auto (float32, the optimizer's master weights; bf16 compute comes from
+    train.mixed_precision), float32, bfloat16 or float16."""
 
 
 @dataclass
@@ -91,9 +105,13 @@ class DataConfig:
     max_train_tokens: int | None = None
     """Cap on training tokens read (None reads everything)."""
     bos: str = "auto"
-    """BOS at the head of every packed causal-LM block: auto (when the tokenizer adds one itself, as Llama's and Gemma's do), always or never; a run records what auto chose."""
+    """BOS at the head of every packed causal-LM block: auto (when the tokenizer adds one itself, as Llama's and Gemma's
+    do), always or never; a run records what auto chose."""
     token_cache: str = "auto"
-    """Language-model text: auto tokenises a local source of 16 MiB or more once into an int32 token file beside it (in .alignkd-tokens/, or $ALIGNKD_CACHE/tokens when that folder is read-only), memory-mapped and reused while the tokenizer and files are unchanged; off tokenises in memory every run; a folder path caches there whatever the size. The blocks are the same either way."""
+    """Language-model text: auto tokenises a local source of 16 MiB or more once into an int32 token file beside it (in
+    .alignkd-tokens/, or $ALIGNKD_CACHE/tokens when that folder is read-only), memory-mapped and reused while the
+    tokenizer and files are unchanged; off tokenises in memory every run; a folder path caches there whatever the size.
+    The blocks are the same either way."""
 
 
 @dataclass
@@ -101,7 +119,9 @@ class WeightingConfig:
     """How the loss terms are combined."""
 
     strategy: str = "static"
-    """static (fixed weights), gradnorm (Chen et al. 2018), uncertainty (Kendall et al. 2018) or ratio (Minitron: every step each feature term's weight is its configured weight times L_kl / L_term, L_kl being the first kl or dkd term, which ratio requires)."""
+    """static (fixed weights), gradnorm (Chen et al. 2018), uncertainty (Kendall et al. 2018) or ratio (Minitron: every
+    step each feature term's weight is its configured weight times L_kl / L_term, L_kl being the first kl or dkd term,
+    which ratio requires)."""
     alpha: float = 1.5
     """gradnorm: asymmetry; larger pulls harder on terms that train slowly."""
     lr: float = 0.025
@@ -117,7 +137,8 @@ class TrainConfig:
     steps: int = 300
     """Optimizer steps (the most, when ``max_minutes`` is set)."""
     max_minutes: float | None = None
-    """Stop after this many minutes of training, evaluations included (None: run all ``steps``); the schedules then end at the projected last step."""
+    """Stop after this many minutes of training, evaluations included (None: run all ``steps``); the schedules then end
+    at the projected last step."""
     batch_size: int = 8
     """Blocks per micro-batch per process."""
     grad_accum: int = 1
@@ -133,11 +154,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
     fused_head: bool = True
-    """Causal LMs: kl and ce terms run through the output heads in chunks, never building [tokens, V] logits (when every term allows it and the family's logits are a plain head; under autocast only with one logit-reading term, the head matmuls then in its dtype)."""
+    """Causal LMs: kl and ce terms run through the output heads in chunks, never building [tokens, V] logits (when every
+    term allows it and the family's logits are a plain head; under autocast only with one logit-reading term, the head
+    matmuls then in its dtype)."""
     max_bad_steps: int = 5
     """A step with a non-finite loss or gradient is skipped; this many in a row stop the run."""
     mixed_precision: str = "auto"
-    """auto (bf16 autocast where bf16 is fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else none), no, bf16 or fp16."""
+    """auto (bf16 autocast where bf16 is fast: CUDA with bf16, CPUs with AVX512-BF16/AMX; else none), no, bf16 or
+    fp16."""
     seed: int = 0
     """Seed for weights, data order and sampling."""
     output_dir: str = "runs/distill"

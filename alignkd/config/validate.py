@@ -44,7 +44,8 @@ def validate(cfg) -> None:
     one_of(cfg.data.bos, BOS_SETTINGS, "data.bos")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(
-            f"data.eval_fraction: {cfg.data.eval_fraction:g} is outside [0, 1); set the share of training blocks held out, e.g. 0.05"
+            f"data.eval_fraction: {cfg.data.eval_fraction:g} is outside [0, 1); "
+            "set the share of training blocks held out, e.g. 0.05"
         )
     _check_losses(cfg)
     _check_cache(cfg)
@@ -53,7 +54,9 @@ def validate(cfg) -> None:
         raise ConfigError("weighting.every: must be >= 1")
     if cfg.weighting.strategy == "ratio" and not any(role(loss.type) == "output" for loss in cfg.losses):
         raise ConfigError(
-            "weighting.strategy: ratio scales each feature term to the first kl or dkd term's value, and losses has none; add {type: kl} or choose static, gradnorm or uncertainty"
+            "weighting.strategy: ratio scales each feature term to the first kl or dkd term's value, "
+            "and losses has none; "
+            "add {type: kl} or choose static, gradnorm or uncertainty"
         )
     t = cfg.train
     for name in ("steps", "batch_size", "grad_accum"):
@@ -76,12 +79,14 @@ def _check_losses(cfg) -> None:
         one_of(loss.type, list(TERM_TYPES), f"{where}.type")
         if not isinstance(loss, TERM_TYPES[loss.type].config):
             raise ConfigError(
-                f"{where}: type '{loss.type}' needs a {TERM_TYPES[loss.type].config.__name__}, got a {type(loss).__name__}"
+                f"{where}: type '{loss.type}' needs a {TERM_TYPES[loss.type].config.__name__}, "
+                f"got a {type(loss).__name__}"
             )
         loss.check(where)
         if cfg.weighting.strategy in ("gradnorm", "uncertainty") and loss.weight == 0:
             raise ConfigError(
-                f"{where}.weight: 0 under {cfg.weighting.strategy} weighting would be learned away from 0; remove the term instead"
+                f"{where}.weight: 0 under {cfg.weighting.strategy} weighting would be learned away from 0; "
+                "remove the term instead"
             )
     # Names must be unique (resolve() gave the unnamed terms unused ones).
     used: set[str] = set()
