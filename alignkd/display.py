@@ -194,7 +194,8 @@ class Tasks:
 
     @contextmanager
     def running(self, name: str):
-        """A row while the block runs, removed after; yields ``on_step(done, total)``; then ``self.seconds`` is its wall time."""
+        """A row while the block runs, removed after; yields ``on_step(done, total)``; then ``self.seconds`` is its wall
+        time."""
 
         def on_step(done: int, total: int) -> None:
             self.update(name, done=done, total=total)

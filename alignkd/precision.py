@@ -71,7 +71,7 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 256, reps: int = 5) -> float:
 
 @functools.cache
 def cpu_bf16() -> Bf16Support:
-    """Is a bf16 matmul fast on this CPU? Decided once per process (about 10 ms)."""
+    """Is a bf16 matmul fast on this CPU? Decided once per process (it times a few small matmuls)."""
     flags = _cpu_flags()
     if flags is not None and platform.machine().lower() in ("x86_64", "amd64"):
         native = [f for f in BF16_CPU_FLAGS if f in flags]
@@ -117,6 +117,7 @@ def resolve_student_dtype(setting: str) -> str:
 
 
 def default_device() -> torch.device:
-    """Where a run or an evaluation puts its models: CUDA when present (and Accelerate is not told to use the CPU), else CPU."""
+    """Where a run or an evaluation puts its models: CUDA when present (and Accelerate is not told to use the CPU), else
+    CPU."""
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")

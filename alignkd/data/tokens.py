@@ -1,4 +1,5 @@
-"""Documents -> one flat int32 token stream (EOS after each document), in memory or in a cache file reused by later runs.
+"""Documents -> one flat int32 token stream (EOS after each document), in memory or in a cache file reused by later
+runs.
 
 The stream holds no BOS and does not depend on ``seq_len``: packing reads it
 (:class:`~alignkd.data.blocks.Blocks`). A cache file sits beside the data in
@@ -94,7 +95,7 @@ def _encode(texts: list[str], ends: list[bool], tokenizer, eos_id: int | None, o
         return in_doc
     # verbose=False: documents longer than model_max_length are expected here.
     ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    for doc, end in zip(ids, ends):
+    for doc, end in zip(ids, ends, strict=True):
         out.extend(doc)
         in_doc += len(doc)
         if end:
@@ -115,7 +116,8 @@ def memory_stream(pieces, tokenizer, eos_id: int | None, max_tokens: int | None 
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of what decides the ids: the fast tokenizer's whole definition (else its vocabulary), class and special tokens."""
+    """Hash of what decides the ids: the fast tokenizer's whole definition (else its vocabulary), class and special
+    tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = [type(tokenizer).__name__, len(tokenizer), str(getattr(tokenizer, "special_tokens_map", {}))]
@@ -148,7 +150,8 @@ def cache_folder(source: str, setting: str, say: Callable[[str], None]) -> Path:
     fallback = cache_dir() / "tokens"
     if not _writable(fallback):
         raise DataError(
-            f"data.token_cache: neither {beside.parent} nor {fallback} is writable; set data.token_cache to a writable folder or off"
+            f"data.token_cache: neither {beside.parent} nor {fallback} is writable; "
+            "set data.token_cache to a writable folder or off"
         )
     say(f"token cache: {beside.parent} is not writable; caching tokens in {fallback}")
     return fallback
@@ -243,7 +246,8 @@ def _build(source, data: Path, meta_path: Path, meta: dict, tokenizer, eos_id, p
     os.replace(tmp_meta, meta_path)  # last: the data file is whole once this exists
     what = "" if complete else f", the first {tokens:,} (data.max_train_tokens)"
     say(
-        f"token cache: tokenised {source} into {data} ({tokens:,} tokens{what}, {time.perf_counter() - t0:.0f} s); later runs reuse it"
+        f"token cache: tokenised {source} into {data} ({tokens:,} tokens{what}, {time.perf_counter() - t0:.0f} s); "
+        "later runs reuse it"
     )
     return counted
 
