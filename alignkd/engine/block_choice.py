@@ -33,7 +33,8 @@ from alignkd.precision import default_device
 
 
 def choosing(cfg) -> bool:
-    """Whether a run must choose its student's blocks: from the teacher, a ``select`` other than even, no ``layers`` yet."""
+    """Whether a run must choose its student's blocks: from the teacher, a ``select`` other than even, no ``layers``
+    yet."""
     ft = cfg.student.from_teacher
     return ft is not None and ft.layers is None and ft.select != "even"
 
@@ -41,7 +42,8 @@ def choosing(cfg) -> bool:
 def choose_blocks(
     cfg, accelerator: Accelerator, say=print, *, again: bool = False
 ) -> tuple[Selection | None, Inputs | None]:
-    """Choose ``student.from_teacher.layers`` as its ``select`` says and write them into ``cfg`` (config.yaml then records them).
+    """Choose ``student.from_teacher.layers`` as its ``select`` says and write them into ``cfg`` (config.yaml then
+    records them).
 
     Nothing happens unless :func:`choosing` (returns ``(None, None)``), or
     ``again`` (``alignkd choose-blocks``: blocks already listed are chosen anew).
@@ -50,7 +52,8 @@ def choose_blocks(
     ft = cfg.student.from_teacher
     if again and ft is None:
         raise ConfigError(
-            "student.from_teacher: choosing blocks needs a student made from the teacher's blocks; set e.g. student.from_teacher.num_layers=6"
+            "student.from_teacher: choosing blocks needs a student made from the teacher's blocks; "
+            "set e.g. student.from_teacher.num_layers=6"
         )
     if not (again or choosing(cfg)):
         return None, None
@@ -73,7 +76,8 @@ def choose_blocks(
 
 
 def _probe(cfg, accelerator: Accelerator, inputs: Inputs) -> Callable[[list[int]], float]:
-    """``search``'s score of a candidate: the held-out loss after ``search_probe_steps`` steps of this run with those blocks."""
+    """``search``'s score of a candidate: the held-out loss after ``search_probe_steps`` steps of this run with those
+    blocks."""
     steps = cfg.student.from_teacher.search_probe_steps
 
     def held_out_loss(layers: list[int]) -> float:
@@ -98,7 +102,8 @@ def _probe(cfg, accelerator: Accelerator, inputs: Inputs) -> Callable[[list[int]
 
 @contextlib.contextmanager
 def _state_kept(accelerator: Accelerator):
-    """Random states and the loss scaler as they were before: the run after a selection starts as a rerun with its ``layers`` does."""
+    """Random states and the loss scaler as they were before: the run after a selection starts as a rerun with its
+    ``layers`` does."""
     py, npy = random.getstate(), np.random.get_state()
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -111,7 +116,8 @@ def _state_kept(accelerator: Accelerator):
 
 
 def choose_blocks_only(cfg, say=print) -> tuple[Selection, Path]:
-    """``alignkd choose-blocks``: choose the student's blocks as the config says (listed ``layers`` are chosen anew), and write ``block_scores.json``."""
+    """``alignkd choose-blocks``: choose the student's blocks as the config says (listed ``layers`` are chosen anew),
+    and write ``block_scores.json``."""
     resolved(cfg)
     notes = [resolve_precision(cfg, default_device())]  # said once nothing can stop it: bad input gets one line
     accelerator = make_accelerator(cfg.train.mixed_precision)

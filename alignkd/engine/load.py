@@ -50,7 +50,8 @@ PRUNE_CALIBRATION = 64  # training blocks a width-pruned student's channels are 
 
 
 def _calibration(cfg: Config, tok, inputs: Inputs | None, teacher: nn.Module) -> torch.Tensor | None:
-    """``[N, T]`` training blocks to rank the teacher's channels on, when the student is pruned by activations; else None."""
+    """``[N, T]`` training blocks to rank the teacher's channels on, when the student is pruned by activations; else
+    None."""
     s = cfg.student
     if s.config is None or s.init != "prune" or s.importance != "activation":
         return None
@@ -119,12 +120,11 @@ def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tu
     fused (kl, ce; not dkd or blockwise), and both families' logits a plain head
     with the same soft-capping. Under autocast the fused losses run the head
     matmuls in its dtype, as the models' own heads would, and keep pace with them
-    with one logit-reading term (a bf16 KD step of the demo on an AMX CPU: 2.07 s
-    fused, 1.98 s on logits); with two (kl and ce) each walks the student's head on
-    its own, where the logits are made once and their two gradients summed before
-    one backward through the head (3.0 s fused, 2.5 s on logits), so such runs keep
-    the logits. (Float32 runs still fuse both, though the two walks cost them as
-    much: 4.3 s fused, 3.5 s on logits, measured before float32 blocks.)
+    with one logit-reading term; with two (kl and ce) each walks the student's head
+    on its own, while on logits the logits are made once and their two gradients
+    summed before one backward through the head, which is faster, so such runs keep
+    the logits. Float32 runs fuse both all the same: the fused terms never hold the
+    float32 ``[tokens, V]`` logits.
     """
     kinds = [TERM_TYPES[t.type] for t in cfg.losses]
     if not cfg.train.fused_head or task.name != "causal_lm" or any(k.reads_logits and not k.fused for k in kinds):

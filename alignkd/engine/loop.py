@@ -42,7 +42,7 @@ def train_record(run: Run, step: int, r: StepResult) -> dict:
     record.update(
         {
             f"temperature/{t.cfg.name}": v
-            for t, v in zip(run.terms, r.at.temperatures)
+            for t, v in zip(run.terms, r.at.temperatures, strict=True)
             if v is not None and t.cfg.temperature_schedule
         }
     )

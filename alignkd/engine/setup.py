@@ -1,4 +1,5 @@
-"""Everything a run needs, built once: models, plan, teacher, back-end, weighting, optimizer, data (``setup`` -> ``Run``).
+"""Everything a run needs, built once: models, plan, teacher, back-end, weighting, optimizer, data (``setup`` ->
+``Run``).
 
 The loop (``engine.loop``) and the step (``engine.step``) read the ``Run``. The
 student's blocks are chosen before (``engine.block_choice``), so that a block
