@@ -37,7 +37,8 @@ def split_shots(
     scored = [i for i in order if i not in taken][:examples]
     if not scored:
         raise EvalError(
-            f"{len(labels)} labelled example(s) and {shots} shot(s) leave none to score; give more examples or fewer --shots"
+            f"{len(labels)} labelled example(s) and {shots} shot(s) leave none to score; "
+            "give more examples or fewer --shots"
         )
     return chosen, scored
 
@@ -157,4 +158,4 @@ def label_accuracy(
             preds.append(names[max(range(len(names)), key=scores.__getitem__)])
             if on_step:
                 on_step(len(preds), len(batch))
-    return sum(p == labels[i] for p, i in zip(preds, scored)) / len(scored)
+    return sum(p == labels[i] for p, i in zip(preds, scored, strict=True)) / len(scored)

@@ -70,7 +70,8 @@ def latency(model, *, batch: int, length: int, new_tokens: int, repeats: int = 5
 
 
 def param_counts(model) -> dict:
-    """``params`` (tied weights once) and ``non_embedding_params``: less the input embedding and an untied output head."""
+    """``params`` (tied weights once) and ``non_embedding_params``: less the input embedding and an untied output
+    head."""
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
     emb = model.get_input_embeddings().weight
     non_emb = total - emb.numel()

@@ -16,12 +16,14 @@ GENERATION_BATCH = 16  # prompts generated together; all have the same length, s
 
 
 def passages(ids: torch.Tensor, count: int, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` evenly spaced passages of a token stream ``[N]``: prompts ``[count, PROMPT_TOKENS]``, references ``[count, new_tokens]``."""
+    """``count`` evenly spaced passages of a token stream ``[N]``: prompts ``[count, PROMPT_TOKENS]``, references
+    ``[count, new_tokens]``."""
     span = PROMPT_TOKENS + new_tokens
     n = ids.numel()
     if n < span:
         raise EvalError(
-            f"the held-out text has {n} tokens; generation needs at least {span} ({PROMPT_TOKENS} prompt + {new_tokens} new)"
+            f"the held-out text has {n} tokens; generation needs at least {span} "
+            f"({PROMPT_TOKENS} prompt + {new_tokens} new)"
         )
     starts = [round(i * (n - span) / max(count - 1, 1)) for i in range(count)]
     rows = torch.stack([ids[s : s + span] for s in starts])
@@ -73,7 +75,7 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict:
     if len(predictions) != len(references) or not predictions:
         raise EvalError(f"{len(predictions)} predictions for {len(references)} references; give one per reference")
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
-    rouge = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    rouge = [scorer.score(r, p) for p, r in zip(predictions, references, strict=True)]
     out = {"bleu": sacrebleu.corpus_bleu(predictions, [references]).score}
     for key in ("rouge1", "rouge2", "rougeL"):
         out[key] = statistics.fmean(s[key].fmeasure for s in rouge)

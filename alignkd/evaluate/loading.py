@@ -56,7 +56,8 @@ def check_model_path(role: str, path: str) -> None:
 
 
 def load(role: str, path: str, dtype: str, device: str):
-    """``(model, tokenizer)`` in eval mode on ``device``: a sequence classifier when its config says so, else a causal LM."""
+    """``(model, tokenizer)`` in eval mode on ``device``: a sequence classifier when its config says so, else a causal
+    LM."""
     from transformers import AutoConfig
 
     from alignkd.display import hf_bars_hidden

