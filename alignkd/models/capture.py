@@ -120,7 +120,7 @@ class Capture:
         def hook(module, args, output):
             if not self.active:
                 return
-            for part, x in zip("qkv", output.chunk(3, dim=-1)):
+            for part, x in zip("qkv", output.chunk(3, dim=-1), strict=True):
                 if part in parts:
                     self.record.qkv[(idx, part)] = x
 

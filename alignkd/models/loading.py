@@ -161,5 +161,6 @@ def check_positions(model, seq_len: int, what: str) -> None:
     most = getattr(model.config, "max_position_embeddings", None)
     if most is not None and seq_len > most:
         raise ModelError(
-            f"data.seq_len {seq_len} is beyond the {what}'s maximum of {most} positions; set data.seq_len to {most} or less"
+            f"data.seq_len {seq_len} is beyond the {what}'s maximum of {most} positions; "
+            f"set data.seq_len to {most} or less"
         )

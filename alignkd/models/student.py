@@ -30,7 +30,8 @@ def _renumber(block: nn.Module, new_idx: int) -> None:
 
 
 def kept_count(num_teacher: int, num_layers: int | None) -> int:
-    """How many blocks a student made from the teacher keeps: ``num_layers``, else a quarter of the teacher's (at least 1)."""
+    """How many blocks a student made from the teacher keeps: ``num_layers``, else a quarter of the teacher's (at least
+    1)."""
     return num_layers if num_layers is not None else max(1, num_teacher // 4)
 
 
@@ -88,11 +89,15 @@ def from_config(teacher: nn.Module, overrides: dict, task: str) -> nn.Module:
     # Derived fields must be recomputed when what they derive from changes.
     if "num_hidden_layers" in overrides and "layer_types" not in overrides:
         merged.pop("layer_types", None)
-    if ({"hidden_size", "num_attention_heads"} & set(overrides)) and "head_dim" not in overrides and "head_dim" in base:
-        # Recompute head_dim only where the teacher derives it (llama: hidden / heads);
-        # families that set it on its own (gemma) keep the teacher's.
-        if base["head_dim"] == base["hidden_size"] // base["num_attention_heads"]:
-            merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
+    # Recompute head_dim only where the teacher derives it (llama: hidden / heads);
+    # families that set it on its own (gemma) keep the teacher's.
+    if (
+        ({"hidden_size", "num_attention_heads"} & set(overrides))
+        and "head_dim" not in overrides
+        and "head_dim" in base
+        and base["head_dim"] == base["hidden_size"] // base["num_attention_heads"]
+    ):
+        merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
     cfg = type(teacher.config)(**{k: v for k, v in merged.items() if k not in ("transformers_version", "model_type")})
     return AUTO_CLASSES[task].from_config(cfg)
 

@@ -100,7 +100,8 @@ def weight_scores(teacher: nn.Module) -> Scores:
 
 @torch.no_grad()
 def activation_scores(teacher: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> Scores:
-    """Importances from the teacher's activations on calibration blocks ``input_ids`` ``[N, T]`` (every position counted)."""
+    """Importances from the teacher's activations on calibration blocks ``input_ids`` ``[N, T]`` (every position
+    counted)."""
     hd, width = _head_dim(teacher), teacher.config.hidden_size
     groups = teacher.config.num_attention_heads // _cfg(
         teacher, "num_key_value_heads", teacher.config.num_attention_heads
@@ -152,7 +153,8 @@ def activation_scores(teacher: nn.Module, input_ids: torch.Tensor, batch_size: i
 
 @torch.no_grad()
 def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = None) -> None:
-    """Copy the teacher's most important channels into ``student`` in place (``scores``: default :func:`weight_scores`)."""
+    """Copy the teacher's most important channels into ``student`` in place (``scores``: default
+    :func:`weight_scores`)."""
     mt = _cfg(teacher, "model_type")
     if mt not in _LLAMA_TYPES or _cfg(student, "model_type") != mt:
         raise ModelError(
@@ -161,7 +163,8 @@ def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = 
     hd = _head_dim(teacher)
     if _head_dim(student) != hd:
         raise ModelError(
-            f"student.init=prune keeps head_dim ({hd}); set student.config.num_attention_heads = hidden_size / {hd} or head_dim: {hd}"
+            f"student.init=prune keeps head_dim ({hd}); "
+            f"set student.config.num_attention_heads = hidden_size / {hd} or head_dim: {hd}"
         )
     t_blocks, s_blocks = blocks_of(teacher), blocks_of(student)
     chosen = even_layers(len(t_blocks), len(s_blocks))
@@ -176,7 +179,8 @@ def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = 
     t_group, s_group = t_heads // t_kv, s_heads // s_kv
     if s_kv > t_kv or s_group > t_group:
         raise ModelError(
-            f"student.init=prune: the student needs at most {t_kv} key/value heads and {t_group} query heads per key/value head"
+            f"student.init=prune: the student needs at most {t_kv} key/value heads "
+            f"and {t_group} query heads per key/value head"
         )
 
     scores = scores if scores is not None else weight_scores(teacher)
@@ -196,7 +200,7 @@ def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = 
     if not student.config.tie_word_embeddings and student.get_output_embeddings() is not None:
         copy(student.get_output_embeddings().weight, teacher.get_output_embeddings().weight, None, hid)
 
-    for s_block, t_idx in zip(s_blocks, chosen):
+    for s_block, t_idx in zip(s_blocks, chosen, strict=True):
         t_block = t_blocks[t_idx]
         ta, sa = t_block.self_attn, s_block.self_attn
         kv_keep = _top(scores.kv_heads[t_idx], s_kv)
