@@ -39,7 +39,7 @@ def block_blocks(scores: dict | None) -> list[Block]:
     with matplotlib.rc_context(STYLE):
         fig = new_figure(2.2 * len(panels) + 0.4)
         axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-        for ax, (key, label) in zip(axes, panels):
+        for ax, (key, label) in zip(axes, panels, strict=True):
             values = scores[key]
             ax.bar(range(len(values)), values, color=[KEPT if i in kept else DROPPED for i in range(len(values))])
             ax.set_title(label, loc="left")
@@ -47,7 +47,6 @@ def block_blocks(scores: dict | None) -> list[Block]:
             ax.tick_params(axis="x", labelsize=7)
         axes[-1].set_xlabel("teacher block (blue: kept by the student)")
         image = png(fig)
-    blocks.append(
-        ("plot", Plot("blocks", "Block scores", "Per-block scores on calibration text; the kept blocks in blue.", image))
-    )
+    caption = "Per-block scores on calibration text; the kept blocks in blue."
+    blocks.append(("plot", Plot("blocks", "Block scores", caption, image)))
     return blocks

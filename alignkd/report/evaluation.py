@@ -130,7 +130,8 @@ def settings_sentence(s) -> str:
     if "ppl_tokens" in s:
         source = f" of {s['text']}" if isinstance(s.get("text"), str) else ""
         parts.append(
-            f"perplexity over up to {fmt_or_nan(s['ppl_tokens'], count)} held-out tokens{source} (window {s.get('window', '?')}, stride {s.get('stride', '?')})"
+            f"perplexity over up to {fmt_or_nan(s['ppl_tokens'], count)} held-out tokens{source} "
+            f"(window {s.get('window', '?')}, stride {s.get('stride', '?')})"
         )
     if "examples" in s:
         source = f" from {s['labelled']}" if isinstance(s.get("labelled"), str) else ""

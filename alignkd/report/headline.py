@@ -26,7 +26,8 @@ def headline(run: RunLog, summary: dict | None, ev: dict | None, baselines: list
     if math.isfinite(tp) and math.isfinite(sp) and tp > 0:
         change = "fewer" if sp <= tp else "more"
         out.append(
-            f"The student has {millions(sp)} parameters against the teacher's {millions(tp)} ({abs(1 - sp / tp):.1%} {change})."
+            f"The student has {millions(sp)} parameters against the teacher's {millions(tp)} "
+            f"({abs(1 - sp / tp):.1%} {change})."
         )
 
     ppl = {n: m["perplexity"] for n, m in metrics.items() if "perplexity" in m}

@@ -110,7 +110,7 @@ def _plot_losses(run: RunLog, baselines: list[RunLog], colors: dict[str, str]) -
     nrows = math.ceil(len(panels) / ncols)
     fig = new_figure(2.5 * nrows + 0.4)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=False):  # the grid may have more axes than panels
         key = "loss" if panel == "total" else f"loss/{panel}"
         steps, values = run.series(key)
         color = "#222222" if panel == "total" else colors.get(panel, PALETTE[0])
@@ -222,7 +222,7 @@ def _plot_schedules(run: RunLog, colors: dict[str, str]) -> Plot | None:
         return None
     fig = new_figure(2.8)
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         few = len(run.train) < 10
         if panel == "lr":
             steps, values = run.series("lr")

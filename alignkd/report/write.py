@@ -63,7 +63,8 @@ def write_report(
         blocks.append(
             (
                 "p",
-                f"{skipped} line(s) of metrics.jsonl were not JSON records (a write cut off mid-line?) and were skipped.",
+                f"{skipped} line(s) of metrics.jsonl were not JSON records (a write cut off mid-line?) "
+                "and were skipped.",
             )
         )
     if curves:
