@@ -1,4 +1,5 @@
-"""``study_run.json``: what a run of a study was made from, so a later ``--only`` knows which finished runs still apply."""
+"""``study_run.json``: what a run of a study was made from, so a later ``--only`` knows which finished runs still
+apply."""
 
 from __future__ import annotations
 

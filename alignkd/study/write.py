@@ -53,7 +53,10 @@ def write_study(study: Study, out: Path, quick: bool) -> dict:
 
 def budget_text(study: Study, quick: bool) -> str:
     if quick:
-        return f"{study.spec.quick.steps} steps each on tiny stand-in models (--quick: a check that the study runs, not a result)"
+        return (
+            f"{study.spec.quick.steps} steps each on tiny stand-in models "
+            "(--quick: a check that the study runs, not a result)"
+        )
     b = study.spec.budget
     return (
         f"{b.minutes:g} training minutes each (a faster recipe gets more steps)"
