@@ -37,7 +37,8 @@ class TeacherCache:
         self.meta = read_meta(self.folder)
         if self.meta.get("version") != VERSION:
             raise ConfigError(
-                f"teacher.cache {self.folder} has format version {self.meta.get('version')}, this alignkd reads {VERSION}; {REBUILD}"
+                f"teacher.cache {self.folder} has format version {self.meta.get('version')}, "
+                f"this alignkd reads {VERSION}; {REBUILD}"
             )
         self.starts = [s["start"] for s in self.meta["shards"]]
         self._files: dict[int, object] = {}
@@ -45,7 +46,8 @@ class TeacherCache:
         """What the run's terms read besides the logits (set by :meth:`check`)."""
 
     def check(self, cfg, train_blocks, eval_blocks, needs: Needs, vocab: int) -> None:
-        """One-line errors when the cache was built for other data, another teacher, vocabulary or layers; then reads ``needs``."""
+        """One-line errors when the cache was built for other data, another teacher, vocabulary or layers; then reads
+        ``needs``."""
         m, where = self.meta, f"teacher.cache {self.folder}"
         if data_hash(train_blocks, eval_blocks) != m["data_hash"]:
             raise ConfigError(
@@ -78,7 +80,8 @@ class TeacherCache:
         return torch.cat(out)
 
     def record(self, index: torch.Tensor, device) -> Record:
-        """The teacher's Record for training blocks ``index`` ``[B]``: top-k ids ``[B, T, k]``, log-probabilities, tail ``[B, T]``, cached states."""
+        """The teacher's Record for training blocks ``index`` ``[B]``: top-k ids ``[B, T, k]``, log-probabilities, tail
+        ``[B, T]``, cached states."""
         idx = [int(i) for i in index]
         if idx and not 0 <= min(idx) <= max(idx) < self.meta["blocks"]:
             raise IndexError(f"block {max(idx)} is outside the cache's {self.meta['blocks']} blocks")

@@ -16,7 +16,8 @@ from alignkd.terms.outputs import DivergenceFields
 
 @dataclass
 class BlockwiseConfig(Projected, DivergenceFields, Tempered, Layered, TermConfig):
-    """Student state -> projector -> the teacher's blocks after the mapped one and its head; a divergence to the teacher's logits."""
+    """Student state -> projector -> the teacher's blocks after the mapped one and its head; a divergence to the
+    teacher's logits."""
 
     type: str = "blockwise"
 

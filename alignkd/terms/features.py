@@ -1,4 +1,5 @@
-"""Terms on intermediate representations: hidden states, input embeddings, attention maps, q/k/v relations, contrastive."""
+"""Terms on intermediate representations: hidden states, input embeddings, attention maps, q/k/v relations,
+contrastive."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from alignkd.terms.base import Layered, Projected, StepTensors, Tempered, Term, 
 
 
 def projected(term: Term, x: StepTensors, s_block: int | None, h: torch.Tensor | None = None) -> torch.Tensor:
-    """The student's output of ``s_block`` (or ``h``) ``[B, T, Ds]``, through the term's projector when widths differ: ``[B, T, Dt]``.
+    """The student's output of ``s_block`` (or ``h``) ``[B, T, Ds]``, through the term's projector when widths differ:
+    ``[B, T, Dt]``.
 
     ``s_block`` None: the term's one projector (a term without a layer map).
     """
@@ -51,9 +53,11 @@ class HiddenConfig(Projected, Layered, TermConfig):
     type: str = "hidden"
 
     metric: str = "mse"
-    """mse, cosine (1 - cosine similarity per position) or standardized (MSE after standardising each position's feature vector)."""
+    """mse, cosine (1 - cosine similarity per position) or standardized (MSE after standardising each position's feature
+    vector)."""
     final_norm: bool = False
-    """Compare post-norm states: each model's final norm (the one before its LM head) applied to its own block outputs, the student's before its projector (Minitron)."""
+    """Compare post-norm states: each model's final norm (the one before its LM head) applied to its own block outputs,
+    the student's before its projector (Minitron)."""
 
     def check(self, where: str) -> None:
         super().check(where)
@@ -67,14 +71,15 @@ def hidden_norms(cfg: HiddenConfig, student: nn.Module, teacher: nn.Module, wher
     if not cfg.final_norm:
         return {}
     norms = (final_norm_of(student), final_norm_of(teacher))
-    for role, model, norm in zip(("student", "teacher"), (student, teacher), norms):
+    for role, model, norm in zip(("student", "teacher"), (student, teacher), norms, strict=True):
         if norm is None:
             raise ConfigError(
                 f"{where}.final_norm: the {role} ({model.config.model_type}) has no final norm; set final_norm: false"
             )
         if any(p.is_meta for p in norm.parameters()):
             raise ConfigError(
-                f"{where}.final_norm: the {role}'s final norm is not loaded (teacher.cache); set final_norm: false or remove teacher.cache"
+                f"{where}.final_norm: the {role}'s final norm is not loaded (teacher.cache); "
+                "set final_norm: false or remove teacher.cache"
             )
     return {"norms": norms}
 
@@ -210,7 +215,8 @@ def relation_heads(cfg: RelationConfig, student: nn.Module, teacher: nn.Module, 
         bad = [w for w in widths if w % h]
         if bad:
             raise ConfigError(
-                f"{where}.num_relation_heads: {h} does not divide the projection width {bad[0]}; pick a divisor of {math.gcd(*widths)}"
+                f"{where}.num_relation_heads: {h} does not divide the projection width {bad[0]}; "
+                f"pick a divisor of {math.gcd(*widths)}"
             )
         return {"heads": h}
     for h in range(num_heads_of(student), 0, -1):
