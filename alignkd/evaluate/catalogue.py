@@ -189,8 +189,8 @@ def retention(teacher_metrics: dict, metrics: dict) -> dict:
 NEAR_CHANCE = 0.15
 """A teacher whose accuracy is less than this above chance gets a warning. With the
 demo's 100 examples an accuracy near 60 % has a standard error of about 5 points,
-so a smaller margin is within 3 standard errors of chance; the demo's teacher (about
-63 % on two balanced classes) is below it."""
+so a smaller margin is within 3 standard errors of chance; the demo's teacher, on
+its two balanced classes, is below it."""
 
 
 def chance_level(labels: list[str]) -> float:
