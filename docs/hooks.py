@@ -178,7 +178,7 @@ def terms_section(path: str, level: int, doc: str, seen: dict[type, str]) -> lis
         lines += dataclass_section(inner, key, level + 1, "", seen)
     for name, kind in TERM_TYPES.items():
         lines += [f"{'#' * (level + 1)} Term type `{name}` {{#{term_anchor(name)}}}", ""]
-        about = (kind.config.__doc__ or "").strip()
+        about = " ".join((kind.config.__doc__ or "").split())
         lines += [
             f"Matches: {kind.matches}. {about}",
             "",
