@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
 import torch
 
 from alignkd import assets
+from alignkd import testing as tiny
 from alignkd.assets import AssetError, cache_dir, prepare
 
 # ---------------------------------------------------------------------------- stand-ins

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import tiny
 import yaml
+
+from alignkd import testing as tiny
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "fork"), reason="the cases run in processes forked from one interpreter"
@@ -155,7 +156,7 @@ def build_world(root: Path) -> World:
 
 
 def _save_other(path: Path, config_class: str, **kw) -> None:
-    """A tiny model of a family ``tests/tiny.py`` does not build, with the byte tokenizer."""
+    """A tiny model of a family ``alignkd.testing`` does not build, with the byte tokenizer."""
     import torch
     import transformers
 

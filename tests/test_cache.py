@@ -14,9 +14,9 @@ import json
 import math
 
 import pytest
-import tiny
 import torch
-from test_engine import corpus, make_cfg, make_run, read_metrics, teacher  # noqa: F401  (module fixtures, shared)
+from conftest import assert_equal
+from test_engine import make_cfg, make_run, read_metrics
 
 import alignkd
 from alignkd.cache.format import META, bytes_per_token
@@ -54,8 +54,8 @@ def test_k_equal_to_v_is_the_dense_divergence(kind, temperature):
     assert torch.isinf(tail).all()
     dense, (g_dense,) = grads(lambda x: kl_div(x, t, mask, kind=kind, temperature=temperature), s)
     sparse, (g_sparse,) = grads(lambda x: sparse_kl(x, ids, lp, tail, mask, kind=kind, temperature=temperature), s)
-    tiny.assert_equal(sparse, dense)
-    tiny.assert_equal(g_sparse, g_dense)
+    assert_equal(sparse, dense)
+    assert_equal(g_sparse, g_dense)
 
 
 def bucket_forward_kl(s: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
@@ -79,8 +79,8 @@ def test_top_k_forward_kl_matches_the_bucketed_reference(k):
     ids, lp, tail = top_k(t, k)
     got, (g_got,) = grads(lambda x: sparse_kl(x, ids, lp, tail), s)
     want, (g_want,) = grads(lambda x: bucket_forward_kl(x, t, k), s.double())
-    tiny.assert_equal(got, want.float())
-    tiny.assert_equal(g_got, g_want.float())
+    assert_equal(got, want.float())
+    assert_equal(g_got, g_want.float())
 
 
 def autograd_buckets(s, ids, lp, tail, mask, kind, temperature):
@@ -106,8 +106,8 @@ def test_the_closed_form_bucket_gradient_matches_autograd(kind, temperature, k):
     ids, lp, tail = top_k(t, k)
     got, (g_got,) = grads(lambda x: sparse_kl(x, ids, lp, tail, mask, kind=kind, temperature=temperature), s)
     want, (g_want,) = grads(lambda x: autograd_buckets(x, ids, lp, tail, mask, kind, temperature), s.double())
-    tiny.assert_equal(got, want.float())
-    tiny.assert_equal(g_got, g_want.float())
+    assert_equal(got, want.float())
+    assert_equal(g_got, g_want.float())
     # bf16 logits (rounded inputs, so only close): the gradient comes back in bf16, near the float32 one.
     _, (g_half,) = grads(lambda x: sparse_kl(x, ids, lp, tail, mask, kind=kind, temperature=temperature), s.bfloat16())
     assert g_half.dtype == torch.bfloat16
@@ -123,7 +123,7 @@ def test_top_k_never_exceeds_the_dense_kl(kind):
     values = [sparse_kl(s, *top_k(t, k), kind=kind) for k in (1, 4, 16, 49, 50)]
     assert all(v <= dense + 1e-6 for v in values)
     assert all(a <= b + 1e-6 for a, b in zip(values, values[1:]))
-    tiny.assert_equal(values[-1], dense)
+    assert_equal(values[-1], dense)
 
 
 def test_edge_cases_all_masked_identical_and_bf16():
@@ -189,9 +189,9 @@ def test_lm_head_sparse_kl_equals_sparse_kl_on_the_logits(kind, chunk_tokens, bl
         kw = {"kind": kind, "temperature": temperature, "softcap": softcap, "vocab": 37}
         want, g_want = grads(lambda h, w, b: on_logits(h, w, b, top, mask, **kw), h, w, b)
         got, g_got = grads(lambda h, w, b: from_head(h, w, b, top, mask, chunk_tokens=chunk_tokens, **kw), h, w, b)
-        tiny.assert_equal(got, want)
+        assert_equal(got, want)
         for a, c in zip(g_got, g_want):
-            tiny.assert_equal(a, c)
+            assert_equal(a, c)
 
 
 @pytest.mark.parametrize("kind", ["forward", "jsd"])
@@ -212,10 +212,10 @@ def test_lm_head_sparse_kl_edge_cases():
     assert v.item() == 0 and all(torch.equal(g, torch.zeros_like(g)) for g in gs)
     # Flat [N, D] inputs and no mask equal the [B, T, D] call with everything counted.
     flat = lm_head_sparse_kl(h.reshape(-1, 12), w, *(t.reshape(21, *t.shape[2:]) for t in top), student_bias=b)
-    tiny.assert_equal(flat, from_head(h, w, b, top, torch.ones_like(mask)))
+    assert_equal(flat, from_head(h, w, b, top, torch.ones_like(mask)))
     # No gradient wanted: the same value.
     with torch.no_grad():
-        tiny.assert_equal(from_head(h, w, b, top, mask), on_logits(h, w, b, top, mask, vocab=37))
+        assert_equal(from_head(h, w, b, top, mask), on_logits(h, w, b, top, mask, vocab=37))
     with pytest.raises(ValueError, match="positions"):
         lm_head_sparse_kl(h[:2], w, *top)
     with pytest.raises(ValueError, match="vocab"):

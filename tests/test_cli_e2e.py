@@ -21,11 +21,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+
+from alignkd import testing as tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 32

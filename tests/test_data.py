@@ -11,11 +11,11 @@ import json
 import sys
 
 import pytest
-import tiny
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from alignkd import testing as tiny
 from alignkd.data import (
     BlockSampler,
     DataError,

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from tiny import save_model, write_corpus
 
 from alignkd import demo
 from alignkd.assets import Assets
+from alignkd.testing import save_model, write_corpus
 
 
 @pytest.fixture

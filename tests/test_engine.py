@@ -1,7 +1,7 @@
 """Integration tests of the distillation engine: short real runs on tiny models.
 
 Each test drives ``alignkd.distill`` (or ``alignkd.engine.run.setup`` and the loop
-pieces) on offline tiny models from ``tiny.py`` and checks what a run wrote or
+pieces) on offline tiny models from ``alignkd.testing`` and checks what a run wrote or
 what the step did: every loss type and weighting logs finite values, every
 model family distils and saves a student that transformers reloads, projectors
 appear exactly when widths differ, block-wise KD trains the student but never
@@ -22,7 +22,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -36,6 +35,7 @@ from transformers import (
 )
 
 import alignkd
+from alignkd import testing as tiny
 from alignkd.config import load_config
 from alignkd.engine.loop import next_batches, train
 from alignkd.engine.run import setup
@@ -56,15 +56,7 @@ TYPES = ("ce", "kl", "dkd", "hidden", "attention", "relation", "contrastive", "b
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return tiny.write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    """A random 2-block, 32-wide llama teacher with the byte tokenizer (vocab head 272)."""
-    return tiny.save_model(tmp_path_factory.mktemp("teacher") / "llama", "llama", layers=2, width=32)
+# ``teacher`` and ``corpus``: module fixtures in conftest.py, shared with test_cache.py and test_finetune.py.
 
 
 def make_cfg(

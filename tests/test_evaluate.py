@@ -20,13 +20,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import tiny
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from alignkd import cli
+from alignkd import testing as tiny
 from alignkd.evaluate import (
     EvalError,
     EvalSettings,

@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
+from conftest import assert_equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny import assert_equal
 
 from alignkd.losses import attention_kl, relation_kl
 

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from tiny import assert_equal, pad_rows
+from conftest import assert_equal, pad_rows
 
 from alignkd.losses import hidden_cosine, hidden_mse, hidden_standardized_mse, info_nce
 
@@ -352,11 +352,11 @@ def test_info_nce_non_positive_max_tokens_raises(gen):
 # calls them, against references that normalise, project, look up and compare row
 # by row in float64.
 
-import tiny  # noqa: E402
 from conftest import tolerance  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
+from alignkd import testing as tiny  # noqa: E402
 from alignkd.engine.align import Projector  # noqa: E402
 from alignkd.engine.capture import Capture, Needs, Record  # noqa: E402
 from alignkd.errors import ConfigError  # noqa: E402

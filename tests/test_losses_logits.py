@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
+from conftest import assert_equal, pad_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny import assert_equal, pad_rows
 
 from alignkd.losses import KL_KINDS, dkd, kl_div
 

@@ -29,10 +29,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import save_model, write_corpus
 
 from alignkd.engine.distributed import make_accelerator
 from alignkd.errors import ConfigError
+from alignkd.testing import save_model, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP = ROOT / "configs" / "accelerate" / "ddp.yaml"

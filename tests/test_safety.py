@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 import yaml
 from safetensors.torch import load_file
 
 import alignkd
 import alignkd.errors
+from alignkd import testing as tiny
 from alignkd.config import ConfigError
 from alignkd.engine.checkpoint import checkpoints, latest_checkpoint
 

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -28,6 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import alignkd
+from alignkd import testing as tiny
 from alignkd.cli import main
 from alignkd.config import ConfigError, FromTeacherConfig, load_config
 from alignkd.engine.run import select_blocks

@@ -8,10 +8,10 @@ back to the same logits.
 from __future__ import annotations
 
 import pytest
-import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
+from alignkd import testing as tiny
 from alignkd.config import FromTeacherConfig, StudentConfig
 from alignkd.models import ModelError, check_tokenizers, common_vocab
 from alignkd.models.families import FAMILIES, blocks_of, get_path

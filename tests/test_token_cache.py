@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from alignkd import testing as tiny
 from alignkd.data import (
     Blocks,
     DataError,
