@@ -59,10 +59,10 @@ def test_help_runs_without_heavy_imports():
 
 
 def test_cases_parse_expand_and_reject():
-    expanded, alone, unknown, empty = run_in_repo(PARSE, "a, e,f,a", "e-hidden", "a,g", " , ")
+    expanded, alone, unknown, empty = run_in_repo(PARSE, "a, e,f,a", "e-hidden", "a,z", " , ")
     assert expanded == {"cases": ["a", "e-logits", "e-hidden", "f"]}
     assert alone == {"cases": ["e-hidden"]}
-    assert "error" in unknown and re.search("unknown case 'g'", unknown["error"])
+    assert "error" in unknown and re.search("unknown case 'z'", unknown["error"])
     assert "error" in empty
 
 
@@ -81,7 +81,9 @@ def test_every_alignkd_case_is_a_valid_config(tmp_path):
         over = [f"teacher.cache={tmp_path / 'cache'}"] if case.startswith("e-") else []
         cfg = load_config(data=bench["configs"][case], overrides=over)
         assert [t.type for t in cfg.losses] == [t["type"] for t in losses]
-        assert (cfg.teacher.dtype, cfg.train.mixed_precision, cfg.train.batch_size) == ("float32", "no", bench["batch"])
+        autocast = "bf16" if case.endswith("-bf16") else "no"  # g-bf16: bf16 autocast, every other case float32
+        got = (cfg.teacher.dtype, cfg.train.mixed_precision, cfg.train.batch_size)
+        assert got == ("float32", autocast, bench["batch"]), case
 
 
 def test_fallback_jsd_matches_a_float64_reference(tmp_path):
