@@ -168,7 +168,8 @@ def main() -> None:
     teacher = args.teacher or f"random llama, width 64, vocab {args.vocab}"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; teacher {teacher} ({teacher_dtype(args)}); "
-        f"batch {args.batch} x {args.seq} tokens; mixed precision {args.mixed_precision}; median of {args.steps - args.warmup} steps"
+        f"batch {args.batch} x {args.seq} tokens; mixed precision {args.mixed_precision}; "
+        f"median of {args.steps - args.warmup} steps"
     )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -652,7 +652,8 @@ FORK_SERVER = r"""
 import json, os, sys, time, traceback
 
 import alignkd.cli
-import alignkd.assets, alignkd.config, alignkd.demo, alignkd.engine.run, alignkd.evaluate, alignkd.report  # what the commands import
+# what the commands import
+import alignkd.assets, alignkd.config, alignkd.demo, alignkd.engine.run, alignkd.evaluate, alignkd.report
 import transformers.models.llama.modeling_llama  # the tiny models' family, imported lazily by transformers
 
 def child(job):
@@ -685,7 +686,8 @@ for phase in phases:  # a phase starts when the one before it has finished
             running[pid] = (job["id"], time.perf_counter(), time.time())
         pid, status = os.wait()
         name, t0, started = running.pop(pid)
-        results[name] = {"rc": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - t0, "started": started}
+        rc = os.waitstatus_to_exitcode(status)
+        results[name] = {"rc": rc, "seconds": time.perf_counter() - t0, "started": started}
 print(json.dumps(results))
 """
 FRESH = (

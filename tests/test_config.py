@@ -132,7 +132,8 @@ def test_shipped_accelerate_config_loads_and_launches_several_processes(path):
     from accelerate.utils import DistributedType
 
     cfg = load_config_from_file(str(path))
-    # A MULTI_CPU config starts one process unless under mpirun; alignkd turns a MULTI_GPU launch on CPUs into a gloo group.
+    # A MULTI_CPU config starts one process unless under mpirun; alignkd turns a MULTI_GPU
+    # launch on CPUs into a gloo group.
     want = {"fsdp.yaml": DistributedType.FSDP, "deepspeed.yaml": DistributedType.DEEPSPEED}.get(
         path.name, DistributedType.MULTI_GPU
     )
@@ -684,7 +685,8 @@ def test_the_readme_loss_table_is_the_one_derived_from_the_term_types():
 
     readme = (ROOT / "README.md").read_text()
     assert markdown_table() in readme, (
-        "regenerate the README's loss table: python -c 'from alignkd.terms import markdown_table; print(markdown_table())'"
+        "regenerate the README's loss table: "
+        "python -c 'from alignkd.terms import markdown_table; print(markdown_table())'"
     )
 
 

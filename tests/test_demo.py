@@ -55,6 +55,6 @@ def test_demo_runs_every_stage_and_reports(tiny_assets, tmp_path):
     assert d["student"]["from_teacher"]["select"] == "importance"
     assert d["student"]["from_teacher"]["layers"] == b["student"]["from_teacher"]["layers"]
     assert len(b["student"]["from_teacher"]["layers"]) == 2 and d["train"]["steps"] == b["train"]["steps"] == 4
-    assert [l["type"] for l in d["losses"]] == ["kl"] and [l["type"] for l in b["losses"]] == ["ce"]
+    assert [t["type"] for t in d["losses"]] == ["kl"] and [t["type"] for t in b["losses"]] == ["ce"]
     assert (out / "distilled" / "block_scores.json").is_file()
     assert "Block selection" in (out / "distilled" / "report.md").read_text()

@@ -150,7 +150,7 @@ def check_reloads(out: Path, cls, num_layers: int) -> None:
     shared = [k for k in side if k.startswith("student.") and k[len("student.") :] in state]
     assert len(shared) >= 0.8 * len(state), f"only {len(shared)} of {len(state)} student tensors are in the checkpoint"
     for k in shared:
-        torch.testing.assert_close(state[k[len("student.") :]], side[k], msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(state[k[len("student.") :]], side[k], msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ---------------------------------------------------------------- every loss type, every weighting
@@ -390,7 +390,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(teacher, corpus, 
     rows_b, _ = read_metrics(b)
     # The copied log holds steps 1..6 of run a; the resumed run appended 4..6.
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
-    for ra, rb in zip(rows_a[3:], rows_b[6:]):
+    for ra, rb in zip(rows_a[3:], rows_b[6:], strict=True):
         for k in ("loss", "loss/kl", "loss/ce", "loss/hidden", "loss/contrastive", "w/kl", "lr"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), f"step {ra['step']} {k}: {rb[k]} vs {ra[k]}"
     wa, wb = student_weights(a), student_weights(b)
@@ -624,7 +624,7 @@ def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
     assert cls.heads is None
 
 
-# ---------------------------------------------------------------- the Minitron recipe: post-norm states, embeddings, ratio weights
+# ---------------------------------------------------------------- Minitron: post-norm states, embeddings, ratio weights
 
 MINITRON = [
     {"type": "kl"},

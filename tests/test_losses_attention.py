@@ -176,7 +176,7 @@ def test_attention_kl_padding_position_and_content_do_not_matter(gen, fill):
         maps = []
         for content in (content_s, content_t):
             m = torch.zeros(len(lengths), H, length, length)
-            for b, (c, n) in enumerate(zip(content, lengths)):
+            for b, (c, n) in enumerate(zip(content, lengths, strict=True)):
                 o = 0 if side == "right" else length - n
                 m[b, :, o : o + n, o : o + n] = c
                 mask[b, o : o + n] = True

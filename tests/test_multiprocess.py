@@ -142,7 +142,7 @@ def _check_matches_one_process(root: Path, two: Path, launch: subprocess.Complet
     assert [r["split"] for r in a] == [r["split"] for r in b] and sum(r["split"] == "train" for r in a) == STEPS
     assert launch.stdout.count("student saved to") == 1
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         keys = [k for k in y if k.startswith(("loss", "w/", "eval_"))]
         assert len(keys) >= (2 * len(TERMS) + 1 if x["split"] == "train" else 1)
         for key in keys:
@@ -237,7 +237,7 @@ def test_gradnorm_on_a_sharded_student_equals_gradnorm_under_ddp(one_process):
         runs[name] = _records(one_process / name)
     for name in runs.keys() - {"gn-ddp"}:  # FSDP, and ZeRO-2 where deepspeed is installed (ZeRO-3 refuses GradNorm)
         assert len(runs[name]) == len(runs["gn-ddp"]) > STEPS
-        for x, y in zip(runs[name], runs["gn-ddp"]):
+        for x, y in zip(runs[name], runs["gn-ddp"], strict=True):
             keys = [k for k in y if k.startswith(("loss", "w/", "eval_"))]
             assert any(k.startswith("w/") for k in keys) or x["split"] == "eval"
             for key in keys:
@@ -287,7 +287,8 @@ def test_a_student_under_deepspeed_zero_matches_one_process_and_resumes(one_proc
     assert ("whole on each, for the fused LM-head terms" in " ".join(launch.stderr.split())) == (stage == 3)
     # The teacher (placement: shard) is partitioned by ZeRO-3 inference whatever the student's stage, its head whole.
     said = re.search(
-        r"teacher: weights partitioned over 2 processes with DeepSpeed ZeRO-3 inference \(([\d.]+)M of ([\d.]+)M parameters here, the head whole on each\)",
+        r"teacher: weights partitioned over 2 processes with DeepSpeed ZeRO-3 inference "
+        r"\(([\d.]+)M of ([\d.]+)M parameters here, the head whole on each\)",
         " ".join(launch.stderr.split()),
     )
     assert said and float(said[1]) < float(said[2]), launch.stderr[-2000:]
@@ -374,7 +375,10 @@ def test_a_nan_on_one_process_skips_the_step_on_all(one_process, launch):
 
 
 def _search_cfg(root: Path, out: str, batch: int) -> Path:
-    """Blocks chosen by ``select: search``: each candidate probed by two steps of the run's own set-up, under the launch."""
+    """Blocks chosen by ``select: search``.
+
+    Each candidate is probed by two steps of the run's own set-up, under the launch.
+    """
     cfg = yaml.safe_load(_cfg(root, out, batch, placement="shard", steps=2).read_text())
     cfg["teacher"]["path"] = str(root / "teacher4")
     cfg["student"] = {
@@ -402,11 +406,11 @@ def test_select_search_under_a_sharded_launch_probes_as_one_process_does(one_pro
         json.loads((one_process / n / "block_scores.json").read_text())["candidates"] for n in (name, "search-one")
     )
     assert len(got) == len(want) == 3
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g["layers"] == w["layers"] and g["probe_loss"] == pytest.approx(w["probe_loss"], rel=1e-5), g
     a, b = _records(one_process / name), _records(one_process / "search-one")
     assert [r["split"] for r in a] == [r["split"] for r in b]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for key in (k for k in y if k.startswith(("loss", "eval_"))):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 

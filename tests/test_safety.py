@@ -1,4 +1,4 @@
-"""Never lose or mix work: atomic checkpoints, damaged ones skipped, existing runs kept, resumes that compute the same."""
+"""Never lose or mix work: atomic checkpoints, damaged ones skipped, existing runs kept, same results on resume."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def test_the_cli_says_it_in_one_line_and_exits_2(models, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"alignkd distill: error: train.output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        f"alignkd distill: error: train.output_dir {out} already holds a run; "
+        "pass --resume to continue it or --overwrite to replace it"
     ]
 
 
@@ -351,7 +352,10 @@ class DeepSpeedEngine:  # what engine.zero recognises a ZeRO-wrapped side by
     ],
 )
 def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written, processes, launch):
-    """Per-process checkpoints (FSDP shards, ZeRO partitions of a stage): another launch must stop with one line, not fall back to an older one."""
+    """Per-process checkpoints (FSDP shards, ZeRO partitions of a stage).
+
+    Another launch must stop with one line, not fall back to an older checkpoint.
+    """
     from types import SimpleNamespace
 
     from alignkd.engine.checkpoint import resume_latest

@@ -50,7 +50,7 @@ def text_rows(seq: int = 32) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A 4-block, 32-wide llama trained on the corpus text with block 1 held at the identity, saved with its tokenizer."""
+    """A 4-block, 32-wide llama trained on the corpus text, block 1 held at the identity; saved with its tokenizer."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny.config("llama", layers=4, width=32))
     held = blocks_of(model)[IDENTITY]
@@ -85,7 +85,10 @@ def calibration(ids: torch.Tensor, *, task: str = "causal_lm", skip_bos: bool = 
 
 
 def reference_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """Input of every block and output of the last, ``[B, T, D]`` float64, from ``output_hidden_states`` with the final norm removed."""
+    """Input of every block and output of the last, ``[B, T, D]`` float64.
+
+    From ``output_hidden_states``, with the final norm removed.
+    """
     bare = copy.deepcopy(model)
     parent, _, name = FAMILIES[bare.config.model_type].final_norm.rpartition(".")
     setattr(get_path(bare.base_model, parent) if parent else bare.base_model, name, nn.Identity())
@@ -314,7 +317,8 @@ def base_cfg(**student) -> dict:
     [
         (
             {"path": "s", "from_teacher": {"select": "importance"}},
-            "student.from_teacher.select: choosing blocks applies to a student copied from the teacher, and this one comes from student.path",
+            "student.from_teacher.select: choosing blocks applies to a student copied from the teacher, "
+            "and this one comes from student.path",
         ),
         ({"config": {"num_hidden_layers": 1}, "from_teacher": {"select": "search"}}, "comes from student.config"),
         ({"from_teacher": {"select": "importnce"}}, "did you mean 'importance'"),

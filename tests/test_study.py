@@ -1,4 +1,4 @@
-"""``alignkd study``: the study file's rules, how overrides merge, and a quick study of configs/studies/lm.yaml end to end.
+"""``alignkd study``: the study file's rules, how overrides merge, a quick study of configs/studies/lm.yaml end to end.
 
 The quick study runs on stand-ins with an empty asset cache, as on a machine
 without the packaged assets: the whole CLI, every variant of the shipped study,
