@@ -125,11 +125,15 @@ def all_masked():
     return check_all_masked
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Width-32 models are far too small for two threads to pay: on a busy 2-core machine
-    their spin-waits made steps ~7x slower. A module opts in with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")``; restored after it."""
+    """Every test runs with one torch thread; restored at the end of the session.
+
+    Width-32 models are far too small for two threads to pay: on a busy 2-core
+    machine their spin-waits made steps ~7x slower, and slowed the loss tests
+    several times over too. (Once an opt-in per module; a test that set the
+    thread count and left it made the rest of the suite single-threaded anyway.)
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

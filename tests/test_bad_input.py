@@ -796,6 +796,7 @@ def results(world, tmp_path_factory):
     return done, fresh, before, snapshot(w.root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, world, results):
     if case.skip:
@@ -818,6 +819,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, world, results
         assert r.seconds < HUB_TIMEOUT_S, f"an uncached hub id took {r.seconds:.1f}s to fail"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FRESH)
 def test_a_fresh_interpreter_prints_the_same(name, results):
     done, fresh, *_ = results
@@ -828,6 +830,7 @@ def test_a_fresh_interpreter_prints_the_same(name, results):
     )
 
 
+@pytest.mark.slow
 def test_bad_input_changed_no_file(world, results):
     """No case created, changed or removed a file or folder of the shared fixtures."""
     *_, before, after = results
@@ -838,6 +841,7 @@ def test_bad_input_changed_no_file(world, results):
     assert not created and not removed and not changed, f"created {created}, removed {removed}, changed {changed}"
 
 
+@pytest.mark.slow
 def test_the_finished_run_is_left_as_it_was(world, results):
     """The cases that read the prepared run (resume, report) started after its last write and changed nothing."""
     done, *_ = results

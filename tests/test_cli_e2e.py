@@ -33,6 +33,8 @@ SEQ_LEN = 32
 STEPS = 40
 TERMS = ("kl", "ce", "hidden")
 
+pytestmark = pytest.mark.slow  # every test runs the CLI in a new process
+
 
 def train_teacher(path: Path, corpus: Path, steps: int = 150) -> float:
     """Plain next-token training of a 2-block, 64-wide llama on ``corpus``; returns the last loss."""

@@ -652,6 +652,7 @@ def test_cli_invalid_yaml(tmp_path, capsys):
     assert len(err) == 1 and "not valid YAML" in err[0]
 
 
+@pytest.mark.slow
 def test_installed_console_script_version():
     exe = Path(sys.executable).with_name("alignkd")
     assert exe.exists(), f"console script not installed next to {sys.executable}"

@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from alignkd import demo
 from alignkd.assets import Assets
@@ -13,7 +12,6 @@ from alignkd.testing import save_model, write_corpus
 
 @pytest.fixture
 def tiny_assets(tmp_path, monkeypatch) -> Assets:
-    torch.set_num_threads(1)
     teacher = save_model(tmp_path / "teacher", "llama", layers=10, width=32)
     # The demo evaluates with 512-token windows; rotary llama takes any length.
     cfg = json.loads((teacher / "config.json").read_text())
@@ -35,6 +33,7 @@ def tiny_assets(tmp_path, monkeypatch) -> Assets:
     return assets
 
 
+@pytest.mark.slow  # about 20 s, in process
 def test_demo_runs_every_stage_and_reports(tiny_assets, tmp_path):
     result = demo.run(steps=4, out=tmp_path / "demo")
     out = tmp_path / "demo"

@@ -53,9 +53,6 @@ TYPES = ("ce", "kl", "dkd", "hidden", "attention", "relation", "contrastive", "b
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
 # ``teacher`` and ``corpus``: module fixtures in conftest.py, shared with test_cache.py and test_finetune.py.
 
 

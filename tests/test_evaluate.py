@@ -54,15 +54,6 @@ TOK = tiny.byte_tokenizer()
 TEXTS = [tiny.TEXT, tiny.TEXT[::-1], tiny.TEXT.upper()]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are all overhead: one thread is faster, and far faster on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_csv(path: Path, rows: int = 24) -> Path:
     """A balanced two-class CSV; the label follows the text's first word."""
     with path.open("w", newline="") as f:

@@ -179,12 +179,14 @@ def _check_resumes_last_step(root: Path, config: Path, launch: Path, out: Path) 
 
 
 @needs_distributed
+@pytest.mark.slow
 def test_two_processes_launched_as_documented_match_one_process(one_process):
     launch = _launch_two(_cfg(one_process, "two", 2), one_process)
     _check_matches_one_process(one_process, one_process / "two", launch)
 
 
 @needs_distributed
+@pytest.mark.slow
 def test_a_teacher_sharded_over_two_processes_matches_a_whole_one(one_process):
     launch = _launch_two(_cfg(one_process, "sharded", 2, placement="shard"), one_process)
     # The teacher really is split: each process holds part of its parameters (blocks halved, the rest whole).
@@ -197,6 +199,7 @@ def test_a_teacher_sharded_over_two_processes_matches_a_whole_one(one_process):
 
 
 @needs_distributed
+@pytest.mark.slow
 def test_a_student_sharded_by_an_fsdp_launch_matches_one_process_and_resumes(one_process):
     config = _cfg(one_process, "fsdp", 2, placement="shard", save_every=1, keep_checkpoints=3)
     launch = _launch_two(config, one_process, FSDP)
@@ -224,6 +227,7 @@ def test_a_student_sharded_by_an_fsdp_launch_matches_one_process_and_resumes(one
 
 
 @needs_distributed
+@pytest.mark.slow
 def test_gradnorm_on_a_sharded_student_equals_gradnorm_under_ddp(one_process):
     """GradNorm backpropagates once per term before the step's backward: the sharded blocks must stay gathered
     through those, and ZeRO's gradient hooks must not take those gradients for the step's."""
@@ -269,6 +273,7 @@ def _zero1_launch(root: Path) -> Path:
 
 @needs_distributed
 @needs_deepspeed
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_student_under_deepspeed_zero_matches_one_process_and_resumes(one_process, stage):
     """ZeRO-1 partitions the AdamW state, ZeRO-2 the gradients too, ZeRO-3 the weights too; the run, the
@@ -331,6 +336,7 @@ sys.exit(main())
 
 
 @needs_distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ["fsdp", "zero2", "zero3"])
 def test_a_nan_on_one_process_skips_the_step_on_all(one_process, launch):
     """A NaN term on one process of a sharded launch: every process skips the step (FSDP's optimizer, or
@@ -391,6 +397,7 @@ def _search_cfg(root: Path, out: str, batch: int) -> Path:
 
 
 @needs_distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ["fsdp", "zero3"])
 def test_select_search_under_a_sharded_launch_probes_as_one_process_does(one_process, launch):
     if launch != "fsdp" and not HAS_DEEPSPEED:

@@ -307,6 +307,7 @@ def run_chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_browser_renders_every_image(report, tmp_path):
     page = tmp_path / "check.html"
     page.write_text(report["html_text"].replace("</body>", COUNT_IMAGES + "</body>"))
@@ -316,6 +317,7 @@ def test_browser_renders_every_image(report, tmp_path):
     assert f'data-loaded="{len(embedded_pngs(report["html_text"]))}"' in body.group(0)
 
 
+@pytest.mark.slow
 def test_browser_screenshot_is_not_blank(report, tmp_path):
     shot = tmp_path / "shot.png"
     done = run_chromium(

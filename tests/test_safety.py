@@ -22,9 +22,6 @@ from alignkd.engine.checkpoint import checkpoints, latest_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("safety")
@@ -74,6 +71,7 @@ def test_a_second_run_into_a_run_folder_stops_and_overwrite_replaces_it(models, 
     assert [p.name for p in checkpoints(out)] == ["step-3"]  # and so are its checkpoints
 
 
+@pytest.mark.slow
 def test_the_cli_says_it_in_one_line_and_exits_2(models, tmp_path):
     out = tmp_path / "run"
     alignkd.distill(cfg_for(models, out, steps=1))
@@ -268,6 +266,7 @@ def reference(models, tmp_path_factory) -> tuple[dict, Path]:
     return cfg, root / "run"
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_curve(reference, tmp_path):
     import random
     import signal
@@ -298,6 +297,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_curve(refe
         )
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(reference, tmp_path):
     import signal
 

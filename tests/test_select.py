@@ -40,9 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 IDENTITY = 1  # the block of the trained teacher that adds nothing
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
 def text_rows(seq: int = 32) -> torch.Tensor:
     ids = torch.tensor(tiny.byte_tokenizer()(tiny.TEXT * 4, add_special_tokens=False)["input_ids"])
     return ids[: len(ids) // seq * seq].view(-1, seq)
@@ -280,6 +277,7 @@ def test_search_is_deterministic_and_keeps_the_best_probe(tmp_path, corpus, trai
     assert json.loads(path.read_text())["layers"] == first.layers
 
 
+@pytest.mark.slow
 def test_prune_cli_prints_and_saves_the_block_scores(tmp_path, corpus, trained):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(run_config(trained, corpus, tmp_path / "out", select="importance", layers=[0, 1])))

@@ -239,6 +239,7 @@ def _variants(out: Path) -> dict[str, dict]:
     return {v["name"]: v for v in json.loads((out / "study.json").read_text())["variants"]}
 
 
+@pytest.mark.slow  # about 20 s, in process
 def test_quick_study_of_lm_yaml_writes_a_row_and_a_curve_per_variant(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ALIGNKD_CACHE", str(tmp_path / "no-assets"))  # as on a machine without them
     out = tmp_path / "study"

@@ -370,6 +370,7 @@ def _write_corpus(path: Path, mib: int, words: list[str]) -> None:
             f.write(chunk)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units and fork as on Linux")
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     words = [f"{i:04d}".ljust(WORD_CHARS, "x") for i in range(500)]
