@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# Everything but the tests marked slow (subprocesses, multi-process launches): about a minute.
+# Everything but the tests marked slow (subprocesses, multi-process launches, the ~20 s end-to-end
+# runs): 1-1.5 minutes on two busy cores.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 

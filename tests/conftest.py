@@ -1,16 +1,20 @@
-"""Shared fixtures and helpers: the loss tests' plumbing, and the tiny teacher and corpus of the engine tests.
+"""Shared fixtures and helpers: the loss tests' plumbing, the engine tests' teacher and corpus, one torch thread.
 
 The reference implementations themselves live in each test file, next to the
-tests that use them; this file only holds the plumbing that compares a loss
-against a reference (values and gradients) with the tolerances of the spec,
-builds padded batches, and the module-scoped ``teacher`` and ``corpus`` that
-test_engine.py, test_cache.py and test_finetune.py train on. The tiny models
-themselves come from ``alignkd.testing``.
+tests that use them; this file holds the plumbing that compares a loss against
+a reference (values and gradients) with the tolerances of the spec and builds
+padded batches; the module-scoped ``teacher`` and ``corpus`` that
+test_engine.py, test_cache.py and test_finetune.py train on (the tiny models
+themselves come from ``alignkd.testing``); the session's one torch thread; and
+``run_in_repo``, through which tests reach the benchmarks without importing them.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -193,10 +197,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_in_repo(code: str, *args: str, timeout: float = 300):
     """Run ``python -c code *args`` from the repository root; return the JSON its last stdout line holds."""
-    import json
-    import subprocess
-    import sys
-
     done = subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout, check=False
     )
