@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo docs clean
+.PHONY: setup test test-fast demo docs clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# Everything but the tests marked slow (subprocesses, multi-process launches, the ~20 s end-to-end
+# runs): 1-1.5 minutes on two busy cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/alignkd demo $(if $(DEMO_STEPS),--steps $(DEMO_STEPS),)

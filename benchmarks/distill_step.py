@@ -9,7 +9,7 @@ is per mode; the step time is the median of ``step_s`` in metrics.jsonl after wa
     .venv/bin/python -m benchmarks.distill_step [--steps 20] [--batch 4] [--seq 256]
         [--mixed-precision no|bf16|fp16] [--fused|--no-fused|--fused-both] [--modes demo,kd_logits]
 
-(from the repository root: run as a module, it imports the tests' tiny models as ``tests.tiny``).
+(from the repository root, as a module; the tiny teacher and corpus come from ``alignkd.testing``).
 
 ``--mixed-precision bf16`` runs as ``auto`` does on a CPU or GPU with fast bf16:
 teacher weights in bf16, the student under bf16 autocast. ``--fused-both`` (the
@@ -58,7 +58,7 @@ WEIGHTING = {
 
 
 def build(root: Path, vocab: int, real_teacher: bool) -> None:
-    from tests.tiny import save_model, write_corpus
+    from alignkd.testing import save_model, write_corpus
 
     if not real_teacher:
         save_model(root / "teacher", "llama", layers=30, width=64, heads=4, vocab=vocab)
@@ -168,7 +168,8 @@ def main() -> None:
     teacher = args.teacher or f"random llama, width 64, vocab {args.vocab}"
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; teacher {teacher} ({teacher_dtype(args)}); "
-        f"batch {args.batch} x {args.seq} tokens; mixed precision {args.mixed_precision}; median of {args.steps - args.warmup} steps"
+        f"batch {args.batch} x {args.seq} tokens; mixed precision {args.mixed_precision}; "
+        f"median of {args.steps - args.warmup} steps"
     )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -332,8 +332,8 @@ def main() -> None:
         t0 = time.perf_counter()
         counts = prepare(spec)
         print(
-            f"random teacher {counts['teacher'] / 1e9:.2f}B and student {counts['student'] / 1e9:.2f}B multiplying parameters; "
-            f"written in {time.perf_counter() - t0:.0f} s (not timed)",
+            f"random teacher {counts['teacher'] / 1e9:.2f}B and student {counts['student'] / 1e9:.2f}B "
+            f"multiplying parameters; written in {time.perf_counter() - t0:.0f} s (not timed)",
             flush=True,
         )
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
@@ -358,7 +358,8 @@ def main() -> None:
     tokens = args.batch * args.seq
     print(
         f"\n{args.size}, batch {args.batch} x {args.seq} tokens, autocast {args.autocast}, teacher {args.dtype}, "
-        f"device {args.device}, launch {args.launch}; median of {args.steps} steps after {args.warmup}; peak {peak_note}"
+        f"device {args.device}, launch {args.launch}; "
+        f"median of {args.steps} steps after {args.warmup}; peak {peak_note}"
     )
     print(f"{'case':<6}{'what':<44}{'s/step':>8}{'tokens/s':>10}{'GPU GB':>8}{'MFU':>7}  loss first->last")
     for case, r in results.items():
@@ -371,7 +372,8 @@ def main() -> None:
         gb = f"{r['gpu_gb']:.1f}" if r.get("gpu_gb") is not None else "-"
         note = f"  [{r['note']}]" if r.get("note") else ""
         print(
-            f"{case:<6}{CASES[case]:<44}{r['s']:>8.3f}{tokens / r['s']:>10.0f}{gb:>8}{mfu:>7}  {r['loss_first']:.3f}->{r['loss_last']:.3f}{note}"
+            f"{case:<6}{CASES[case]:<44}{r['s']:>8.3f}{tokens / r['s']:>10.0f}{gb:>8}{mfu:>7}  "
+            f"{r['loss_first']:.3f}->{r['loss_last']:.3f}{note}"
         )
     if args.json:
         Path(args.json).write_text(

@@ -401,7 +401,8 @@ def main() -> None:
         env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
     header = [
         f"CPU: {cpu_summary()}",
-        f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+        f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}), "
+        f"{torch.get_num_threads()} threads"
         + ("; children emulate AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2)" if args.avx2 else ""),
         (
             f"float32; batch {BATCH} x {SEQ} tokens; median of {args.steps} steps after {args.warmup} warm-up; "

@@ -29,8 +29,9 @@ glibc return them, and the peak then follows the live tensors (at some speed cos
 The time is the median of ``--repeats`` further forward + backward passes (gradients
 cleared in between). ``--autocast bf16`` (or fp16) runs every method as a training step
 under mixed precision does: student hidden states and head in float32 under autocast,
-the teacher's hidden states and head in bf16 (a teacher loaded in bf16, outside autocast). A case whose full logits would not fit in the memory
-available is skipped (``-``).
+the teacher's hidden states and head in bf16 (a teacher loaded in bf16, outside
+autocast). A case whose full logits would not fit in the memory available is
+skipped (``-``).
 
 Targets (issue 8), read off the full table: at 8k tokens lm_head_kl's peak memory is
 at most 1/8 of kl_div's and its time no worse; from 1k to 16k tokens its memory grows
@@ -224,7 +225,8 @@ def main() -> None:
     threads = f"{torch.get_num_threads()} threads" if args.device == "cpu" else args.device
     precision = "float32" if args.autocast == "none" else f"{args.autocast} autocast, teacher {args.autocast}"
     print(
-        f"torch {torch.__version__}, {threads}; kind {args.kind}; {precision}; median of {args.repeats} forward+backward"
+        f"torch {torch.__version__}, {threads}; kind {args.kind}; {precision}; "
+        f"median of {args.repeats} forward+backward"
     )
     head = f"{'tokens':>7}{'V':>8}{'D':>5}" + "".join(f"{m + ' MB':>15}{m + ' ms':>15}" for m in methods)
     print(head + f"{'mem ratio':>11}{'time ratio':>11}")

@@ -1,16 +1,27 @@
-"""Shared fixtures of the loss tests: seeded generators, random masks, parity checks.
+"""Shared fixtures and helpers: the loss tests' plumbing, the engine tests' teacher and corpus, one torch thread.
 
 The reference implementations themselves live in each test file, next to the
-tests that use them; this file only holds the plumbing that compares a loss
-against a reference (values and gradients) with the tolerances of the spec.
+tests that use them; this file holds the plumbing that compares a loss against
+a reference (values and gradients) with the tolerances of the spec and builds
+padded batches; the module-scoped ``teacher`` and ``corpus`` that
+test_engine.py, test_cache.py and test_finetune.py train on (the tiny models
+themselves come from ``alignkd.testing``); the session's one torch thread; and
+``run_in_repo``, through which tests reach the benchmarks without importing them.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+
+from alignkd import testing as tiny
 
 # float32 inputs: the losses compute in float32, the references in float64, so
 # only float32 rounding separates them.
@@ -118,12 +129,76 @@ def all_masked():
     return check_all_masked
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Width-32 models are far too small for two threads to pay: on a busy 2-core machine
-    their spin-waits made steps ~7x slower. A module opts in with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")``; restored after it."""
+    """Every test runs with one torch thread; restored at the end of the session.
+
+    Width-32 models are far too small for two threads to pay: on a busy 2-core
+    machine their spin-waits made steps ~7x slower, and slowed the loss tests
+    several times over too. (Once an opt-in per module; a test that set the
+    thread count and left it made the rest of the suite single-threaded anyway.)
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- tensors for the loss tests
+
+
+def pad_rows(rows_: list[torch.Tensor], length: int, side: str, fill: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length rows ``[L_i, ...]`` into ``[B, length, ...]`` padded on ``side``; returns ``(x, mask)``.
+
+    Padding is filled with ``fill`` (random signs for finite values) so that any
+    leak of padded content into the result shows up.
+    """
+    tail = rows_[0].shape[1:]
+    out = torch.empty(len(rows_), length, *tail)
+    if math.isfinite(fill):
+        out.copy_(fill * torch.sign(torch.randn(out.shape, generator=gen)))
+    else:
+        out.fill_(fill)
+    mask = torch.zeros(len(rows_), length, dtype=torch.bool)
+    for b, r in enumerate(rows_):
+        n = r.shape[0]
+        sl = slice(0, n) if side == "right" else slice(length - n, length)
+        out[b, sl] = r
+        mask[b, sl] = True
+    return out, mask
+
+
+def assert_equal(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-6) -> None:
+    """Equal up to float32 rounding, compared in float64."""
+    torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=1e-5, atol=atol)
+
+
+# ----------------------------------------------------------------------------- the engine tests' teacher and corpus
+# Module-scoped: each module that asks for them builds its own (test_select.py has its own ``corpus``).
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return tiny.write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A random 2-block, 32-wide llama teacher with the byte tokenizer (vocab head 272)."""
+    return tiny.save_model(tmp_path_factory.mktemp("teacher") / "llama", "llama", layers=2, width=32)
+
+
+# ----------------------------------------------------------------------------- the benchmarks, from outside
+# Tests never import benchmarks/ (test_layout.py checks it): they run a benchmark, or a
+# few lines that import it, in a fresh interpreter from the repository root.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_in_repo(code: str, *args: str, timeout: float = 300):
+    """Run ``python -c code *args`` from the repository root; return the JSON its last stdout line holds."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])

@@ -201,11 +201,10 @@ def test_source_map_pairs_copied_blocks_with_their_origin():
 
 
 def test_plan_uses_the_blocks_a_depth_pruned_student_came_from():
-    from tiny import build
-
     from alignkd.align.plan import build_plan
     from alignkd.models.student import depth_pruned
     from alignkd.terms.features import HiddenConfig
+    from alignkd.testing import build
 
     teacher = build("llama", layers=4, width=32)
     student = depth_pruned(teacher, [0, 3], None)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
 import torch
 
 from alignkd import assets
+from alignkd import testing as tiny
 from alignkd.assets import AssetError, cache_dir, prepare
 
 # ---------------------------------------------------------------------------- stand-ins
@@ -272,14 +272,14 @@ def test_sentiment_split_is_stratified_deterministic_and_clean(tmp_path, sentime
     splits = {name: read_split(first.sentiment / f"{name}.csv") for name in ("train", "dev", "test")}
     # 31 positive (30 + the two-line one; the duplicate dropped), 20 negative (the blank dropped).
     counts = {
-        name: (sum(l == "positive" for _, l in rows), sum(l == "negative" for _, l in rows))
+        name: (sum(label == "positive" for _, label in rows), sum(label == "negative" for _, label in rows))
         for name, rows in splits.items()
     }
     assert counts == {"train": (25, 16), "dev": (3, 2), "test": (3, 2)}
     texts = [t for rows in splits.values() for t, _ in rows]
     assert len(texts) == len(set(texts)) == 51
     assert "Two lines of praise." in texts and "A bank manager plans a robbery." not in texts
-    assert {l for rows in splits.values() for _, l in rows} == {"positive", "negative"}
+    assert {label for rows in splits.values() for _, label in rows} == {"positive", "negative"}
     for name in splits:
         assert (first.sentiment / f"{name}.csv").read_bytes() == (second.sentiment / f"{name}.csv").read_bytes()
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import tiny
 import yaml
+
+from alignkd import testing as tiny
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "fork"), reason="the cases run in processes forked from one interpreter"
@@ -155,7 +156,7 @@ def build_world(root: Path) -> World:
 
 
 def _save_other(path: Path, config_class: str, **kw) -> None:
-    """A tiny model of a family ``tests/tiny.py`` does not build, with the byte tokenizer."""
+    """A tiny model of a family ``alignkd.testing`` does not build, with the byte tokenizer."""
     import torch
     import transformers
 
@@ -651,7 +652,8 @@ FORK_SERVER = r"""
 import json, os, sys, time, traceback
 
 import alignkd.cli
-import alignkd.assets, alignkd.config, alignkd.demo, alignkd.engine.run, alignkd.evaluate, alignkd.report  # what the commands import
+# what the commands import
+import alignkd.assets, alignkd.config, alignkd.demo, alignkd.engine.run, alignkd.evaluate, alignkd.report
 import transformers.models.llama.modeling_llama  # the tiny models' family, imported lazily by transformers
 
 def child(job):
@@ -684,7 +686,8 @@ for phase in phases:  # a phase starts when the one before it has finished
             running[pid] = (job["id"], time.perf_counter(), time.time())
         pid, status = os.wait()
         name, t0, started = running.pop(pid)
-        results[name] = {"rc": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - t0, "started": started}
+        rc = os.waitstatus_to_exitcode(status)
+        results[name] = {"rc": rc, "seconds": time.perf_counter() - t0, "started": started}
 print(json.dumps(results))
 """
 FRESH = (
@@ -793,6 +796,7 @@ def results(world, tmp_path_factory):
     return done, fresh, before, snapshot(w.root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, world, results):
     if case.skip:
@@ -815,6 +819,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, world, results
         assert r.seconds < HUB_TIMEOUT_S, f"an uncached hub id took {r.seconds:.1f}s to fail"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FRESH)
 def test_a_fresh_interpreter_prints_the_same(name, results):
     done, fresh, *_ = results
@@ -825,6 +830,7 @@ def test_a_fresh_interpreter_prints_the_same(name, results):
     )
 
 
+@pytest.mark.slow
 def test_bad_input_changed_no_file(world, results):
     """No case created, changed or removed a file or folder of the shared fixtures."""
     *_, before, after = results
@@ -835,6 +841,7 @@ def test_bad_input_changed_no_file(world, results):
     assert not created and not removed and not changed, f"created {created}, removed {removed}, changed {changed}"
 
 
+@pytest.mark.slow
 def test_the_finished_run_is_left_as_it_was(world, results):
     """The cases that read the prepared run (resume, report) started after its last write and changed nothing."""
     done, *_ = results

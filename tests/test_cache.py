@@ -14,9 +14,9 @@ import json
 import math
 
 import pytest
-import tiny
 import torch
-from test_engine import corpus, make_cfg, make_run, read_metrics, teacher  # noqa: F401  (module fixtures, shared)
+from conftest import assert_equal
+from test_engine import make_cfg, make_run, read_metrics
 
 import alignkd
 from alignkd.config import load_config
@@ -54,14 +54,14 @@ def test_k_equal_to_v_is_the_dense_divergence(kind, temperature):
     assert torch.isinf(tail).all()
     dense, (g_dense,) = grads(lambda x: kl_div(x, t, mask, kind=kind, temperature=temperature), s)
     sparse, (g_sparse,) = grads(lambda x: sparse_kl(x, ids, lp, tail, mask, kind=kind, temperature=temperature), s)
-    tiny.assert_equal(sparse, dense)
-    tiny.assert_equal(g_sparse, g_dense)
+    assert_equal(sparse, dense)
+    assert_equal(g_sparse, g_dense)
 
 
 def bucket_forward_kl(s: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
     """Plain reference: KL between the (top-k of the teacher, rest) coarsenings, row by row, in float64."""
     total = []
-    for srow, trow in zip(s.double(), t.double()):
+    for srow, trow in zip(s.double(), t.double(), strict=True):
         p, q = trow.softmax(-1), srow.softmax(-1)
         top = p.topk(k).indices
         rest = torch.ones_like(p, dtype=torch.bool)
@@ -79,12 +79,15 @@ def test_top_k_forward_kl_matches_the_bucketed_reference(k):
     ids, lp, tail = top_k(t, k)
     got, (g_got,) = grads(lambda x: sparse_kl(x, ids, lp, tail), s)
     want, (g_want,) = grads(lambda x: bucket_forward_kl(x, t, k), s.double())
-    tiny.assert_equal(got, want.float())
-    tiny.assert_equal(g_got, g_want.float())
+    assert_equal(got, want.float())
+    assert_equal(g_got, g_want.float())
 
 
 def autograd_buckets(s, ids, lp, tail, mask, kind, temperature):
-    """Plain reference in float64: the student's buckets by gather, masked logsumexp and autograd; kl_rows on the buckets."""
+    """Plain reference in float64: the student's buckets by gather, masked logsumexp and autograd.
+
+    ``kl_rows`` then compares the buckets.
+    """
     from alignkd.losses.logits import kl_rows
 
     z = s.double() / temperature
@@ -106,8 +109,8 @@ def test_the_closed_form_bucket_gradient_matches_autograd(kind, temperature, k):
     ids, lp, tail = top_k(t, k)
     got, (g_got,) = grads(lambda x: sparse_kl(x, ids, lp, tail, mask, kind=kind, temperature=temperature), s)
     want, (g_want,) = grads(lambda x: autograd_buckets(x, ids, lp, tail, mask, kind, temperature), s.double())
-    tiny.assert_equal(got, want.float())
-    tiny.assert_equal(g_got, g_want.float())
+    assert_equal(got, want.float())
+    assert_equal(g_got, g_want.float())
     # bf16 logits (rounded inputs, so only close): the gradient comes back in bf16, near the float32 one.
     _, (g_half,) = grads(lambda x: sparse_kl(x, ids, lp, tail, mask, kind=kind, temperature=temperature), s.bfloat16())
     assert g_half.dtype == torch.bfloat16
@@ -122,8 +125,8 @@ def test_top_k_never_exceeds_the_dense_kl(kind):
     dense = kl_div(s, t, kind=kind)
     values = [sparse_kl(s, *top_k(t, k), kind=kind) for k in (1, 4, 16, 49, 50)]
     assert all(v <= dense + 1e-6 for v in values)
-    assert all(a <= b + 1e-6 for a, b in zip(values, values[1:]))
-    tiny.assert_equal(values[-1], dense)
+    assert all(a <= b + 1e-6 for a, b in zip(values, values[1:], strict=False))
+    assert_equal(values[-1], dense)
 
 
 def test_edge_cases_all_masked_identical_and_bf16():
@@ -187,11 +190,16 @@ def test_lm_head_sparse_kl_equals_sparse_kl_on_the_logits(kind, chunk_tokens, bl
     for k, temperature, softcap, padded in ((5, 1.0, None, 0), (1, 2.0, 4.0, 3), (37, 1.5, None, 3)):
         h, w, b, top, mask = head_case(k, k=k, padded=padded)
         kw = {"kind": kind, "temperature": temperature, "softcap": softcap, "vocab": 37}
-        want, g_want = grads(lambda h, w, b: on_logits(h, w, b, top, mask, **kw), h, w, b)
-        got, g_got = grads(lambda h, w, b: from_head(h, w, b, top, mask, chunk_tokens=chunk_tokens, **kw), h, w, b)
-        tiny.assert_equal(got, want)
-        for a, c in zip(g_got, g_want):
-            tiny.assert_equal(a, c)
+        want, g_want = grads(lambda h, w, b, top=top, mask=mask, kw=kw: on_logits(h, w, b, top, mask, **kw), h, w, b)
+        got, g_got = grads(
+            lambda h, w, b, top=top, mask=mask, kw=kw: from_head(h, w, b, top, mask, chunk_tokens=chunk_tokens, **kw),
+            h,
+            w,
+            b,
+        )
+        assert_equal(got, want)
+        for a, c in zip(g_got, g_want, strict=True):
+            assert_equal(a, c)
 
 
 @pytest.mark.parametrize("kind", ["forward", "jsd"])
@@ -201,7 +209,7 @@ def test_lm_head_sparse_kl_under_bf16_autocast_is_close_to_float32(kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, g_got = grads(lambda h, w, b: from_head(h, w, b, top, mask, kind=kind, chunk_tokens=8), h, w, b)
     assert got.dtype == torch.float32 and math.isclose(got.item(), want.item(), rel_tol=2e-2)
-    for a, c in zip(g_got, g_want):
+    for a, c in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a.float(), c, atol=3e-2 * c.abs().max().item(), rtol=0)
 
 
@@ -212,10 +220,10 @@ def test_lm_head_sparse_kl_edge_cases():
     assert v.item() == 0 and all(torch.equal(g, torch.zeros_like(g)) for g in gs)
     # Flat [N, D] inputs and no mask equal the [B, T, D] call with everything counted.
     flat = lm_head_sparse_kl(h.reshape(-1, 12), w, *(t.reshape(21, *t.shape[2:]) for t in top), student_bias=b)
-    tiny.assert_equal(flat, from_head(h, w, b, top, torch.ones_like(mask)))
+    assert_equal(flat, from_head(h, w, b, top, torch.ones_like(mask)))
     # No gradient wanted: the same value.
     with torch.no_grad():
-        tiny.assert_equal(from_head(h, w, b, top, mask), on_logits(h, w, b, top, mask, vocab=37))
+        assert_equal(from_head(h, w, b, top, mask), on_logits(h, w, b, top, mask, vocab=37))
     with pytest.raises(ValueError, match="positions"):
         lm_head_sparse_kl(h[:2], w, *top)
     with pytest.raises(ValueError, match="vocab"):
@@ -332,7 +340,10 @@ def test_the_command_line_writes_a_cache_and_prints_its_bytes_per_token(teacher,
 
 
 def test_a_cache_for_a_run_that_chooses_its_blocks_holds_the_chosen_blocks_layers(teacher, corpus, tmp_path):
-    """With ``select``, the cache chooses the blocks the run will choose, so ``layers: source`` maps to the same teacher blocks."""
+    """With ``select``, the cache chooses the blocks the run will choose.
+
+    So ``layers: source`` maps to the same teacher blocks.
+    """
     cache = tmp_path / "cache"
     cfg = cached_cfg(teacher, corpus, tmp_path / "run", cache, cache_top_k=8)
     cfg["student"] = {"from_teacher": {"num_layers": 1, "select": "importance", "calibration_sequences": 8}}

@@ -8,9 +8,9 @@ recomputed by hand from a block's input, never with another hook of ours.
 from __future__ import annotations
 
 import pytest
-import tiny
 import torch
 
+from alignkd import testing as tiny
 from alignkd.align.maps import AdaptiveMix, Projector
 from alignkd.align.plan import StudentSide, build_plan
 from alignkd.config import ConfigError, load_config

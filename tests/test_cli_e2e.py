@@ -21,16 +21,19 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from alignkd import testing as tiny
+
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 32
 STEPS = 40
 TERMS = ("kl", "ce", "hidden")
+
+pytestmark = pytest.mark.slow  # every test runs the CLI in a new process
 
 
 def train_teacher(path: Path, corpus: Path, steps: int = 150) -> float:

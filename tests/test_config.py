@@ -133,7 +133,8 @@ def test_shipped_accelerate_config_loads_and_launches_several_processes(path):
     from accelerate.utils import DistributedType
 
     cfg = load_config_from_file(str(path))
-    # A MULTI_CPU config starts one process unless under mpirun; alignkd turns a MULTI_GPU launch on CPUs into a gloo group.
+    # A MULTI_CPU config starts one process unless under mpirun; alignkd turns a MULTI_GPU
+    # launch on CPUs into a gloo group.
     want = {"fsdp.yaml": DistributedType.FSDP, "deepspeed.yaml": DistributedType.DEEPSPEED}.get(
         path.name, DistributedType.MULTI_GPU
     )
@@ -652,6 +653,7 @@ def test_cli_invalid_yaml(tmp_path, capsys):
     assert len(err) == 1 and "not valid YAML" in err[0]
 
 
+@pytest.mark.slow
 def test_installed_console_script_version():
     exe = Path(sys.executable).with_name("alignkd")
     assert exe.exists(), f"console script not installed next to {sys.executable}"

@@ -11,11 +11,11 @@ import json
 import sys
 
 import pytest
-import tiny
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from alignkd import testing as tiny
 from alignkd.data import (
     BlockSampler,
     DataError,
@@ -375,7 +375,7 @@ def test_classification_data_pads_masks_and_splits(tmp_path, tokenizer):
     assert ((ids_all == SEP).sum(1) == 1).all()  # truncation keeps the final SEP
     assert torch.equal(ids_all == PAD, ~torch.cat([a.train_mask, a.eval_mask]))
     # Labels follow their texts through the shuffle: text "wi ..." has label pos iff i is odd.
-    for x, y in zip(ids_all.tolist(), torch.cat([a.train_labels, a.eval_labels]).tolist()):
+    for x, y in zip(ids_all.tolist(), torch.cat([a.train_labels, a.eval_labels]).tolist(), strict=True):
         i = x[1] - VOCAB["w0"]
         assert a.label_names[y] == ("pos" if i % 2 else "neg")
     assert sorted(ids_all[:, 1].tolist()) == ids(*[f"w{i}" for i in range(10)])

@@ -4,16 +4,14 @@ import csv
 import json
 
 import pytest
-import torch
-from tiny import save_model, write_corpus
 
 from alignkd import demo
 from alignkd.assets import Assets
+from alignkd.testing import save_model, write_corpus
 
 
 @pytest.fixture
 def tiny_assets(tmp_path, monkeypatch) -> Assets:
-    torch.set_num_threads(1)
     teacher = save_model(tmp_path / "teacher", "llama", layers=10, width=32)
     # The demo evaluates with 512-token windows; rotary llama takes any length.
     cfg = json.loads((teacher / "config.json").read_text())
@@ -35,6 +33,7 @@ def tiny_assets(tmp_path, monkeypatch) -> Assets:
     return assets
 
 
+@pytest.mark.slow  # about 20 s, in process
 def test_demo_runs_every_stage_and_reports(tiny_assets, tmp_path):
     result = demo.run(steps=4, out=tmp_path / "demo")
     out = tmp_path / "demo"
@@ -55,6 +54,6 @@ def test_demo_runs_every_stage_and_reports(tiny_assets, tmp_path):
     assert d["student"]["from_teacher"]["select"] == "importance"
     assert d["student"]["from_teacher"]["layers"] == b["student"]["from_teacher"]["layers"]
     assert len(b["student"]["from_teacher"]["layers"]) == 2 and d["train"]["steps"] == b["train"]["steps"] == 4
-    assert [l["type"] for l in d["losses"]] == ["kl"] and [l["type"] for l in b["losses"]] == ["ce"]
+    assert [t["type"] for t in d["losses"]] == ["kl"] and [t["type"] for t in b["losses"]] == ["ce"]
     assert (out / "distilled" / "block_scores.json").is_file()
     assert "Block selection" in (out / "distilled" / "report.md").read_text()

@@ -1,7 +1,7 @@
 """Integration tests of the distillation engine: short real runs on tiny models.
 
 Each test drives ``alignkd.distill`` (or ``alignkd.engine.setup.setup`` and the loop
-pieces) on offline tiny models from ``tiny.py`` and checks what a run wrote or
+pieces) on offline tiny models from ``alignkd.testing`` and checks what a run wrote or
 what the step did: every loss type and weighting logs finite values, every
 model family distils and saves a student that transformers reloads, projectors
 appear exactly when widths differ, block-wise KD trains the student but never
@@ -22,7 +22,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -36,9 +35,10 @@ from transformers import (
 )
 
 import alignkd
+from alignkd import testing as tiny
 from alignkd.config import load_config
-from alignkd.engine.loop import next_batches, train
 from alignkd.engine.block_choice import choose_blocks
+from alignkd.engine.loop import next_batches, train
 from alignkd.engine.setup import setup
 from alignkd.engine.step import schedules_at, term_losses
 from alignkd.losses import KL_KINDS
@@ -54,18 +54,7 @@ TYPES = ("ce", "kl", "dkd", "hidden", "attention", "relation", "contrastive", "b
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return tiny.write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    """A random 2-block, 32-wide llama teacher with the byte tokenizer (vocab head 272)."""
-    return tiny.save_model(tmp_path_factory.mktemp("teacher") / "llama", "llama", layers=2, width=32)
+# ``teacher`` and ``corpus``: module fixtures in conftest.py, shared with test_cache.py and test_finetune.py.
 
 
 def make_cfg(
@@ -161,7 +150,7 @@ def check_reloads(out: Path, cls, num_layers: int) -> None:
     shared = [k for k in side if k.startswith("student.") and k[len("student.") :] in state]
     assert len(shared) >= 0.8 * len(state), f"only {len(shared)} of {len(state)} student tensors are in the checkpoint"
     for k in shared:
-        torch.testing.assert_close(state[k[len("student.") :]], side[k], msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(state[k[len("student.") :]], side[k], msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ---------------------------------------------------------------- every loss type, every weighting
@@ -401,7 +390,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(teacher, corpus, 
     rows_b, _ = read_metrics(b)
     # The copied log holds steps 1..6 of run a; the resumed run appended 4..6.
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
-    for ra, rb in zip(rows_a[3:], rows_b[6:]):
+    for ra, rb in zip(rows_a[3:], rows_b[6:], strict=True):
         for k in ("loss", "loss/kl", "loss/ce", "loss/hidden", "loss/contrastive", "w/kl", "lr"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), f"step {ra['step']} {k}: {rb[k]} vs {ra[k]}"
     wa, wb = student_weights(a), student_weights(b)
@@ -635,7 +624,7 @@ def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
     assert not cls.unwrapped.fused
 
 
-# ---------------------------------------------------------------- the Minitron recipe: post-norm states, embeddings, ratio weights
+# ---------------------------------------------------------------- Minitron: post-norm states, embeddings, ratio weights
 
 MINITRON = [
     {"type": "kl"},
@@ -697,7 +686,13 @@ def test_final_norm_compares_each_models_own_post_norm_states(teacher, corpus, t
         make_cfg(teacher, corpus, tmp_path / "out", losses=losses, student=MINITRON_STUDENTS["random"], seed=1)
     )
     batch = next_batches(run, 0)[0]
-    got = term_losses(run, batch, run.side(batch.input_ids, batch.mask), run.teacher.record(batch, run.accelerator.device, run.unwrapped.fused), [None, None])
+    got = term_losses(
+        run,
+        batch,
+        run.side(batch.input_ids, batch.mask),
+        run.teacher.record(batch, run.accelerator.device, run.unwrapped.fused),
+        [None, None],
+    )
     student = run.unwrapped.student
     with torch.no_grad():
         s_final = student.base_model(input_ids=batch.input_ids, attention_mask=batch.mask.long()).last_hidden_state

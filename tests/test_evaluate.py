@@ -20,13 +20,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import tiny
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from alignkd import cli
+from alignkd import testing as tiny
 from alignkd.evaluate import (
     EvalError,
     EvalSettings,
@@ -52,15 +52,6 @@ from alignkd.evaluate.catalogue import METRICS as CATALOGUE
 
 TOK = tiny.byte_tokenizer()
 TEXTS = [tiny.TEXT, tiny.TEXT[::-1], tiny.TEXT.upper()]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are all overhead: one thread is faster, and far faster on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_csv(path: Path, rows: int = 24) -> Path:
@@ -195,7 +186,8 @@ def test_generation_prompts_start_with_bos_for_a_tokenizer_that_adds_it():
     for tok, lead in ((BOS_TOK, [BOS]), (TOK, [])):
         first: list[torch.Tensor] = []
         handle = model.register_forward_pre_hook(
-            lambda m, args, kwargs: first.append(kwargs["input_ids"]) if not first else None, with_kwargs=True
+            lambda m, args, kwargs, first=first: first.append(kwargs["input_ids"]) if not first else None,
+            with_kwargs=True,
         )
         out = continuations(model, tok, prompts, 4)
         handle.remove()
@@ -232,7 +224,7 @@ def test_label_scores_of_a_unigram_stub_are_the_word_log_likelihoods():
     model = UnigramLM(bias)
     logp = torch.log_softmax(bias, -1)
     scores = label_scores(model, TOK, "a fine film", ["negative", "positive"], demo_prefix(model, TOK, []))
-    for name, score in zip(["negative", "positive"], scores):
+    for name, score in zip(["negative", "positive"], scores, strict=True):
         by_hand = sum(logp[t].item() for t in TOK(" " + name)["input_ids"])
         assert score == pytest.approx(by_hand, rel=1e-5)
     texts, labels = labelled()
@@ -248,7 +240,7 @@ def test_label_scores_with_the_cached_prefix_equal_one_full_forward():
     scores = label_scores(model, TOK, "a fine film", ["negative", "positive"], prefix)
     context = TOK("Review: great film\nSentiment: positive\n\nReview: awful film\nSentiment: negative\n\n")["input_ids"]
     query = TOK("Review: a fine film\nSentiment:")["input_ids"]
-    for name, score in zip(["negative", "positive"], scores):
+    for name, score in zip(["negative", "positive"], scores, strict=True):
         word = TOK(" " + name)["input_ids"]
         ids = torch.tensor([context + query + word])
         with torch.no_grad():

@@ -11,7 +11,7 @@ import copy
 import json
 
 import yaml
-from test_engine import _classification_jsonl, corpus, make_cfg, make_run, read_metrics, teacher  # noqa: F401  (module fixtures, shared)
+from test_engine import _classification_jsonl, make_cfg, make_run, read_metrics
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from alignkd.config import load_config

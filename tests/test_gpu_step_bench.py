@@ -1,4 +1,7 @@
-"""benchmarks/gpu_step.py on the CPU with its tiny pair: it runs end to end, and its MFU arithmetic is the formula's."""
+"""benchmarks/gpu_step.py on the CPU with its tiny pair: it runs end to end, and its MFU arithmetic is the formula's.
+
+The benchmark runs in a child interpreter: tests do not import benchmarks.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +11,40 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from benchmarks import gpu_step
+from conftest import run_in_repo
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test starts a Python process
 
-
-@pytest.mark.parametrize("size", list(gpu_step.SIZES))
-def test_student_parameters_from_the_config_match_a_built_model(size):
-    t_cfg, s_over = gpu_step.SIZES[size]
-    if size != "tiny":  # the real pair: check the counts from the configs against the sizes it promises
-        assert 0.45e9 < gpu_step.student_params(t_cfg, s_over) < 0.55e9
-        assert 1.4e9 < gpu_step.student_params(t_cfg, {}) < 1.65e9
-        return
-    built = LlamaForCausalLM(LlamaConfig(**{**t_cfg, **s_over}, tie_word_embeddings=False))
-    assert gpu_step.student_params(t_cfg, s_over) == gpu_step.matmul_params(built)
+SIZES = ["1.5b-0.5b", "tiny"]  # gpu_step.SIZES, checked below
+# gpu_step.student_params of SIZES[argv[1]]'s student and teacher; for the tiny pair, also
+# gpu_step.matmul_params of both built (random weights, untied heads).
+PARAMS = """
+import json, sys
+from benchmarks import gpu_step
+size = sys.argv[1]
+t_cfg, s_over = gpu_step.SIZES[size]
+got = {"sizes": sorted(gpu_step.SIZES)}
+got["student"], got["teacher"] = gpu_step.student_params(t_cfg, s_over), gpu_step.student_params(t_cfg, {})
+if size == "tiny":
+    from transformers import LlamaConfig, LlamaForCausalLM
+    student = LlamaForCausalLM(LlamaConfig(**{**t_cfg, **s_over}, tie_word_embeddings=False))
     teacher = LlamaForCausalLM(LlamaConfig(**t_cfg, tie_word_embeddings=False))
-    assert gpu_step.student_params(t_cfg, {}) == gpu_step.matmul_params(teacher)
+    got["built_student"], got["built_teacher"] = gpu_step.matmul_params(student), gpu_step.matmul_params(teacher)
+print(json.dumps(got))
+"""
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_student_parameters_from_the_config_match_a_built_model(size):
+    got = run_in_repo(PARAMS, size)
+    assert got["sizes"] == sorted(SIZES), "a size gpu_step.SIZES has and this test does not"
+    if size != "tiny":  # the real pair: check the counts from the configs against the sizes it promises
+        assert 0.45e9 < got["student"] < 0.55e9
+        assert 1.4e9 < got["teacher"] < 1.65e9
+        return
+    assert got["student"] == got["built_student"]
+    assert got["teacher"] == got["built_teacher"]
 
 
 def test_a_tiny_run_on_the_cpu_prints_every_case_and_its_mfu(tmp_path):

@@ -1,5 +1,9 @@
 """The package's shape: every module imports, no import cycles, no overlong module, errors at the bottom.
 
+Also the repository's: tests/ and benchmarks/ never import each other (what both
+need, the tiny models and corpus, lives in ``alignkd.testing``), and
+``alignkd.testing`` leans only on the package's lower layers.
+
 The import graph is read from the source with ``ast`` rather than from
 ``sys.modules``, so an import inside a function counts as an edge too: a lazy
 import placed to dodge a cycle still shows up here as that cycle.
@@ -14,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "alignkd"
+REPO = ROOT.parent
 MAX_LINES = 400
 
 LAYERS = [
@@ -194,3 +199,35 @@ def test_the_architecture_page_names_every_package():
     page = (ROOT.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
     missing = [p for layer in LAYERS for p in layer if p not in ("", "__main__") and f"`{p}`" not in page]
     assert not missing, f"docs/architecture.md's layer table lacks {missing}"
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """The first component of every module ``path`` imports (absolute imports), at any depth."""
+    found = set()
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.partition(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.partition(".")[0])
+    return found
+
+
+@pytest.mark.parametrize(("folder", "forbidden"), [("benchmarks", "tests"), ("tests", "benchmarks")])
+def test_tests_and_benchmarks_do_not_import_each_other(folder, forbidden):
+    """Tests reach a benchmark only through a child process (``python -m benchmarks.x``)."""
+    files = sorted((REPO / folder).rglob("*.py"))
+    assert files, f"no Python files under {folder}/"
+    offenders = [p.relative_to(REPO).as_posix() for p in files if forbidden in top_level_imports(p)]
+    assert not offenders, f"these import {forbidden}, move what they share to alignkd/testing.py: {offenders}"
+
+
+def test_top_level_imports_sees_imports_in_functions(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import os.path\nfrom . import sibling\ndef f():\n    from tests.tiny import build\n")
+    assert top_level_imports(src) == {"os", "tests"}
+
+
+def test_testing_helpers_import_only_the_lower_layers():
+    lower = {"alignkd", "alignkd.errors", "alignkd.precision", "alignkd.models"}
+    outside = {m for m in imports_of("alignkd.testing") if m not in lower and not m.startswith("alignkd.models.")}
+    assert not outside, f"alignkd/testing.py imports {sorted(outside)}: only models, errors and precision"

@@ -12,9 +12,9 @@ import math
 
 import pytest
 import torch
+from conftest import assert_equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny import assert_equal
 
 from alignkd.losses import attention_kl, relation_kl
 
@@ -176,7 +176,7 @@ def test_attention_kl_padding_position_and_content_do_not_matter(gen, fill):
         maps = []
         for content in (content_s, content_t):
             m = torch.zeros(len(lengths), H, length, length)
-            for b, (c, n) in enumerate(zip(content, lengths)):
+            for b, (c, n) in enumerate(zip(content, lengths, strict=True)):
                 o = 0 if side == "right" else length - n
                 m[b, :, o : o + n, o : o + n] = c
                 mask[b, o : o + n] = True

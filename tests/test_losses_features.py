@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from tiny import assert_equal, pad_rows
+from conftest import assert_equal, pad_rows
 
 from alignkd.losses import hidden_cosine, hidden_mse, hidden_standardized_mse, info_nce
 
@@ -41,12 +41,12 @@ def mean_ref(terms: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_mse_ref(s, t, mask=None):
-    pairs = zip(counted_rows(s, mask), counted_rows(t, mask))
+    pairs = zip(counted_rows(s, mask), counted_rows(t, mask), strict=True)
     return mean_ref([torch.sum((a - b) ** 2) / a.shape[0] for a, b in pairs], s)
 
 
 def hidden_cosine_ref(s, t, mask=None):
-    pairs = zip(counted_rows(s, mask), counted_rows(t, mask))
+    pairs = zip(counted_rows(s, mask), counted_rows(t, mask), strict=True)
     return mean_ref(
         [1 - torch.sum(a * b) / (torch.sqrt(torch.sum(a * a)) * torch.sqrt(torch.sum(b * b))) for a, b in pairs], s
     )
@@ -59,7 +59,7 @@ def standardize_ref(v: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 
 def hidden_standardized_mse_ref(s, t, mask=None):
-    pairs = zip(counted_rows(s, mask), counted_rows(t, mask))
+    pairs = zip(counted_rows(s, mask), counted_rows(t, mask), strict=True)
     return mean_ref([torch.sum((standardize_ref(a) - standardize_ref(b)) ** 2) / a.shape[0] for a, b in pairs], s)
 
 
@@ -213,7 +213,7 @@ def test_standardized_mse_uses_biased_variance_and_eps(parity):
         return (-c, c) if a < b else (c, -c)
 
     expected = 0.0
-    for (a, b), (c, d) in zip(s.tolist(), t.tolist()):
+    for (a, b), (c, d) in zip(s.tolist(), t.tolist(), strict=True):
         (za, zb), (zc, zd) = z(a, b), z(c, d)  # a constant row (c == d) standardises to 0
         expected += ((za - zc) ** 2 + (zb - zd) ** 2) / 2
     expected /= 2
@@ -346,17 +346,17 @@ def test_info_nce_non_positive_max_tokens_raises(gen):
         info_nce(s, s, max_tokens=0)
 
 
-# ----------------------------------------------------------------------------- terms: post-norm hidden states, embeddings
+# ----------------------------------------------------------------------------- terms: post-norm states, embeddings
 #
 # The hidden term with ``final_norm`` and the embedding term, called as the engine
 # calls them, against references that normalise, project, look up and compare row
 # by row in float64.
 
-import tiny  # noqa: E402
 from conftest import tolerance  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
 
+from alignkd import testing as tiny  # noqa: E402
 from alignkd.align.maps import Projector  # noqa: E402
 from alignkd.errors import ConfigError  # noqa: E402
 from alignkd.models.capture import Capture, Needs, Record  # noqa: E402
@@ -422,7 +422,10 @@ def grads_close(got: torch.Tensor, ref: torch.Tensor, tol: dict, what: str) -> N
 @pytest.mark.parametrize("narrow", [False, True], ids=["same-width", "projected"])
 @pytest.mark.parametrize("metric", list(METRIC_REFS))
 def test_hidden_final_norm_parity(gen, rand_mask, metric, narrow, dtype):
-    """norm_S(h_S) -> projector -> metric against norm_T(h_T): values and gradients (states, student norm, projector)."""
+    """norm_S(h_S) -> projector -> metric against norm_T(h_T).
+
+    Values, and gradients of the states, the student's norm and the projector.
+    """
     ds = DS if narrow else D
     hs = feats(gen, B, T, ds, scale=4.0).to(dtype).requires_grad_(True)
     ht = feats(gen, B, T, D, scale=2.0, offset=0.3).to(dtype)
@@ -495,7 +498,7 @@ def test_embedding_term_parity(gen, rand_mask, metric, narrow, dtype):
 
     sw64 = s_emb.weight.detach().double().requires_grad_(True)
     pw64 = proj.linear.weight.detach().double().requires_grad_(True) if narrow else None
-    kept = [i for i, k in zip(ids.reshape(-1).tolist(), mask.reshape(-1).tolist()) if k]
+    kept = [i for i, k in zip(ids.reshape(-1).tolist(), mask.reshape(-1).tolist(), strict=True) if k]
     srows = [pw64 @ sw64[i] if narrow else sw64[i] for i in kept]
     trows = [t_emb.weight.detach().double()[i] for i in kept]
     ref = rows_metric_ref(metric, srows, trows)

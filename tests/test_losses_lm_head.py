@@ -131,7 +131,7 @@ def check_against_materialised(d, tol=F32, value_tol=None, **kw):
     ref = materialised(d, *b, **ref_kw)
     gb = grads_of(ref, b)
     assert_close(out, ref, **(value_tol or tol), what="value")
-    for name, x, g, r in zip(("hidden", "head", "bias"), a, ga, gb):
+    for name, x, g, r in zip(("hidden", "head", "bias"), a, ga, gb, strict=True):
         if x is not None:
             assert g.dtype == x.dtype and g.shape == x.shape, name
             assert_grad_close(g, r, **tol, what=f"{name} gradient")
@@ -264,7 +264,7 @@ def test_float64_reference(gen, kind, beta):
     out = fused(d, *a, kind=kind, temperature=1.7, beta=beta, ce_weight=0.4, softcap=4.0, chunk_tokens=5)
     got = grads_of(out, a)
     assert_close(out, ref, **F32, what="value")
-    for name, g, r in zip(("hidden", "head", "bias"), got, ref_grads):
+    for name, g, r in zip(("hidden", "head", "bias"), got, ref_grads, strict=True):
         assert_grad_close(g, r, **F32, what=f"{name} gradient")
 
 
@@ -310,7 +310,7 @@ def test_padding_content_does_not_matter(gen):
     dirty = fused(d, *b, kind="jsd", ce_weight=0.3, chunk_tokens=4)
     g_dirty = grads_of(dirty, b)
     assert dirty.item() == clean.item()
-    for g, r in zip(g_dirty, g_clean):
+    for g, r in zip(g_dirty, g_clean, strict=True):
         assert torch.equal(g, r)
     assert (g_dirty[0][~d["mask"]] == 0).all()
 
@@ -325,7 +325,7 @@ def test_teacher_gets_no_gradient_and_grad_output_scales(gen):
     out2 = fused(d, *a, kind="forward", ce_weight=0.5, chunk_tokens=6)
     (2.5 * out2).backward()
     assert d["ht"].grad is None and d["wt"].grad is None
-    for x, g in zip(a, g1):
+    for x, g in zip(a, g1, strict=True):
         torch.testing.assert_close(x.grad, 2.5 * g)
 
 
@@ -417,7 +417,7 @@ def test_float16_autocast_keeps_the_gradient_of_rare_tokens(gen):
     ref = materialised(d, *b, kind="forward", ce_weight=0.3)  # float32 logits
     gb = grads_of(ref, b)
     assert_close(out, ref, rtol=1e-3, atol=1e-5, what="value")
-    for name, g, r in zip(("hidden", "head", "bias"), ga, gb):
+    for name, g, r in zip(("hidden", "head", "bias"), ga, gb, strict=True):
         assert_grad_close(g, r, rtol=1e-2, atol=1e-2, what=f"{name} gradient")
     row_error = (ga[1] - gb[1]).norm(dim=1) / gb[1].norm(dim=1)
     assert row_error[5] < 1e-2, f"rare token's head row is {row_error[5].item():.1%} off"
@@ -500,7 +500,7 @@ def test_kl_and_ce_from_one_pass_have_their_own_gradients(
         gb = grads_of(weights[0] * kl_ref + weights[1] * ce_ref, b)
         assert_close(kl, kl_ref, **value_tol, what="kl")
         assert_close(ce, ce_ref, **value_tol, what="ce")
-        for name, g, r in zip(("hidden", "head", "bias"), ga, gb):
+        for name, g, r in zip(("hidden", "head", "bias"), ga, gb, strict=True):
             assert_grad_close(g, r, **grad_tol, what=f"{name} gradient at weights {weights}")
         assert (ga[1][123:] == 0).all()
 
@@ -518,7 +518,7 @@ def test_kl_and_ce_equal_the_separate_calls(gen):
     (kl_alone + ce_alone).backward()
     assert kl.item() == kl_alone.item()
     assert_close(ce, ce_alone, **F32, what="ce")
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert_grad_close(x.grad, y.grad, **F32, what="gradient")
 
 

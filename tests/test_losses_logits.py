@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
+from conftest import assert_equal, pad_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny import assert_equal, pad_rows
 
 from alignkd.losses import KL_KINDS, dkd, kl_div
 
@@ -396,7 +396,7 @@ def test_dkd_two_classes_is_tckd_by_hand(temperature):
         return 1.0 / (1.0 + math.exp(-(a - b) / temperature))
 
     expected = 0.0
-    for (s0, s1), (t0, t1), g in zip(s.tolist(), t.tolist(), tgt.tolist()):
+    for (s0, s1), (t0, t1), g in zip(s.tolist(), t.tolist(), tgt.tolist(), strict=True):
         ps, pt = p_first(s0, s1), p_first(t0, t1)
         if g == 1:
             ps, pt = 1 - ps, 1 - pt

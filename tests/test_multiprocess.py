@@ -29,10 +29,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import save_model, write_corpus
 
 from alignkd.backend import make_accelerator
 from alignkd.errors import ConfigError
+from alignkd.testing import save_model, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP = ROOT / "configs" / "accelerate" / "ddp.yaml"
@@ -142,7 +142,7 @@ def _check_matches_one_process(root: Path, two: Path, launch: subprocess.Complet
     assert [r["split"] for r in a] == [r["split"] for r in b] and sum(r["split"] == "train" for r in a) == STEPS
     assert launch.stdout.count("student saved to") == 1
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         keys = [k for k in y if k.startswith(("loss", "w/", "eval_"))]
         assert len(keys) >= (2 * len(TERMS) + 1 if x["split"] == "train" else 1)
         for key in keys:
@@ -179,12 +179,14 @@ def _check_resumes_last_step(root: Path, config: Path, launch: Path, out: Path) 
 
 
 @needs_distributed
+@pytest.mark.slow
 def test_two_processes_launched_as_documented_match_one_process(one_process):
     launch = _launch_two(_cfg(one_process, "two", 2), one_process)
     _check_matches_one_process(one_process, one_process / "two", launch)
 
 
 @needs_distributed
+@pytest.mark.slow
 def test_a_teacher_sharded_over_two_processes_matches_a_whole_one(one_process):
     launch = _launch_two(_cfg(one_process, "sharded", 2, placement="shard"), one_process)
     # The teacher really is split: each process holds part of its parameters (blocks halved, the rest whole).
@@ -197,6 +199,7 @@ def test_a_teacher_sharded_over_two_processes_matches_a_whole_one(one_process):
 
 
 @needs_distributed
+@pytest.mark.slow
 def test_a_student_sharded_by_an_fsdp_launch_matches_one_process_and_resumes(one_process):
     config = _cfg(one_process, "fsdp", 2, placement="shard", save_every=1, keep_checkpoints=3)
     launch = _launch_two(config, one_process, FSDP)
@@ -224,6 +227,7 @@ def test_a_student_sharded_by_an_fsdp_launch_matches_one_process_and_resumes(one
 
 
 @needs_distributed
+@pytest.mark.slow
 def test_gradnorm_on_a_sharded_student_equals_gradnorm_under_ddp(one_process):
     """GradNorm backpropagates once per term before the step's backward: the sharded blocks must stay gathered
     through those, and ZeRO's gradient hooks must not take those gradients for the step's."""
@@ -237,7 +241,7 @@ def test_gradnorm_on_a_sharded_student_equals_gradnorm_under_ddp(one_process):
         runs[name] = _records(one_process / name)
     for name in runs.keys() - {"gn-ddp"}:  # FSDP, and ZeRO-2 where deepspeed is installed (ZeRO-3 refuses GradNorm)
         assert len(runs[name]) == len(runs["gn-ddp"]) > STEPS
-        for x, y in zip(runs[name], runs["gn-ddp"]):
+        for x, y in zip(runs[name], runs["gn-ddp"], strict=True):
             keys = [k for k in y if k.startswith(("loss", "w/", "eval_"))]
             assert any(k.startswith("w/") for k in keys) or x["split"] == "eval"
             for key in keys:
@@ -269,6 +273,7 @@ def _zero1_launch(root: Path) -> Path:
 
 @needs_distributed
 @needs_deepspeed
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_student_under_deepspeed_zero_matches_one_process_and_resumes(one_process, stage):
     """ZeRO-1 partitions the AdamW state, ZeRO-2 the gradients too, ZeRO-3 the weights too; the run, the
@@ -287,7 +292,8 @@ def test_a_student_under_deepspeed_zero_matches_one_process_and_resumes(one_proc
     assert ("whole on each, for the fused LM-head terms" in " ".join(launch.stderr.split())) == (stage == 3)
     # The teacher (placement: shard) is partitioned by ZeRO-3 inference whatever the student's stage, its head whole.
     said = re.search(
-        r"teacher: weights partitioned over 2 processes with DeepSpeed ZeRO-3 inference \(([\d.]+)M of ([\d.]+)M parameters here, the head whole on each\)",
+        r"teacher: weights partitioned over 2 processes with DeepSpeed ZeRO-3 inference "
+        r"\(([\d.]+)M of ([\d.]+)M parameters here, the head whole on each\)",
         " ".join(launch.stderr.split()),
     )
     assert said and float(said[1]) < float(said[2]), launch.stderr[-2000:]
@@ -330,6 +336,7 @@ sys.exit(main())
 
 
 @needs_distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ["fsdp", "zero2", "zero3"])
 def test_a_nan_on_one_process_skips_the_step_on_all(one_process, launch):
     """A NaN term on one process of a sharded launch: every process skips the step (FSDP's optimizer, or
@@ -374,7 +381,10 @@ def test_a_nan_on_one_process_skips_the_step_on_all(one_process, launch):
 
 
 def _search_cfg(root: Path, out: str, batch: int) -> Path:
-    """Blocks chosen by ``select: search``: each candidate probed by two steps of the run's own set-up, under the launch."""
+    """Blocks chosen by ``select: search``.
+
+    Each candidate is probed by two steps of the run's own set-up, under the launch.
+    """
     cfg = yaml.safe_load(_cfg(root, out, batch, placement="shard", steps=2).read_text())
     cfg["teacher"]["path"] = str(root / "teacher4")
     cfg["student"] = {
@@ -387,6 +397,7 @@ def _search_cfg(root: Path, out: str, batch: int) -> Path:
 
 
 @needs_distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ["fsdp", "zero3"])
 def test_select_search_under_a_sharded_launch_probes_as_one_process_does(one_process, launch):
     if launch != "fsdp" and not HAS_DEEPSPEED:
@@ -402,11 +413,11 @@ def test_select_search_under_a_sharded_launch_probes_as_one_process_does(one_pro
         json.loads((one_process / n / "block_scores.json").read_text())["candidates"] for n in (name, "search-one")
     )
     assert len(got) == len(want) == 3
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g["layers"] == w["layers"] and g["probe_loss"] == pytest.approx(w["probe_loss"], rel=1e-5), g
     a, b = _records(one_process / name), _records(one_process / "search-one")
     assert [r["split"] for r in a] == [r["split"] for r in b]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for key in (k for k in y if k.startswith(("loss", "eval_"))):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 

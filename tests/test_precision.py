@@ -6,13 +6,13 @@ import io
 import json
 
 import pytest
-import tiny
 import torch
 import yaml
 from rich.console import Console
 
 import alignkd
 from alignkd import precision
+from alignkd import testing as tiny
 from alignkd.display import Progress
 from alignkd.engine.horizon import Horizon
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from tiny import build, config
 from transformers import AutoModelForCausalLM
 
 from alignkd.models import ModelError
 from alignkd.models.student import from_config
 from alignkd.models.width import width_prune
+from alignkd.testing import build, config
 
 NARROW = {
     "hidden_size": 48,

@@ -52,7 +52,7 @@ def md_table(md: str, heading: str) -> dict[str, dict[str, str]]:
             break
         block.append([c.strip() for c in re.split(r"(?<!\\)\|", ln)[1:-1]])
     header, rows = block[0], block[2:]
-    return {r[0]: dict(zip(header[1:], r[1:])) for r in rows}
+    return {r[0]: dict(zip(header[1:], r[1:], strict=True)) for r in rows}
 
 
 def embedded_pngs(html: str) -> dict[str, bytes]:
@@ -200,8 +200,10 @@ def test_short_run_with_nan_and_a_cut_off_line(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     lines = [
-        '{"split": "train", "step": 1, "loss": 9.0, "loss/kl": 5.0, "loss/ce": 4.0, "w/kl": 1.0, "w/ce": 1.0, "lr": 1e-4, "grad_norm": 3.0}',
-        '{"split": "train", "step": 2, "loss": NaN, "loss/kl": NaN, "loss/ce": 3.5, "w/kl": 1.1, "w/ce": 0.9, "lr": 2e-4, "grad_norm": Infinity}',
+        '{"split": "train", "step": 1, "loss": 9.0, "loss/kl": 5.0, "loss/ce": 4.0, '
+        '"w/kl": 1.0, "w/ce": 1.0, "lr": 1e-4, "grad_norm": 3.0}',
+        '{"split": "train", "step": 2, "loss": NaN, "loss/kl": NaN, "loss/ce": 3.5, '
+        '"w/kl": 1.1, "w/ce": 0.9, "lr": 2e-4, "grad_norm": Infinity}',
         '{"split": "eval", "step": 2, "eval_loss": 3.3, "eval_ppl": 27.1}',
         '{"split": "train", "step": 3, "loss": 8.',  # the process died mid-write
     ]
@@ -305,6 +307,7 @@ def run_chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_browser_renders_every_image(report, tmp_path):
     page = tmp_path / "check.html"
     page.write_text(report["html_text"].replace("</body>", COUNT_IMAGES + "</body>"))
@@ -314,6 +317,7 @@ def test_browser_renders_every_image(report, tmp_path):
     assert f'data-loaded="{len(embedded_pngs(report["html_text"]))}"' in body.group(0)
 
 
+@pytest.mark.slow
 def test_browser_screenshot_is_not_blank(report, tmp_path):
     shot = tmp_path / "shot.png"
     done = run_chromium(
@@ -360,7 +364,10 @@ def test_a_teacher_near_chance_shows_the_retention_above_chance_and_a_warning(tm
     assert tuple(kept["Accuracy retained above chance"].values()) == ("**84.6%**", "65.4%")
     assert "accuracy 96.8%, accuracy above chance 84.6%, BLEU" in md
     assert "The teacher's accuracy is near chance, so accuracy retention says little" in md
-    warning = "Warning: the teacher's accuracy (63.0%) is only 13.0 points above chance (50.0%: always answering the majority class)"
+    warning = (
+        "Warning: the teacher's accuracy (63.0%) is only 13.0 points above chance "
+        "(50.0%: always answering the majority class)"
+    )
     assert warning in md and escape(warning) in html
 
 

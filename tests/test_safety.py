@@ -1,4 +1,4 @@
-"""Never lose or mix work: atomic checkpoints, damaged ones skipped, existing runs kept, resumes that compute the same."""
+"""Never lose or mix work: atomic checkpoints, damaged ones skipped, existing runs kept, same results on resume."""
 
 from __future__ import annotations
 
@@ -9,20 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 import yaml
 from safetensors.torch import load_file
 
 import alignkd
 import alignkd.errors
+from alignkd import testing as tiny
 from alignkd.config import ConfigError
 from alignkd.engine.checkpoint import checkpoints, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +71,7 @@ def test_a_second_run_into_a_run_folder_stops_and_overwrite_replaces_it(models, 
     assert [p.name for p in checkpoints(out)] == ["step-3"]  # and so are its checkpoints
 
 
+@pytest.mark.slow
 def test_the_cli_says_it_in_one_line_and_exits_2(models, tmp_path):
     out = tmp_path / "run"
     alignkd.distill(cfg_for(models, out, steps=1))
@@ -84,7 +82,8 @@ def test_the_cli_says_it_in_one_line_and_exits_2(models, tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"alignkd distill: error: train.output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        f"alignkd distill: error: train.output_dir {out} already holds a run; "
+        "pass --resume to continue it or --overwrite to replace it"
     ]
 
 
@@ -267,6 +266,7 @@ def reference(models, tmp_path_factory) -> tuple[dict, Path]:
     return cfg, root / "run"
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_curve(reference, tmp_path):
     import random
     import signal
@@ -297,6 +297,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_curve(refe
         )
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(reference, tmp_path):
     import signal
 
@@ -343,7 +344,10 @@ def test_sigterm_saves_at_the_next_step_boundary_and_exits_0(reference, tmp_path
     ],
 )
 def test_a_checkpoint_of_another_launch_is_refused_not_skipped(tmp_path, written, processes, launch):
-    """Per-process checkpoints (FSDP shards, ZeRO partitions of a stage): another launch must stop with one line, not fall back to an older one."""
+    """Per-process checkpoints (FSDP shards, ZeRO partitions of a stage).
+
+    Another launch must stop with one line, not fall back to an older checkpoint.
+    """
     from types import SimpleNamespace
 
     from alignkd.engine.checkpoint import resume_latest

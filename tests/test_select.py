@@ -1,4 +1,6 @@
-"""Tests of choosing a depth-pruned student's blocks (alignkd.align.blocks, alignkd.engine.block_choice, ``alignkd prune``).
+"""Tests of choosing a depth-pruned student's blocks.
+
+The code is in alignkd.align.blocks and alignkd.engine.block_choice; the command is ``alignkd choose-blocks``.
 
 The state scores are checked against a plain reference computed here from the
 model's own hidden states; the loss-based scores against a plain cross-entropy
@@ -20,7 +22,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -28,6 +29,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import alignkd
+from alignkd import testing as tiny
 from alignkd.align.blocks import RULES, Calibration, calibration_loss, choose, removal_increase, state_scores
 from alignkd.align.tasks import TASKS
 from alignkd.cli import main
@@ -40,9 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 IDENTITY = 1  # the block of the trained teacher that adds nothing
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
 def text_rows(seq: int = 32) -> torch.Tensor:
     ids = torch.tensor(tiny.byte_tokenizer()(tiny.TEXT * 4, add_special_tokens=False)["input_ids"])
     return ids[: len(ids) // seq * seq].view(-1, seq)
@@ -50,7 +49,7 @@ def text_rows(seq: int = 32) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A 4-block, 32-wide llama trained on the corpus text with block 1 held at the identity, saved with its tokenizer."""
+    """A 4-block, 32-wide llama trained on the corpus text, block 1 held at the identity; saved with its tokenizer."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny.config("llama", layers=4, width=32))
     held = blocks_of(model)[IDENTITY]
@@ -85,7 +84,10 @@ def calibration(ids: torch.Tensor, *, task: str = "causal_lm", skip_bos: bool = 
 
 
 def reference_states(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """Input of every block and output of the last, ``[B, T, D]`` float64, from ``output_hidden_states`` with the final norm removed."""
+    """Input of every block and output of the last, ``[B, T, D]`` float64.
+
+    From ``output_hidden_states``, with the final norm removed.
+    """
     bare = copy.deepcopy(model)
     parent, _, name = FAMILIES[bare.config.model_type].final_norm.rpartition(".")
     setattr(get_path(bare.base_model, parent) if parent else bare.base_model, name, nn.Identity())
@@ -277,6 +279,7 @@ def test_search_is_deterministic_and_keeps_the_best_probe(tmp_path, corpus, trai
     assert json.loads(path.read_text())["layers"] == first.layers
 
 
+@pytest.mark.slow
 def test_prune_cli_prints_and_saves_the_block_scores(tmp_path, corpus, trained):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(run_config(trained, corpus, tmp_path / "out", select="importance", layers=[0, 1])))
@@ -314,7 +317,8 @@ def base_cfg(**student) -> dict:
     [
         (
             {"path": "s", "from_teacher": {"select": "importance"}},
-            "student.from_teacher.select: choosing blocks applies to a student copied from the teacher, and this one comes from student.path",
+            "student.from_teacher.select: choosing blocks applies to a student copied from the teacher, "
+            "and this one comes from student.path",
         ),
         ({"config": {"num_hidden_layers": 1}, "from_teacher": {"select": "search"}}, "comes from student.config"),
         ({"from_teacher": {"select": "importnce"}}, "did you mean 'importance'"),

@@ -8,10 +8,10 @@ back to the same logits.
 from __future__ import annotations
 
 import pytest
-import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
+from alignkd import testing as tiny
 from alignkd.config import FromTeacherConfig, StudentConfig
 from alignkd.models import ModelError, check_tokenizers, common_vocab
 from alignkd.models.depth import even_layers
@@ -197,7 +197,7 @@ def test_depth_pruned_view_shares_the_teachers_tensors(teachers, family, ids):
     teacher = teachers[family]
     view = depth_pruned(teacher, KEEP, None, share_weights=True).eval()
     for j, i in enumerate(KEEP):
-        for (name, p), q in zip(blocks_of(view)[j].named_parameters(), blocks_of(teacher)[i].parameters()):
+        for (name, p), q in zip(blocks_of(view)[j].named_parameters(), blocks_of(teacher)[i].parameters(), strict=True):
             assert p is q, f"block {j} {name} is a copy"
     assert view.get_input_embeddings().weight is teacher.get_input_embeddings().weight
     assert len(blocks_of(teacher)) == 4 and teacher.config.num_hidden_layers == 4 and view.config.num_hidden_layers == 3

@@ -1,4 +1,4 @@
-"""``alignkd study``: the study file's rules, how overrides merge, and a quick study of configs/studies/lm.yaml end to end.
+"""``alignkd study``: the study file's rules, how overrides merge, a quick study of configs/studies/lm.yaml end to end.
 
 The quick study runs on stand-ins with an empty asset cache, as on a machine
 without the packaged assets: the whole CLI, every variant of the shipped study,
@@ -239,6 +239,7 @@ def _variants(out: Path) -> dict[str, dict]:
     return {v["name"]: v for v in json.loads((out / "study.json").read_text())["variants"]}
 
 
+@pytest.mark.slow  # about 20 s, in process
 def test_quick_study_of_lm_yaml_writes_a_row_and_a_curve_per_variant(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ALIGNKD_CACHE", str(tmp_path / "no-assets"))  # as on a machine without them
     out = tmp_path / "study"

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from alignkd import testing as tiny
 from alignkd.data import (
     Blocks,
     DataError,
@@ -249,7 +249,10 @@ def test_auto_caches_big_sources_beside_them_or_in_the_user_cache(tmp_path, monk
 
 
 def test_big_text_file_is_read_in_pieces_with_the_same_ids(tmp_path, monkeypatch):
-    """A text file over WHOLE_TEXT_BYTES is tokenised in pieces cut before a space between words; the ids match the whole file's."""
+    """A text file over WHOLE_TEXT_BYTES is tokenised in pieces cut before a space between words.
+
+    The ids match the whole file's.
+    """
     rng = np.random.default_rng(1)
     lines = [
         " ".join(rng.choice(WORDS + ["", "\t"], size=rng.integers(0, 12))) for _ in range(400)
@@ -335,7 +338,8 @@ CHILD = textwrap.dedent(
         if pid == 0:
             try:
                 words = json.loads(sys.argv[1])
-                t = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(["<unk>", "<eos>", *words])}, unk_token="<unk>"))
+                vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", *words])}
+                t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
                 t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
                 tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="<eos>")
                 lm = build_lm_data(path, tok, seq_len=64, token_cache=cache)
@@ -366,6 +370,7 @@ def _write_corpus(path: Path, mib: int, words: list[str]) -> None:
             f.write(chunk)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units and fork as on Linux")
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     words = [f"{i:04d}".ljust(WORD_CHARS, "x") for i in range(500)]

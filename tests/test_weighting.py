@@ -56,7 +56,7 @@ def test_cosine(step, value):
 def test_cosine_falls_monotonically():
     s = sched("cosine", start=1.0, end=0.0, steps=20)
     values = [schedule_value(s, i, 20, 0.0) for i in range(21)]
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
 
 
 @pytest.mark.parametrize(
@@ -322,7 +322,7 @@ def test_ratio_scales_each_feature_term_to_the_first_output_term():
     # Feature terms: configured weight * L_kl / L_term; kl, ce and the second kl keep theirs.
     expected = [1.0, 0.5, 1.0 * 3.0 / 0.25, 2.0 * 3.0 / 12.0, 0.3]
     assert w.weights().tolist() == pytest.approx(expected)
-    assert w.log() == pytest.approx({f"w/{n}": e for n, e in zip(RATIO_TERMS, expected)})
+    assert w.log() == pytest.approx({f"w/{n}": e for n, e in zip(RATIO_TERMS, expected, strict=True)})
     assert w.due(0) and w.due(7) and w.model_params() == []
 
 

@@ -70,9 +70,10 @@ def distilled() -> list[dict]:
         base = terms_at(step)
         losses = {n: max(v * (1 + wiggle(step, k)), 1e-4) for k, (n, v) in enumerate(base.items())}
         w = weights_at(step)
-        rec = {"split": "train", "step": step + 1, "loss": r(sum(wi * losses[n] for wi, n in zip(w, TERMS)))}
+        loss = sum(wi * losses[n] for wi, n in zip(w, TERMS, strict=True))
+        rec = {"split": "train", "step": step + 1, "loss": r(loss)}
         rec.update({f"loss/{n}": r(losses[n]) for n in TERMS})
-        rec.update({f"w/{n}": r(wi) for wi, n in zip(w, TERMS)})
+        rec.update({f"w/{n}": r(wi) for wi, n in zip(w, TERMS, strict=True)})
         rec["temperature/kl"] = r(4.0 + (1.0 - 4.0) * step / STEPS)
         rec.update(
             {

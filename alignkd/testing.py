@@ -1,12 +1,18 @@
-"""What the tests share: tiny models, tokenizer and text built offline from configs, and tensor helpers of the loss tests.
+"""Tiny models, a byte tokenizer and a small corpus, built offline, for tests and benchmarks.
 
-Imported as ``tiny`` by the tests (pytest puts tests/ on the path) and as
-``tests.tiny`` by the benchmarks, run from the repository root as modules.
+Everything here is random and small (width 32, two blocks by default) and needs
+no download: ``build`` makes a model in memory, ``save_model`` writes a model
+with the byte tokenizer to a folder that ``alignkd`` (or transformers) loads as
+a teacher or a student, and ``write_corpus`` writes a folder of text files.
+alignkd's own tests and benchmarks use them; so may the tests of a project
+built on alignkd.
+
+Only torch, tokenizers and transformers are imported here, nothing from the
+engine, the config or the CLI: the tests of those layers can lean on it.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -57,6 +63,7 @@ VOCAB = 272  # 261 tokens, padded like real heads (Qwen2Tokenizer adds one more)
 
 
 def config(family: str, *, layers: int = 2, width: int = 32, heads: int = 4, vocab: int = VOCAB, **kw):
+    """The transformers config of a tiny ``family`` model: llama, qwen2, gemma3, gpt2 or bert (``kw`` on top)."""
     common = dict(
         vocab_size=vocab,
         hidden_size=width,
@@ -136,6 +143,7 @@ TEXT = (
 
 
 def write_corpus(path: Path, docs: int = 12) -> Path:
+    """``docs`` text files in ``path`` (created), each ``TEXT`` one to three times over."""
     path.mkdir(parents=True, exist_ok=True)
     for i in range(docs):
         (path / f"doc{i:02d}.txt").write_text(TEXT * (1 + i % 3))
@@ -150,32 +158,3 @@ def build(
     cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return cls.from_config(config(family, **kw), **extra).eval()
-
-
-# ----------------------------------------------------------------------------- tensors for the loss tests
-
-
-def pad_rows(rows_: list[torch.Tensor], length: int, side: str, fill: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack variable-length rows ``[L_i, ...]`` into ``[B, length, ...]`` padded on ``side``; returns ``(x, mask)``.
-
-    Padding is filled with ``fill`` (random signs for finite values) so that any
-    leak of padded content into the result shows up.
-    """
-    tail = rows_[0].shape[1:]
-    out = torch.empty(len(rows_), length, *tail)
-    if math.isfinite(fill):
-        out.copy_(fill * torch.sign(torch.randn(out.shape, generator=gen)))
-    else:
-        out.fill_(fill)
-    mask = torch.zeros(len(rows_), length, dtype=torch.bool)
-    for b, r in enumerate(rows_):
-        n = r.shape[0]
-        sl = slice(0, n) if side == "right" else slice(length - n, length)
-        out[b, sl] = r
-        mask[b, sl] = True
-    return out, mask
-
-
-def assert_equal(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-6) -> None:
-    """Equal up to float32 rounding, compared in float64."""
-    torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=1e-5, atol=atol)
