@@ -257,7 +257,7 @@ def test_second_run_is_fast_and_damage_is_rebuilt(tmp_path, corpus_tarball, sent
 def test_stale_scratch_folders_are_removed(tmp_path, corpus_tarball):
     stale = tmp_path / "c" / ".corpus-partial-12345"
     (stale / "asset").mkdir(parents=True)
-    old = time.time() - 2 * assets.cache.STALE_S
+    old = time.time() - 2 * assets.store.STALE_S
     os.utime(stale, (old, old))
     prepare(tmp_path / "c", only=["corpus"], sources={"corpus_tarball": corpus_tarball}, progress=False)
     assert not stale.exists()
@@ -339,7 +339,7 @@ def test_failed_force_keeps_the_old_asset(tmp_path, corpus_tarball):
     _, key, bad, _ = bad_corpus(tmp_path)
     with pytest.raises(AssetError):
         prepare(cache, only=["corpus"], sources={key: bad}, force=True, progress=False)
-    assert assets.cache.complete(cache / "corpus", "corpus", downloaded=False) is not None
+    assert assets.store.complete(cache / "corpus", "corpus", downloaded=False) is not None
     assert not list(cache.glob(".corpus-partial-*"))
 
 
@@ -463,12 +463,12 @@ def test_cli_downloads_prepares_and_prints(tmp_path, monkeypatch, capsys, corpus
 
 def test_real_cache_holds_the_real_assets():
     root = cache_dir()
-    manifests = {name: assets.cache.complete(root / name, name, downloaded=True) for name in assets.NAMES}
+    manifests = {name: assets.store.complete(root / name, name, downloaded=True) for name in assets.NAMES}
     if not all(manifests.values()):
         pytest.skip(f"no complete real assets in {root}; run `alignkd assets` to prepare them")
     from transformers import AutoConfig
 
-    got = assets.cache.layout(root)
+    got = assets.store.layout(root)
     config = AutoConfig.from_pretrained(got.teacher)
     assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == (
         "llama",
