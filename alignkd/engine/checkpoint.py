@@ -10,7 +10,9 @@ a DeepSpeed launch the student is whole and each process writes its ZeRO optimiz
 partition (``optimizer-rankR.pt``, with its float32 master weights, which under
 ZeRO-3 are where the partitioned weights come back from). It is written under a
 hidden temporary name and renamed into place, so a kill at any moment leaves
-either the whole checkpoint or none. At resume a checkpoint that fails to load
+either the whole checkpoint or none; a write that fails (on any process) removes
+the half-written folder, and one that runs out of room is one line naming the last
+good checkpoint (``settle_writes``). At resume a checkpoint that fails to load
 (on any process) is reported and the previous one is used, by every process.
 """
 
