@@ -1,6 +1,17 @@
 """alignkd: knowledge distillation of transformer LMs with feature alignment."""
 
+import logging
+
 __version__ = "0.1.0"
+
+# Accelerate's model unwrapping, which transformers' save_pretrained calls, imports deepspeed
+# wherever it is installed, and on a machine without a GPU DeepSpeed announces on stdout that it
+# uses the CPU. Commands save models before a run tells DeepSpeed its device (the demo converting
+# its teacher, a study's stand-in models), so the line is filtered here, before anything can
+# import deepspeed; DeepSpeed's other messages stay.
+logging.getLogger("DeepSpeed").addFilter(
+    lambda record: not record.getMessage().startswith("Setting accelerator to CPU")
+)
 
 
 def distill(config, *, resume: bool = False, overwrite: bool = False, overrides=()):

@@ -1,7 +1,8 @@
-"""The errors that mean bad input. The bottom of the package: it imports nothing.
+"""The errors that mean bad input, and the disk's. The bottom of the package: it imports nothing.
 
-Each is a ``UserError``: the CLI shows its message as one line and exits 2. The
-message says what is wrong and how to fix it.
+Each bad input is a ``UserError``: the CLI shows its message as one line and exits 2.
+The message says what is wrong and how to fix it. A ``DiskError`` is no fault of the
+input, but it is fixed outside alignkd too, and is shown the same way.
 """
 
 
@@ -45,5 +46,14 @@ class AssetError(UserError):
     """A packaged asset could not be fetched or prepared; the message says which step and how to retry."""
 
 
-USER_ERRORS = (UserError,)
+class DiskError(OSError):
+    """A write that failed for want of room (a full device or quota) or permission; one line says what could not
+    be written where, the room it needed and had, and what to run once it is fixed. ``errno`` is the reason's."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
+
+
+USER_ERRORS = (UserError, DiskError)
 """What the CLI turns into one line and exit code 2."""

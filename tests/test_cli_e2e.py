@@ -11,6 +11,7 @@ the teacher lacks, a missing data file, a misspelled key) exits 2 with one line.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -287,3 +288,41 @@ def test_an_unknown_key_exits_2_with_a_suggestion(config_file, workdir):
     proc = cli("distill", str(config_file), "train.stpes=3", f"train.output_dir={workdir / 'bad_key'}")
     line = _one_line_error(proc)
     assert "train.stpes" in line and "did you mean 'steps'" in line, line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_does_not_announce_the_cpu(tmp_path):
+    """transformers' save_pretrained imports deepspeed wherever it is installed, and on a machine without a GPU
+    DeepSpeed prints on stdout that it uses the CPU. A model saved before any run (as the demo's first stage
+    converts its teacher), then a run, in one CLI process: no such line."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+
+        import yaml
+
+        from alignkd.cli import main  # what the console script imports first
+        import tiny
+
+        root = Path({str(tmp_path)!r})
+        tiny.save_model(root / "teacher", "llama", layers=2)
+        assert "deepspeed" in sys.modules, "nothing imported deepspeed: the test shows nothing"
+        cfg = {{
+            "teacher": {{"path": str(root / "teacher"), "dtype": "float32"}},
+            "student": {{"from_teacher": {{"layers": [1]}}}},
+            "data": {{"train": str(tiny.write_corpus(root / "corpus")), "seq_len": 16, "eval_fraction": 0.1}},
+            "losses": [{{"type": "kl"}}],
+            "train": {{"steps": 1, "batch_size": 2, "mixed_precision": "no", "progress": False,
+                       "eval_batches": 1, "output_dir": str(root / "run")}},
+        }}
+        (root / "distill.yaml").write_text(yaml.safe_dump(cfg))
+        sys.exit(main(["distill", str(root / "distill.yaml")]))
+        """
+    )
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), str(REPO), env.get("PYTHONPATH")) if p)
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Setting accelerator" not in res.stdout + res.stderr, res.stdout[-2000:]

@@ -23,7 +23,7 @@ MAX_LINES = 400
 
 LAYERS = [
     ("errors",),
-    ("checks", "precision", "display"),
+    ("checks", "precision", "display", "disk"),
     ("losses",),
     ("assets", "models", "data"),
     ("terms",),

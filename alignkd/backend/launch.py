@@ -45,8 +45,8 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     # the only place alignkd touches Accelerate's private API.
     AcceleratorState._reset_state(reset_partial_state=False)
     if default_device().type == "cpu":
-        # Where deepspeed is installed, transformers imports it to save a model; told the device, it
-        # does not print its "unable to detect" warning on stdout.
+        # Where deepspeed is installed, transformers imports it to save a model: on the run's
+        # device, even where a GPU is present but the run was told to use the CPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     hidden = {k: os.environ.pop(k) for k in (FSDP_LAUNCH, zero.DEEPSPEED_LAUNCH) if k in os.environ}
     try:

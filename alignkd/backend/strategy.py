@@ -27,6 +27,7 @@ from torch import nn
 from alignkd.align.plan import unwrap
 from alignkd.backend import fsdp, zero
 from alignkd.backend.launch import shards_student
+from alignkd.disk import save_torch
 
 
 class Backend:
@@ -202,9 +203,16 @@ class FSDP2(Backend):
         acc = self.accelerator
         acc.wait_for_everyone()  # the main process made the folder
         rank = acc.process_index
-        save_file(fsdp.local_state(unwrap(side)), str(folder / f"side-rank{rank}.safetensors"))
-        torch.save(fsdp.local_optimizer_state(optimizer), folder / f"optimizer-rank{rank}.pt")
+        state, partition = fsdp.local_state(unwrap(side)), fsdp.local_optimizer_state(optimizer)
+        failed = None
+        try:
+            save_file(state, str(folder / f"side-rank{rank}.safetensors"))
+            save_torch(partition, folder / f"optimizer-rank{rank}.pt")
+        except Exception as e:  # raised after the barrier, which every process must reach
+            failed = e
         acc.wait_for_everyone()
+        if failed is not None:
+            raise failed
         return {}
 
     def load(self, side, optimizer, folder, state):
@@ -256,8 +264,15 @@ class ZeRO(Backend):
         # The main process writes the side whole; under ZeRO-3 every process takes part in the gather.
         whole = zero.side_state(side) if acc.is_main_process or zero.is_stage3(side) else None
         acc.wait_for_everyone()  # the main process made the folder
-        torch.save(zero.partition_state(side), folder / f"optimizer-rank{acc.process_index}.pt")
+        partition = zero.partition_state(side)
+        failed = None
+        try:
+            save_torch(partition, folder / f"optimizer-rank{acc.process_index}.pt")
+        except Exception as e:  # raised after the barrier, which every process must reach
+            failed = e
         acc.wait_for_everyone()
+        if failed is not None:
+            raise failed
         if acc.is_main_process:  # ZeRO's parameters are views of its flat buffers: saved as copies
             save_file(whole, str(folder / "side.safetensors"))
         return {}

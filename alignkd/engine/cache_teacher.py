@@ -23,11 +23,12 @@ from alignkd.align.plan import build_plan, forward_record
 from alignkd.align.tasks import TASKS, heldout
 from alignkd.backend import make_accelerator
 from alignkd.config import resolve_precision, resolved
+from alignkd.disk import disk_errno, fix, why
 from alignkd.display import Tasks
 from alignkd.engine.block_choice import choose_blocks, choosing
 from alignkd.engine.checkpoint import replace_dir
 from alignkd.engine.load import load_models
-from alignkd.errors import ConfigError
+from alignkd.errors import ConfigError, DiskError
 from alignkd.models.capture import Capture, Needs
 from alignkd.precision import DTYPES, default_device
 from alignkd.teacher.cache_format import (
@@ -126,10 +127,14 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     teacher.to(device)
     tmp = dest.absolute().parent / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     bs = cfg.train.batch_size
-    shards, specs = _write_shards(teacher, capture, blocks, tmp, k, vocab, DTYPES[cfg.teacher.cache_dtype], bs)
+    sizes: dict[str, int] = {}
+    with _room(dest, tmp, sizes):
+        tmp.mkdir(parents=True)
+        shards, specs = _write_shards(
+            teacher, capture, blocks, tmp, k, vocab, DTYPES[cfg.teacher.cache_dtype], bs, sizes
+        )
     teacher_eval = heldout(
         task, teacher, held, tok, batch_size=bs, batches=cfg.train.eval_batches, device=device,
         autocast=contextlib.nullcontext,
@@ -151,8 +156,9 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
         "teacher_eval_blocks": min(held["input_ids"].shape[0], bs * cfg.train.eval_batches),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (tmp / META).write_text(json.dumps(meta, indent=1))  # last: a folder without it is not a cache
-    replace_dir(tmp, dest)
+    with _room(dest, tmp, sizes):
+        (tmp / META).write_text(json.dumps(meta, indent=1))  # last: a folder without it is not a cache
+        replace_dir(tmp, dest)
     per = bytes_per_token(meta)
     total = sum((dest / s["file"]).stat().st_size for s in meta["shards"])
     say(
@@ -162,10 +168,29 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     return meta
 
 
-def _write_shards(teacher, capture, blocks, folder: Path, k: int, vocab: int, dtype, batch_size: int):
+@contextlib.contextmanager
+def _room(dest: Path, tmp: Path, sizes: dict[str, int]):
+    """Writes into ``tmp`` whose failure removes it; a full disk or an unwritable folder is one line."""
+    try:
+        yield
+    except Exception as e:
+        code = disk_errno(e, tmp, sizes.get("needed"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        if code is None:
+            raise
+        where = tmp.parent
+        raise DiskError(
+            f"could not write the teacher cache to {dest}: {why(code, where, sizes.get('needed'))}; "
+            f"{fix(code, where)}, then run alignkd cache-teacher again",
+            code,
+        ) from e
+
+
+def _write_shards(teacher, capture, blocks, folder: Path, k: int, vocab: int, dtype, batch_size: int, sizes: dict):
     """Run the teacher over ``blocks`` ``[N, T]`` in batches and write its outputs shard by shard into ``folder``.
 
-    Returns (the shards' entries for ``meta.json``, each stored tensor's dtype and per-block shape).
+    Returns (the shards' entries for ``meta.json``, each stored tensor's dtype and per-block shape);
+    ``sizes["needed"]``: the bytes the shards take, known from the first batch.
     """
     device = next(teacher.parameters()).device
     writer = None
@@ -180,6 +205,7 @@ def _write_shards(teacher, capture, blocks, folder: Path, k: int, vocab: int, dt
             out.update({qkv_key(b, p): x.to(dtype) for (b, p), x in rec.qkv.items()})
             if writer is None:  # the first batch tells the bytes per block
                 per_block = sum(t[0].numel() * t.element_size() for t in out.values())
+                sizes["needed"] = per_block * n
                 writer = _ShardWriter(folder, max(1, SHARD_BYTES // per_block))
                 specs = {
                     key: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])}

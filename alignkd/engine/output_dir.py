@@ -20,6 +20,8 @@ RUN_FILES = (
     "report.md",
 )
 RUN_DIRS = ("checkpoints", "student", "tensorboard")
+# What a write cut short leaves (a full disk, a kill): renamed into place only once whole, so never read.
+LEFTOVERS = ("checkpoints/.step-*.tmp", ".student.tmp", ".projectors.safetensors.tmp")
 # Settings a resumed run may change: they do not change what a step computes.
 RESUMABLE = {
     "train.steps",
@@ -56,10 +58,21 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def clear(out: Path) -> None:
+    remove_leftovers(out)
     for f in RUN_FILES:
         (out / f).unlink(missing_ok=True)
     for d in RUN_DIRS:
         shutil.rmtree(out / d, ignore_errors=True)
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove the half-written temporary files and folders of an earlier write that did not finish."""
+    for pattern in LEFTOVERS:
+        for path in out.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

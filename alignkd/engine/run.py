@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -15,10 +16,11 @@ from safetensors.torch import save_file
 from alignkd.align.blocks import write_scores
 from alignkd.backend import make_accelerator
 from alignkd.config import Config, resolve_precision, resolved, to_dict
+from alignkd.disk import tensor_bytes
 from alignkd.engine.block_choice import choose_blocks
-from alignkd.engine.checkpoint import replace_dir, resume_latest
+from alignkd.engine.checkpoint import replace_dir, resume_latest, settle_writes
 from alignkd.engine.loop import train
-from alignkd.engine.output_dir import check_output, check_resumable, clear
+from alignkd.engine.output_dir import check_output, check_resumable, clear, remove_leftovers
 from alignkd.engine.setup import Run, setup
 from alignkd.errors import ConfigError
 from alignkd.models.families import blocks_of
@@ -27,23 +29,45 @@ from alignkd.precision import default_device
 
 
 def save_outputs(run: Run) -> Path:
-    """``OUTPUT_DIR/student/`` (loadable with transformers alone) and ``projectors.safetensors``."""
+    """``OUTPUT_DIR/student/`` (loadable with transformers alone) and ``projectors.safetensors``.
+
+    Both are written under temporary names and renamed into place once whole; a full
+    disk is one line naming the last good checkpoint, which ``--resume`` exports.
+    """
     acc = run.accelerator
     acc.wait_for_everyone()
     dest = run.out / "student"
+    tmps = [run.out / ".student.tmp", run.out / ".projectors.safetensors.tmp"]
     # Split weights are gathered whole first (every process takes part).
     state, aux = run.backend.export(run.side)
+    failed: Exception | None = None
     if acc.is_main_process:
-        tmp = run.out / ".student.tmp"  # written whole, then renamed into place
-        shutil.rmtree(tmp, ignore_errors=True)
-        run.unwrapped.student.save_pretrained(tmp, state_dict=state)
-        run.tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, dest)
-        aux = {k: v.detach().cpu().contiguous() for k, v in aux.items()}
-        if aux:
-            save_file(aux, str(run.out / "projectors.safetensors"))
-    acc.wait_for_everyone()
+        try:
+            _write_outputs(run, state, aux, *tmps)
+        except Exception as e:  # raised by settle_writes, which every process reaches
+            failed = e
+    what, then = "the exported student", "run the same command with --resume, which exports it"
+    settle_writes(run, failed, tmps, what, dest, lambda: _export_bytes(run, state, aux), then=then)
     return dest
+
+
+def _write_outputs(run: Run, state, aux: dict, tmp: Path, projectors: Path) -> None:
+    """The main process's part of the export: each file whole under its temporary name, then renamed."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.unwrapped.student.save_pretrained(tmp, state_dict=state)
+    run.tokenizer.save_pretrained(tmp)
+    aux = {k: v.detach().cpu().contiguous() for k, v in aux.items()}
+    if aux:
+        save_file(aux, str(projectors))
+    replace_dir(tmp, run.out / "student")
+    if aux:
+        os.replace(projectors, run.out / "projectors.safetensors")
+
+
+def _export_bytes(run: Run, state, aux: dict) -> int:
+    """About what the export takes: the student's weights and the projectors'."""
+    weights = (state if state is not None else run.unwrapped.student.state_dict()).values()
+    return tensor_bytes(weights) + tensor_bytes(aux.values())
 
 
 def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -78,6 +102,7 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
             ) from None
         if overwrite:
             clear(out)
+        remove_leftovers(out)  # of a write a full disk or a kill cut short
         saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if selection is not None:
             write_scores(selection, out)
