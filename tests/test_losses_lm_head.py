@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from conftest import LOOSE, assert_close, assert_grad_close
 
-from alignkd.losses import KL_KINDS, _head_chunks, kl_div, lm_head_kl
+from alignkd import losses
+from alignkd.losses import KL_KINDS, _head_chunks, kl_div, lm_head_ce, lm_head_kl, lm_head_kl_ce, lm_head_sparse_kl
 from alignkd.losses import lm_head as lm_head_module
-from alignkd.losses.lm_head import lm_head_ce, lm_head_kl_ce
 
 # Odd sizes on purpose, student and teacher of different widths.
 B, T, DS, DT, V = 3, 17, 24, 40, 123
@@ -131,7 +131,7 @@ def check_against_materialised(d, tol=F32, value_tol=None, **kw):
     ref = materialised(d, *b, **ref_kw)
     gb = grads_of(ref, b)
     assert_close(out, ref, **(value_tol or tol), what="value")
-    for name, x, g, r in zip(("hidden", "head", "bias"), a, ga, gb):
+    for name, x, g, r in zip(("hidden", "head", "bias"), a, ga, gb, strict=True):
         if x is not None:
             assert g.dtype == x.dtype and g.shape == x.shape, name
             assert_grad_close(g, r, **tol, what=f"{name} gradient")
@@ -264,7 +264,7 @@ def test_float64_reference(gen, kind, beta):
     out = fused(d, *a, kind=kind, temperature=1.7, beta=beta, ce_weight=0.4, softcap=4.0, chunk_tokens=5)
     got = grads_of(out, a)
     assert_close(out, ref, **F32, what="value")
-    for name, g, r in zip(("hidden", "head", "bias"), got, ref_grads):
+    for name, g, r in zip(("hidden", "head", "bias"), got, ref_grads, strict=True):
         assert_grad_close(g, r, **F32, what=f"{name} gradient")
 
 
@@ -310,7 +310,7 @@ def test_padding_content_does_not_matter(gen):
     dirty = fused(d, *b, kind="jsd", ce_weight=0.3, chunk_tokens=4)
     g_dirty = grads_of(dirty, b)
     assert dirty.item() == clean.item()
-    for g, r in zip(g_dirty, g_clean):
+    for g, r in zip(g_dirty, g_clean, strict=True):
         assert torch.equal(g, r)
     assert (g_dirty[0][~d["mask"]] == 0).all()
 
@@ -325,7 +325,7 @@ def test_teacher_gets_no_gradient_and_grad_output_scales(gen):
     out2 = fused(d, *a, kind="forward", ce_weight=0.5, chunk_tokens=6)
     (2.5 * out2).backward()
     assert d["ht"].grad is None and d["wt"].grad is None
-    for x, g in zip(a, g1):
+    for x, g in zip(a, g1, strict=True):
         torch.testing.assert_close(x.grad, 2.5 * g)
 
 
@@ -417,7 +417,7 @@ def test_float16_autocast_keeps_the_gradient_of_rare_tokens(gen):
     ref = materialised(d, *b, kind="forward", ce_weight=0.3)  # float32 logits
     gb = grads_of(ref, b)
     assert_close(out, ref, rtol=1e-3, atol=1e-5, what="value")
-    for name, g, r in zip(("hidden", "head", "bias"), ga, gb):
+    for name, g, r in zip(("hidden", "head", "bias"), ga, gb, strict=True):
         assert_grad_close(g, r, rtol=1e-2, atol=1e-2, what=f"{name} gradient")
     row_error = (ga[1] - gb[1]).norm(dim=1) / gb[1].norm(dim=1)
     assert row_error[5] < 1e-2, f"rare token's head row is {row_error[5].item():.1%} off"
@@ -500,7 +500,7 @@ def test_kl_and_ce_from_one_pass_have_their_own_gradients(
         gb = grads_of(weights[0] * kl_ref + weights[1] * ce_ref, b)
         assert_close(kl, kl_ref, **value_tol, what="kl")
         assert_close(ce, ce_ref, **value_tol, what="ce")
-        for name, g, r in zip(("hidden", "head", "bias"), ga, gb):
+        for name, g, r in zip(("hidden", "head", "bias"), ga, gb, strict=True):
             assert_grad_close(g, r, **grad_tol, what=f"{name} gradient at weights {weights}")
         assert (ga[1][123:] == 0).all()
 
@@ -518,7 +518,7 @@ def test_kl_and_ce_equal_the_separate_calls(gen):
     (kl_alone + ce_alone).backward()
     assert kl.item() == kl_alone.item()
     assert_close(ce, ce_alone, **F32, what="ce")
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert_grad_close(x.grad, y.grad, **F32, what="gradient")
 
 
@@ -585,6 +585,93 @@ def test_bad_arguments_raise_one_line(gen, bad, match):
     with pytest.raises(ValueError, match=match) as e:
         _call(make(gen), **bad)
     assert "\n" not in str(e.value)
+
+
+def _public_call(name, d, **bad):
+    """``name`` (a public LM-head loss) on the data of ``make``, with ``bad`` replacing some arguments."""
+    top = (torch.zeros(B, T, 4, dtype=torch.long), torch.full((B, T, 4), -2.0), torch.full((B, T), -1.0))
+    if name == "lm_head_ce":
+        args = {"hidden": d["hs"], "head": d["ws"], "labels": d["labels"], "bias": d["bs"]}
+        return lm_head_ce(**{**args, **bad})
+    if name == "lm_head_sparse_kl":
+        args = dict(zip(("teacher_ids", "teacher_logprobs", "teacher_tail"), top, strict=True))
+        args.update(student_hidden=d["hs"], student_head=d["ws"], mask=d["mask"], student_bias=d["bs"])
+        return lm_head_sparse_kl(**{**args, **bad})
+    args = {
+        "student_hidden": d["hs"],
+        "student_head": d["ws"],
+        "teacher_hidden": d["ht"],
+        "teacher_head": d["wt"],
+        "mask": d["mask"],
+        "labels": d["labels"],
+        "student_bias": d["bs"],
+        "teacher_bias": d["bt"],
+    }
+    if name == "lm_head_kl":
+        return lm_head_kl(**{**args, "ce_weight": 0.5, **bad})
+    return lm_head_kl_ce(**{**args, **bad})
+
+
+# Each public function with one bad argument at a time; the checks they share (divergence,
+# shapes, labels, chunking) must report under the name of the function the user called.
+NAMED_ERRORS = [
+    *[
+        (fn, bad)
+        for fn in ("lm_head_kl", "lm_head_kl_ce", "lm_head_sparse_kl")
+        for bad in (
+            {"kind": "backward"},
+            {"kind": "jsd", "beta": 1.0},
+            {"kind": "skew_forward", "alpha": 1.0},
+            {"temperature": 0.0},
+            {"student_head": torch.zeros(V, DS + 1)},
+            {"student_bias": torch.zeros(V + 1)},
+            {"mask": torch.ones(B, dtype=torch.bool)},
+            {"vocab": V + 1},
+            {"softcap": 0.0},
+            {"chunk_tokens": 0},
+        )
+    ],
+    *[
+        (fn, bad)
+        for fn in ("lm_head_kl", "lm_head_kl_ce")
+        for bad in (
+            {"teacher_head": torch.zeros(V)},
+            {"teacher_hidden": torch.zeros(B, T + 1, DT)},
+            {"labels": torch.zeros(B * T, dtype=torch.long)},
+            {"labels": torch.zeros(B, T)},
+            {"labels": torch.full((B, T), V)},
+        )
+    ],
+    ("lm_head_sparse_kl", {"teacher_tail": torch.zeros(B)}),
+    *[
+        ("lm_head_ce", bad)
+        for bad in (
+            {"head": torch.zeros(V, DS + 1)},
+            {"bias": torch.zeros(V + 1)},
+            {"hidden": torch.zeros(DS)},
+            {"labels": torch.zeros(B * T, dtype=torch.long)},
+            {"labels": torch.zeros(B, T)},
+            {"labels": torch.full((B, T), V)},
+            {"vocab": 0},
+            {"softcap": -1.0},
+            {"chunk_tokens": 0},
+        )
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    "name,bad", NAMED_ERRORS, ids=[f"{n}-{'-'.join(b)}-{i}" for i, (n, b) in enumerate(NAMED_ERRORS)]
+)
+def test_errors_name_the_function_called(gen, name, bad):
+    with pytest.raises(ValueError) as e:
+        _public_call(name, make(gen), **bad)
+    assert str(e.value).startswith(f"{name}: "), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_every_public_lm_head_loss_has_its_errors_named():
+    assert {n for n, _ in NAMED_ERRORS} == {n for n in losses.__all__ if n.startswith("lm_head_")}
 
 
 # ----------------------------------------------------------------------------- cross-entropy alone

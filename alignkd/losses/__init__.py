@@ -6,7 +6,7 @@ tensors (and a bool mask over positions) and returns a float32 scalar.
 
 from alignkd.losses.attention import attention_kl, relation_kl
 from alignkd.losses.features import hidden_cosine, hidden_mse, hidden_standardized_mse, info_nce
-from alignkd.losses.lm_head import lm_head_ce, lm_head_kl, lm_head_sparse_kl
+from alignkd.losses.lm_head import lm_head_ce, lm_head_kl, lm_head_kl_ce, lm_head_sparse_kl
 from alignkd.losses.logits import KL_KINDS, dkd, kl_div, kl_rows
 from alignkd.losses.sparse import sparse_kl
 
@@ -22,6 +22,7 @@ __all__ = [
     "kl_rows",
     "lm_head_ce",
     "lm_head_kl",
+    "lm_head_kl_ce",
     "lm_head_sparse_kl",
     "relation_kl",
     "sparse_kl",
