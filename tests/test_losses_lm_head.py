@@ -522,6 +522,44 @@ def test_kl_and_ce_equal_the_separate_calls(gen):
         assert_grad_close(x.grad, y.grad, **F32, what="gradient")
 
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("kind", ["forward", "skew_reverse"])
+def test_kl_and_ce_equal_lm_head_kl_and_lm_head_ce_at_any_temperature(gen, kind, autocast):
+    # What the trainer relies on when one walk serves a KL term and a CE term: the KL is the KL
+    # term's lm_head_kl (temperature, softcap, vocab), the CE is lm_head_ce on the same labels at
+    # temperature 1, counted over the labelled positions within the mask.
+    d = make(gen, vs=130, vt=123)
+    if autocast is not None:
+        d = bf16_teacher(d)
+    kw = {"softcap": 3.0, "vocab": 123, "chunk_tokens": 5}
+    labels = torch.where(d["mask"], d["labels"], -100)
+    value_tol, grad_tol = (F32, F32) if autocast is None else (AUTOCAST_VALUE, LOOSE)
+    for weights in ((1.0, 0.0), (0.0, 1.0), (0.6, 1.3)):
+        a = student_leaves(d)
+        kl, ce = kl_and_ce(d, *a, autocast=autocast, kind=kind, temperature=2.5, **kw)
+        ga = grads_of(weights[0] * kl + weights[1] * ce, a)
+        b = student_leaves(d)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            kl_alone = lm_head_kl(
+                b[0],
+                b[1],
+                d["ht"],
+                d["wt"],
+                d["mask"],
+                kind=kind,
+                temperature=2.5,
+                student_bias=b[2],
+                teacher_bias=d["bt"],
+                **kw,
+            )
+            ce_alone = lm_head_ce(b[0], b[1], labels, bias=b[2], **kw)
+        gb = grads_of(weights[0] * kl_alone + weights[1] * ce_alone, b)
+        assert kl.item() == kl_alone.item()
+        assert_close(ce, ce_alone, **value_tol, what="ce")
+        for name, g, r in zip(("hidden", "head", "bias"), ga, gb, strict=True):
+            assert_grad_close(g, r, **grad_tol, what=f"{name} gradient at weights {weights}")
+
+
 def test_kl_and_ce_needs_labels(gen):
     d = make(gen)
     with pytest.raises(ValueError, match="lm_head_kl_ce: labels are required") as e:

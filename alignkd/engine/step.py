@@ -51,7 +51,8 @@ def to_device(batch: Batch, device) -> Batch:
 
 
 def teacher_forward(run, batch: Batch) -> Record:
-    """Frozen teacher under inference mode; returns its logits and captured tensors (from the cache, when the run has one)."""
+    """Frozen teacher under inference mode; returns its logits and captured tensors
+    (from the cache, when the run has one)."""
     if run.cache is not None:
         return run.cache.record(batch.index, run.accelerator.device)
     with torch.inference_mode():
@@ -75,8 +76,9 @@ def term_losses(
         teacher_capture=run.teacher_capture,
         feature_mask=run.task.feature_mask(batch, run.cfg.data.bos == "always"),
         heads=run.heads if run.unwrapped.fused_head else None,
+        terms=tuple(zip(run.terms, temperatures, strict=True)),
     )
-    return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in zip(run.terms, temperatures)}
+    return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in x.terms}
 
 
 def micro_step(
@@ -150,7 +152,7 @@ def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
     tokens = sum(int(b.mask.sum()) for b in batches) * acc.num_processes
     lr = run.scheduler.get_last_lr()[0]
     # Every process sees the same reduced values, so all skip or all step.
-    bad = [k for k, v in zip(keys[1:], totals[1:]) if not math.isfinite(v)]
+    bad = [k for k, v in zip(keys[1:], totals[1:], strict=True) if not math.isfinite(v)]
     max_norm = run.cfg.train.max_grad_norm
     if zero.is_engine(run.side):
         # ZeRO clips over every process's partition and skips a step whose gradient is not
@@ -170,7 +172,7 @@ def optimizer_step(run, step: int, batches: list[Batch]) -> StepResult:
         # Last, so that nothing between the update and the loop's step count can be interrupted.
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    means = {k: float(v) / global_count for k, v in zip(keys, totals)}
+    means = {k: float(v) / global_count for k, v in zip(keys, totals, strict=True)}
     return StepResult(means, grad_norm, lr, tokens, time.perf_counter() - t0, at, bad)
 
 
