@@ -220,14 +220,15 @@ def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tu
     with the same soft-capping.
 
     Fused, the terms never hold ``[tokens, V]`` logits, but each walk over the
-    student's head makes its logits again and pushes its own gradient through the
-    head, where on logits the step makes them once and sums the terms' gradients
-    before one backward. One walk per micro-batch costs about what the logits do;
-    the first KL term on a live teacher and the first CE term share one walk
-    (``lm_head_kl_ce``). Under autocast, where the logits are half the size, a run
-    that would need more walks (a second KL or CE term, or KL + CE from a teacher
-    cache) keeps the logits; float32 runs fuse whatever the number of walks, since
-    their logits and the logits' gradient are the largest tensors of the step.
+    student's head makes its logits again and pushes each output's gradient through
+    the head, where on logits the step makes them once and sums the terms'
+    gradients before one backward through the head. Under autocast one walk per
+    micro-batch costs about what the logits do, so a run fuses when its output
+    terms take one walk: one term, or the first KL term on a live teacher with the
+    first CE term, which share one (``lm_head_kl_ce``); a run that needs more (a
+    second KL or CE term, or KL + CE from a teacher cache, whose KL walks alone)
+    keeps the logits. Float32 runs fuse whatever the number of walks: there the
+    logits and their gradient are the largest tensors of the step.
     """
     kinds = [TERM_TYPES[t.type] for t in cfg.losses]
     if not cfg.train.fused_head or task.name != "causal_lm" or any(k.reads_logits and not k.fused for k in kinds):

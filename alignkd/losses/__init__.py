@@ -1,7 +1,8 @@
 """The distillation loss library: pure functions over tensors.
 
 No model objects, hooks or config here: each function takes student and teacher
-tensors (and a bool mask over positions) and returns a float32 scalar.
+tensors (and a bool mask over positions) and returns a float32 scalar
+(``lm_head_kl_ce``: two, the KL and the cross-entropy of one walk over the head).
 """
 
 from alignkd.losses.attention import attention_kl, relation_kl
