@@ -136,7 +136,6 @@ def make_run(cfg: dict):
     c = load_config(data=copy.deepcopy(cfg))
     Path(c.train.output_dir).mkdir(parents=True, exist_ok=True)
     set_seed(c.train.seed)
-    AcceleratorState._reset_state(reset_partial_state=False)  # as distill does: a bf16 run may have come before
     return setup(c, Accelerator(mixed_precision="no"), say=lambda msg: None)
 
 
@@ -662,6 +661,15 @@ def count_head_losses(monkeypatch) -> dict[str, int]:
 KL_CE_RUNS = [("no", "static", 1e-5, 1e-4), ("no", "gradnorm", 1e-5, 1e-4), ("bf16", "static", 1e-3, 0.05)]
 
 
+@pytest.fixture
+def accelerate_reset():
+    """Accelerate's process-wide state back to unset after the test: a bf16 ``distill`` leaves it
+    at bf16, and ``make_run``'s ``Accelerator(mixed_precision="no")`` would then refuse to start."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+@pytest.mark.usefixtures("accelerate_reset")
 @pytest.mark.parametrize("precision,weighting,value_rel,weight_rel", KL_CE_RUNS)
 def test_a_kl_and_ce_run_fused_equals_the_run_on_logits(
     corpus, teacher, tmp_path, monkeypatch, precision, weighting, value_rel, weight_rel

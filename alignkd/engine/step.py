@@ -51,8 +51,7 @@ def to_device(batch: Batch, device) -> Batch:
 
 
 def teacher_forward(run, batch: Batch) -> Record:
-    """Frozen teacher under inference mode; returns its logits and captured tensors
-    (from the cache, when the run has one)."""
+    """Frozen teacher under inference mode; returns its logits and captured tensors (from the cache, when the run has one)."""
     if run.cache is not None:
         return run.cache.record(batch.index, run.accelerator.device)
     with torch.inference_mode():
