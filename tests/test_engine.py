@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -38,6 +39,7 @@ import alignkd
 from alignkd import testing as tiny
 from alignkd.config import load_config
 from alignkd.engine.block_choice import choose_blocks
+from alignkd.engine.load import fused_heads
 from alignkd.engine.loop import next_batches, train
 from alignkd.engine.setup import setup
 from alignkd.engine.step import schedules_at, term_losses
@@ -598,20 +600,141 @@ def test_fused_head_terms_equal_the_logit_terms(corpus, tmp_path, family, extra)
         )
 
 
+def test_fused_kl_and_ce_share_one_walk_and_extra_terms_walk_alone(corpus, teacher, tmp_path, monkeypatch):
+    """With several KL and CE terms, the first KL and the first CE come from one lm_head_kl_ce call
+    (at the KL's temperature; the CE at temperature 1), the others from their own calls: every value
+    and every student gradient as on full logits."""
+    losses = [
+        {"type": "ce"},
+        {"type": "kl", "kind": "jsd", "temperature": 2.0},
+        {"type": "kl", "kind": "forward", "temperature": 1.5},
+        {"type": "ce", "weight": 0.5},
+    ]
+    calls = count_head_losses(monkeypatch)
+    grads, values = {}, {}
+    for fused in (True, False):
+        calls.clear()
+        run = make_run(make_cfg(teacher, corpus, tmp_path / f"out{fused}", losses=losses, fused_head=fused))
+        assert run.unwrapped.fused is fused
+        batch = next_batches(run, 0)[0]
+        got = term_losses(
+            run,
+            batch,
+            run.side(batch.input_ids, batch.mask),
+            run.teacher.record(batch, run.accelerator.device, run.unwrapped.fused),
+            [None, 2.0, 1.5, None],
+        )
+        sum(got.values()).backward()
+        values[fused] = {k: v.item() for k, v in got.items()}
+        grads[fused] = {n: p.grad.clone() for n, p in run.unwrapped.student.named_parameters() if p.grad is not None}
+        want = {"lm_head_kl_ce": 1, "lm_head_kl": 1, "lm_head_ce": 1} if fused else {}
+        assert calls == want, calls
+    assert values[True].keys() == {"ce", "kl", "kl_2", "ce_2"}
+    for k in values[False]:
+        assert values[True][k] == pytest.approx(values[False][k], rel=1e-5), k
+    assert values[True]["ce"] == values[True]["ce_2"] and values[True]["kl"] != values[True]["kl_2"]
+    for n in grads[False]:
+        torch.testing.assert_close(
+            grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6 * grads[False][n].abs().max().item() + 1e-9, msg=n
+        )
+
+
+def count_head_losses(monkeypatch) -> dict[str, int]:
+    """Calls of the LM-head losses (as the terms make them, through ``alignkd.losses``), by name."""
+    calls: dict[str, int] = {}
+    for name in ("lm_head_kl", "lm_head_ce", "lm_head_kl_ce", "lm_head_sparse_kl"):
+        real = getattr(alignkd.losses, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(alignkd.losses, name, counted)
+    return calls
+
+
+# (mixed precision, weighting, tolerance of the logged values, of the weights' change): float32 agrees
+# to rounding; under bf16 autocast the fused walk and the logits round the head gradient apart.
+KL_CE_RUNS = [("no", "static", 1e-5, 1e-4), ("no", "gradnorm", 1e-5, 1e-4), ("bf16", "static", 1e-3, 0.05)]
+
+
+@pytest.fixture
+def accelerate_reset():
+    """Accelerate's process-wide state back to unset after the test: a bf16 ``distill`` leaves it
+    at bf16, and ``make_run``'s ``Accelerator(mixed_precision="no")`` would then refuse to start."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
+@pytest.mark.usefixtures("accelerate_reset")
+@pytest.mark.parametrize("precision,weighting,value_rel,weight_rel", KL_CE_RUNS)
+def test_a_kl_and_ce_run_fused_equals_the_run_on_logits(
+    corpus, teacher, tmp_path, monkeypatch, precision, weighting, value_rel, weight_rel
+):
+    """A few steps of KL + CE (2 micro-batches each) with fused_head on and off: the same logged
+    values and weights, and fused, one lm_head_kl_ce call per micro-batch and no other head loss."""
+    losses = [{"type": "kl", "temperature": 2.0}, {"type": "ce", "weight": 0.5}, {"type": "hidden"}]
+    calls = count_head_losses(monkeypatch)
+    runs = {}
+    for fused in (True, False):
+        calls.clear()
+        out = tmp_path / f"fused{fused}"
+        cfg = make_cfg(
+            teacher,
+            corpus,
+            out,
+            losses=losses,
+            student=NARROW,
+            weighting=weighting,
+            fused_head=fused,
+            mixed_precision=precision,
+            steps=3,
+            batch_size=2,
+            grad_accum=2,
+        )
+        if precision == "bf16":
+            cfg["teacher"]["dtype"] = "bfloat16"
+        if fused:
+            init = {k: v.detach().clone() for k, v in make_run(cfg).unwrapped.student.state_dict().items()}
+            calls.clear()
+        alignkd.distill(cfg)
+        assert calls == ({"lm_head_kl_ce": 3 * 2} if fused else {}), (fused, calls)
+        runs[fused] = (read_metrics(out)[0], student_weights(out))
+    (rows_f, w_f), (rows_l, w_l) = runs[True], runs[False]
+    keys = ["loss", "loss/kl", "loss/ce", "loss/hidden", "w/kl", "w/ce", "grad_norm"]
+    for a, b in zip(rows_f, rows_l, strict=True):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=value_rel, abs=1e-7), (a["step"], k, a[k], b[k])
+    assert w_f.keys() == w_l.keys()
+    diff = torch.cat([(w_f[k] - w_l[k]).flatten() for k in w_l])
+    update = torch.cat([(w_l[k] - init[k]).flatten() for k in w_l if k in init])
+    assert update.norm() > 0
+    assert diff.norm() < weight_rel * update.norm(), (diff.norm().item(), update.norm().item())
+
+
 def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
     for losses in ([{"type": "dkd"}], [{"type": "kl"}, {"type": "blockwise"}]):
         run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses))
-        assert not run.unwrapped.fused and not run.unwrapped.fused
-    # Under autocast one logit-reading term fuses (its head matmuls in bf16); kl and ce together
-    # keep the logits: fused, each would walk the head on its own.
-    run = make_run(
-        make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "hidden"}], mixed_precision="bf16")
-    )
-    assert run.unwrapped.fused
-    run = make_run(
-        make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "ce"}], mixed_precision="bf16")
-    )
-    assert not run.unwrapped.fused and not run.unwrapped.fused
+        assert not run.unwrapped.fused
+    # Under autocast a run fuses when its output terms take one walk over the student's head (its
+    # matmuls in bf16): one term, or a KL and a CE sharing theirs; more walks keep the logits.
+    for losses, fused in (
+        ([{"type": "kl"}, {"type": "hidden"}], True),
+        ([{"type": "ce"}, {"type": "kl"}], True),
+        ([{"type": "kl"}, {"type": "ce"}, {"type": "kl", "temperature": 2.0}], False),
+        ([{"type": "ce"}, {"type": "ce", "weight": 0.5}], False),
+    ):
+        run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=losses, mixed_precision="bf16"))
+        assert run.unwrapped.fused is fused, losses
+    # From a teacher cache the KL is lm_head_sparse_kl, which walks alone: with a CE, two walks.
+    run = make_run(make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}, {"type": "ce"}]))
+    cfg = copy.deepcopy(run.cfg)
+    cfg.train.mixed_precision = "bf16"
+    assert fused_heads(cfg, run.task, run.unwrapped.student, run.teacher.model) is not None
+    cfg.teacher.cache = str(tmp_path / "cache")
+    assert fused_heads(cfg, run.task, run.unwrapped.student, run.teacher.model) is None
+    cfg.train.mixed_precision = "no"
+    assert fused_heads(cfg, run.task, run.unwrapped.student, run.teacher.model) is not None
     cls = make_run(
         make_cfg(
             tiny.save_model(tmp_path / "bert", "bert", task="sequence_classification"),
@@ -624,7 +747,7 @@ def test_terms_that_need_logits_keep_them(corpus, teacher, tmp_path):
     assert not cls.unwrapped.fused
 
 
-# ---------------------------------------------------------------- Minitron: post-norm states, embeddings, ratio weights
+# ---------------------------------------------------- the Minitron recipe: post-norm states, embeddings, ratio weights
 
 MINITRON = [
     {"type": "kl"},

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from conftest import LOOSE, assert_close, assert_grad_close
 
-from alignkd.losses import KL_KINDS, _head_chunks, kl_div, lm_head_kl
+from alignkd import losses
+from alignkd.losses import KL_KINDS, _head_chunks, kl_div, lm_head_ce, lm_head_kl, lm_head_kl_ce, lm_head_sparse_kl
 from alignkd.losses import lm_head as lm_head_module
-from alignkd.losses.lm_head import lm_head_ce, lm_head_kl_ce
 
 # Odd sizes on purpose, student and teacher of different widths.
 B, T, DS, DT, V = 3, 17, 24, 40, 123
@@ -522,6 +522,44 @@ def test_kl_and_ce_equal_the_separate_calls(gen):
         assert_grad_close(x.grad, y.grad, **F32, what="gradient")
 
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("kind", ["forward", "skew_reverse"])
+def test_kl_and_ce_equal_lm_head_kl_and_lm_head_ce_at_any_temperature(gen, kind, autocast):
+    # What the trainer relies on when one walk serves a KL term and a CE term: the KL is the KL
+    # term's lm_head_kl (temperature, softcap, vocab), the CE is lm_head_ce on the same labels at
+    # temperature 1, counted over the labelled positions within the mask.
+    d = make(gen, vs=130, vt=123)
+    if autocast is not None:
+        d = bf16_teacher(d)
+    kw = {"softcap": 3.0, "vocab": 123, "chunk_tokens": 5}
+    labels = torch.where(d["mask"], d["labels"], -100)
+    value_tol, grad_tol = (F32, F32) if autocast is None else (AUTOCAST_VALUE, LOOSE)
+    for weights in ((1.0, 0.0), (0.0, 1.0), (0.6, 1.3)):
+        a = student_leaves(d)
+        kl, ce = kl_and_ce(d, *a, autocast=autocast, kind=kind, temperature=2.5, **kw)
+        ga = grads_of(weights[0] * kl + weights[1] * ce, a)
+        b = student_leaves(d)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            kl_alone = lm_head_kl(
+                b[0],
+                b[1],
+                d["ht"],
+                d["wt"],
+                d["mask"],
+                kind=kind,
+                temperature=2.5,
+                student_bias=b[2],
+                teacher_bias=d["bt"],
+                **kw,
+            )
+            ce_alone = lm_head_ce(b[0], b[1], labels, bias=b[2], **kw)
+        gb = grads_of(weights[0] * kl_alone + weights[1] * ce_alone, b)
+        assert kl.item() == kl_alone.item()
+        assert_close(ce, ce_alone, **value_tol, what="ce")
+        for name, g, r in zip(("hidden", "head", "bias"), ga, gb, strict=True):
+            assert_grad_close(g, r, **grad_tol, what=f"{name} gradient at weights {weights}")
+
+
 def test_kl_and_ce_needs_labels(gen):
     d = make(gen)
     with pytest.raises(ValueError, match="lm_head_kl_ce: labels are required") as e:
@@ -585,6 +623,93 @@ def test_bad_arguments_raise_one_line(gen, bad, match):
     with pytest.raises(ValueError, match=match) as e:
         _call(make(gen), **bad)
     assert "\n" not in str(e.value)
+
+
+def _public_call(name, d, **bad):
+    """``name`` (a public LM-head loss) on the data of ``make``, with ``bad`` replacing some arguments."""
+    top = (torch.zeros(B, T, 4, dtype=torch.long), torch.full((B, T, 4), -2.0), torch.full((B, T), -1.0))
+    if name == "lm_head_ce":
+        args = {"hidden": d["hs"], "head": d["ws"], "labels": d["labels"], "bias": d["bs"]}
+        return lm_head_ce(**{**args, **bad})
+    if name == "lm_head_sparse_kl":
+        args = dict(zip(("teacher_ids", "teacher_logprobs", "teacher_tail"), top, strict=True))
+        args.update(student_hidden=d["hs"], student_head=d["ws"], mask=d["mask"], student_bias=d["bs"])
+        return lm_head_sparse_kl(**{**args, **bad})
+    args = {
+        "student_hidden": d["hs"],
+        "student_head": d["ws"],
+        "teacher_hidden": d["ht"],
+        "teacher_head": d["wt"],
+        "mask": d["mask"],
+        "labels": d["labels"],
+        "student_bias": d["bs"],
+        "teacher_bias": d["bt"],
+    }
+    if name == "lm_head_kl":
+        return lm_head_kl(**{**args, "ce_weight": 0.5, **bad})
+    return lm_head_kl_ce(**{**args, **bad})
+
+
+# Each public function with one bad argument at a time; the checks they share (divergence,
+# shapes, labels, chunking) must report under the name of the function the user called.
+NAMED_ERRORS = [
+    *[
+        (fn, bad)
+        for fn in ("lm_head_kl", "lm_head_kl_ce", "lm_head_sparse_kl")
+        for bad in (
+            {"kind": "backward"},
+            {"kind": "jsd", "beta": 1.0},
+            {"kind": "skew_forward", "alpha": 1.0},
+            {"temperature": 0.0},
+            {"student_head": torch.zeros(V, DS + 1)},
+            {"student_bias": torch.zeros(V + 1)},
+            {"mask": torch.ones(B, dtype=torch.bool)},
+            {"vocab": V + 1},
+            {"softcap": 0.0},
+            {"chunk_tokens": 0},
+        )
+    ],
+    *[
+        (fn, bad)
+        for fn in ("lm_head_kl", "lm_head_kl_ce")
+        for bad in (
+            {"teacher_head": torch.zeros(V)},
+            {"teacher_hidden": torch.zeros(B, T + 1, DT)},
+            {"labels": torch.zeros(B * T, dtype=torch.long)},
+            {"labels": torch.zeros(B, T)},
+            {"labels": torch.full((B, T), V)},
+        )
+    ],
+    ("lm_head_sparse_kl", {"teacher_tail": torch.zeros(B)}),
+    *[
+        ("lm_head_ce", bad)
+        for bad in (
+            {"head": torch.zeros(V, DS + 1)},
+            {"bias": torch.zeros(V + 1)},
+            {"hidden": torch.zeros(DS)},
+            {"labels": torch.zeros(B * T, dtype=torch.long)},
+            {"labels": torch.zeros(B, T)},
+            {"labels": torch.full((B, T), V)},
+            {"vocab": 0},
+            {"softcap": -1.0},
+            {"chunk_tokens": 0},
+        )
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    "name,bad", NAMED_ERRORS, ids=[f"{n}-{'-'.join(b)}-{i}" for i, (n, b) in enumerate(NAMED_ERRORS)]
+)
+def test_errors_name_the_function_called(gen, name, bad):
+    with pytest.raises(ValueError) as e:
+        _public_call(name, make(gen), **bad)
+    assert str(e.value).startswith(f"{name}: "), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_every_public_lm_head_loss_has_its_errors_named():
+    assert {n for n, _ in NAMED_ERRORS} == {n for n in losses.__all__ if n.startswith("lm_head_")}
 
 
 # ----------------------------------------------------------------------------- cross-entropy alone

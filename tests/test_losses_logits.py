@@ -1,4 +1,4 @@
-"""Tests of the logit losses (kl_div, dkd) against the spec.
+"""Tests of the logit losses (kl_div, dkd) against the spec (sparse_kl: tests/test_cache.py).
 
 The references below are deliberately naive: one position at a time, textbook
 softmax and KL in float64, so that they share no code (and no tricks such as
@@ -15,7 +15,7 @@ from conftest import assert_equal, pad_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignkd.losses import KL_KINDS, dkd, kl_div
+from alignkd.losses import KL_KINDS, dkd, kl_div, sparse_kl
 
 KINDS = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
 # Non-default mixture weights too: at beta=0.5 jsd is symmetric and a swapped
@@ -325,6 +325,21 @@ def test_kl_div_mask_shape_mismatch_raises(gen, mask_shape):
     s = logits(gen, 2, 3, 5)
     with pytest.raises(ValueError, match="mask"):
         kl_div(s, s, torch.ones(mask_shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"kind": "backward"}, {"kind": "jsd", "beta": 1.0}, {"kind": "skew_reverse", "alpha": 1.0}, {"temperature": 0}],
+)
+def test_divergence_errors_name_the_function_called(gen, bad):
+    # kl_div's argument checks are shared with sparse_kl (and the LM-head losses): each
+    # reports under its own name.
+    s = logits(gen, 2, 3, 5)
+    top = (torch.zeros(2, 3, 2, dtype=torch.long), torch.full((2, 3, 2), -2.0), torch.full((2, 3), -1.0))
+    for name, call in (("kl_div", lambda: kl_div(s, s, **bad)), ("sparse_kl", lambda: sparse_kl(s, *top, **bad))):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value).startswith(f"{name}: "), str(e.value)
 
 
 # ----------------------------------------------------------------------------- dkd

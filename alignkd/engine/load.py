@@ -118,18 +118,26 @@ def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tu
 
     Needs ``train.fused_head``, a causal LM, every logit-reading term able to run
     fused (kl, ce; not dkd or blockwise), and both families' logits a plain head
-    with the same soft-capping. Under autocast the fused losses run the head
-    matmuls in its dtype, as the models' own heads would, and keep pace with them
-    with one logit-reading term; with two (kl and ce) each walks the student's head
-    on its own, while on logits the logits are made once and their two gradients
-    summed before one backward through the head, which is faster, so such runs keep
-    the logits. Float32 runs fuse both all the same: the fused terms never hold the
-    float32 ``[tokens, V]`` logits.
+    with the same soft-capping.
+
+    Fused, the terms never hold ``[tokens, V]`` logits, but each walk over the
+    student's head makes its logits again and pushes each output's gradient through
+    the head, where on logits the step makes them once and sums the terms'
+    gradients before one backward through the head. Under autocast one walk per
+    micro-batch costs about what the logits do, so a run fuses when its output
+    terms take one walk: one term, or the first KL term on a live teacher with the
+    first CE term, which share one (``lm_head_kl_ce``); a run that needs more (a
+    second KL or CE term, or KL + CE from a teacher cache, whose KL walks alone)
+    keeps the logits. Float32 runs fuse whatever the number of walks: there the
+    logits and their gradient are the largest tensors of the step.
     """
     kinds = [TERM_TYPES[t.type] for t in cfg.losses]
     if not cfg.train.fused_head or task.name != "causal_lm" or any(k.reads_logits and not k.fused for k in kinds):
         return None
-    if cfg.train.mixed_precision != "no" and sum(k.reads_logits for k in kinds) > 1:
+    walks = sum(k.reads_logits for k in kinds)
+    if {"kl", "ce"} <= {t.type for t in cfg.losses} and not cfg.teacher.cache:
+        walks -= 1  # one KL and one CE share a walk (terms.outputs._from_one_walk)
+    if cfg.train.mixed_precision != "no" and walks > 1:
         return None
     s, t = output_head(student), output_head(teacher)
     if s is None or t is None or s.softcap != t.softcap:

@@ -66,8 +66,9 @@ def term_losses(
         teacher_capture=run.teacher.capture,
         feature_mask=run.task.feature_mask(batch, run.cfg.data.bos == "always"),
         heads=(side.head, run.teacher.head) if side.fused else None,
+        terms=tuple(zip(run.terms, temperatures, strict=True)),
     )
-    return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in zip(run.terms, temperatures)}
+    return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in x.terms}
 
 
 def micro_step(
@@ -141,7 +142,7 @@ def optimizer_step(run: Run, step: int, batches: list[Batch]) -> StepResult:
     tokens = sum(int(b.mask.sum()) for b in batches) * acc.num_processes
     lr = run.scheduler.get_last_lr()[0]
     # Every process sees the same reduced values, so all skip or all step.
-    bad = [k for k, v in zip(keys[1:], totals[1:]) if not math.isfinite(v)]
+    bad = [k for k, v in zip(keys[1:], totals[1:], strict=True) if not math.isfinite(v)]
     fp16 = run.cfg.train.mixed_precision == "fp16"
     grad_norm, applied = run.backend.clip_and_step(
         run.side, run.optimizer, run.cfg.train.max_grad_norm, bool(bad), fp16
@@ -152,7 +153,7 @@ def optimizer_step(run: Run, step: int, batches: list[Batch]) -> StepResult:
         # Last, so that nothing between the update and the loop's step count can be interrupted.
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    means = {k: float(v) / global_count for k, v in zip(keys, totals)}
+    means = {k: float(v) / global_count for k, v in zip(keys, totals, strict=True)}
     return StepResult(means, grad_norm, lr, tokens, time.perf_counter() - t0, at, bad)
 
 

@@ -6,7 +6,7 @@ their gradient w.r.t. the logits, and that gradient is pushed through the head
 into float32 buffers for the student's hidden states, head and bias. The backward
 pass multiplies those buffers by ``grad_output``.
 
-Precision: the head matmuls run in the plan's dtypes (see :func:`matmul_dtype`),
+Precision: the head matmuls run in the walk's dtypes (see :func:`matmul_dtype`),
 per *block* of several chunks (``BLOCK_ELEMENTS``): a matmul of a few dozen rows
 wastes most of a bf16 unit, and pushing each chunk's gradient into the float32
 ``[V, D]`` head buffer would rewrite that buffer once per chunk. A block's
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkd.losses._reduce import float32_math, mean_over
-from alignkd.losses.logits import _forward_kl_value_and_grad, kl_rows
+from alignkd.losses.logits import forward_kl_value_and_grad, kl_rows
 from alignkd.losses.sparse import topk_buckets
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -53,30 +53,35 @@ def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype if hidden.dtype in LOW_PRECISION else torch.float32
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Everything of one call except the three student tensors that get gradients."""
+@dataclass(frozen=True, kw_only=True)
+class HeadWalk:
+    """One call's walk over the student's head: everything but the three student tensors that get gradients.
 
-    teacher_hidden: torch.Tensor | None  # [N, D_t], detached; None: cross-entropy only, or a top-k teacher
-    teacher_head: torch.Tensor | None  # [vocab, D_t] in teacher_dtype, detached
-    teacher_bias: torch.Tensor | None  # [vocab] in teacher_dtype
+    The defaults are those of a walk without a teacher, without labels and with one output;
+    ``lm_head._walk`` fills in the student's side, each public function what it adds.
+    """
+
     rows: torch.Tensor  # 1-D index of the rows walked (the KL's counted rows; CE alone: the labelled ones)
-    labels: torch.Tensor | None  # [N] long (negative = not counted), None without CE
-    n_ce: int  # rows counted by the cross-entropy
     vocab: int
-    kind: str
-    temperature: float
-    beta: float
-    alpha: float
-    ce_weight: float  # weight of the CE in the single output; 1 when split
-    softcap: float | None
     chunk_tokens: int
     needs: tuple[bool, bool, bool]  # gradient wanted for (hidden, head, bias)
     dtype: torch.dtype  # of the student's head matmuls (logits and gradient pushes)
-    teacher_dtype: torch.dtype  # of the teacher's head matmul
-    split: bool = False  # two outputs (KL, CE) with their own gradients, instead of KL + ce_weight * CE
+    softcap: float | None = None
+    teacher_hidden: torch.Tensor | None = None  # [N, D_t], detached; None: cross-entropy only, or a top-k teacher
+    teacher_head: torch.Tensor | None = None  # [vocab, D_t] in teacher_dtype, detached
+    teacher_bias: torch.Tensor | None = None  # [vocab] in teacher_dtype
+    teacher_dtype: torch.dtype = torch.float32  # of the teacher's head matmul
     teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    """A teacher from a cache instead of hidden states and head: ``[N, k]`` long ids, ``[N, k]`` log-probabilities, ``[N]`` tail log-mass."""
+    """A teacher from a cache instead of hidden states and head: ``[N, k]`` long ids,
+    ``[N, k]`` log-probabilities, ``[N]`` tail log-mass."""
+    kind: str = "forward"
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    labels: torch.Tensor | None = None  # [N] long (negative = not counted), None without CE
+    n_ce: int = 0  # rows counted by the cross-entropy
+    ce_weight: float = 0.0  # weight of the CE in the single output; 1 when split
+    split: bool = False  # two outputs (KL, CE) with their own gradients, instead of KL + ce_weight * CE
 
     @property
     def has_teacher(self) -> bool:
@@ -84,12 +89,12 @@ class Plan:
 
 
 class HeadLoss(torch.autograd.Function):
-    """``apply(hidden, head, bias, plan)`` -> a tuple of float32 scalars (one, or (KL, CE) when split)."""
+    """``apply(hidden, head, bias, walk)`` -> a tuple of float32 scalars (one, or (KL, CE) when split)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None, plan: Plan):
-        with float32_math(hidden):  # the dtypes are the plan's, not autocast's
-            values, grads = _evaluate(hidden, head, bias, plan)
+    def forward(ctx, hidden: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None, walk: HeadWalk):
+        with float32_math(hidden):  # the dtypes are the walk's, not autocast's
+            values, grads = _evaluate(hidden, head, bias, walk)
         ctx.save_for_backward(*(g for per_output in grads for g in per_output))
         return tuple(values)
 
@@ -141,7 +146,7 @@ class _Grads:
         ]
 
 
-def _block_rows(n: int, p: Plan) -> int:
+def _block_rows(n: int, p: HeadWalk) -> int:
     """Rows per block of head matmuls: about ``BLOCK_ELEMENTS // vocab`` (``FLOAT32_BLOCK_ELEMENTS``
     in float32), never fewer than a chunk, evened out over the blocks (no ragged little last one)."""
     elements = BLOCK_ELEMENTS if p.dtype in LOW_PRECISION else FLOAT32_BLOCK_ELEMENTS
@@ -150,7 +155,7 @@ def _block_rows(n: int, p: Plan) -> int:
     return max(1, -(-n // blocks))
 
 
-def _evaluate(hidden, head, bias, p: Plan) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]]]:
+def _evaluate(hidden, head, bias, p: HeadWalk) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]]]:
     """The outputs and, per output, their gradients w.r.t. (hidden, head, bias)."""
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     w = head.detach()[: p.vocab].to(p.dtype)  # a view when the head is already in that dtype
@@ -211,7 +216,7 @@ def _evaluate(hidden, head, bias, p: Plan) -> tuple[list[torch.Tensor], list[lis
     return values, [g.out(hidden, head, bias) for g in grads]
 
 
-def _chunk(zs, zt, labels, p: Plan, want_grad: bool, n: int):
+def _chunk(zs, zt, labels, p: HeadWalk, want_grad: bool, n: int):
     """One chunk's summed KL and CE and the gradients w.r.t. its (capped) student logits:
     one per output, each already divided by its count (and CE weighted)."""
     kl = zs.new_zeros(())
@@ -240,7 +245,7 @@ def _capped(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return z
 
 
-def _kl_and_grad(zs: torch.Tensor, zt, p: Plan, want_grad: bool):
+def _kl_and_grad(zs: torch.Tensor, zt, p: HeadWalk, want_grad: bool):
     """Summed divergence of the chunk and its gradient w.r.t. the (capped) student logits.
 
     ``zt``: the teacher's logits ``[rows, vocab]``, or its top-k ``(ids, log-probabilities,
@@ -259,7 +264,7 @@ def _kl_and_grad(zs: torch.Tensor, zt, p: Plan, want_grad: bool):
     if not want_grad:
         return rows(zs).sum(), None
     if p.kind == "forward" and not isinstance(zt, tuple):  # closed form T * (p_S - p_T), as kl_div does
-        per, g = _forward_kl_value_and_grad(p.temperature)(zs, zt)
+        per, g = forward_kl_value_and_grad(p.temperature)(zs, zt)
         return per.sum(), g
     leaf = zs.detach().requires_grad_(True)
     with torch.enable_grad():

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from alignkd.losses._head_chunks import HeadLoss, Plan, matmul_dtype
+from alignkd.losses._head_chunks import HeadLoss, HeadWalk, matmul_dtype
 from alignkd.losses._reduce import check_mask
-from alignkd.losses.logits import _check_kl_args
+from alignkd.losses.logits import check_kl_args
 
-NAME = "lm_head_kl"
 # Elements of one [chunk_tokens, V] float32 temporary by default. On a CPU the
 # chunk's elementwise passes (softmax, exp, the gradient) run at cache speed only
 # when a temporary fits the cache: 4M floats (16 MB) made a step with V = 49152
@@ -38,13 +37,6 @@ NAME = "lm_head_kl"
 # matmuls: 64M floats (256 MB).
 CHUNK_ELEMENTS = 1 << 22
 CUDA_CHUNK_ELEMENTS = 1 << 26
-
-
-def _chunk_rows(chunk_tokens: int | None, vocab: int, device: torch.device) -> int:
-    if chunk_tokens:
-        return int(chunk_tokens)
-    elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
-    return max(1, elements // vocab)
 
 
 def lm_head_kl(
@@ -96,26 +88,24 @@ def lm_head_kl(
         w.r.t. ``student_hidden``, ``student_head`` and ``student_bias`` are computed in
         the forward pass.
     """
-    plan = _kl_plan(
+    walk = _teacher_walk(
+        "lm_head_kl",
         student_hidden,
         student_head,
+        student_bias,
         teacher_hidden,
         teacher_head,
+        teacher_bias,
         mask,
-        kind=kind,
-        temperature=temperature,
-        beta=beta,
-        alpha=alpha,
-        labels=labels,
+        labels,
         ce_weight=ce_weight,
+        split=False,
+        divergence=(kind, temperature, beta, alpha),
         chunk_tokens=chunk_tokens,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
         softcap=softcap,
         vocab=vocab,
-        split=False,
     )
-    return HeadLoss.apply(student_hidden, student_head, student_bias, plan)[0]
+    return HeadLoss.apply(student_hidden, student_head, student_bias, walk)[0]
 
 
 def lm_head_kl_ce(
@@ -158,97 +148,85 @@ def lm_head_kl_ce(
         raise ValueError(
             "lm_head_kl_ce: labels are required (the target token at each position; -100 where there is none)"
         )
-    plan = _kl_plan(
+    walk = _teacher_walk(
+        "lm_head_kl_ce",
         student_hidden,
         student_head,
+        student_bias,
         teacher_hidden,
         teacher_head,
+        teacher_bias,
         mask,
-        kind=kind,
-        temperature=temperature,
-        beta=beta,
-        alpha=alpha,
-        labels=labels,
+        labels,
         ce_weight=1.0,
+        split=True,
+        divergence=(kind, temperature, beta, alpha),
         chunk_tokens=chunk_tokens,
-        student_bias=student_bias,
-        teacher_bias=teacher_bias,
         softcap=softcap,
         vocab=vocab,
-        split=True,
     )
-    kl, ce = HeadLoss.apply(student_hidden, student_head, student_bias, plan)
+    kl, ce = HeadLoss.apply(student_hidden, student_head, student_bias, walk)
     return kl, ce
 
 
-def _kl_plan(
+def _teacher_walk(
+    name: str,
     student_hidden,
     student_head,
+    student_bias,
     teacher_hidden,
     teacher_head,
-    mask,
-    *,
-    kind,
-    temperature,
-    beta,
-    alpha,
-    labels,
-    ce_weight,
-    chunk_tokens,
-    student_bias,
     teacher_bias,
+    mask,
+    labels,
+    *,
+    ce_weight: float,
+    split: bool,
+    divergence: tuple[str, float, float, float],
+    chunk_tokens,
     softcap,
     vocab,
-    split: bool,
-) -> Plan:
-    """Check the arguments of :func:`lm_head_kl` / :func:`lm_head_kl_ce` and lay out their walk."""
-    _check_divergence(kind, temperature, beta, alpha)
-    _check_shapes(student_hidden, student_head, teacher_hidden, teacher_head, student_bias, teacher_bias)
+) -> HeadWalk:
+    """The walk of :func:`lm_head_kl` / :func:`lm_head_kl_ce` (a live teacher, optional CE), arguments checked."""
+    _check_head(name, student_hidden, student_head, student_bias, "student ")
+    _check_head(name, teacher_hidden, teacher_head, teacher_bias, "teacher ")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"{name}: student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+            f"{tuple(teacher_hidden.shape)} cover different positions; pass both over the same tokens"
+        )
     v_s, v_t = student_head.shape[0], teacher_head.shape[0]
     vocab = min(v_s, v_t) if vocab is None else int(vocab)
     if not 1 <= vocab <= min(v_s, v_t):
-        raise ValueError(f"{NAME}: vocab={vocab} must be in [1, {min(v_s, v_t)}] (the heads have {v_s} and {v_t} rows)")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"{NAME}: softcap must be > 0 or None, got {softcap}")
-    if chunk_tokens is not None and chunk_tokens < 1:
-        raise ValueError(f"{NAME}: chunk_tokens must be >= 1, got {chunk_tokens}")
+        raise ValueError(f"{name}: vocab={vocab} must be in [1, {min(v_s, v_t)}] (the heads have {v_s} and {v_t} rows)")
     if ce_weight < 0:
-        raise ValueError(f"{NAME}: ce_weight must be >= 0, got {ce_weight}")
+        raise ValueError(f"{name}: ce_weight must be >= 0, got {ce_weight}")
     if ce_weight > 0 and labels is None:
-        raise ValueError(f"{NAME}: ce_weight={ce_weight} needs labels (the target token at each position)")
-
-    mask = check_mask(student_hidden, mask, NAME)
+        raise ValueError(f"{name}: ce_weight={ce_weight} needs labels (the target token at each position)")
+    mask = check_mask(student_hidden, mask, name)
     flat_mask = mask.reshape(-1)
-    rows = flat_mask.nonzero().squeeze(1)
     flat_labels, n_ce = None, 0
     if labels is not None and ce_weight > 0:
-        flat_labels = _check_labels(labels, mask, vocab)
+        flat_labels = _check_labels(name, labels, mask, vocab)
         n_ce = int((flat_mask & (flat_labels >= 0)).sum())
-
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(
-        bool(grad_on and x is not None and x.requires_grad) for x in (student_hidden, student_head, student_bias)
-    )
-    d_t = teacher_hidden.shape[-1]
     t_dtype = matmul_dtype(teacher_hidden)
-    return Plan(
-        teacher_hidden=teacher_hidden.detach().reshape(-1, d_t),
+    return _walk(
+        name,
+        student_hidden,
+        student_head,
+        student_bias,
+        rows=flat_mask.nonzero().squeeze(1),
+        vocab=vocab,
+        chunk_tokens=chunk_tokens,
+        softcap=softcap,
+        **_divergence(name, *divergence),
+        teacher_hidden=teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
         teacher_head=teacher_head.detach()[:vocab].to(t_dtype),
         teacher_bias=None if teacher_bias is None else teacher_bias.detach()[:vocab].to(t_dtype),
-        rows=rows,
+        teacher_dtype=t_dtype,
         labels=flat_labels,
         n_ce=n_ce,
-        vocab=vocab,
-        kind=kind,
-        temperature=float(temperature),
-        beta=float(beta),
-        alpha=float(alpha),
         ce_weight=float(ce_weight),
-        softcap=None if softcap is None else float(softcap),
-        chunk_tokens=_chunk_rows(chunk_tokens, vocab, student_hidden.device),
-        needs=needs,
-        dtype=matmul_dtype(student_hidden),
-        teacher_dtype=t_dtype,
         split=split,
     )
 
@@ -275,8 +253,8 @@ def lm_head_sparse_kl(
     Args:
         student_hidden: final (post-norm) hidden states ``[B, T, D]`` or ``[N, D]``.
         student_head: output-head weight ``[V, D]``; ``student_bias``: ``[V]``.
-        teacher_ids, teacher_logprobs, teacher_tail: the teacher's top-k ids and
-            log-probabilities ``[B, T, k]`` / ``[N, k]`` and tail log-mass ``[B, T]`` / ``[N]``, as in :func:`sparse_kl`.
+        teacher_ids, teacher_logprobs, teacher_tail: the teacher's top-k ids and log-probabilities
+            ``[B, T, k]`` / ``[N, k]`` and tail log-mass ``[B, T]`` / ``[N]``, as in :func:`sparse_kl`.
         mask, kind, temperature, beta, alpha: as in :func:`sparse_kl`.
         chunk_tokens, softcap, vocab: as in :func:`lm_head_kl` (``vocab`` defaults to the head's rows).
 
@@ -284,8 +262,8 @@ def lm_head_sparse_kl(
         float32 scalar, the value of ``sparse_kl`` on the logits, which never exist in full;
         gradients w.r.t. the hidden states, head and bias are made in the forward pass.
     """
-    _check_divergence(kind, temperature, beta, alpha)
-    _check_shapes(student_hidden, student_head, student_hidden, student_head, student_bias, student_bias)
+    name = "lm_head_sparse_kl"
+    _check_head(name, student_hidden, student_head, student_bias, "student ")
     vocab = student_head.shape[0] if vocab is None else int(vocab)
     k = teacher_ids.shape[-1]
     lead = tuple(student_hidden.shape[:-1])
@@ -295,36 +273,26 @@ def lm_head_sparse_kl(
         or tuple(teacher_tail.shape) != lead
     ):
         raise ValueError(
-            f"{NAME}: teacher ids {tuple(teacher_ids.shape)}, log-probabilities {tuple(teacher_logprobs.shape)} and tail "
-            f"{tuple(teacher_tail.shape)} must cover the student's positions {lead} (by k, by k, and one each)"
+            f"{name}: teacher ids {tuple(teacher_ids.shape)}, log-probabilities {tuple(teacher_logprobs.shape)} "
+            f"and tail {tuple(teacher_tail.shape)} must cover the student's positions {lead} "
+            "(by k, by k, and one each)"
         )
     if not k <= vocab <= student_head.shape[0]:
-        raise ValueError(f"{NAME}: vocab={vocab} must be in [k={k}, {student_head.shape[0]}] (the head's rows)")
-    mask = check_mask(student_hidden, mask, NAME)
-    grad_on = torch.is_grad_enabled()
-    plan = Plan(
-        teacher_hidden=None,
-        teacher_head=None,
-        teacher_bias=None,
+        raise ValueError(f"{name}: vocab={vocab} must be in [k={k}, {student_head.shape[0]}] (the head's rows)")
+    mask = check_mask(student_hidden, mask, name)
+    walk = _walk(
+        name,
+        student_hidden,
+        student_head,
+        student_bias,
         rows=mask.reshape(-1).nonzero().squeeze(1),
-        labels=None,
-        n_ce=0,
         vocab=vocab,
-        kind=kind,
-        temperature=float(temperature),
-        beta=float(beta),
-        alpha=float(alpha),
-        ce_weight=0.0,
-        softcap=None if softcap is None else float(softcap),
-        chunk_tokens=_chunk_rows(chunk_tokens, vocab, student_hidden.device),
-        needs=tuple(
-            bool(grad_on and x is not None and x.requires_grad) for x in (student_hidden, student_head, student_bias)
-        ),
-        dtype=matmul_dtype(student_hidden),
-        teacher_dtype=torch.float32,
+        chunk_tokens=chunk_tokens,
+        softcap=softcap,
+        **_divergence(name, kind, temperature, beta, alpha),
         teacher_topk=(teacher_ids.reshape(-1, k).long(), teacher_logprobs.reshape(-1, k), teacher_tail.reshape(-1)),
     )
-    return HeadLoss.apply(student_hidden, student_head, student_bias, plan)[0]
+    return HeadLoss.apply(student_hidden, student_head, student_bias, walk)[0]
 
 
 def lm_head_ce(
@@ -349,76 +317,86 @@ def lm_head_ce(
         float32 scalar: the mean over the labelled positions; none gives 0 with zero gradients.
         Precision as in :func:`lm_head_kl`.
     """
-    _check_shapes(hidden, head, hidden, head, bias, bias)
+    name = "lm_head_ce"
+    _check_head(name, hidden, head, bias)
     vocab = head.shape[0] if vocab is None else int(vocab)
     if not 1 <= vocab <= head.shape[0]:
-        raise ValueError(f"{NAME}: vocab={vocab} must be in [1, {head.shape[0]}]")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"{NAME}: labels have shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:-1])} (one id per position)"
-        )
-    flat = _check_labels(labels, torch.ones(labels.shape, dtype=torch.bool, device=labels.device), vocab)
+        raise ValueError(f"{name}: vocab={vocab} must be in [1, {head.shape[0]}]")
+    flat = _check_labels(name, labels, torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device), vocab)
     rows = (flat >= 0).nonzero().squeeze(1)
-    grad_on = torch.is_grad_enabled()
-    plan = Plan(
-        teacher_hidden=None,
-        teacher_head=None,
-        teacher_bias=None,
+    walk = _walk(
+        name,
+        hidden,
+        head,
+        bias,
         rows=rows,
+        vocab=vocab,
+        chunk_tokens=chunk_tokens,
+        softcap=softcap,
         labels=flat,
         n_ce=rows.numel(),
-        vocab=vocab,
-        kind="forward",
-        temperature=1.0,
-        beta=0.5,
-        alpha=0.1,
         ce_weight=1.0,
-        softcap=None if softcap is None else float(softcap),
-        chunk_tokens=_chunk_rows(chunk_tokens, vocab, hidden.device),
+    )
+    return HeadLoss.apply(hidden, head, bias, walk)[0]
+
+
+# ----------------------------------------------------------------------------- shared by the four
+
+
+def _walk(name: str, hidden, head, bias, *, rows, vocab: int, chunk_tokens, softcap, **differs) -> HeadWalk:
+    """A walk over the student's head (``hidden``, ``head``, ``bias``) of ``rows``: the student's side
+    (gradients wanted, matmul dtype, rows per chunk) is the same for every function; ``differs`` is
+    what the caller adds to :class:`HeadWalk`'s defaults (a teacher, labels, a divergence, two outputs)."""
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}: softcap must be > 0 or None, got {softcap}")
+    if chunk_tokens is not None and not chunk_tokens >= 1:
+        raise ValueError(f"{name}: chunk_tokens must be >= 1, got {chunk_tokens}")
+    grad_on = torch.is_grad_enabled()
+    return HeadWalk(
+        rows=rows,
+        vocab=vocab,
+        chunk_tokens=int(chunk_tokens) if chunk_tokens else _default_chunk(vocab, hidden.device),
         needs=tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, head, bias)),
         dtype=matmul_dtype(hidden),
-        teacher_dtype=torch.float32,
+        softcap=None if softcap is None else float(softcap),
+        **differs,
     )
-    return HeadLoss.apply(hidden, head, bias, plan)[0]
 
 
-def _check_divergence(kind: str, temperature: float, beta: float, alpha: float) -> None:
-    """``kl_div``'s argument checks, under this module's name."""
-    try:
-        _check_kl_args(kind, temperature, beta, alpha)
-    except ValueError as e:
-        raise ValueError(str(e).replace("kl_div:", f"{NAME}:", 1)) from None
+def _default_chunk(vocab: int, device: torch.device) -> int:
+    elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+    return max(1, elements // vocab)
 
 
-def _check_shapes(hs, ws, ht, wt, bs, bt) -> None:
-    for side, h, w, b in (("student", hs, ws, bs), ("teacher", ht, wt, bt)):
-        if h.dim() not in (2, 3):
-            raise ValueError(f"{NAME}: {side} hidden states have shape {tuple(h.shape)}; pass [B, T, D] or [N, D]")
-        if w.dim() != 2 or w.shape[1] != h.shape[-1]:
-            raise ValueError(
-                f"{NAME}: {side} head has shape {tuple(w.shape)}, expected [V, {h.shape[-1]}] "
-                "(the output-head weight, one row per token id, as wide as the hidden states)"
-            )
-        if b is not None and tuple(b.shape) != (w.shape[0],):
-            raise ValueError(
-                f"{NAME}: {side} bias has shape {tuple(b.shape)}, expected ({w.shape[0]},), one per head row"
-            )
-    if hs.shape[:-1] != ht.shape[:-1]:
+def _divergence(name: str, kind: str, temperature: float, beta: float, alpha: float) -> dict:
+    """The divergence fields of a walk, checked as :func:`kl_div` checks them."""
+    check_kl_args(kind, temperature, beta, alpha, name)
+    return {"kind": kind, "temperature": float(temperature), "beta": float(beta), "alpha": float(alpha)}
+
+
+def _check_head(name: str, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, side: str = "") -> None:
+    """One model's hidden states ``[B, T, D]`` / ``[N, D]``, head ``[V, D]`` and bias ``[V]``."""
+    if h.dim() not in (2, 3):
+        raise ValueError(f"{name}: {side}hidden states have shape {tuple(h.shape)}; pass [B, T, D] or [N, D]")
+    if w.dim() != 2 or w.shape[1] != h.shape[-1]:
         raise ValueError(
-            f"{NAME}: student hidden states {tuple(hs.shape)} and teacher hidden states {tuple(ht.shape)} "
-            "cover different positions; pass both over the same tokens"
+            f"{name}: {side}head has shape {tuple(w.shape)}, expected [V, {h.shape[-1]}] "
+            "(the output-head weight, one row per token id, as wide as the hidden states)"
         )
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"{name}: {side}bias has shape {tuple(b.shape)}, expected ({w.shape[0]},), one per head row")
 
 
-def _check_labels(labels: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
+def _check_labels(name: str, labels: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``labels`` flattened to long, after checking their shape (``mask``'s), dtype and the counted ids' range."""
     if tuple(labels.shape) != tuple(mask.shape):
         raise ValueError(
-            f"{NAME}: labels have shape {tuple(labels.shape)}, expected {tuple(mask.shape)} (one id per position)"
+            f"{name}: labels have shape {tuple(labels.shape)}, expected {tuple(mask.shape)} (one id per position)"
         )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{NAME}: labels must hold integer token ids, got {labels.dtype}")
+        raise ValueError(f"{name}: labels must hold integer token ids, got {labels.dtype}")
     flat = labels.reshape(-1).to(device=mask.device, dtype=torch.long)
     counted = flat[mask.reshape(-1)]
     if counted.numel() and int(counted.max()) >= vocab:
-        raise ValueError(f"{NAME}: label id {int(counted.max())} is out of range for a vocabulary of {vocab}")
+        raise ValueError(f"{name}: label id {int(counted.max())} is out of range for a vocabulary of {vocab}")
     return flat

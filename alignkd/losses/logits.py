@@ -68,17 +68,22 @@ def kl_rows(
     return per * (temperature**2)
 
 
-def _check_kl_args(kind: str, temperature: float, beta: float, alpha: float) -> None:
+def check_kl_args(kind: str, temperature: float, beta: float, alpha: float, name: str = "kl_div") -> None:
+    """Raise ``ValueError`` (its message led by ``name``, the function the user called) unless
+    ``kind``, ``temperature``, ``beta`` and ``alpha`` are valid for :func:`kl_rows`.
+
+    Shared by every divergence over logits (``kl_div``, ``sparse_kl``, the ``lm_head_*`` losses).
+    """
     if kind not in KL_KINDS:
-        raise ValueError(f"kl_div: unknown kind {kind!r}; choose one of {', '.join(KL_KINDS)}")
+        raise ValueError(f"{name}: unknown kind {kind!r}; choose one of {', '.join(KL_KINDS)}")
     if not temperature > 0:
-        raise ValueError(f"kl_div: temperature must be > 0, got {temperature}")
+        raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
     if kind == "jsd" and not 0.0 < beta < 1.0:
         # At beta = 0 or 1 the mixture equals one side and this loss is identically 0:
         # use kind="forward" or kind="reverse" instead.
-        raise ValueError(f"kl_div: jsd needs 0 < beta < 1, got {beta}; use kind='forward' or 'reverse' for the ends")
+        raise ValueError(f"{name}: jsd needs 0 < beta < 1, got {beta}; use kind='forward' or 'reverse' for the ends")
     if kind.startswith("skew_") and not 0.0 <= alpha < 1.0:
-        raise ValueError(f"kl_div: {kind} needs 0 <= alpha < 1, got {alpha}")
+        raise ValueError(f"{name}: {kind} needs 0 <= alpha < 1, got {alpha}")
 
 
 def kl_div(
@@ -110,7 +115,7 @@ def kl_div(
     Returns:
         float32 scalar: mean over counted positions of the divergence summed over V.
     """
-    _check_kl_args(kind, temperature, beta, alpha)
+    check_kl_args(kind, temperature, beta, alpha)
     check_same_shape(student_logits, teacher_logits, "kl_div", "logits")
     mask = check_mask(student_logits, mask, "kl_div")
     v = student_logits.shape[-1]
@@ -119,18 +124,19 @@ def kl_div(
     def per_row(s_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
         return kl_rows(s_rows, t_rows, kind=kind, temperature=temperature, beta=beta, alpha=alpha)
 
-    closed_form = _forward_kl_value_and_grad(temperature) if kind == "forward" else None
+    closed_form = forward_kl_value_and_grad(temperature) if kind == "forward" else None
     total = row_sum(
         per_row, student_logits.reshape(-1, v), rows, teacher_logits.reshape(-1, v), value_and_grad=closed_form
     )
     return mean_over(total, rows.numel())
 
 
-def _forward_kl_value_and_grad(temperature: float):
+def forward_kl_value_and_grad(temperature: float):
     """Forward KL per row and its gradient in closed form: d/dz_S = T * (p_S - p_T).
 
     Halves the work of autograd for the most common kind (the gradient of
-    T^2 * KL(p_T || softmax(z_S / T)) w.r.t. the student logits z_S).
+    T^2 * KL(p_T || softmax(z_S / T)) w.r.t. the student logits z_S); the LM-head
+    losses push the same gradient through the head.
     """
 
     def f(s_rows: torch.Tensor, t_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from alignkd.losses._chunked import row_sum
 from alignkd.losses._reduce import check_mask, mean_over
-from alignkd.losses.logits import _check_kl_args, kl_rows
+from alignkd.losses.logits import check_kl_args, kl_rows
 
 
 class _StudentBuckets(torch.autograd.Function):
@@ -119,7 +119,7 @@ def sparse_kl(
     Returns:
         float32 scalar: mean over counted positions of the bucketed divergence.
     """
-    _check_kl_args(kind, temperature, beta, alpha)
+    check_kl_args(kind, temperature, beta, alpha, "sparse_kl")
     v, k = student_logits.shape[-1], teacher_ids.shape[-1]
     if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(

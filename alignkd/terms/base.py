@@ -33,7 +33,8 @@ class ScheduleConfig:
     """How a loss term's weight multiplier or temperature changes over training."""
 
     kind: str = "constant"
-    """constant (``start``), warmup (0 to ``start`` over ``steps``, then ``start``), linear or cosine (``start`` to ``end`` over ``steps``)."""
+    """constant (``start``), warmup (0 to ``start`` over ``steps``, then ``start``), linear or cosine
+    (``start`` to ``end`` over ``steps``)."""
     start: float = 1.0
     """Value at step 0 (for ``warmup``: the value after the warm-up)."""
     end: float = 1.0
@@ -83,7 +84,8 @@ class Tempered:
             ts.check(f"{where}.temperature_schedule")
             if ts.kind == "warmup" or min(ts.start, ts.end if ts.kind != "constant" else ts.start) <= 0:
                 raise ConfigError(
-                    f"{where}.temperature_schedule: temperatures must stay > 0 (use constant, linear or cosine with start and end > 0)"
+                    f"{where}.temperature_schedule: temperatures must stay > 0 "
+                    "(use constant, linear or cosine with start and end > 0)"
                 )
 
 
@@ -92,7 +94,8 @@ class Layered:
     """Mixin: which student blocks meet which teacher blocks."""
 
     layers: Any = "auto"
-    """Layer map: auto, last, source (a from_teacher student's blocks meet the blocks they were copied from), adaptive (hidden only), or explicit [[student, teacher], ...] pairs."""
+    """Layer map: auto, last, source (a from_teacher student's blocks meet the blocks they were copied from),
+    adaptive (hidden only), or explicit [[student, teacher], ...] pairs."""
 
     def check_layers(self, where: str, adaptive: bool = False) -> None:
         layers = self.layers
@@ -108,7 +111,8 @@ class Layered:
             and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in layers)
         ):
             raise ConfigError(
-                f"{where}.layers: use auto, last, source, adaptive, or a list of [student, teacher] pairs like [[0, 3], [1, 7]]"
+                f"{where}.layers: use auto, last, source, adaptive, "
+                "or a list of [student, teacher] pairs like [[0, 3], [1, 7]]"
             )
 
 
@@ -117,7 +121,8 @@ class Projected:
     """Mixin: a learned projector from the student's width to the teacher's when they differ."""
 
     projector: str = "linear"
-    """When widths differ: linear, or linear_norm (linear then layer norm); none trains no projector, and the widths must then match."""
+    """When widths differ: linear, or linear_norm (linear then layer norm); none trains no projector,
+    and the widths must then match."""
 
     def check_projector(self, where: str) -> None:
         one_of(self.projector, PROJECTORS, f"{where}.projector")
@@ -146,7 +151,8 @@ class StepTensors:
     mask: torch.Tensor
     """``[B, T]`` bool: real (non-padding) positions."""
     labels: torch.Tensor | None
-    """Classification: ``[B]`` class ids; masked LM: ``[B, T]`` ids with -100 where not predicted; causal LM: None (next token)."""
+    """Classification: ``[B]`` class ids; masked LM: ``[B, T]`` ids with -100 where not predicted;
+    causal LM: None (next token)."""
     task: Any
     """The task object (``alignkd.align.tasks``): which logits count and what they predict."""
     student: Record
@@ -162,14 +168,20 @@ class StepTensors:
     states are attention-sink outliers (norms far above every other token's) in the models that use one."""
 
     heads: tuple[Any, Any] | None = None
-    """(student, teacher) ``OutputHead`` when the run fuses the LM head: records hold final hidden states, not logits."""
+    """(student, teacher) ``OutputHead`` when the run fuses the LM head: records hold final hidden states,
+    not logits."""
+    terms: tuple[tuple[Term, float | None], ...] = ()
+    """Every term of the step with its temperature at this step: terms that share work find each other here."""
+    shared: dict[str, Any] = field(default_factory=dict)
+    """Values computed once per micro-batch for several terms (e.g. the KL and CE of one walk over the head)."""
 
     def features(self) -> torch.Tensor:
         """The positions the state terms (hidden, attention queries, contrastive) count."""
         return self.mask if self.feature_mask is None else self.feature_mask
 
     def logits(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Student logits, teacher logits (cut to the shared vocabulary; None without a teacher forward) and the counted positions."""
+        """Student logits, teacher logits (cut to the shared vocabulary; None without a teacher forward)
+        and the counted positions."""
         return self.task.logits(self)
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:

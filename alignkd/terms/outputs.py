@@ -21,18 +21,26 @@ class CEConfig(TermConfig):
 
 
 def ce_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tensor:
-    tgt, has = x.targets()
     if x.heads is not None:  # fused: chunked through the head, no logits
+        shared = _from_one_walk(term, x)
+        if shared is not None:
+            return shared
         head = x.heads[0]
-        labels = torch.where(has, tgt, torch.full_like(tgt, -100))
         return L.lm_head_ce(
-            x.student.final_hidden, head.weight, labels, bias=head.bias, softcap=head.softcap, vocab=x.vocab
+            x.student.final_hidden, head.weight, _ce_labels(x), bias=head.bias, softcap=head.softcap, vocab=x.vocab
         )
     s, _, _ = x.logits()
+    tgt, has = x.targets()
     # ignore_index instead of s[has]: no [N, V] copy forward and no scatter backward.
     tgt = torch.where(has, tgt, torch.full_like(tgt, -100))
     ce = F.cross_entropy(s.reshape(-1, s.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="sum")
     return ce / has.sum().clamp(min=1)
+
+
+def _ce_labels(x: StepTensors) -> torch.Tensor:
+    """The ground-truth id at each position, -100 where there is none (not counted)."""
+    tgt, has = x.targets()
+    return torch.where(has, tgt, torch.full_like(tgt, -100))
 
 
 @dataclass
@@ -86,6 +94,9 @@ def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
         s, _, m = x.logits()
         return L.sparse_kl(s, t.topk_ids, t.topk_logprobs, t.tail, m, **kw)
     if x.heads is not None:  # fused: chunked through both heads, no logits
+        shared = _from_one_walk(term, x)
+        if shared is not None:
+            return shared
         s, t = x.heads
         return L.lm_head_kl(
             x.student.final_hidden,
@@ -101,6 +112,47 @@ def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
         )
     s, t, m = x.logits()
     return L.kl_div(s, t, m, **kw)
+
+
+def _from_one_walk(term: Term, x: StepTensors) -> torch.Tensor | None:
+    """``term``'s value from the micro-batch's one walk over the student's head that gives both a KL
+    and a CE (``lm_head_kl_ce``), or None when ``term`` walks the head alone.
+
+    Fused, a KL term and a CE term would each make the student's logits from its head, where
+    the unfused step makes them once for both; one walk gives both values, each with its own
+    gradient, so weighting, GradNorm and the logs see two terms as before. The first KL term on
+    a live teacher (a cached one is ``lm_head_sparse_kl``) pairs with the first CE term; any
+    further KL or CE term walks alone. The walk runs at whichever of the two is computed first.
+    Its CE counts the labelled positions within the KL's mask: the positions with a next token
+    are real ones, so that is the CE's own count.
+    """
+    if x.heads is None or x.teacher.topk_ids is not None:
+        return None
+    kl = next(((t, temp) for t, temp in x.terms if isinstance(t.cfg, KLConfig)), None)
+    ce = next((t for t, _ in x.terms if isinstance(t.cfg, CEConfig)), None)
+    if kl is None or ce is None or (term is not kl[0] and term is not ce):
+        return None
+    if "kl_ce" not in x.shared:
+        (kl_term, temperature), (s, t) = kl, x.heads
+        c = kl_term.cfg
+        x.shared["kl_ce"] = L.lm_head_kl_ce(
+            x.student.final_hidden,
+            s.weight,
+            x.teacher.final_hidden,
+            t.weight,
+            x.mask,
+            _ce_labels(x),
+            kind=c.kind,
+            temperature=temperature,
+            beta=c.beta,
+            alpha=c.alpha,
+            student_bias=s.bias,
+            teacher_bias=t.bias,
+            softcap=s.softcap,
+            vocab=x.vocab,
+        )
+    kl_value, ce_value = x.shared["kl_ce"]
+    return kl_value if term is kl[0] else ce_value
 
 
 @dataclass
