@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo docs clean
+.PHONY: setup lint test test-fast demo docs clean
 
 setup: $(STAMP)
 
@@ -16,12 +16,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# The style check first (ruff, configured in pyproject.toml: lint and format), then the suite.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest tests
 
 # Everything but the tests marked slow (subprocesses, multi-process launches, the ~20 s end-to-end
 # runs): 1-1.5 minutes on two busy cores.
-test-fast: $(STAMP)
+test-fast: lint
 	$(BIN)/python -m pytest tests -m "not slow"
 
 demo: $(STAMP)

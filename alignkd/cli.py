@@ -218,9 +218,8 @@ def _choose_blocks(args) -> int:
     for key, what in (("span_angular_distance", "angular distance"), ("span_removal_loss_increase", "removal +loss")):
         if s.get(key):
             start = min(range(len(s[key])), key=lambda i: (s[key][i], i))
-            print(
-                f"lowest {what} over {s['span_blocks']} contiguous blocks: {start}..{start + s['span_blocks'] - 1} ({s[key][start]:.5g})"
-            )
+            last = start + s["span_blocks"] - 1
+            print(f"lowest {what} over {s['span_blocks']} contiguous blocks: {start}..{last} ({s[key][start]:.5g})")
     for c in s.get("candidates", []):
         print(f"probe {c['rule']:<16} {c['layers']}: held-out loss {c['probe_loss']:.4f}")
     print(f"chosen by {selection.rule}: {selection.layers}")

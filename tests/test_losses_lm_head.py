@@ -19,6 +19,7 @@ from conftest import LOOSE, assert_close, assert_grad_close
 
 from alignkd import losses
 from alignkd.losses import KL_KINDS, _head_chunks, kl_div, lm_head_ce, lm_head_kl, lm_head_kl_ce, lm_head_sparse_kl
+from alignkd.losses import _head_args as head_args
 from alignkd.losses import lm_head as lm_head_module
 
 # Odd sizes on purpose, student and teacher of different widths.
@@ -224,7 +225,7 @@ def test_padded_heads_use_the_shared_columns(gen, kind):
 
 def test_default_chunk_size_splits_large_inputs(gen, monkeypatch):
     # 1000 elements per chunk at V = 123: 8 rows per chunk with a ragged last one.
-    monkeypatch.setattr(lm_head_module, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(head_args, "CHUNK_ELEMENTS", 1000)
     check_against_materialised(make(gen), kind="jsd", ce_weight=0.2)
 
 
@@ -369,7 +370,7 @@ def test_parity_under_bf16_autocast(gen, kind, kw, chunk_tokens, block, monkeypa
 
 @pytest.mark.parametrize("kind", ["forward", "jsd"])
 def test_bf16_autocast_with_softcap_padded_heads_and_default_chunks(gen, kind, monkeypatch):
-    monkeypatch.setattr(lm_head_module, "CHUNK_ELEMENTS", 1000)  # 8 rows per chunk at vocab 123
+    monkeypatch.setattr(head_args, "CHUNK_ELEMENTS", 1000)  # 8 rows per chunk at vocab 123
     monkeypatch.setattr(_head_chunks, "BLOCK_ELEMENTS", 2000)  # ~16 rows per block: two chunks, the last ragged
     d = bf16_teacher(make(gen, vs=130, vt=123, lead=(5, 13)))
     _, (_, g_head, g_bias) = check_against_materialised(

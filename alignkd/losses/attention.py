@@ -86,7 +86,8 @@ def relation_kl(
         raise ValueError("relation_kl: inputs must be [B, T, D]")
     if student_x.shape[:2] != teacher_x.shape[:2]:
         raise ValueError(
-            f"relation_kl: student {tuple(student_x.shape)} and teacher {tuple(teacher_x.shape)} differ in batch or length"
+            f"relation_kl: student {tuple(student_x.shape)} and teacher {tuple(teacher_x.shape)} "
+            "differ in batch or length"
         )
     if not temperature > 0:
         raise ValueError(f"relation_kl: temperature must be > 0, got {temperature}")

@@ -26,17 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from alignkd.losses._head_args import build_walk, check_head, check_labels, divergence_fields
 from alignkd.losses._head_chunks import HeadLoss, HeadWalk, matmul_dtype
 from alignkd.losses._reduce import check_mask
-from alignkd.losses.logits import check_kl_args
-
-# Elements of one [chunk_tokens, V] float32 temporary by default. On a CPU the
-# chunk's elementwise passes (softmax, exp, the gradient) run at cache speed only
-# when a temporary fits the cache: 4M floats (16 MB) made a step with V = 49152
-# ~1.5x faster than 16M floats, and faster than full logits. A GPU wants bigger
-# matmuls: 64M floats (256 MB).
-CHUNK_ELEMENTS = 1 << 22
-CUDA_CHUNK_ELEMENTS = 1 << 26
 
 
 def lm_head_kl(
@@ -70,7 +62,7 @@ def lm_head_kl(
         labels: int ``[B, T]`` or ``[N]``: the target token at each position (the causal
             shift is the caller's); negative ids (e.g. -100) are not counted.
         ce_weight: weight of the student's cross-entropy on ``labels`` (temperature 1).
-        chunk_tokens: tokens per chunk of the float32 maths; default ``CHUNK_ELEMENTS // vocab``
+        chunk_tokens: tokens per chunk of the float32 maths; default ``_head_args.CHUNK_ELEMENTS // vocab``
             (16 MB temporaries; 256 MB on CUDA). bf16 / fp16 head matmuls run on blocks of
             several chunks (``_head_chunks.BLOCK_ELEMENTS``).
         student_bias, teacher_bias: optional head biases ``[V_s]`` / ``[V_t]``.
@@ -188,8 +180,8 @@ def _teacher_walk(
     vocab,
 ) -> HeadWalk:
     """The walk of :func:`lm_head_kl` / :func:`lm_head_kl_ce` (a live teacher, optional CE), arguments checked."""
-    _check_head(name, student_hidden, student_head, student_bias, "student ")
-    _check_head(name, teacher_hidden, teacher_head, teacher_bias, "teacher ")
+    check_head(name, student_hidden, student_head, student_bias, "student ")
+    check_head(name, teacher_hidden, teacher_head, teacher_bias, "teacher ")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
             f"{name}: student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
@@ -207,10 +199,10 @@ def _teacher_walk(
     flat_mask = mask.reshape(-1)
     flat_labels, n_ce = None, 0
     if labels is not None and ce_weight > 0:
-        flat_labels = _check_labels(name, labels, mask, vocab)
+        flat_labels = check_labels(name, labels, mask, vocab)
         n_ce = int((flat_mask & (flat_labels >= 0)).sum())
     t_dtype = matmul_dtype(teacher_hidden)
-    return _walk(
+    return build_walk(
         name,
         student_hidden,
         student_head,
@@ -219,7 +211,7 @@ def _teacher_walk(
         vocab=vocab,
         chunk_tokens=chunk_tokens,
         softcap=softcap,
-        **_divergence(name, *divergence),
+        **divergence_fields(name, *divergence),
         teacher_hidden=teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
         teacher_head=teacher_head.detach()[:vocab].to(t_dtype),
         teacher_bias=None if teacher_bias is None else teacher_bias.detach()[:vocab].to(t_dtype),
@@ -263,7 +255,7 @@ def lm_head_sparse_kl(
         gradients w.r.t. the hidden states, head and bias are made in the forward pass.
     """
     name = "lm_head_sparse_kl"
-    _check_head(name, student_hidden, student_head, student_bias, "student ")
+    check_head(name, student_hidden, student_head, student_bias, "student ")
     vocab = student_head.shape[0] if vocab is None else int(vocab)
     k = teacher_ids.shape[-1]
     lead = tuple(student_hidden.shape[:-1])
@@ -280,7 +272,7 @@ def lm_head_sparse_kl(
     if not k <= vocab <= student_head.shape[0]:
         raise ValueError(f"{name}: vocab={vocab} must be in [k={k}, {student_head.shape[0]}] (the head's rows)")
     mask = check_mask(student_hidden, mask, name)
-    walk = _walk(
+    walk = build_walk(
         name,
         student_hidden,
         student_head,
@@ -289,7 +281,7 @@ def lm_head_sparse_kl(
         vocab=vocab,
         chunk_tokens=chunk_tokens,
         softcap=softcap,
-        **_divergence(name, kind, temperature, beta, alpha),
+        **divergence_fields(name, kind, temperature, beta, alpha),
         teacher_topk=(teacher_ids.reshape(-1, k).long(), teacher_logprobs.reshape(-1, k), teacher_tail.reshape(-1)),
     )
     return HeadLoss.apply(student_hidden, student_head, student_bias, walk)[0]
@@ -318,13 +310,13 @@ def lm_head_ce(
         Precision as in :func:`lm_head_kl`.
     """
     name = "lm_head_ce"
-    _check_head(name, hidden, head, bias)
+    check_head(name, hidden, head, bias)
     vocab = head.shape[0] if vocab is None else int(vocab)
     if not 1 <= vocab <= head.shape[0]:
         raise ValueError(f"{name}: vocab={vocab} must be in [1, {head.shape[0]}]")
-    flat = _check_labels(name, labels, torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device), vocab)
+    flat = check_labels(name, labels, torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device), vocab)
     rows = (flat >= 0).nonzero().squeeze(1)
-    walk = _walk(
+    walk = build_walk(
         name,
         hidden,
         head,
@@ -341,62 +333,3 @@ def lm_head_ce(
 
 
 # ----------------------------------------------------------------------------- shared by the four
-
-
-def _walk(name: str, hidden, head, bias, *, rows, vocab: int, chunk_tokens, softcap, **differs) -> HeadWalk:
-    """A walk over the student's head (``hidden``, ``head``, ``bias``) of ``rows``: the student's side
-    (gradients wanted, matmul dtype, rows per chunk) is the same for every function; ``differs`` is
-    what the caller adds to :class:`HeadWalk`'s defaults (a teacher, labels, a divergence, two outputs)."""
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"{name}: softcap must be > 0 or None, got {softcap}")
-    if chunk_tokens is not None and not chunk_tokens >= 1:
-        raise ValueError(f"{name}: chunk_tokens must be >= 1, got {chunk_tokens}")
-    grad_on = torch.is_grad_enabled()
-    return HeadWalk(
-        rows=rows,
-        vocab=vocab,
-        chunk_tokens=int(chunk_tokens) if chunk_tokens else _default_chunk(vocab, hidden.device),
-        needs=tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, head, bias)),
-        dtype=matmul_dtype(hidden),
-        softcap=None if softcap is None else float(softcap),
-        **differs,
-    )
-
-
-def _default_chunk(vocab: int, device: torch.device) -> int:
-    elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
-    return max(1, elements // vocab)
-
-
-def _divergence(name: str, kind: str, temperature: float, beta: float, alpha: float) -> dict:
-    """The divergence fields of a walk, checked as :func:`kl_div` checks them."""
-    check_kl_args(kind, temperature, beta, alpha, name)
-    return {"kind": kind, "temperature": float(temperature), "beta": float(beta), "alpha": float(alpha)}
-
-
-def _check_head(name: str, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, side: str = "") -> None:
-    """One model's hidden states ``[B, T, D]`` / ``[N, D]``, head ``[V, D]`` and bias ``[V]``."""
-    if h.dim() not in (2, 3):
-        raise ValueError(f"{name}: {side}hidden states have shape {tuple(h.shape)}; pass [B, T, D] or [N, D]")
-    if w.dim() != 2 or w.shape[1] != h.shape[-1]:
-        raise ValueError(
-            f"{name}: {side}head has shape {tuple(w.shape)}, expected [V, {h.shape[-1]}] "
-            "(the output-head weight, one row per token id, as wide as the hidden states)"
-        )
-    if b is not None and tuple(b.shape) != (w.shape[0],):
-        raise ValueError(f"{name}: {side}bias has shape {tuple(b.shape)}, expected ({w.shape[0]},), one per head row")
-
-
-def _check_labels(name: str, labels: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``labels`` flattened to long, after checking their shape (``mask``'s), dtype and the counted ids' range."""
-    if tuple(labels.shape) != tuple(mask.shape):
-        raise ValueError(
-            f"{name}: labels have shape {tuple(labels.shape)}, expected {tuple(mask.shape)} (one id per position)"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{name}: labels must hold integer token ids, got {labels.dtype}")
-    flat = labels.reshape(-1).to(device=mask.device, dtype=torch.long)
-    counted = flat[mask.reshape(-1)]
-    if counted.numel() and int(counted.max()) >= vocab:
-        raise ValueError(f"{name}: label id {int(counted.max())} is out of range for a vocabulary of {vocab}")
-    return flat

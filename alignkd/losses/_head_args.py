@@ -1,0 +1,78 @@
+"""The argument checks and the walk builder shared by the LM-head losses (``lm_head``).
+
+Every check takes the public function's name, so an error starts with what the user called.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkd.losses._head_chunks import HeadWalk, matmul_dtype
+from alignkd.losses.logits import check_kl_args
+
+# Elements of one [chunk_tokens, V] float32 temporary by default. On a CPU the
+# chunk's elementwise passes (softmax, exp, the gradient) run at cache speed only
+# when a temporary fits the cache: 4M floats (16 MB) made a step with V = 49152
+# ~1.5x faster than 16M floats, and faster than full logits. A GPU wants bigger
+# matmuls: 64M floats (256 MB).
+CHUNK_ELEMENTS = 1 << 22
+CUDA_CHUNK_ELEMENTS = 1 << 26
+
+
+def build_walk(name: str, hidden, head, bias, *, rows, vocab: int, chunk_tokens, softcap, **differs) -> HeadWalk:
+    """A walk over the student's head (``hidden``, ``head``, ``bias``) of ``rows``: the student's side
+    (gradients wanted, matmul dtype, rows per chunk) is the same for every function; ``differs`` is
+    what the caller adds to :class:`HeadWalk`'s defaults (a teacher, labels, a divergence, two outputs)."""
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}: softcap must be > 0 or None, got {softcap}")
+    if chunk_tokens is not None and not chunk_tokens >= 1:
+        raise ValueError(f"{name}: chunk_tokens must be >= 1, got {chunk_tokens}")
+    grad_on = torch.is_grad_enabled()
+    return HeadWalk(
+        rows=rows,
+        vocab=vocab,
+        chunk_tokens=int(chunk_tokens) if chunk_tokens else default_chunk(vocab, hidden.device),
+        needs=tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, head, bias)),
+        dtype=matmul_dtype(hidden),
+        softcap=None if softcap is None else float(softcap),
+        **differs,
+    )
+
+
+def default_chunk(vocab: int, device: torch.device) -> int:
+    elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+    return max(1, elements // vocab)
+
+
+def divergence_fields(name: str, kind: str, temperature: float, beta: float, alpha: float) -> dict:
+    """The divergence fields of a walk, checked as :func:`kl_div` checks them."""
+    check_kl_args(kind, temperature, beta, alpha, name)
+    return {"kind": kind, "temperature": float(temperature), "beta": float(beta), "alpha": float(alpha)}
+
+
+def check_head(name: str, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, side: str = "") -> None:
+    """One model's hidden states ``[B, T, D]`` / ``[N, D]``, head ``[V, D]`` and bias ``[V]``."""
+    if h.dim() not in (2, 3):
+        raise ValueError(f"{name}: {side}hidden states have shape {tuple(h.shape)}; pass [B, T, D] or [N, D]")
+    if w.dim() != 2 or w.shape[1] != h.shape[-1]:
+        raise ValueError(
+            f"{name}: {side}head has shape {tuple(w.shape)}, expected [V, {h.shape[-1]}] "
+            "(the output-head weight, one row per token id, as wide as the hidden states)"
+        )
+    if b is not None and tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"{name}: {side}bias has shape {tuple(b.shape)}, expected ({w.shape[0]},), one per head row")
+
+
+def check_labels(name: str, labels: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``labels`` flattened to long, after checking their shape (``mask``'s), dtype and the counted ids' range."""
+    if tuple(labels.shape) != tuple(mask.shape):
+        raise ValueError(
+            f"{name}: labels have shape {tuple(labels.shape)}, expected {tuple(mask.shape)} (one id per position)"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"{name}: labels must hold integer token ids, got {labels.dtype}")
+    flat = labels.reshape(-1).to(device=mask.device, dtype=torch.long)
+    counted = flat[mask.reshape(-1)]
+    if counted.numel() and int(counted.max()) >= vocab:
+        raise ValueError(f"{name}: label id {int(counted.max())} is out of range for a vocabulary of {vocab}")
+    return flat
