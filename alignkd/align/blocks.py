@@ -58,7 +58,7 @@ class Calibration:
     data: dict[str, torch.Tensor]
     """Task rows: ``input_ids`` ``[C, T]`` (and ``mask``, ``labels`` for classification)."""
     task: object
-    """The task object (``engine.tasks``): batches and the loss."""
+    """The task object (``align.tasks``): batches and the loss."""
     tokenizer: object
     skip_bos: bool
     """Leave a leading BOS out of the state scores: its states are outliers that say nothing of the block."""

@@ -36,7 +36,7 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
 
     Under an FSDP or DeepSpeed launch the Accelerator is built as for DDP (its
     plugins would wrap the whole side, head included, or step the optimizer inside
-    backward); ``shard_student`` and ``engine.zero`` do that work.
+    backward); the back-end (``backend.strategy``) does that work.
     """
     zero.launch_stage()  # a DeepSpeed launch alignkd cannot run stops here, in one line
     # Accelerate keeps its settings in a process-wide singleton, and a second run in the

@@ -12,7 +12,7 @@ process, so the fused LM-head terms, the capture hooks and saving work as in
 one process. Stage 3 partitions the weights too: each module's are gathered
 inside its own forward and backward, except the output head's when the
 fused LM-head terms read it (outside the head's forward): like FSDP2's
-(``engine.distributed``), it stays whole on every process, its gradient
+(``backend.fsdp``), it stays whole on every process, its gradient
 partitioned. Saving gathers the weights (``copied_state``). A learned
 weighting's parameters, outside the model, get a small AdamW of their own
 (``wrap``).

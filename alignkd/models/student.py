@@ -17,7 +17,7 @@ from alignkd.models.loading import AUTO_CLASSES, load_model
 from alignkd.models.width import activation_scores, width_prune
 from alignkd.precision import DTYPES, resolve_student_dtype
 
-if TYPE_CHECKING:  # the config package validates through models.select, which builds on this module
+if TYPE_CHECKING:  # config sits above models (see docs/architecture.md): only for the annotations
     from alignkd.config import StudentConfig
 
 

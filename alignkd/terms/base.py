@@ -3,7 +3,7 @@
 A term type is one ``TermType``: its config dataclass (only the fields that apply
 to it, their defaults and checks), what it needs captured from each model,
 whether it trains a projector, and its function. Config loading, validation,
-planning, ``--print-config`` and the README's loss table all read these.
+planning, ``--print-config`` and the generated configuration reference all read these.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ class TermType:
     compute: TermFn
     """The term's value on one micro-batch; the maths lives in ``alignkd.losses``."""
     matches: str
-    """What it matches, for the README's table."""
+    """What it matches, for the loss table of the docs."""
     needs: Callable[[Any, list[tuple[int, int]], int], tuple[Needs, Needs]] | None = None
     """``(cfg, pairs, teacher blocks) -> (student needs, teacher needs)``; None: logits only."""
     projected: bool = False
