@@ -12,9 +12,7 @@ from alignkd.losses.logits import check_kl_args
 
 # Elements of one [chunk_tokens, V] float32 temporary by default. On a CPU the
 # chunk's elementwise passes (softmax, exp, the gradient) run at cache speed only
-# when a temporary fits the cache: 4M floats (16 MB) made a step with V = 49152
-# ~1.5x faster than 16M floats, and faster than full logits. A GPU wants bigger
-# matmuls: 64M floats (256 MB).
+# when a temporary fits the cache (16 MB); a GPU wants bigger matmuls (256 MB).
 CHUNK_ELEMENTS = 1 << 22
 CUDA_CHUNK_ELEMENTS = 1 << 26
 

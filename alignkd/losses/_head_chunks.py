@@ -28,15 +28,14 @@ from alignkd.losses.logits import forward_kl_value_and_grad, kl_rows
 from alignkd.losses.sparse import topk_buckets
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-# Elements of one [block rows, V] low-precision logits buffer (64 MB in bf16). On
-# an AMX CPU (V = 49152, D = 576, 1024 tokens, bf16 autocast) the loss's forward +
-# backward took ~1.4x as long as on full bf16 logits with per-chunk matmuls of 85
-# rows, and about as long with blocks of 512 (16M elements: ~1.15x; 64M: the same
-# as 32M). Never fewer rows than a chunk (on CUDA a chunk is already bigger).
+# Elements of one [block rows, V] low-precision logits buffer (64 MB in bf16). A
+# chunk's few rows make matmuls too small to run at speed; blocks of several chunks
+# keep the fused loss about as fast as full logits, and bigger blocks gain nothing.
+# Never fewer rows than a chunk (on CUDA a chunk is already bigger).
 BLOCK_ELEMENTS = 1 << 25
-# The same in float32 (64 MB). With per-chunk pushes (85 rows at V = 49152) a
-# CE-only loss on 1,024 tokens took ~1.5x as long as on full float32 logits on a
-# 2-core CPU: each push reads and writes the 113 MB head buffer.
+# The same in float32 (64 MB). Each push of a gradient through the head reads and
+# writes the whole float32 [V, D] head-gradient buffer, so it is pushed per block,
+# not per chunk.
 FLOAT32_BLOCK_ELEMENTS = 1 << 24
 
 
@@ -280,8 +279,8 @@ def _add_ce(zs: torch.Tensor, labels: torch.Tensor, g: torch.Tensor | None, scal
     if sel.numel() == 0:
         return zs.new_zeros(()), g
     every = sel.numel() == labels.numel()  # the usual case: no row copy, no scatter back
-    # Advanced indexing, not index_select: on [rows, V] with 2 CPU threads torch 2.13's
-    # index_select took ~660 ms for 85 rows of 49152 floats, indexing 15 ms.
+    # Advanced indexing, not index_select: on a CPU, index_select of a few rows of a wide
+    # [rows, V] tensor is tens of times slower than indexing.
     z = zs if every else zs[sel]
     tgt = labels[sel].unsqueeze(1)
     logp = z.log_softmax(-1)
