@@ -1,6 +1,6 @@
-"""Where the packaged assets live, what each comes from, and the manifest that marks one complete.
+"""The asset store: where the packaged assets live, what each comes from, and the manifest that marks one complete.
 
-Each asset is built in a scratch folder inside the cache and renamed into place at the
+Each asset is built in a scratch folder inside the store and renamed into place at the
 end; its ``manifest.json`` (files and sizes, source package and version, what the check
 found) is written last. So a folder with a manifest is complete, and a later run only
 compares the manifest with the files on disk.

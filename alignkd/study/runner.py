@@ -63,7 +63,7 @@ def teacher_folder(study: Study) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-class Plan:
+class StudyPlan:
     """Every run of a study, resolved and checked before the first one starts."""
 
     def __init__(self, study: Study, out: Path, names: list[str], quick: bool, standins: StandIns | None):
@@ -117,7 +117,7 @@ def run_study(
     if quick:
         with stages.stage("stand-ins", "quick: tiny stand-in teacher, generated text"):
             standins = build(out / "quick-assets", real_shape(teacher_folder(study), study.spec.quick.teacher))
-    plan = Plan(study, out, names, quick, standins)  # bad input stops here, before any run
+    plan = StudyPlan(study, out, names, quick, standins)  # bad input stops here, before any run
     threads = torch.get_num_threads()
     if quick:  # the stand-ins' ops are too small to gain from threads, and lose much to them on a shared CPU
         torch.set_num_threads(1)
