@@ -111,10 +111,7 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
     inputs = None
     if choosing(cfg):  # the run will choose its blocks: choose the same ones now, for its layer map
         _, inputs = choose_blocks(cfg, make_accelerator(cfg.train.mixed_precision), say)
-    tok, teacher, student, vocab = load_models(cfg, teacher_weights=True, inputs=inputs)
-    needs = build_plan(cfg.losses, student, teacher).teacher_needs
-    del student
-    capture = Capture(teacher, Needs(hidden=needs.hidden, qkv=needs.qkv))
+    tok, teacher, needs, capture, vocab = _teacher_and_needs(cfg, inputs)
     train, held = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
     blocks = train["input_ids"]
     n, seq_len = blocks.shape[0], blocks.shape[1]
@@ -140,16 +137,7 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
         autocast=contextlib.nullcontext,
     )  # fmt: skip
     meta = {
-        "version": VERSION,
-        "blocks": n,
-        "seq_len": seq_len,
-        "top_k": k,
-        "vocab": vocab,
-        "data_hash": data_hash(blocks, held["input_ids"]),
-        "teacher": cfg.teacher.path,
-        "teacher_fingerprint": teacher_fingerprint(cfg.teacher.path),
-        "teacher_dtype": cfg.teacher.dtype,
-        "bos": cfg.data.bos,
+        **_meta(cfg, blocks, held["input_ids"], k, vocab),
         "tensors": specs,
         "shards": shards,
         "teacher_eval": teacher_eval,
@@ -166,6 +154,33 @@ def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
         "bytes per token: " + ", ".join(f"{key} {b}" for key, b in per.items())
     )
     return meta
+
+
+def _meta(cfg, blocks, eval_blocks, k: int, vocab: int) -> dict:
+    """What ``meta.json`` says of the data and the teacher, which a run checks before it reads the cache."""
+    return {
+        "version": VERSION,
+        "blocks": blocks.shape[0],
+        "seq_len": blocks.shape[1],
+        "top_k": k,
+        "vocab": vocab,
+        "data_hash": data_hash(blocks, eval_blocks),
+        "teacher": cfg.teacher.path,
+        "teacher_fingerprint": teacher_fingerprint(cfg.teacher.path),
+        "teacher_dtype": cfg.teacher.dtype,
+        "bos": cfg.data.bos,
+    }
+
+
+def _teacher_and_needs(cfg, inputs):
+    """The tokenizer, the teacher with hooks on what the run's terms read of it, those needs, and the vocabulary.
+
+    The student is built only to resolve the terms' layer maps, as the run will.
+    """
+    tok, teacher, student, vocab = load_models(cfg, teacher_weights=True, inputs=inputs)
+    needs = build_plan(cfg.losses, student, teacher).teacher_needs
+    capture = Capture(teacher, Needs(hidden=needs.hidden, qkv=needs.qkv))
+    return tok, teacher, needs, capture, vocab
 
 
 @contextlib.contextmanager

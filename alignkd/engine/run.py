@@ -94,18 +94,7 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     for note in notes:
         say(note)
     if accelerator.is_main_process:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(
-                f"train.output_dir {out}: cannot create it ({e.strerror}); choose a writable folder"
-            ) from None
-        if overwrite:
-            clear(out)
-        remove_leftovers(out)  # of a write a full disk or a kill cut short
-        saved.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        if selection is not None:
-            write_scores(selection, out)
+        _prepare_output(out, cfg, overwrite, selection)
     accelerator.wait_for_everyone()
     teacher_eval = run.teacher.heldout(
         run.evaluate, run.unwrapped.student, _eval_blocks(run), say
@@ -129,15 +118,36 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
         "student_eval": last["eval"],
         "last_train": last["train"],
         "student_dir": str(student_dir),
-        "precision": {
-            "teacher_dtype": cfg.teacher.dtype,
-            "student_dtype": cfg.student.dtype,
-            "mixed_precision": cfg.train.mixed_precision,
-        },
+        "precision": _precision(cfg),
     }
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _prepare_output(out: Path, cfg: Config, overwrite: bool, selection) -> None:
+    """Create (or clear) the output folder and write ``config.yaml`` and the block scores (main process)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"train.output_dir {out}: cannot create it ({e.strerror}); choose a writable folder"
+        ) from None
+    if overwrite:
+        clear(out)
+    remove_leftovers(out)  # of a write a full disk or a kill cut short
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if selection is not None:
+        write_scores(selection, out)
+
+
+def _precision(cfg: Config) -> dict:
+    """The resolved precisions, for ``summary.json``."""
+    return {
+        "teacher_dtype": cfg.teacher.dtype,
+        "student_dtype": cfg.student.dtype,
+        "mixed_precision": cfg.train.mixed_precision,
+    }
 
 
 def _eval_blocks(run: Run) -> int:
