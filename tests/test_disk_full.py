@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import test_engine
 import torch
 import yaml
 from safetensors import SafetensorError
@@ -36,7 +35,6 @@ from alignkd.cli import main
 from alignkd.errors import DiskError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-teacher, corpus = test_engine.teacher, test_engine.corpus  # the tiny teacher and corpus, built once per module
 
 LOSSES = [{"type": "kl"}, {"type": "hidden"}]
 FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
