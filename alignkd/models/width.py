@@ -155,6 +155,31 @@ def activation_scores(teacher: nn.Module, input_ids: torch.Tensor, batch_size: i
 def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = None) -> None:
     """Copy the teacher's most important channels into ``student`` in place (``scores``: default
     :func:`weight_scores`)."""
+    hd = _prunable_head_dim(student, teacher)
+    t_blocks, s_blocks = blocks_of(teacher), blocks_of(student)
+    chosen = even_layers(len(t_blocks), len(s_blocks))
+    t_group, s_kv, s_group = _head_groups(student, teacher)
+
+    scores = scores if scores is not None else weight_scores(teacher)
+    hid = _top(scores.hidden, student.config.hidden_size)
+
+    _copy(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight, None, hid)
+    if not student.config.tie_word_embeddings and student.get_output_embeddings() is not None:
+        _copy(student.get_output_embeddings().weight, teacher.get_output_embeddings().weight, None, hid)
+
+    for s_block, t_idx in zip(s_blocks, chosen, strict=True):
+        t_block = t_blocks[t_idx]
+        q_keep, kv_keep = _kept_heads(scores, t_idx, t_group, s_kv, s_group)
+        _prune_attention(s_block.self_attn, t_block.self_attn, q_keep, kv_keep, hid, hd)
+        _prune_mlp(s_block.mlp, t_block.mlp, scores.mlp[t_idx], hid)
+        for name, mod in t_block.named_children():
+            if name.endswith("norm"):
+                _copy(getattr(s_block, name).weight, mod.weight, hid)
+    _prune_final_norm_and_score(student, teacher, hid)
+
+
+def _prunable_head_dim(student: nn.Module, teacher: nn.Module) -> int:
+    """Returns the head_dim teacher and student share, after checking both are the same llama-like family."""
     mt = _cfg(teacher, "model_type")
     if mt not in _LLAMA_TYPES or _cfg(student, "model_type") != mt:
         raise ModelError(
@@ -166,8 +191,11 @@ def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = 
             f"student.init=prune keeps head_dim ({hd}); "
             f"set student.config.num_attention_heads = hidden_size / {hd} or head_dim: {hd}"
         )
-    t_blocks, s_blocks = blocks_of(teacher), blocks_of(student)
-    chosen = even_layers(len(t_blocks), len(s_blocks))
+    return hd
+
+
+def _head_groups(student: nn.Module, teacher: nn.Module) -> tuple[int, int, int]:
+    """Returns (teacher query heads per kv head, student kv heads, student query heads per kv head)."""
     t_heads, t_kv = (
         teacher.config.num_attention_heads,
         _cfg(teacher, "num_key_value_heads", teacher.config.num_attention_heads),
@@ -182,57 +210,62 @@ def width_prune(student: nn.Module, teacher: nn.Module, scores: Scores | None = 
             f"student.init=prune: the student needs at most {t_kv} key/value heads "
             f"and {t_group} query heads per key/value head"
         )
+    return t_group, s_kv, s_group
 
-    scores = scores if scores is not None else weight_scores(teacher)
-    hid = _top(scores.hidden, student.config.hidden_size)
 
-    def copy(dst: torch.Tensor, src: torch.Tensor, *index: torch.Tensor | None) -> None:
-        for dim, idx in enumerate(index):
-            if idx is not None:
-                src = src.index_select(dim, idx.to(src.device))
-        if src.shape != dst.shape:
-            raise ModelError(
-                f"student.init=prune: cannot fit teacher weight {tuple(src.shape)} into {tuple(dst.shape)}"
-            )
-        dst.copy_(src.to(dst.dtype))
+def _copy(dst: torch.Tensor, src: torch.Tensor, *index: torch.Tensor | None) -> None:
+    """Returns nothing: copies ``src``, narrowed to ``index[d]`` along each dim ``d`` (None: all), into ``dst``."""
+    for dim, idx in enumerate(index):
+        if idx is not None:
+            src = src.index_select(dim, idx.to(src.device))
+    if src.shape != dst.shape:
+        raise ModelError(f"student.init=prune: cannot fit teacher weight {tuple(src.shape)} into {tuple(dst.shape)}")
+    dst.copy_(src.to(dst.dtype))
 
-    copy(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight, None, hid)
-    if not student.config.tie_word_embeddings and student.get_output_embeddings() is not None:
-        copy(student.get_output_embeddings().weight, teacher.get_output_embeddings().weight, None, hid)
 
-    for s_block, t_idx in zip(s_blocks, chosen, strict=True):
-        t_block = t_blocks[t_idx]
-        ta, sa = t_block.self_attn, s_block.self_attn
-        kv_keep = _top(scores.kv_heads[t_idx], s_kv)
-        q_score = scores.query_heads[t_idx]
-        q_keep = torch.cat(
-            [g * t_group + _top(q_score[g * t_group : (g + 1) * t_group], s_group) for g in kv_keep.tolist()]
-        )
-        q_rows, kv_rows = _expand(q_keep, hd), _expand(kv_keep, hd)
-        copy(sa.q_proj.weight, ta.q_proj.weight, q_rows, hid)
-        copy(sa.k_proj.weight, ta.k_proj.weight, kv_rows, hid)
-        copy(sa.v_proj.weight, ta.v_proj.weight, kv_rows, hid)
-        copy(sa.o_proj.weight, ta.o_proj.weight, hid, q_rows)
-        for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            if getattr(getattr(ta, name), "bias", None) is not None:
-                copy(getattr(sa, name).bias, getattr(ta, name).bias, rows)
-        for name in ("q_norm", "k_norm"):  # per-head-dim norms (qwen3, gemma3): unchanged
-            if hasattr(ta, name):
-                copy(getattr(sa, name).weight, getattr(ta, name).weight)
-        tm, sm = t_block.mlp, s_block.mlp
-        keep = _top(scores.mlp[t_idx], sm.gate_proj.weight.shape[0])
-        copy(sm.gate_proj.weight, tm.gate_proj.weight, keep, hid)
-        copy(sm.up_proj.weight, tm.up_proj.weight, keep, hid)
-        copy(sm.down_proj.weight, tm.down_proj.weight, hid, keep)
-        for name, mod in t_block.named_children():
-            if name.endswith("norm"):
-                copy(getattr(s_block, name).weight, mod.weight, hid)
+def _kept_heads(scores: Scores, t_idx: int, t_group: int, s_kv: int, s_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the teacher block's kept (query heads, key/value heads), the best query heads within each kept group."""
+    kv_keep = _top(scores.kv_heads[t_idx], s_kv)
+    q_score = scores.query_heads[t_idx]
+    q_keep = torch.cat(
+        [g * t_group + _top(q_score[g * t_group : (g + 1) * t_group], s_group) for g in kv_keep.tolist()]
+    )
+    return q_keep, kv_keep
+
+
+def _prune_attention(
+    sa: nn.Module, ta: nn.Module, q_keep: torch.Tensor, kv_keep: torch.Tensor, hid: torch.Tensor, hd: int
+) -> None:
+    """Returns nothing: copies the kept heads' projections, biases and per-head-dim norms from ``ta`` into ``sa``."""
+    q_rows, kv_rows = _expand(q_keep, hd), _expand(kv_keep, hd)
+    _copy(sa.q_proj.weight, ta.q_proj.weight, q_rows, hid)
+    _copy(sa.k_proj.weight, ta.k_proj.weight, kv_rows, hid)
+    _copy(sa.v_proj.weight, ta.v_proj.weight, kv_rows, hid)
+    _copy(sa.o_proj.weight, ta.o_proj.weight, hid, q_rows)
+    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+        if getattr(getattr(ta, name), "bias", None) is not None:
+            _copy(getattr(sa, name).bias, getattr(ta, name).bias, rows)
+    for name in ("q_norm", "k_norm"):  # per-head-dim norms (qwen3, gemma3): unchanged
+        if hasattr(ta, name):
+            _copy(getattr(sa, name).weight, getattr(ta, name).weight)
+
+
+def _prune_mlp(sm: nn.Module, tm: nn.Module, score: torch.Tensor, hid: torch.Tensor) -> None:
+    """Returns nothing: copies the MLP channels of ``tm`` with the highest ``score`` into ``sm``."""
+    keep = _top(score, sm.gate_proj.weight.shape[0])
+    _copy(sm.gate_proj.weight, tm.gate_proj.weight, keep, hid)
+    _copy(sm.up_proj.weight, tm.up_proj.weight, keep, hid)
+    _copy(sm.down_proj.weight, tm.down_proj.weight, hid, keep)
+
+
+def _prune_final_norm_and_score(student: nn.Module, teacher: nn.Module, hid: torch.Tensor) -> None:
+    """Returns nothing: copies the final norm and a sequence classifier's ``score`` head at the kept hidden channels."""
     final = [m for n, m in teacher.base_model.named_children() if n == "norm"]
     if final:
-        copy(student.base_model.norm.weight, final[0].weight, hid)
+        _copy(student.base_model.norm.weight, final[0].weight, hid)
     # A sequence classifier's head (``score``, [num_labels, hidden]) reads the same hidden channels.
     t_score, s_score = getattr(teacher, "score", None), getattr(student, "score", None)
     if isinstance(t_score, nn.Linear) and isinstance(s_score, nn.Linear):
-        copy(s_score.weight, t_score.weight, None, hid)
+        _copy(s_score.weight, t_score.weight, None, hid)
         if t_score.bias is not None and s_score.bias is not None:
-            copy(s_score.bias, t_score.bias)
+            _copy(s_score.bias, t_score.bias)
