@@ -136,6 +136,31 @@ def evaluate_models(
     against the teacher's (``*_vs_teacher``) and its numbers turned into
     retention. With ``out``, the dict is also written to ``out/eval.json``.
     """
+    order = _checked_order(models, settings, teacher, out)
+    inputs = _read_inputs(settings)
+    device = settings.device or str(default_device())
+    settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, device))
+    result: dict = {
+        "settings": _settings_record(settings, inputs, device),
+        "models": _evaluate_in_order(models, order, teacher, settings, inputs, device, progress),
+        "retention": {},
+        "warnings": [],
+    }
+    if teacher is not None:
+        base = result["models"][teacher]["metrics"]
+        result["retention"] = {r: retention(base, e["metrics"]) for r, e in result["models"].items() if r != teacher}
+        result["warnings"] = [w for w in (near_chance(base),) if w]
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _checked_order(
+    models: dict[str, str], settings: EvalSettings, teacher: str | None, out: str | Path | None
+) -> list[str]:
+    """Returns the roles in evaluation order (the teacher first), once the settings, models and ``out`` check out."""
     check_settings(settings)
     if not models:
         raise EvalError("no models to evaluate; give at least one model path")
@@ -146,33 +171,43 @@ def evaluate_models(
         check_model_path(role, models[role])
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise EvalError(f"--out {out} is a file; give the folder eval.json goes in")
-    inputs = _read_inputs(settings)
-    device = settings.device or str(default_device())
-    settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, device))
-    result: dict = {
-        "settings": {
-            **inputs.sources,
-            "device": device,
-            "dtype": settings.dtype,
-            **{
-                k: getattr(settings, k)
-                for k in (
-                    "ppl_tokens",
-                    "window",
-                    "stride",
-                    "examples",
-                    "shots",
-                    "prompts",
-                    "new_tokens",
-                    "latency_batch",
-                    "latency_len",
-                )
-            },
+    return order
+
+
+def _settings_record(settings: EvalSettings, inputs: _Inputs, device: str) -> dict:
+    """Returns ``eval.json``'s ``settings``: the input sources, device, dtype and the sizes that shape each metric."""
+    return {
+        **inputs.sources,
+        "device": device,
+        "dtype": settings.dtype,
+        **{
+            k: getattr(settings, k)
+            for k in (
+                "ppl_tokens",
+                "window",
+                "stride",
+                "examples",
+                "shots",
+                "prompts",
+                "new_tokens",
+                "latency_batch",
+                "latency_len",
+            )
         },
-        "models": {},
-        "retention": {},
-        "warnings": [],
     }
+
+
+def _evaluate_in_order(
+    models: dict[str, str],
+    order: list[str],
+    teacher: str | None,
+    settings: EvalSettings,
+    inputs: _Inputs,
+    device: str,
+    progress: bool,
+) -> dict:
+    """Returns ``eval.json``'s ``models``: each role's path and metrics, with fidelity to the teacher's outputs."""
+    evaluated: dict = {}
     reference = None
     with Tasks(progress, bar=True, transient=True) as show:
         for role in order:
@@ -182,13 +217,5 @@ def evaluate_models(
             elif reference is not None and outputs is not None:
                 fidelity = generation_metrics(outputs, reference)
                 metrics.update({f"{k}_vs_teacher": v for k, v in fidelity.items()})
-            result["models"][role] = {"path": str(models[role]), "metrics": metrics}
-    if teacher is not None:
-        base = result["models"][teacher]["metrics"]
-        result["retention"] = {r: retention(base, e["metrics"]) for r, e in result["models"].items() if r != teacher}
-        result["warnings"] = [w for w in (near_chance(base),) if w]
-    if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+            evaluated[role] = {"path": str(models[role]), "metrics": metrics}
+    return evaluated
