@@ -125,15 +125,14 @@ def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float 
     ``steps``: an exact step count for both runs. Without it, the distillation
     runs at most ``MAX_STEPS`` steps within ``minutes`` (default ``DISTILL_MINUTES``).
     """
+    # Imported before the first stage, so their load time counts in no stage's timing.
     from alignkd.assets import prepare
     from alignkd.config import load_config
     from alignkd.engine.run import distill
-    from alignkd.evaluate import EvalSettings, evaluate_models
+    from alignkd.evaluate import evaluate_models
     from alignkd.report import write_report
 
-    steps = steps or (int(os.environ["DEMO_STEPS"]) if os.environ.get("DEMO_STEPS") else None)
-    if steps is None:
-        steps, minutes = MAX_STEPS, minutes or DISTILL_MINUTES
+    steps, minutes = _step_budget(steps, minutes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages()
@@ -145,7 +144,7 @@ def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float 
     with stages.stage("distill", f"2/5 distil: the blocks of highest Block Influence, forward KL, {budget}"):
         summary = distill(load_config(data=run_config(assets, out / "distilled", steps, "kl", minutes)), overwrite=True)
         steps = summary["steps"]  # the baseline gets as many steps as the distillation had
-        chosen = yaml.safe_load((out / "distilled" / "config.yaml").read_text())["student"]["from_teacher"]["layers"]
+        chosen = _chosen_layers(out / "distilled")
 
     with stages.stage(
         "baseline", f"3/5 baseline: the same student (blocks {chosen}), cross-entropy only, {steps} steps"
@@ -153,27 +152,52 @@ def run(steps: int | None = None, out: str | Path = "runs/demo", minutes: float 
         distill(load_config(data=run_config(assets, out / "baseline", steps, "ce", layers=chosen)), overwrite=True)
 
     with stages.stage("eval", "4/5 evaluate teacher, distilled student and baseline"):
-        settings = EvalSettings(
-            text=str(assets.moby_dick),
-            labelled=str(assets.sentiment / "test.csv"),
-            ppl_tokens=8192,
-            examples=100,
-            prompts=8,
-        )
-        ev = evaluate_models(
-            {
-                "teacher": str(assets.teacher),
-                "student": str(out / "distilled" / "student"),
-                "baseline": str(out / "baseline" / "student"),
-            },
-            settings,
-            teacher="teacher",
-            out=out / "distilled",
-        )
+        settings = _eval_settings(assets)
+        ev = evaluate_models(_eval_models(assets, out), settings, teacher="teacher", out=out / "distilled")
 
     with stages.stage("report", "5/5 report"):
         paths = write_report(out / "distilled", baselines={"ce-baseline": out / "baseline"})
 
+    return _finish(stages, out, steps, ev, paths)
+
+
+def _step_budget(steps: int | None, minutes: float | None) -> tuple[int, float | None]:
+    """Returns (steps, minutes): the steps asked for (argument, else ``DEMO_STEPS``), else the default time budget."""
+    steps = steps or (int(os.environ["DEMO_STEPS"]) if os.environ.get("DEMO_STEPS") else None)
+    if steps is None:
+        steps, minutes = MAX_STEPS, minutes or DISTILL_MINUTES
+    return steps, minutes
+
+
+def _chosen_layers(run_dir: Path) -> list[int]:
+    """Returns the teacher blocks a finished run's student kept, as its config.yaml records them."""
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["student"]["from_teacher"]["layers"]
+
+
+def _eval_settings(assets):
+    """Returns the evaluation settings: the packaged Moby-Dick and sentiment data, sized to the demo's time."""
+    from alignkd.evaluate import EvalSettings
+
+    return EvalSettings(
+        text=str(assets.moby_dick),
+        labelled=str(assets.sentiment / "test.csv"),
+        ppl_tokens=8192,
+        examples=100,
+        prompts=8,
+    )
+
+
+def _eval_models(assets, out: Path) -> dict[str, str]:
+    """Returns the ``role -> path`` of the teacher, the distilled student and the baseline."""
+    return {
+        "teacher": str(assets.teacher),
+        "student": str(out / "distilled" / "student"),
+        "baseline": str(out / "baseline" / "student"),
+    }
+
+
+def _finish(stages: Stages, out: Path, steps: int, ev: dict, paths: dict[str, Path]) -> dict:
+    """Returns the demo's result, after printing the headline table and warnings and writing demo_timings.json."""
     timings = {**stages.seconds, "total": round(sum(stages.seconds.values()), 1)}
     rows = headline(ev)
     _print_headline(stages.console, rows)
