@@ -214,7 +214,7 @@ def _head_groups(student: nn.Module, teacher: nn.Module) -> tuple[int, int, int]
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, *index: torch.Tensor | None) -> None:
-    """Returns nothing: copies ``src``, narrowed to ``index[d]`` along each dim ``d`` (None: all), into ``dst``."""
+    """Copy ``src``, narrowed to ``index[d]`` along each dim ``d`` (None: all), into ``dst``."""
     for dim, idx in enumerate(index):
         if idx is not None:
             src = src.index_select(dim, idx.to(src.device))
@@ -236,7 +236,7 @@ def _kept_heads(scores: Scores, t_idx: int, t_group: int, s_kv: int, s_group: in
 def _prune_attention(
     sa: nn.Module, ta: nn.Module, q_keep: torch.Tensor, kv_keep: torch.Tensor, hid: torch.Tensor, hd: int
 ) -> None:
-    """Returns nothing: copies the kept heads' projections, biases and per-head-dim norms from ``ta`` into ``sa``."""
+    """Copy the kept heads' projections, biases and per-head-dim norms from ``ta`` into ``sa``."""
     q_rows, kv_rows = _expand(q_keep, hd), _expand(kv_keep, hd)
     _copy(sa.q_proj.weight, ta.q_proj.weight, q_rows, hid)
     _copy(sa.k_proj.weight, ta.k_proj.weight, kv_rows, hid)
@@ -251,7 +251,7 @@ def _prune_attention(
 
 
 def _prune_mlp(sm: nn.Module, tm: nn.Module, score: torch.Tensor, hid: torch.Tensor) -> None:
-    """Returns nothing: copies the MLP channels of ``tm`` with the highest ``score`` into ``sm``."""
+    """Copy the MLP channels of ``tm`` with the highest ``score`` into ``sm``."""
     keep = _top(score, sm.gate_proj.weight.shape[0])
     _copy(sm.gate_proj.weight, tm.gate_proj.weight, keep, hid)
     _copy(sm.up_proj.weight, tm.up_proj.weight, keep, hid)
@@ -259,7 +259,7 @@ def _prune_mlp(sm: nn.Module, tm: nn.Module, score: torch.Tensor, hid: torch.Ten
 
 
 def _prune_final_norm_and_score(student: nn.Module, teacher: nn.Module, hid: torch.Tensor) -> None:
-    """Returns nothing: copies the final norm and a sequence classifier's ``score`` head at the kept hidden channels."""
+    """Copy the final norm and a sequence classifier's ``score`` head at the kept hidden channels."""
     final = [m for n, m in teacher.base_model.named_children() if n == "norm"]
     if final:
         _copy(student.base_model.norm.weight, final[0].weight, hid)
