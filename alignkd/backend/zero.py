@@ -129,15 +129,21 @@ def wrap(
     engine.kept_whole = []
     if zero["stage"] == 3 and keep_whole:
         engine.kept_whole = _persist(keep_whole, engine.optimizer.persistent_parameters)  # its step re-gathers them
+    say(_student_line(engine, side, zero["stage"], num_processes))
+    return engine
+
+
+def _student_line(engine, side: nn.Module, stage: int, num_processes: int) -> str:
+    """The run's line saying how the student is partitioned."""
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in side.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in side.parameters())
     split = (
         "weights, gradients and optimizer state"
-        if zero["stage"] == 3
-        else "optimizer state" + (" and gradients" if zero["stage"] == 2 else "")
+        if stage == 3
+        else "optimizer state" + (" and gradients" if stage == 2 else "")
     )
-    say(
-        f"student: DeepSpeed ZeRO-{zero['stage']} over {num_processes} processes, {split} partitioned "
+    return (
+        f"student: DeepSpeed ZeRO-{stage} over {num_processes} processes, {split} partitioned "
         f"({held / 1e6:.2f}M of {total / 1e6:.2f}M weights here"
         + (
             f"; the output head's {sum(p.ds_numel for p in engine.kept_whole) / 1e6:.2f}M whole on each, "
@@ -146,7 +152,6 @@ def wrap(
             else ")"
         )
     )
-    return engine
 
 
 def shard_teacher(teacher: nn.Module, zero: dict, num_processes: int, say=print, keep_whole=()) -> nn.Module:
