@@ -303,7 +303,7 @@ def test_deepspeed_does_not_announce_the_cpu(tmp_path):
         import yaml
 
         from alignkd.cli import main  # what the console script imports first
-        import tiny
+        from alignkd import testing as tiny
 
         root = Path({str(tmp_path)!r})
         tiny.save_model(root / "teacher", "llama", layers=2)
@@ -321,7 +321,7 @@ def test_deepspeed_does_not_announce_the_cpu(tmp_path):
         """
     )
     env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), str(REPO), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
