@@ -12,6 +12,7 @@ per case. The time is the median over ``--steps`` steps after ``--warmup`` steps
 - ``b`` / ``c`` / ``d``: ``alignkd.engine.setup.setup`` + ``engine.step.optimizer_step`` with
   batches drawn as ``engine.loop`` draws them, i.e. what ``alignkd distill`` runs:
   CE only; forward KL; KL + hidden (standardized) + q/k/v relation on 2 mapped layers;
+- ``c-bf16``: forward KL under bf16 autocast (``train.mixed_precision=bf16``), as the demo runs it;
 - ``g`` / ``g-bf16``: forward KL + CE (both through the student's head), float32 and
   under bf16 autocast (``train.mixed_precision=bf16``; slow on a CPU without fast bf16);
 - ``e-logits`` / ``e-hidden``: KL, and KL + hidden, trained from a teacher cache that
@@ -54,6 +55,7 @@ CASES = {
     "b-unfused": "alignkd CE, logits (train.fused_head false)",
     "c": "alignkd forward KL",
     "c-unfused": "alignkd forward KL, logits (fused_head false)",
+    "c-bf16": "alignkd forward KL, bf16 autocast",
     "d": "alignkd KL + hidden + relation, 2 layers",
     "g": "alignkd forward KL + CE",
     "g-bf16": "alignkd forward KL + CE, bf16 autocast",
@@ -77,6 +79,7 @@ LOSSES = {
     "e-hidden": [KL, HIDDEN],
 }
 LOSSES.update({f"{c}-unfused": LOSSES[c] for c in ("b", "c", "e-logits")})
+LOSSES["c-bf16"] = LOSSES["c"]
 # The CLI without an entry script: works in any venv that has alignkd importable from here.
 CLI = "import sys; from alignkd.cli import main; sys.exit(main())"
 TARGETS = [  # (label, value from the medians, comparison, bound)
