@@ -47,29 +47,18 @@ def test_student_parameters_from_the_config_match_a_built_model(size):
     assert got["teacher"] == got["built_teacher"]
 
 
+# The benchmark at its tiny size on the CPU: one float32 step of 2 x 64 tokens.
+TINY_CPU_RUN = [
+    sys.executable, "-m", "benchmarks.gpu_step", "--size", "tiny", "--device", "cpu",
+    "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "64", "--autocast", "no", "--dtype", "float32",
+]  # fmt: skip
+
+
 def test_a_tiny_run_on_the_cpu_prints_every_case_and_its_mfu(tmp_path):
     out = tmp_path / "r.json"
     run = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "benchmarks.gpu_step",
-            "--size",
-            "tiny",
-            "--device",
-            "cpu",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--batch",
-            "2",
-            "--seq",
-            "64",
-            "--autocast",
-            "no",
-            "--dtype",
-            "float32",
+            *TINY_CPU_RUN,
             "--peak-tflops",
             "0.5",
             "--json",
@@ -96,25 +85,7 @@ def test_a_tiny_run_on_the_cpu_prints_every_case_and_its_mfu(tmp_path):
 def test_the_fsdp_launch_shards_the_student(tmp_path):
     run = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "benchmarks.gpu_step",
-            "--size",
-            "tiny",
-            "--device",
-            "cpu",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--batch",
-            "2",
-            "--seq",
-            "64",
-            "--autocast",
-            "no",
-            "--dtype",
-            "float32",
+            *TINY_CPU_RUN,
             "--cases",
             "c",
             "--launch",
