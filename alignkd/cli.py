@@ -373,13 +373,18 @@ def main(argv: list[str] | None = None) -> int:
         args.command = RENAMED[args.command]
     hide_hf_bars()  # every command shows its own progress; errors stay one line
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except Exception as e:
         if not isinstance(e, USER_ERRORS):
             raise
         # Bad input: one line that says what to fix, not a traceback.
         print(f"alignkd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    if "torch.distributed" in sys.modules:  # a command that ran no torch has no process group to leave
+        from alignkd.backend import end_launch
+
+        end_launch()
+    return code
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
@@ -53,3 +54,16 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
         return Accelerator(mixed_precision=mixed_precision, cpu=default_device().type == "cpu")
     finally:
         os.environ.update(hidden)
+
+
+def end_launch() -> None:
+    """Leave this launch's process group, once a command has finished on this process.
+
+    A process that exits with its gloo group still up can abort (SIGABRT,
+    "terminate called without an active exception") as the interpreter tears down
+    the group's worker threads, turning a finished run into a failed launch. Called
+    only after success: on a failure the other processes may still be inside a
+    collective, and leaving would hang them.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
