@@ -127,6 +127,8 @@ def build_world(root: Path) -> World:
     (w.data / "nolabel.csv").write_text(
         "text,sentiment\n" + "".join(f"a fine film {i},pos\nbad {i},neg\n" for i in range(20))
     )
+    (w.data / "prompts_nofield.jsonl").write_text('{"text": "Once upon a time"}\n')
+    (w.data / "prompts_chat.jsonl").write_text('{"messages": [{"role": "user", "content": "Hello"}]}\n')
     (w.data / "not_a_run").mkdir()
     (w.data / "not_a_run" / "notes.txt").write_text("hello\n")
     w.config.write_text(yaml.safe_dump(_config(w), sort_keys=False))
@@ -377,6 +379,73 @@ CASES: list[Case] = [
         "csv_without_label_column",
         lambda w: ["distill", str(w.clf_config), f"train.output_dir={w.out('csv_without_label_column')}"],
         ("nolabel.csv", "label", "data.label_field"),
+    ),
+    # ---------------------------------------------------------------- distill: generated data
+    Case(
+        "generation_sources_not_summing_to_one",
+        lambda w: D(w, "generation_sources_not_summing_to_one", "generation.sources={dataset: 0.5, student: 0.4}"),
+        ("generation.sources", "sum to 0.9", "must sum to 1"),
+    ),
+    Case(
+        "generation_source_unknown",
+        lambda w: D(w, "generation_source_unknown", "generation.sources={studnet: 1}"),
+        ("generation.sources", "'studnet' is not one of", "did you mean 'student'"),
+    ),
+    Case(
+        "generation_prompt_as_long_as_a_block",
+        lambda w: D(w, "generation_prompt_as_long_as_a_block", "generation.sources={student: 1}"),
+        ("generation.prompt_tokens", "32-token prompt leaves nothing of a 32-token training block"),
+    ),
+    Case(
+        "generation_prompts_file_missing",
+        lambda w: D(
+            w,
+            "generation_prompts_file_missing",
+            "generation.sources={student: 1}",
+            f"generation.prompts={w.data / 'no_such.jsonl'}",
+        ),
+        ("generation.prompts: file not found", "no_such.jsonl"),
+    ),
+    Case(
+        "generation_prompts_without_the_field",
+        lambda w: D(
+            w,
+            "generation_prompts_without_the_field",
+            "generation.sources={student: 1}",
+            f"generation.prompts={w.data / 'prompts_nofield.jsonl'}",
+        ),
+        ("generation.prompts: row 1 has no 'prompt' text", "['text']", "generation.prompt_field"),
+    ),
+    Case(
+        "generation_chat_template_missing",
+        lambda w: D(
+            w,
+            "generation_chat_template_missing",
+            "generation.sources={student: 1}",
+            f"generation.prompts={w.data / 'prompts_chat.jsonl'}",
+        ),
+        ("generation.prompts: row 1 has messages", "no chat template"),
+    ),
+    Case(
+        "generation_beyond_model_positions",
+        lambda w: D(
+            w,
+            "generation_beyond_model_positions",
+            "generation.sources={student: 1}",
+            "generation.prompt_tokens=8",
+            "generation.max_new_tokens=300",
+        ),
+        ("generation.max_new_tokens", "300 new ones", "256 positions"),
+    ),
+    Case(
+        "generation_on_policy_from_a_teacher_cache",
+        lambda w: D(
+            w,
+            "generation_on_policy_from_a_teacher_cache",
+            "generation.sources={student: 1}",
+            f"teacher.cache={w.cache}",
+        ),
+        ("generation.sources", "need the live teacher", "remove teacher.cache"),
     ),
     # ---------------------------------------------------------------- distill: the output folder
     Case(

@@ -24,7 +24,15 @@ class Batch:
     labels: torch.Tensor | None = None
     """``[B]`` classes, or ``[B, T]`` masked-LM targets (-100 = not predicted); None for causal LM."""
     index: torch.Tensor | None = None
-    """``[B]`` the examples' indices in the training data (a teacher cache is read by them)."""
+    """``[B]`` the examples' indices in the training data (a teacher cache is read by them); None for generated text."""
+    scored: torch.Tensor | None = None
+    """``[B, T]`` bool: the positions the losses count, where that is not every real one: on a generated batch, the
+    positions whose next token was sampled (never the prompt's own tokens, never padding). None: ``mask``."""
+
+    @property
+    def counted_mask(self) -> torch.Tensor:
+        """``[B, T]`` bool: the positions the token-level losses count."""
+        return self.mask if self.scored is None else self.scored
 
 
 class CausalLM:
@@ -62,7 +70,7 @@ class CausalLM:
 
     def counted(self, batch: Batch) -> int:
         """Positions the token-level losses average over (the grad-accumulation normaliser)."""
-        return int(batch.mask.sum())
+        return int(batch.counted_mask.sum())
 
     def logits(self, x) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Student and teacher logits cut to the shared vocabulary, and the positions the output terms count."""
@@ -70,14 +78,14 @@ class CausalLM:
         return self.cut_vocab(x.student.logits, x.vocab), self.cut_vocab(t, x.vocab) if t is not None else None, x.mask
 
     def feature_mask(self, batch: Batch, leading_bos: bool) -> torch.Tensor | None:
-        """Positions the feature terms compare: all real ones, less a leading BOS (None: same as ``mask``).
+        """Positions the feature terms compare: the counted ones, less a leading BOS (None: the counted ones).
 
         The logits at BOS still count for the output terms: they predict the block's first token.
         """
         if not leading_bos:
             return None
-        m = batch.mask.clone()
-        m[:, 0] = False
+        m = batch.counted_mask.clone()
+        m[:, 0] = False  # rows start at column 0, generated ones too (they are left-aligned)
         return m
 
     def cut_vocab(self, logits: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -89,7 +97,7 @@ class CausalLM:
         tgt = torch.zeros_like(x.input_ids)
         tgt[:, :-1] = x.input_ids[:, 1:]
         has = x.mask.clone()
-        has[:, :-1] &= x.mask[:, 1:]
+        has[:, :-1] &= x.attended()[:, 1:]
         has[:, -1] = False
         return tgt, has
 

@@ -4,12 +4,13 @@
 Errors are ``ConfigError`` with one line that names the field and the fix.
 """
 
-from alignkd.config.load import apply_override, field_docs, from_dict, load_config, to_dict
+from alignkd.config.load import apply_override, field_docs, from_dict, load_config, section_defaults, to_dict
 from alignkd.config.resolve import resolve, resolve_precision, resolved
 from alignkd.config.schema import (
     Config,
     DataConfig,
     FromTeacherConfig,
+    GenerationConfig,
     ModelConfig,
     StudentConfig,
     TrainConfig,
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "FromTeacherConfig",
+    "GenerationConfig",
     "ModelConfig",
     "ScheduleConfig",
     "StudentConfig",
@@ -34,6 +36,7 @@ __all__ = [
     "field_docs",
     "from_dict",
     "load_config",
+    "section_defaults",
     "to_dict",
     "resolve",
     "resolve_precision",

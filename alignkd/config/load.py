@@ -137,6 +137,12 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def section_defaults() -> dict:
+    """The plain-dict defaults of every config section but ``losses`` (a run's config before a setting existed
+    held its default)."""
+    return {f.name: to_dict(f.default_factory()) for f in dataclasses.fields(Config) if f.name != "losses"}
+
+
 def apply_override(data: dict, assignment: str) -> None:
     """Apply ``key.sub=value`` to a raw config dict; list items are addressed by index (``losses.0.weight=2``)."""
     if "=" not in assignment:

@@ -20,6 +20,8 @@ _PATHS = (
     ("data", "train"),
     ("data", "eval"),
     ("train", "output_dir"),
+    ("generation", "prompts"),
+    ("generation", "samples"),
 )
 
 

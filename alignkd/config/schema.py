@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkd.terms import TermConfig
+from alignkd.terms import ScheduleConfig, TermConfig
 
 
 @dataclass
@@ -114,6 +114,44 @@ class DataConfig:
     The blocks are the same either way."""
 
 
+SOURCES = ("dataset", "student", "teacher")
+"""Where a micro-batch may come from (``generation.sources``)."""
+
+
+@dataclass
+class GenerationConfig:
+    """Training on generated text: where each micro-batch comes from, and how continuations are sampled (causal LM)."""
+
+    sources: dict[str, float] = field(default_factory=lambda: {"dataset": 1.0})
+    """Probability of each source per micro-batch, summing to 1: dataset (the training blocks as they are), student
+    (on-policy: the student continues a prompt and the teacher scores every sampled token) and teacher (sequence-level:
+    the teacher's continuations, generated once and stored for later runs). Every process draws the same source."""
+    student_schedule: ScheduleConfig | None = None
+    """The student source's probability over training instead of its fixed one (GKD's lambda), e.g.
+    {kind: linear, start: 0, end: 1}; the other sources share the rest in their configured proportions."""
+    prompts: str | None = None
+    """JSONL file of prompts, each row a ``prompt_field`` string or a ``messages`` list (rendered with the tokenizer's
+    chat template, as instruct models expect); None takes the first ``prompt_tokens`` of each training block."""
+    prompt_field: str = "prompt"
+    """The JSONL field holding a prompt's text."""
+    prompt_tokens: int = 32
+    """Prompt length cut from training blocks; a longer prompt from the file keeps its last this many tokens."""
+    max_new_tokens: int = 64
+    """Most tokens sampled per prompt (a continuation also stops at EOS)."""
+    temperature: float = 1.0
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches this."""
+    samples: str = "auto"
+    """Where the teacher's samples are stored: auto (beside the training data in .alignkd-samples/, or under
+    $ALIGNKD_CACHE/samples when that folder is read-only) or a folder."""
+
+    @property
+    def generates(self) -> bool:
+        """Whether any micro-batch can be generated."""
+        return any(self.sources.get(k, 0.0) > 0 for k in SOURCES[1:]) or self.student_schedule is not None
+
+
 @dataclass
 class WeightingConfig:
     """How the loss terms are combined."""
@@ -194,6 +232,8 @@ class Config:
     """The loss terms (at least one)."""
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     """How the terms are weighted."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Where each micro-batch comes from: the data, or text the student or teacher generates."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and output."""
 

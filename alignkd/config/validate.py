@@ -49,6 +49,7 @@ def validate(cfg) -> None:
         )
     _check_losses(cfg)
     _check_cache(cfg)
+    _check_generation(cfg)
     one_of(cfg.weighting.strategy, list(WEIGHTINGS), "weighting.strategy")
     if cfg.weighting.every < 1:
         raise ConfigError("weighting.every: must be >= 1")
@@ -114,3 +115,52 @@ def _check_cache(cfg) -> None:
                 f"losses[{i}]: the {loss.type} term needs the live teacher, not teacher.cache (cached terms: {able}); "
                 "remove the term or teacher.cache"
             )
+
+
+def _check_generation(cfg) -> None:
+    from alignkd.config.schema import SOURCES
+
+    g = cfg.generation
+    if not g.sources:
+        raise ConfigError("generation.sources: give at least one source, e.g. {dataset: 1}")
+    for name, p in g.sources.items():
+        one_of(name, SOURCES, "generation.sources")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ConfigError(f"generation.sources.{name}: expected a probability in [0, 1], got {p!r}")
+    total = sum(g.sources.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(
+            f"generation.sources: the probabilities sum to {total:g}; they must sum to 1 "
+            f"(e.g. {{dataset: 0.5, student: 0.5}})"
+        )
+    if g.student_schedule is not None:
+        s = g.student_schedule
+        s.check("generation.student_schedule")
+        for k in ("start", "end"):
+            if not 0 <= getattr(s, k) <= 1:
+                raise ConfigError(f"generation.student_schedule.{k}: {getattr(s, k):g} is not a probability in [0, 1]")
+    if g.prompt_tokens < 1:
+        raise ConfigError("generation.prompt_tokens: must be >= 1")
+    if g.max_new_tokens < 1:
+        raise ConfigError("generation.max_new_tokens: must be >= 1")
+    if g.temperature < 0:
+        raise ConfigError("generation.temperature: must be >= 0 (0 is greedy)")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generation.top_p: {g.top_p:g} is outside (0, 1]")
+    if not g.generates:
+        return
+    if cfg.teacher.task != "causal_lm":
+        raise ConfigError(
+            f"generation.sources: generated batches are causal-LM text; teacher.task is {cfg.teacher.task}: "
+            "use {dataset: 1}"
+        )
+    if cfg.teacher.cache is not None:
+        raise ConfigError(
+            "generation.sources: the student and teacher sources need the live teacher to score new text, "
+            "not teacher.cache; remove teacher.cache or use {dataset: 1}"
+        )
+    if g.prompts is None and g.prompt_tokens >= cfg.data.seq_len:
+        raise ConfigError(
+            f"generation.prompt_tokens: a {g.prompt_tokens}-token prompt leaves nothing of a {cfg.data.seq_len}-token "
+            "training block; set it below data.seq_len, or give generation.prompts"
+        )

@@ -135,26 +135,38 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def cache_folder(source: str, setting: str, say: Callable[[str], None]) -> Path:
-    """Where ``source``'s token files go for ``data.token_cache`` = auto or a folder."""
+def cache_folder(
+    source: str,
+    setting: str,
+    say: Callable[[str], None],
+    *,
+    folder: str = CACHE_FOLDER,
+    fallback: str = "tokens",
+    key: str = "data.token_cache",
+    label: str = "token cache",
+    choices: str = "auto or off",
+    beside: bool = True,
+) -> Path:
+    """Where the files made from ``source`` go for a ``key`` setting of auto or a folder: beside ``source`` in
+    ``folder``, else (read-only there, or ``beside`` False: not a local path) under ``$ALIGNKD_CACHE/fallback``."""
     if setting != "auto":
-        folder = Path(setting).expanduser()
-        if not _writable(folder):
-            raise DataError(f"data.token_cache: cannot write to {folder}; choose a writable folder, or auto or off")
-        return folder
-    beside = Path(source).resolve().parent / CACHE_FOLDER
-    if _writable(beside):
-        return beside
+        chosen = Path(setting).expanduser()
+        if not _writable(chosen):
+            raise DataError(f"{key}: cannot write to {chosen}; choose a writable folder, or {choices}")
+        return chosen
+    near = Path(source).resolve().parent / folder
+    if beside and _writable(near):
+        return near
     from alignkd.assets.store import cache_dir
 
-    fallback = cache_dir() / "tokens"
-    if not _writable(fallback):
+    far = cache_dir() / fallback
+    if not _writable(far):
         raise DataError(
-            f"data.token_cache: neither {beside.parent} nor {fallback} is writable; "
-            "set data.token_cache to a writable folder or off"
+            f"{key}: neither {near.parent} nor {far} is writable; set {key} to a writable folder or {choices}"
         )
-    say(f"token cache: {beside.parent} is not writable; caching tokens in {fallback}")
-    return fallback
+    if beside:
+        say(f"{label}: {near.parent} is not writable; caching {fallback} in {far}")
+    return far
 
 
 @contextlib.contextmanager

@@ -111,6 +111,7 @@ def _write_state(run: Run, step: int, tmp: Path, extra: dict) -> None:
     meta = {
         "step": step,
         "sampler": run.sampler.state_dict(),
+        "sources": run.sources.state_dict(),
         "train_seconds": run.horizon.elapsed,
         "python_rng": _python_rng(),
     }
@@ -207,6 +208,7 @@ def load_checkpoint(run: Run, path: Path) -> int:
     run.scheduler.load_state_dict(state["scheduler"])
     run.weighting.load_state_dict(state["weighting"])
     run.sampler.load_state_dict(meta["sampler"])
+    run.sources.load_state_dict(meta.get("sources", {}))
     version, internal, gauss = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["rng"]["torch"])

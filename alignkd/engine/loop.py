@@ -18,24 +18,27 @@ import torch
 from alignkd.display import Progress
 from alignkd.engine.checkpoint import save_checkpoint
 from alignkd.engine.setup import Run
+from alignkd.engine.sources import Drawn
 from alignkd.engine.step import StepResult, optimizer_step, to_device
 from alignkd.errors import TrainingError
 
 
-def next_batches(run: Run, step: int) -> list:
-    """This process's micro-batches of ``step``, on its device (the sampler moves on)."""
+def draw_step(run: Run, step: int) -> list[Drawn]:
+    """This process's micro-batches of ``step``, on its device, each from its source (the samplers move on)."""
     seed = run.cfg.train.seed * 100003 + step * 131
-    return [
-        to_device(
-            run.task.make_batch(run.train_data, run.sampler.next_indices(), run.tokenizer, seed=seed + k),
-            run.accelerator.device,
-        )
-        for k in range(run.cfg.train.grad_accum)
-    ]
+    drawn = [run.sources.draw(run, step, k, seed + k) for k in range(run.cfg.train.grad_accum)]
+    for d in drawn:
+        d.batch = to_device(d.batch, run.accelerator.device)
+    return drawn
 
 
-def train_record(run: Run, step: int, r: StepResult) -> dict:
-    """The ``metrics.jsonl`` record of a finished step."""
+def next_batches(run: Run, step: int) -> list:
+    """This process's micro-batches of ``step``, on its device (the samplers move on)."""
+    return [d.batch for d in draw_step(run, step)]
+
+
+def train_record(run: Run, step: int, r: StepResult, drawn: list[Drawn] | None = None) -> dict:
+    """The ``metrics.jsonl`` record of a finished step (``drawn``: its micro-batches, for the generation figures)."""
     record = {"split": "train", "step": step, "loss": r.means["loss"]}
     record.update({f"loss/{n}": r.means[n] for n in run.weighting.names})
     record.update(run.weighting.log())
@@ -47,9 +50,30 @@ def train_record(run: Run, step: int, r: StepResult) -> dict:
         }
     )
     record.update({"lr": r.lr, "tokens_per_s": r.tokens / r.seconds, "step_s": r.seconds, "grad_norm": r.grad_norm})
+    if run.cfg.generation.generates and drawn is not None:
+        record.update(_generation_figures(run, r, drawn))
     if r.bad:
         record.update({"skipped": 1, "bad": ",".join(r.bad)})
     return record
+
+
+def _generation_figures(run: Run, r: StepResult, drawn: list[Drawn]) -> dict:
+    """Sampling and training apart: tokens sampled per second of sampling, and sampling's share of the step."""
+    gen_s = sum(d.gen_seconds for d in drawn)
+    new = sum(d.new_tokens for d in drawn)
+    acc = run.accelerator
+    if acc.num_processes > 1:  # every process samples its share at once: tokens add up, time is the slowest's
+        new = int(acc.reduce(torch.tensor(float(new), device=acc.device), "sum").item())
+        gen_s = acc.reduce(torch.tensor(gen_s, device=acc.device), "max").item()
+    out = {
+        "sources": ",".join(d.source for d in drawn),
+        "generated_tokens": new,
+        "gen_s": gen_s,
+        "gen_share": gen_s / (gen_s + r.seconds),
+    }
+    if gen_s > 0:
+        out["generated_tokens_per_s"] = new / gen_s
+    return out
 
 
 class Preempted(Exception):
@@ -103,8 +127,9 @@ def train(run: Run, start_step: int = 0) -> dict:
     try:
         sigterm.__enter__()
         while not horizon.finished(done):
-            data_position = run.sampler.state_dict()  # where this step's batches start, for an interrupt
-            result = optimizer_step(run, done, next_batches(run, done))
+            data_position = (run.sampler.state_dict(), run.sources.state_dict())  # where this step's batches start
+            drawn = draw_step(run, done)
+            result = optimizer_step(run, done, [d.batch for d in drawn])
             done += 1  # from here on the step is applied: an interrupt must not replay it
             data_position = None
             elapsed = elapsed_before + time.perf_counter() - loop_start
@@ -112,7 +137,7 @@ def train(run: Run, start_step: int = 0) -> dict:
                 elapsed = acc.reduce(torch.tensor(elapsed, device=acc.device), "max").item()
             horizon.advance(done, elapsed)
             last = horizon.finished(done)
-            record = train_record(run, done, result)
+            record = train_record(run, done, result, drawn)
             bad_in_a_row = bad_in_a_row + 1 if result.bad else 0
             if result.bad:
                 progress.note({"step": done, "skipped": f"non-finite {', '.join(result.bad)}"})
@@ -142,7 +167,8 @@ def train(run: Run, start_step: int = 0) -> dict:
         progress.stop()
         if done > start_step:
             if data_position is not None:
-                run.sampler.load_state_dict(data_position)  # the unfinished step's batches come again
+                run.sampler.load_state_dict(data_position[0])  # the unfinished step's batches come again
+                run.sources.load_state_dict(data_position[1])
             save_checkpoint(run, done)
             print(f"interrupted: saved a checkpoint at step {done}; continue with --resume")
         raise

@@ -86,9 +86,13 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return flat
 
 
-def check_resumable(saved: dict, now: dict) -> None:
-    """A resumed run must compute what the saved one did: only the ``RESUMABLE`` keys may change."""
-    a, b = _flat(saved), _flat(now)
+def check_resumable(saved: dict, now: dict, defaults: dict | None = None) -> None:
+    """A resumed run must compute what the saved one did: only the ``RESUMABLE`` keys may change.
+
+    ``defaults``: the config's default values; a key the saved config lacks (it was
+    written before that setting existed) counts as its default.
+    """
+    a, b = {**_flat(defaults or {}), **_flat(saved)}, _flat(now)
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE)
     if changed:
         shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed[:4]) + (

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from alignkd.align.blocks import write_scores
 from alignkd.backend import make_accelerator
-from alignkd.config import Config, resolve_precision, resolved, to_dict
+from alignkd.config import Config, resolve_precision, resolved, section_defaults, to_dict
 from alignkd.disk import tensor_bytes
 from alignkd.engine.block_choice import choose_blocks
 from alignkd.engine.checkpoint import replace_dir, resume_latest, settle_writes
@@ -89,7 +89,7 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     run = setup(cfg, accelerator, notes.append, inputs)
     saved = out / "config.yaml"
     if resume and saved.is_file():
-        check_resumable(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+        check_resumable(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg), section_defaults())
     say(precision)  # the run's first line, once nothing can stop it any more
     for note in notes:
         say(note)

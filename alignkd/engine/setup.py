@@ -24,6 +24,7 @@ from alignkd.config import Config, resolve_precision
 from alignkd.data import BlockSampler
 from alignkd.engine.horizon import Horizon
 from alignkd.engine.load import Inputs, fused_heads, load_models
+from alignkd.engine.sources import Sources
 from alignkd.models.capture import Capture
 from alignkd.models.families import disable_attention_dropout
 from alignkd.teacher import Teacher, TeacherCache
@@ -52,6 +53,8 @@ class Run:
     train_data: dict[str, torch.Tensor]
     eval_data: dict[str, torch.Tensor]
     sampler: BlockSampler
+    sources: Sources
+    """Where each micro-batch comes from: the data, or the student's or teacher's samples (``generation``)."""
     vocab: int
     """Logit columns the two models share (0 for classification)."""
     task: CausalLM
@@ -162,6 +165,8 @@ def setup(
     if teacher.cache is not None:
         teacher.cache.check(cfg, train_data["input_ids"], eval_data["input_ids"], plan.teacher_needs, vocab)
     teacher.place(backend, cfg.teacher.placement, say)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sources = Sources(cfg, tok, train_data, student, teacher, rank=rank, world=world, say=say)
     weighting.to(accelerator.device)
     backend.shard(side, say)  # before the optimizer: sharding replaces parameters
     optimizer = _optimizer(cfg, side, weighting, backend)
@@ -177,8 +182,8 @@ def setup(
         train_data["input_ids"].shape[0],
         cfg.train.batch_size,
         cfg.train.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
+        rank=rank,
+        world_size=world,
     )
     return Run(
         cfg=cfg,
@@ -194,6 +199,7 @@ def setup(
         train_data=train_data,
         eval_data=eval_data,
         sampler=sampler,
+        sources=sources,
         vocab=vocab,
         task=task,
         out=Path(cfg.train.output_dir),

@@ -45,7 +45,8 @@ def schedules_at(run: Run, step: int) -> Schedules:
 
 def to_device(batch: Batch, device) -> Batch:
     labels = batch.labels.to(device) if batch.labels is not None else None
-    return Batch(batch.input_ids.to(device), batch.mask.to(device), labels, batch.index)
+    scored = batch.scored.to(device) if batch.scored is not None else None
+    return Batch(batch.input_ids.to(device), batch.mask.to(device), labels, batch.index, scored)
 
 
 def term_losses(
@@ -55,7 +56,8 @@ def term_losses(
     side = run.unwrapped
     x = StepTensors(
         input_ids=batch.input_ids,
-        mask=batch.mask,
+        mask=batch.counted_mask,
+        real=batch.mask if batch.scored is not None else None,
         labels=batch.labels,
         task=run.task,
         student=student,

@@ -149,7 +149,8 @@ class StepTensors:
     input_ids: torch.Tensor
     """``[B, T]`` token ids."""
     mask: torch.Tensor
-    """``[B, T]`` bool: real (non-padding) positions."""
+    """``[B, T]`` bool: the positions the terms count: the real (non-padding) ones, or on generated text those whose
+    next token was sampled."""
     labels: torch.Tensor | None
     """Classification: ``[B]`` class ids; masked LM: ``[B, T]`` ids with -100 where not predicted;
     causal LM: None (next token)."""
@@ -174,6 +175,13 @@ class StepTensors:
     """Every term of the step with its temperature at this step: terms that share work find each other here."""
     shared: dict[str, Any] = field(default_factory=dict)
     """Values computed once per micro-batch for several terms (e.g. the KL and CE of one walk over the head)."""
+    real: torch.Tensor | None = None
+    """``[B, T]`` bool: the real tokens the models attended to, where they differ from ``mask`` (generated text:
+    the prompt is real but not counted); None: ``mask``."""
+
+    def attended(self) -> torch.Tensor:
+        """``[B, T]`` bool: the real tokens (the models' attention mask)."""
+        return self.mask if self.real is None else self.real
 
     def features(self) -> torch.Tensor:
         """The positions the state terms (hidden, attention queries, contrastive) count."""

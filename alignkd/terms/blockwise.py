@@ -52,7 +52,7 @@ def _teacher_logits_from(x: StepTensors, t_block: int, h: torch.Tensor) -> torch
     handle = block.register_forward_hook(swap)
     try:
         with x.teacher_capture.paused():
-            out = x.teacher_model(input_ids=x.input_ids, attention_mask=x.mask.long())
+            out = x.teacher_model(input_ids=x.input_ids, attention_mask=x.attended().long())
     finally:
         handle.remove()
     return out.logits

@@ -1,0 +1,163 @@
+"""Sampling continuations from a causal LM: batched, with a KV cache, left-padded prompts, stop at EOS.
+
+Each row draws from its own seeded ``torch.Generator``, so a row's continuation
+depends on its prompt and seed, not on which rows share its batch: a run
+split over processes samples what one process would, and a stored sample can be
+made again from its seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How continuations are drawn."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    """0 is greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches ``top_p``."""
+
+
+@dataclass
+class Generated:
+    """Prompts and their continuations, one row each, left-aligned: real tokens first, then padding."""
+
+    input_ids: torch.Tensor
+    """``[B, L]`` prompt then continuation (padding after them is ``pad_id``)."""
+    mask: torch.Tensor
+    """``[B, L]`` bool: real tokens (the prompt, the continuation, its EOS)."""
+    generated: torch.Tensor
+    """``[B, L]`` bool: positions holding a sampled token."""
+
+    @property
+    def new_tokens(self) -> int:
+        return int(self.generated.sum())
+
+    def scored(self) -> torch.Tensor:
+        """``[B, L]`` bool: positions whose next-token prediction is a sampled token (the positions losses count)."""
+        s = torch.zeros_like(self.generated)
+        s[:, :-1] = self.generated[:, 1:]
+        return s
+
+
+def pick(logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:
+    """``[B, V]`` float logits -> ``[B]`` token ids, row ``i`` drawn with ``generators[i]``."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Drop a token once the tokens above it already reach top_p (the first token always stays).
+        drop = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators, strict=True)])
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths -> ``[B, P]`` ids and bool mask, padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p) :] = p
+            mask[i, width - len(p) :] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    sampling: Sampling,
+    seeds: list[int],
+    *,
+    eos_ids: list[int],
+    pad_id: int,
+    vocab: int | None = None,
+    any_running: Callable[[bool], bool] | None = None,
+) -> Generated:
+    """Continue ``[B, P]`` left-padded prompts (``prompt_mask`` True on real tokens) by up to ``max_new_tokens``.
+
+    ``seeds``: one per row. ``vocab``: sample only among the first ``vocab`` ids
+    (heads padded past the tokenizer). ``any_running(this process still running)``
+    -> whether any process is: models sharded over processes must run each
+    forward on all of them, so every process keeps stepping until all are done.
+    The model runs in eval mode and is put back as it was.
+    """
+    device = prompt_ids.device
+    b, p = prompt_ids.shape
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    eos = torch.tensor(sorted(set(eos_ids)), device=device, dtype=torch.long)
+    mask = prompt_mask.bool().clone()
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    kw = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
+    # transformers 5 names the KV cache ``cache``; earlier releases (and some families) ``past_key_values``.
+    cache_arg = "cache" if _takes(model, "cache") else "past_key_values"
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=prompt_ids, attention_mask=mask.long(), position_ids=positions, use_cache=True, **kw)
+        cache, last = _cache_of(out), out.logits[:, -1]
+        next_pos = positions[:, -1] + 1
+        tokens, real = [], []
+        running = torch.ones(b, dtype=torch.bool, device=device)
+        for step in range(sampling.max_new_tokens):
+            logits = last[:, :vocab] if vocab is not None else last
+            tok = torch.where(running, pick(logits, sampling, gens), torch.full_like(next_pos, pad_id))
+            tokens.append(tok)
+            real.append(running.clone())
+            running &= ~torch.isin(tok, eos)
+            more = bool(running.any())
+            if any_running is not None:
+                more = any_running(more)
+            if not more or step == sampling.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, real[-1][:, None]], dim=1)
+            out = model(
+                input_ids=tok[:, None],
+                attention_mask=mask.long(),
+                position_ids=next_pos[:, None],
+                use_cache=True,
+                **{cache_arg: cache},
+                **kw,
+            )
+            cache, last = _cache_of(out), out.logits[:, -1]
+            next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+    new, new_real, pm = torch.stack(tokens, 1), torch.stack(real, 1), prompt_mask.bool()
+    return join([prompt_ids[i][pm[i]] for i in range(b)], [new[i][new_real[i]] for i in range(b)], pad_id)
+
+
+def join(prompts: list[torch.Tensor], continuations: list[torch.Tensor], pad_id: int) -> Generated:
+    """Prompts and continuations (``[n]`` ids each) as left-aligned rows: positions count from 0, as in training."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True))
+    b, device = len(prompts), prompts[0].device
+    ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(b, width, dtype=torch.bool, device=device)
+    gen = torch.zeros_like(mask)
+    for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.cat([p.to(device), c.to(device)])
+        mask[i, :n], gen[i, len(p) : n] = True, True
+    return Generated(ids, mask, gen)
