@@ -24,6 +24,7 @@ from alignkd.config import (
     ConfigError,
     DataConfig,
     FromTeacherConfig,
+    GenerationConfig,
     ModelConfig,
     ScheduleConfig,
     StudentConfig,
@@ -153,6 +154,7 @@ DATACLASSES = [
     DataConfig,
     ScheduleConfig,
     WeightingConfig,
+    GenerationConfig,
     TrainConfig,
 ] + [t.config for t in TERM_TYPES.values()]
 

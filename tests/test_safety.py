@@ -248,11 +248,17 @@ def _curve(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
-@pytest.fixture(scope="module")
-def reference(models, tmp_path_factory) -> tuple[dict, Path]:
-    """An uninterrupted 30-step run: its config (as a dict) and its output folder."""
+# On-policy: half the micro-batches are the student's samples (drawn in the step they train), half the data.
+ON_POLICY = {"sources": {"dataset": 0.5, "student": 0.5}, "prompt_tokens": 4, "max_new_tokens": 8}
+
+
+@pytest.fixture(scope="module", params=["data", "on_policy"])
+def reference(models, tmp_path_factory, request) -> tuple[dict, Path]:
+    """An uninterrupted 30-step run (on the data, or on-policy): its config (as a dict) and its output folder."""
     root = tmp_path_factory.mktemp("reference")
     cfg = cfg_for(models, root / "run", steps=30, save_every=1, keep_checkpoints=2)
+    if request.param == "on_policy":
+        cfg["generation"] = ON_POLICY
     config = root / "c.yaml"
     config.write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(

@@ -114,10 +114,6 @@ class DataConfig:
     The blocks are the same either way."""
 
 
-SOURCES = ("dataset", "student", "teacher")
-"""Where a micro-batch may come from (``generation.sources``)."""
-
-
 @dataclass
 class GenerationConfig:
     """Training on generated text: where each micro-batch comes from, and how continuations are sampled (causal LM)."""
@@ -149,7 +145,7 @@ class GenerationConfig:
     @property
     def generates(self) -> bool:
         """Whether any micro-batch can be generated."""
-        return any(self.sources.get(k, 0.0) > 0 for k in SOURCES[1:]) or self.student_schedule is not None
+        return any(p > 0 for k, p in self.sources.items() if k != "dataset") or self.student_schedule is not None
 
 
 @dataclass

@@ -10,6 +10,8 @@ from alignkd.terms import TERM_TYPES, role
 
 PLACEMENTS = ("replicate", "shard")
 """Values of ``teacher.placement``."""
+SOURCES = ("dataset", "student", "teacher")
+"""Where a micro-batch may come from (``generation.sources``)."""
 
 
 def validate(cfg) -> None:
@@ -118,8 +120,6 @@ def _check_cache(cfg) -> None:
 
 
 def _check_generation(cfg) -> None:
-    from alignkd.config.schema import SOURCES
-
     g = cfg.generation
     if not g.sources:
         raise ConfigError("generation.sources: give at least one source, e.g. {dataset: 1}")

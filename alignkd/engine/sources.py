@@ -19,7 +19,7 @@ import torch
 
 from alignkd.align.tasks import Batch
 from alignkd.align.weighting import schedule_value
-from alignkd.config.schema import SOURCES
+from alignkd.config import SOURCES
 from alignkd.data import BlockSampler, resolve_bos
 from alignkd.data.prompts import load_prompts
 from alignkd.data.tokens import cache_folder
@@ -127,9 +127,7 @@ class Sources:
         if len(store):
             say(f"teacher samples: reusing {len(store):,} stored in {store.folder}")
         else:
-            say(
-                f"teacher samples: none stored yet; each prompt's is generated when a step first needs it, into {store.folder}"
-            )
+            say(f"teacher samples: none stored yet; each is made when a step first needs it, into {store.folder}")
         return store
 
     # ------------------------------------------------------------------ which source

@@ -68,7 +68,8 @@ def _takes(model: nn.Module, name: str) -> bool:
 
 
 def _cache_of(out):
-    return out["cache"] if "cache" in out else out.past_key_values
+    cache = out.get("cache")  # transformers 5; earlier releases return past_key_values
+    return cache if cache is not None else out.past_key_values
 
 
 def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
