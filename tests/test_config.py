@@ -694,15 +694,18 @@ def _docs_hooks():
     return module
 
 
-def _dataclass_keys(cls, prefix: str):
-    """(dotted key, docstring) of every field of ``cls`` and of the dataclasses nested in it."""
+def _dataclass_keys(cls, prefix: str, seen: set):
+    """(dotted key, docstring) of every field of ``cls`` and of the dataclasses nested in it; a dataclass in
+    ``seen`` (listed under an earlier key, which the reference links to) is not walked again."""
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}"
         yield key, docs[f.name]
         nested = [a for a in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(a)]
         for inner in nested:
-            yield from _dataclass_keys(inner, key)
+            if inner not in seen:
+                seen.add(inner)
+                yield from _dataclass_keys(inner, key, seen)
 
 
 def test_the_generated_configuration_reference_lists_every_section_field_and_term():
@@ -723,14 +726,15 @@ def test_the_generated_configuration_reference_lists_every_section_field_and_ter
         assert doc in rows[f"`{key}`"], f"{key}: its row lacks the field's docstring"
 
     hints = typing.get_type_hints(Config)
+    seen: set = set()
     for f in dataclasses.fields(Config):
         assert f"{{#{f.name}}}" in page, f"no section for {f.name}"
         hint = hints[f.name]
         if typing.get_origin(hint) is list:  # the loss terms: common fields, then each type's own
-            for key, doc in _dataclass_keys(TermConfig, f"{f.name}[i]"):
+            for key, doc in _dataclass_keys(TermConfig, f"{f.name}[i]", seen):
                 listed(key, doc)
             continue
-        for key, doc in _dataclass_keys(hint, f.name):
+        for key, doc in _dataclass_keys(hint, f.name, seen):
             listed(key, doc)
     common = {f.name for f in dataclasses.fields(TermConfig)}
     for name, kind in TERM_TYPES.items():

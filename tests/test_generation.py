@@ -238,3 +238,55 @@ def test_generated_batches_with_prompts_from_a_file(teacher, corpus, tmp_path):
         first = int(b.scored[i].nonzero()[0])  # the prompt's last position predicts the first sampled token
         prompt = b.input_ids[i, : first + 1].tolist()
         assert prompt in [p.tolist() for p in run.sources.prompts]
+
+
+# ----------------------------------------------------------------------------- judging generation
+
+
+def test_token_rouge_l_matches_rouge_score_on_the_ids_as_words():
+    from rouge_score import rouge_scorer
+
+    from alignkd.engine.judge import rouge_l
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        a = torch.randint(0, 6, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+        b = torch.randint(0, 6, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+        want = scorer.score(" ".join(f"t{x}" for x in b), " ".join(f"t{x}" for x in a))["rougeL"].fmeasure
+        assert rouge_l(a, b) == pytest.approx(want, abs=1e-12)
+    assert rouge_l([], [1, 2]) == 0.0 and rouge_l([1, 2], [1, 2]) == 1.0
+
+
+def test_distinct_2_counts_repeats_once():
+    from alignkd.engine.judge import distinct_n
+
+    assert distinct_n([[1, 2, 1, 2, 1]]) == pytest.approx(2 / 4)  # bigrams 12 21 12 21: two distinct
+    assert distinct_n([[1, 2], [1, 2], [3, 4]]) == pytest.approx(2 / 3)
+    assert distinct_n([[5], []]) != distinct_n([[5], []])  # no bigram at all: NaN, not 0 or 1
+
+
+def test_teacher_nll_is_the_mean_nll_of_the_sampled_tokens_alone():
+    from alignkd.engine.judge import teacher_nll
+
+    model = tiny.build("llama")
+    gen = join([torch.tensor([4, 5, 6]), torch.tensor([7])], [torch.tensor([8, 1]), torch.tensor([9, 10, 11])], 0)
+    total, n = teacher_nll(model, gen, vocab=tiny.VOCAB)
+    want = 0.0
+    for row, (p, c) in enumerate([(3, 2), (1, 3)]):
+        ids = gen.input_ids[row, : p + c]
+        with torch.no_grad():
+            logp = model(input_ids=ids[None]).logits[0].log_softmax(-1)
+        want -= sum(float(logp[p - 1 + j, ids[p + j]]) for j in range(c))
+    assert n == 5 and total == pytest.approx(want, rel=1e-5)
+
+
+def test_a_run_with_eval_prompts_logs_the_generation_metrics_at_the_end(teacher, corpus, tmp_path):
+    cfg = make_cfg(teacher, corpus, tmp_path / "run", losses=[{"type": "kl"}], steps=2, eval_every=1)
+    cfg["generation"] = {"eval_prompts": 3, "prompt_tokens": 4, "max_new_tokens": 5}  # data only: the baseline
+    alignkd.distill(cfg)
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["split"] == "eval"]
+    assert [("gen_rougeL" in r) for r in evals] == [False, True]  # only the last evaluation generates
+    last = evals[-1]
+    assert 0 <= last["gen_rougeL"] <= 1 and 0 < last["gen_distinct2"] <= 1 and last["gen_teacher_nll"] > 0

@@ -53,7 +53,9 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 
-def _cfg(root: Path, out: str, batch: int, placement: str = "replicate", **train) -> Path:
+def _cfg(
+    root: Path, out: str, batch: int, placement: str = "replicate", generation: dict | None = None, **train
+) -> Path:
     cfg = {
         "teacher": {
             "path": str(root / "teacher"),
@@ -81,6 +83,8 @@ def _cfg(root: Path, out: str, batch: int, placement: str = "replicate", **train
             **train,
         },
     }
+    if generation is not None:
+        cfg["generation"] = generation
     path = root / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -183,6 +187,35 @@ def _check_resumes_last_step(root: Path, config: Path, launch: Path, out: Path) 
 def test_two_processes_launched_as_documented_match_one_process(one_process):
     launch = _launch_two(_cfg(one_process, "two", 2), one_process)
     _check_matches_one_process(one_process, one_process / "two", launch)
+
+
+# Seed 0 draws the data for step 1 and the student's samples for steps 2 and 3.
+ON_POLICY = {"sources": {"dataset": 0.5, "student": 0.5}, "prompt_tokens": 4, "max_new_tokens": 8}
+
+
+@needs_distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", ["replicate", "shard"])
+def test_an_on_policy_run_over_two_processes_matches_one_process(one_process, placement):
+    """Each process samples its share (row seeds follow the global row); a sharded teacher and student-side
+    sampling keep stepping together until every process's rows are done."""
+    one = one_process / "one_on_policy"
+    if not one.exists():
+        _run(
+            [sys.executable, "-m", "alignkd", "distill", str(_cfg(one_process, one.name, 4, generation=ON_POLICY))],
+            one_process,
+        )
+    out = f"two_on_policy_{placement}"
+    launch = _launch_two(_cfg(one_process, out, 2, placement, generation=ON_POLICY), one_process)
+    a, b = _records(one_process / out), _records(one)
+    train = [r for r in b if r["split"] == "train"]
+    assert [r["sources"] for r in train] == ["dataset", "student", "student"]
+    for x, y in zip(a, b, strict=True):
+        if x["split"] == "train":
+            assert x["generated_tokens"] == y["generated_tokens"] and x["sources"] == y["sources"]
+        for key in [k for k in y if k.startswith(("loss", "eval_"))]:
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    assert launch.stdout.count("student saved to") == 1
 
 
 @needs_distributed

@@ -95,7 +95,7 @@ def test_checkpoints_are_renamed_into_place_and_load_without_pickled_code(models
     state = torch.load(root / "step-4" / "state.pt", weights_only=True)  # tensors and plain containers only
     assert set(state) == {"optimizer", "scheduler", "weighting", "rng"}
     meta = json.loads((root / "step-4" / "state.json").read_text())
-    assert meta["step"] == 4 and set(meta) == {"step", "sampler", "train_seconds", "python_rng"}
+    assert meta["step"] == 4 and set(meta) == {"step", "sampler", "sources", "train_seconds", "python_rng"}
     # A kill while writing leaves only a hidden temporary folder, which is never taken for a checkpoint.
     (root / ".step-6.tmp").mkdir()
     (root / ".step-6.tmp" / "side.safetensors").write_bytes(b"partial")

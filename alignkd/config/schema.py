@@ -138,6 +138,11 @@ class GenerationConfig:
     """Sampling temperature (0: greedy)."""
     top_p: float = 1.0
     """Nucleus sampling: draw from the smallest set of tokens whose probability reaches this."""
+    eval_prompts: int = 0
+    """Held-out prompts (the first ``prompt_tokens`` of eval blocks) the last evaluation continues, to log gen_rougeL
+    (ROUGE-L of the student's greedy continuation against the teacher's), gen_teacher_nll (the teacher's NLL per token
+    of the student's samples) and gen_distinct2 (distinct bigrams of those samples); 0 skips it. Works whatever the
+    sources, so a run on the data alone can be compared."""
     samples: str = "auto"
     """Where the teacher's samples are stored: auto (beside the training data in .alignkd-samples/, or under
     $ALIGNKD_CACHE/samples when that folder is read-only) or a folder."""

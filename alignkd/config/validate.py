@@ -147,19 +147,26 @@ def _check_generation(cfg) -> None:
         raise ConfigError("generation.temperature: must be >= 0 (0 is greedy)")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p: {g.top_p:g} is outside (0, 1]")
-    if not g.generates:
+    if g.eval_prompts < 0:
+        raise ConfigError("generation.eval_prompts: must be >= 0 (0 skips the generation metrics)")
+    if not g.generates and not g.eval_prompts:
         return
     if cfg.teacher.task != "causal_lm":
         raise ConfigError(
-            f"generation.sources: generated batches are causal-LM text; teacher.task is {cfg.teacher.task}: "
-            "use {dataset: 1}"
+            f"generation: generated text is causal-LM text; teacher.task is {cfg.teacher.task}: "
+            "use sources {dataset: 1} and eval_prompts 0"
         )
-    if cfg.teacher.cache is not None:
+    if cfg.teacher.cache is not None and g.generates:
         raise ConfigError(
             "generation.sources: the student and teacher sources need the live teacher to score new text, "
             "not teacher.cache; remove teacher.cache or use {dataset: 1}"
         )
-    if g.prompts is None and g.prompt_tokens >= cfg.data.seq_len:
+    if cfg.teacher.cache is not None and g.eval_prompts:
+        raise ConfigError(
+            "generation.eval_prompts: the generation metrics need the live teacher to continue and score text, "
+            "not teacher.cache; set it to 0 or remove teacher.cache"
+        )
+    if (g.prompts is None or g.eval_prompts) and g.prompt_tokens >= cfg.data.seq_len:
         raise ConfigError(
             f"generation.prompt_tokens: a {g.prompt_tokens}-token prompt leaves nothing of a {cfg.data.seq_len}-token "
             "training block; set it below data.seq_len, or give generation.prompts"

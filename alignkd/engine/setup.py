@@ -23,8 +23,9 @@ from alignkd.backend import Backend, make_backend
 from alignkd.config import Config, resolve_precision
 from alignkd.data import BlockSampler
 from alignkd.engine.horizon import Horizon
+from alignkd.engine.judge import judge
 from alignkd.engine.load import Inputs, fused_heads, load_models
-from alignkd.engine.sources import Sources
+from alignkd.engine.sources import Sources, any_running
 from alignkd.models.capture import Capture
 from alignkd.models.families import disable_attention_dropout
 from alignkd.teacher import Teacher, TeacherCache
@@ -86,6 +87,27 @@ class Run:
             device=self.accelerator.device,
             autocast=self.accelerator.autocast,
         )
+
+    def judge(self) -> dict:
+        """The generation metrics (``engine.judge``) on ``generation.eval_prompts`` held-out prompts."""
+        g, acc = self.cfg.generation, self.accelerator
+        blocks = self.eval_data["input_ids"]
+        n = min(g.eval_prompts, blocks.shape[0])
+        prompts = [torch.as_tensor(blocks[i])[: g.prompt_tokens].long().to(acc.device) for i in range(n)]
+        with self.unwrapped.capture.paused(), self.teacher.capture.paused():
+            return judge(
+                self.unwrapped.student,
+                self.teacher.model,
+                prompts,
+                self.sources.sampling,
+                seed=self.cfg.train.seed,
+                eos_ids=self.sources.eos_ids,
+                pad_id=self.sources.pad_id,
+                vocab=self.vocab,
+                autocast=acc.autocast,
+                batch=self.cfg.train.batch_size,
+                any_running=any_running(acc),
+            )
 
 
 def lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):

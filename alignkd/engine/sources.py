@@ -56,6 +56,18 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return sorted(set(ids))
 
 
+def any_running(acc):
+    """``generate``'s ``any_running`` for this launch: None on one process; else a collective, since a model sharded
+    over the processes runs each forward on all of them, so every process steps until all are done."""
+    if acc.num_processes == 1:
+        return None
+
+    def any_of(mine: bool) -> bool:
+        return acc.reduce(torch.tensor(float(mine), device=acc.device), "sum").item() > 0
+
+    return any_of
+
+
 class Sources:
     """Draws each micro-batch from the configured source."""
 
@@ -68,13 +80,13 @@ class Sources:
         self.prompt_sampler: BlockSampler | None = None
         self.store: TeacherSamples | None = None
         self.tokenizer = tokenizer
-        if not g.generates:
-            return
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.eos_ids = _eos_ids(tokenizer, teacher.model)
+        if not g.generates and not g.eval_prompts:
+            return
         bos_id = resolve_bos(cfg.data.bos, tokenizer)
-        if g.prompts:
+        if g.prompts and g.generates:
             self.prompts = load_prompts(
                 g.prompts, tokenizer, field=g.prompt_field, max_tokens=g.prompt_tokens, bos_id=bos_id
             )
@@ -198,12 +210,6 @@ class Sources:
     def _generate(self, run, model, prompts: list[torch.Tensor], seeds: list[int]) -> Generated:
         ids, mask = left_pad(prompts, self.pad_id)
         acc = run.accelerator
-        any_running = None
-        if acc.num_processes > 1:  # a sharded model's forward is a collective: step until every process is done
-
-            def any_running(mine: bool) -> bool:
-                return acc.reduce(torch.tensor(float(mine), device=acc.device), "sum").item() > 0
-
         return generate(
             model,
             ids.to(acc.device),
@@ -213,7 +219,7 @@ class Sources:
             eos_ids=self.eos_ids,
             pad_id=self.pad_id,
             vocab=run.vocab,
-            any_running=any_running,
+            any_running=any_running(acc),
         )
 
     def _teacher_samples(self, run, index: list[int], prompts: list[torch.Tensor]) -> Generated:
