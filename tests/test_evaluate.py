@@ -435,6 +435,8 @@ METRICS = {
     "params",
     "non_embedding_params",
     "size_mb",
+    "gen_teacher_nll",
+    "gen_distinct2",
 }
 FIDELITY = {f"{k}_vs_teacher" for k in ("bleu", "rouge1", "rouge2", "rougeL", "cer")}
 RETENTION = {
@@ -475,14 +477,25 @@ def test_evaluate_models_writes_eval_json(world, tmp_path):
     assert written["settings"]["device"] == "cpu" and written["settings"]["window"] == 64
     assert list(written["models"]) == ["teacher", "student", "same"]
     assert set(written["models"]["teacher"]["metrics"]) == METRICS
-    assert set(written["models"]["student"]["metrics"]) == METRICS | FIDELITY
+    assert set(written["models"]["student"]["metrics"]) == METRICS | FIDELITY | {"gen_rougeL"}
     assert written["models"]["student"]["path"] == str(world.student)
     assert set(written["retention"]) == {"student", "same"}
     assert set(written["retention"]["student"]) == RETENTION
     # The teacher evaluated again under another name: same scores, same continuations.
     same, kept = written["models"]["same"]["metrics"], written["retention"]["same"]
     assert same["cer_vs_teacher"] == 0  # (BLEU needs 4-grams; 6 random bytes hold none)
-    for key in ("perplexity", "accuracy", "bleu", "rougeL", "cer", "params", "size_mb"):
+    assert same["gen_rougeL"] == 1.0  # the same greedy ids; and the same samples, judged alike
+    for key in (
+        "perplexity",
+        "accuracy",
+        "bleu",
+        "rougeL",
+        "cer",
+        "params",
+        "size_mb",
+        "gen_teacher_nll",
+        "gen_distinct2",
+    ):
         assert same[key] == pytest.approx(written["models"]["teacher"]["metrics"][key], rel=1e-6), key
     assert kept["perplexity"] == pytest.approx(1.0) and kept["accuracy"] == pytest.approx(1.0) and kept["params"] == 1.0
     # And the numbers are the metric functions' own.
@@ -631,11 +644,14 @@ def _result_of(names: list[str]) -> dict:
         "params": 134515008,
         "non_embedding_params": 106204416,
         "size_mb": 513.1,
+        "gen_teacher_nll": 2.31,
+        "gen_distinct2": 0.87,
     }
     models = {"teacher": {"path": "t", "metrics": teacher}}
     for i, name in enumerate(names):
         m = {k: v * (1.5 + i) if isinstance(v, float) else v for k, v in teacher.items()}
         m.update({f"{k}_vs_teacher": 0.25 + i for k in ("bleu", "rouge1", "rouge2", "rougeL", "cer")})
+        m["gen_rougeL"] = 0.3 + 0.1 * i
         models[name] = {"path": name, "metrics": m}
     kept = {n: retention(teacher, e["metrics"]) for n, e in models.items() if n != "teacher"}
     return {"settings": {}, "models": models, "retention": kept, "warnings": []}

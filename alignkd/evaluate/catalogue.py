@@ -156,6 +156,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("non_embedding_params", "Non-embedding parameters", "lower", millions),
     Metric("size_mb", "Size (MB)", "lower", fixed(1)),
     *(fidelity for _, fidelity in _GENERATION),
+    # A run's own generation metrics (generation.eval_prompts, alignkd.engine.judge), on token ids.
+    Metric("gen_rougeL", "Greedy ROUGE-L vs teacher", "higher", fixed(3)),
+    Metric("gen_teacher_nll", "Teacher-judged NLL of samples", "lower", fixed(3)),
+    Metric("gen_distinct2", "Distinct-2 of samples", "higher", fixed(3)),
 )
 """Every metric, in the order tables show them: scores, costs, then fidelity to the teacher."""
 

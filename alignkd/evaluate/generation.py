@@ -48,8 +48,11 @@ def generation_config(model, new_tokens: int, *, exact: bool = False):
 
 
 @torch.inference_mode()
-def continuations(model, tokenizer, prompts: torch.Tensor, new_tokens: int, on_step: Step | None = None) -> list[str]:
-    """Greedy continuations of ``prompts`` ``[P, T]`` (``new_tokens`` at most, EOS ends one early), decoded.
+def continuations(
+    model, tokenizer, prompts: torch.Tensor, new_tokens: int, on_step: Step | None = None, *, ids: bool = False
+):
+    """Greedy continuations of ``prompts`` ``[P, T]`` (``new_tokens`` at most, EOS ends one early), decoded; with
+    ``ids``, ``(texts, id lists)`` (the ids up to and with the EOS).
 
     A tokenizer that adds BOS gets it before each prompt, as its model expects.
     """
@@ -57,13 +60,19 @@ def continuations(model, tokenizer, prompts: torch.Tensor, new_tokens: int, on_s
     if wants_bos(tokenizer):
         prompts = torch.cat([torch.full_like(prompts[:, :1], tokenizer.bos_token_id), prompts], dim=1)
     texts: list[str] = []
+    id_lists: list[list[int]] = []
+    eos = config.eos_token_id
+    eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     for start in range(0, len(prompts), GENERATION_BATCH):
         x = prompts[start : start + GENERATION_BATCH].to(device_of(model))
         out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
         texts += tokenizer.batch_decode(out[:, x.shape[1] :], skip_special_tokens=True)
+        for row in out[:, x.shape[1] :].tolist():  # up to the first EOS (padding follows it)
+            end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            id_lists.append(row[:end])
         if on_step:
             on_step(len(texts), len(prompts))
-    return texts
+    return (texts, id_lists) if ids else texts
 
 
 def generation_metrics(predictions: list[str], references: list[str]) -> dict:
@@ -81,3 +90,38 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict:
         out[key] = statistics.fmean(s[key].fmeasure for s in rouge)
     out["cer"] = float(jiwer.cer(reference=references, hypothesis=predictions))
     return out
+
+
+SAMPLE_SEED = 1234
+"""Seed of the sampled continuations (one per prompt: prompt ``i`` draws with ``SAMPLE_SEED + i``)."""
+
+
+@torch.inference_mode()
+def sampled(model, tokenizer, prompts: torch.Tensor, new_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Continuations of ``prompts`` ``[P, T]`` sampled at temperature 1 (EOS ends one early), as the prompts
+    (BOS first where the tokenizer adds one) and the sampled ids, ``[n]`` each, on the CPU."""
+    from alignkd.models.generate import Sampling, generate
+
+    if wants_bos(tokenizer):
+        prompts = torch.cat([torch.full_like(prompts[:, :1], tokenizer.bos_token_id), prompts], dim=1)
+    config = generation_config(model, new_tokens)
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    heads, tails = [], []
+    for start in range(0, len(prompts), GENERATION_BATCH):
+        x = prompts[start : start + GENERATION_BATCH].to(device_of(model))
+        seeds = [SAMPLE_SEED + start + i for i in range(len(x))]
+        gen = generate(
+            model,
+            x,
+            torch.ones_like(x, dtype=torch.bool),
+            Sampling(new_tokens),
+            seeds,
+            eos_ids=eos,
+            pad_id=config.pad_token_id or 0,
+            vocab=len(tokenizer),
+        )
+        for i in range(len(x)):
+            heads.append(x[i].cpu())
+            tails.append(gen.input_ids[i][gen.generated[i]].cpu())
+    return heads, tails

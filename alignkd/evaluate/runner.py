@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,19 @@ import torch
 
 from alignkd.data import wants_bos
 from alignkd.display import Tasks
+from alignkd.engine.judge import distinct_n, rouge_l
 from alignkd.errors import EvalError
 from alignkd.evaluate.accuracy import label_accuracy, split_shots
 from alignkd.evaluate.catalogue import chance_level, near_chance, retention
 from alignkd.evaluate.cost import latency, param_counts, size_on_disk
-from alignkd.evaluate.generation import PROMPT_TOKENS, continuations, generation_metrics, passages
+from alignkd.evaluate.generation import (
+    GENERATION_BATCH,
+    PROMPT_TOKENS,
+    continuations,
+    generation_metrics,
+    passages,
+    sampled,
+)
 from alignkd.evaluate.inputs import packaged, read_held_out, read_labelled, token_stream
 from alignkd.evaluate.loading import check_context, check_model_path, is_classifier, load
 from alignkd.evaluate.perplexity import perplexity
@@ -64,10 +73,24 @@ def _read_inputs(s: EvalSettings) -> _Inputs:
     return inputs
 
 
+@dataclass
+class _Outputs:
+    """What one model generated, kept to score it against the teacher once every model has run."""
+
+    texts: list[str]
+    """Greedy continuations, decoded."""
+    greedy: list[list[int]]
+    """The same, as ids."""
+    prompts: list[torch.Tensor]
+    """The prompts of the sampled continuations (BOS first where its tokenizer adds one)."""
+    samples: list[torch.Tensor]
+    """Continuations sampled at temperature 1."""
+
+
 def _evaluate_one(
     role: str, path: str, s: EvalSettings, inputs: _Inputs, device: str, show: Tasks
-) -> tuple[dict, list[str] | None]:
-    """Metrics of one model, and its continuations (None when generation did not run)."""
+) -> tuple[dict, _Outputs | None]:
+    """Metrics of one model, and what it generated (None when generation did not run)."""
     t0 = time.perf_counter()
     model, tok = load(role, path, s.dtype, device)
     show.say(f"[bold]{role}[/]: loaded {path} in {time.perf_counter() - t0:.1f} s")
@@ -97,8 +120,11 @@ def _evaluate_one(
         with show.running(f"{role} generation") as step:
             check_context(model, wants_bos(tok) + PROMPT_TOKENS + s.new_tokens, "generation", "use fewer --new-tokens")
             prompts, refs = passages(token_stream(tok, inputs.texts), s.prompts, s.new_tokens)
-            outputs = continuations(model, tok, prompts, s.new_tokens, on_step=step)
-            metrics.update(generation_metrics(outputs, tok.batch_decode(refs, skip_special_tokens=True)))
+            texts, greedy = continuations(model, tok, prompts, s.new_tokens, on_step=step, ids=True)
+            metrics.update(generation_metrics(texts, tok.batch_decode(refs, skip_special_tokens=True)))
+            heads, samples = sampled(model, tok, prompts, s.new_tokens)
+            metrics["gen_distinct2"] = distinct_n([x.tolist() for x in samples])
+            outputs = _Outputs(texts, greedy, heads, samples)
         show.say(
             f"  bleu {metrics['bleu']:.3g} rougeL {metrics['rougeL']:.3g} cer {metrics['cer']:.3g} "
             f"({show.seconds:.1f} s)"
@@ -209,13 +235,46 @@ def _evaluate_in_order(
     """Returns ``eval.json``'s ``models``: each role's path and metrics, with fidelity to the teacher's outputs."""
     evaluated: dict = {}
     reference = None
+    generated: dict[str, _Outputs] = {}
     with Tasks(progress, bar=True, transient=True) as show:
         for role in order:
             metrics, outputs = _evaluate_one(role, models[role], settings, inputs, device, show)
             if role == teacher:
                 reference = outputs
             elif reference is not None and outputs is not None:
-                fidelity = generation_metrics(outputs, reference)
+                fidelity = generation_metrics(outputs.texts, reference.texts)
                 metrics.update({f"{k}_vs_teacher": v for k, v in fidelity.items()})
+                metrics["gen_rougeL"] = statistics.fmean(
+                    rouge_l(a, b) for a, b in zip(outputs.greedy, reference.greedy, strict=True)
+                )
+            if outputs is not None:
+                generated[role] = outputs
             evaluated[role] = {"path": str(models[role]), "metrics": metrics}
+        if reference is not None:
+            _judged_by_teacher(models[teacher], settings, device, generated, reference, evaluated, show)
     return evaluated
+
+
+def _judged_by_teacher(
+    path: str, s: EvalSettings, device: str, generated: dict, reference: _Outputs, evaluated: dict, show: Tasks
+) -> None:
+    """Each model's ``gen_teacher_nll``: the teacher, loaded again, scores its sampled continuations (the teacher's
+    own too, for comparison). A model whose prompts tokenise otherwise than the teacher's is left out."""
+    from alignkd.engine.judge import teacher_nll
+    from alignkd.models.generate import join
+
+    teacher, tok = load("teacher", path, s.dtype, device)
+    with show.running("teacher judging samples"), torch.inference_mode():
+        for role, out in generated.items():
+            if [p.tolist() for p in out.prompts] != [p.tolist() for p in reference.prompts]:
+                continue
+            total, count = 0.0, 0
+            for start in range(0, len(out.prompts), GENERATION_BATCH):
+                part = slice(start, start + GENERATION_BATCH)
+                gen = join(out.prompts[part], out.samples[part], teacher.config.pad_token_id or 0)
+                gen = type(gen)(gen.input_ids.to(device), gen.mask.to(device), gen.generated.to(device))
+                t, n = teacher_nll(teacher, gen, len(tok))
+                total, count = total + t, count + n
+            evaluated[role]["metrics"]["gen_teacher_nll"] = total / count if count else float("nan")
+    del teacher
+    gc.collect()

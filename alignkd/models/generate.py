@@ -50,17 +50,25 @@ class Generated:
 
 
 def pick(logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:
-    """``[B, V]`` float logits -> ``[B]`` token ids, row ``i`` drawn with ``generators[i]``."""
+    """``[B, V]`` float logits -> ``[B]`` token ids, row ``i`` drawn with ``generators[i]``.
+
+    Inverse-CDF sampling: each row takes one uniform number from its own generator
+    and finds it in the cumulative distribution, so rows stay independent of one
+    another at the cost of one ``searchsorted`` for the whole batch.
+    """
     if sampling.temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    order = None
     if sampling.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        probs, order = probs.sort(dim=-1, descending=True)
         # Drop a token once the tokens above it already reach top_p (the first token always stays).
-        drop = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators, strict=True)])
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(cdf.device)
+    # The first position whose cumulative mass exceeds u: never a zero-probability token.
+    k = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+    return (order.gather(-1, k) if order is not None else k).squeeze(-1)
 
 
 def _takes(model: nn.Module, name: str) -> bool:

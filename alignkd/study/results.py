@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignkd.engine.judge import JUDGE_KEYS
 from alignkd.errors import ReportError
 from alignkd.evaluate.catalogue import BY_KEY, number
 from alignkd.report.runlog import read_run
@@ -47,6 +48,8 @@ class Row:
     """The teacher's held-out metric on the same blocks."""
     curve: list[dict] = field(default_factory=list)
     """``{"step", "train_s", "value"}`` per evaluation."""
+    generation: dict = field(default_factory=dict)
+    """The generation metrics of the last evaluation (``generation.eval_prompts``), by key; empty without them."""
 
 
 def metric_of(study: Study) -> str:
@@ -89,6 +92,7 @@ def _row(study: Study, name: str, run_dir: Path, key: str, quick: bool) -> Row:
         params=summary.get("student_params"),
         teacher=number((summary.get("teacher_eval") or {}).get(key)),
         curve=curve,
+        generation={k: number(log.eval[-1][k]) for k in JUDGE_KEYS if log.eval and k in log.eval[-1]},
     )
 
 

@@ -12,7 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from alignkd.evaluate.catalogue import BY_KEY, points
+from alignkd.engine.judge import JUDGE_KEYS
+from alignkd.evaluate.catalogue import BY_KEY, points, shown
 from alignkd.report.document import Block, Cell, Plot, Table
 from alignkd.report.plots import PALETTE, STYLE, log_if_wide, new_figure, png
 from alignkd.report.render import to_html, to_markdown
@@ -117,12 +118,18 @@ def _change_text(c: float, key: str) -> str:
 def _table(rows: list[Row], key: str, ref: Row) -> Table:
     metric = BY_KEY[METRICS[key]]
     top = best(rows, key)
+    # The generation metrics, where some variant logged them: a column each.
+    gen = [k for k in JUDGE_KEYS if any(k in r.generation for r in rows)]
     t = Table(
         ["variant", "steps", "train min", "other min", f"held-out {metric.label.lower()}", f"vs {ref.name}", "params"]
+        + [BY_KEY[k].label for k in gen]
     )
     for r in rows:
         if r.status != "done":
-            t.rows.append([Cell(r.name), Cell("—"), Cell("—"), Cell("—"), Cell(r.status), Cell("—"), Cell("—")])
+            t.rows.append(
+                [Cell(r.name), Cell("—"), Cell("—"), Cell("—"), Cell(r.status), Cell("—"), Cell("—")]
+                + [Cell("—") for _ in gen]
+            )
             continue
         other = (r.wall_s - r.train_s) / 60 if r.wall_s is not None and r.train_s is not None else math.nan
         vs = "reference" if r is ref else _change_text(change(r.value, ref.value, key), key)
@@ -136,11 +143,24 @@ def _table(rows: list[Row], key: str, ref: Row) -> Table:
                 Cell(vs),
                 Cell(BY_KEY["params"].fmt(r.params) if r.params is not None else "—"),
             ]
+            + [Cell(shown(r.generation.get(k), BY_KEY[k].fmt), bold=r is _best_at(rows, k)) for k in gen]
         )
     teacher = next((r.teacher for r in (ref, *rows) if math.isfinite(r.teacher)), math.nan)
     if math.isfinite(teacher):
-        t.rows.append([Cell("teacher"), Cell(""), Cell(""), Cell(""), Cell(metric.fmt(teacher)), Cell(""), Cell("")])
+        t.rows.append(
+            [Cell("teacher"), Cell(""), Cell(""), Cell(""), Cell(metric.fmt(teacher)), Cell(""), Cell("")]
+            + [Cell("") for _ in gen]
+        )
     return t
+
+
+def _best_at(rows: list[Row], key: str) -> Row | None:
+    """The variant with the best value of generation metric ``key``."""
+    have = [r for r in rows if math.isfinite(r.generation.get(key, math.nan))]
+    if not have:
+        return None
+    sign = 1 if BY_KEY[key].better == "higher" else -1
+    return max(have, key=lambda r: sign * r.generation[key])
 
 
 def _minutes(m: float) -> str:
