@@ -25,6 +25,7 @@ ASSET_NAMES = tuple(f.name for f in dataclasses.fields(Assets))
 QUICK = {
     "teacher": {"dtype": "float32", "cache": None, "placement": "replicate"},
     "data": {"seq_len": 32, "max_train_tokens": None, "token_cache": "off"},
+    "generation": {"prompt_tokens": 8, "max_new_tokens": 8},  # prompts and continuations that fit the short blocks
     "train": {
         "batch_size": 4,
         "grad_accum": 1,
@@ -37,8 +38,8 @@ QUICK = {
         "log_every": 1,
     },
 }
-"""What ``--quick`` sets in every run, whatever the study says: small blocks and batches, float32, an eval every
-step."""
+"""What ``--quick`` sets in every run, whatever the study says: small blocks, prompts and batches, float32, an eval
+every step."""
 
 
 def packaged(cache: str | None = None) -> dict[str, Path]:
