@@ -82,6 +82,8 @@ class Progress:
         self.total = total if total is not None else self.total
         terms = " ".join(f"{k[5:]}={v:.3g}" for k, v in record.items() if k.startswith("loss/"))
         info = f"loss={record['loss']:.4g} {terms} {record['tokens_per_s']:.0f} tok/s"
+        if record.get("generated_tokens"):  # a step that sampled: its sampling apart from its training
+            info += f" | sampled {record['generated_tokens_per_s']:.0f} tok/s, {100 * record['gen_share']:.0f}% of step"
         if self.live:
             self.bar.update(self.task, completed=step, total=self.total, info=info)
             return

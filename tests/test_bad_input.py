@@ -380,6 +380,17 @@ CASES: list[Case] = [
         lambda w: ["distill", str(w.clf_config), f"train.output_dir={w.out('csv_without_label_column')}"],
         ("nolabel.csv", "label", "data.label_field"),
     ),
+    # ---------------------------------------------------------------- distill: rows the teacher labels
+    Case(
+        "augment_for_a_language_model",
+        lambda w: D(w, "augment_for_a_language_model", "data.augment=2"),
+        ("data.augment: the teacher labels these rows", "teacher.task is causal_lm"),
+    ),
+    Case(
+        "augment_p_out_of_range",
+        lambda w: D(w, "augment_p_out_of_range", "data.augment_p=1.5"),
+        ("data.augment_p: 1.5 is outside (0, 1]",),
+    ),
     # ---------------------------------------------------------------- distill: generated data
     Case(
         "generation_sources_not_summing_to_one",

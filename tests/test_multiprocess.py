@@ -31,6 +31,7 @@ import yaml
 from safetensors.torch import load_file
 
 from alignkd.backend import make_accelerator
+from alignkd.engine.judge import JUDGE_KEYS
 from alignkd.errors import ConfigError
 from alignkd.testing import save_model, write_corpus
 
@@ -190,15 +191,16 @@ def test_two_processes_launched_as_documented_match_one_process(one_process):
 
 
 # Seed 0 draws the data for step 1 and the student's samples for steps 2 and 3.
-ON_POLICY = {"sources": {"dataset": 0.5, "student": 0.5}, "prompt_tokens": 4, "max_new_tokens": 8}
+ON_POLICY = {"sources": {"dataset": 0.5, "student": 0.5}, "prompt_tokens": 4, "max_new_tokens": 8, "eval_prompts": 4}
 
 
 @needs_distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("placement", ["replicate", "shard"])
+@pytest.mark.parametrize("placement", ["replicate", "shard", "fsdp"])
 def test_an_on_policy_run_over_two_processes_matches_one_process(one_process, placement):
-    """Each process samples its share (row seeds follow the global row); a sharded teacher and student-side
-    sampling keep stepping together until every process's rows are done."""
+    """Each process samples its share (row seeds follow the global row). A sharded teacher (shard), or a student
+    sharded by an FSDP launch (fsdp), keeps every process stepping until all its rows are done; the generation
+    metrics of the last evaluation come out as one process's."""
     one = one_process / "one_on_policy"
     if not one.exists():
         _run(
@@ -206,15 +208,19 @@ def test_an_on_policy_run_over_two_processes_matches_one_process(one_process, pl
             one_process,
         )
     out = f"two_on_policy_{placement}"
-    launch = _launch_two(_cfg(one_process, out, 2, placement, generation=ON_POLICY), one_process)
+    teacher = "shard" if placement == "shard" else "replicate"
+    launch = _launch_two(
+        _cfg(one_process, out, 2, teacher, generation=ON_POLICY), one_process, FSDP if placement == "fsdp" else DDP
+    )
     a, b = _records(one_process / out), _records(one)
     train = [r for r in b if r["split"] == "train"]
     assert [r["sources"] for r in train] == ["dataset", "student", "student"]
     for x, y in zip(a, b, strict=True):
         if x["split"] == "train":
             assert x["generated_tokens"] == y["generated_tokens"] and x["sources"] == y["sources"]
-        for key in [k for k in y if k.startswith(("loss", "eval_"))]:
+        for key in [k for k in y if k.startswith(("loss", "eval_")) or k in JUDGE_KEYS]:
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    assert "gen_teacher_nll" in b[-1]
     assert launch.stdout.count("student saved to") == 1
 
 

@@ -201,6 +201,20 @@ def test_progress_prints_plain_lines_when_not_on_a_terminal(monkeypatch):
     assert lines[0].startswith("step 1/3 loss=1.5 kl=0.25 1000 tok/s elapsed 0:00:00 eta ")
 
 
+def test_a_progress_line_tells_sampling_from_training(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr("alignkd.display.PLAIN_EVERY_S", 0.0)
+    p = Progress(2, console=Console(file=out, force_terminal=False, width=200))
+    p.update(1, {"loss": 1.0, "tokens_per_s": 900.0, "generated_tokens": 0, "gen_share": 0.0})
+    p.update(
+        2,
+        {"loss": 1.0, "tokens_per_s": 900.0, "generated_tokens": 64, "generated_tokens_per_s": 120.0, "gen_share": 0.4},
+    )
+    first, second = out.getvalue().strip().splitlines()
+    assert "sampled" not in first
+    assert "900 tok/s | sampled 120 tok/s, 40% of step" in second
+
+
 def test_progress_lines_are_spaced_in_time(monkeypatch):
     out = io.StringIO()
     p = Progress(100, console=Console(file=out, force_terminal=False, width=200))

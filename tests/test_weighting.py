@@ -53,6 +53,16 @@ def test_cosine(step, value):
     assert schedule_value(sched("cosine", start=4.0, end=2.0, steps=100), step, 1000, 0.0) == pytest.approx(value)
 
 
+@pytest.mark.parametrize(("step", "value"), [(0, 1.0), (29, 1.0), (30, 0.0), (99, 0.0)])
+def test_step_switches_from_start_to_end_at_steps(step, value):
+    assert schedule_value(sched("step", start=1.0, end=0.0, steps=30), step, 100, 5.0) == value
+
+
+def test_step_without_steps_switches_at_half_the_run():
+    s = sched("step", start=0.0, end=2.0)
+    assert [schedule_value(s, i, 10, 9.0) for i in (0, 4, 5, 9)] == [0.0, 0.0, 2.0, 2.0]
+
+
 def test_cosine_falls_monotonically():
     s = sched("cosine", start=1.0, end=0.0, steps=20)
     values = [schedule_value(s, i, 20, 0.0) for i in range(21)]

@@ -21,6 +21,9 @@ def schedule_value(s: ScheduleConfig | None, step: int, total_steps: int, defaul
     """Value of a schedule at ``step`` (``default`` when there is no schedule)."""
     if s is None:
         return default
+    if s.kind == "step":
+        switch = s.steps if s.steps is not None else total_steps // 2
+        return s.start if step < switch else s.end
     steps = s.steps if s.steps is not None else total_steps
     frac = min(max(step / max(steps, 1), 0.0), 1.0)
     if s.kind == "constant":

@@ -19,6 +19,8 @@ _PATHS = (
     ("student", "path"),
     ("data", "train"),
     ("data", "eval"),
+    ("data", "augment_lm"),
+    ("data", "unlabelled"),
     ("train", "output_dir"),
     ("generation", "prompts"),
     ("generation", "samples"),

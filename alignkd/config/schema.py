@@ -107,6 +107,24 @@ class DataConfig:
     bos: str = "auto"
     """BOS at the head of every packed causal-LM block: auto (when the tokenizer adds one itself, as Llama's and Gemma's
     do), always or never; a run records what auto chose."""
+    augment: int = 0
+    """Classification: variants of each training example to add, each with ``augment_p`` of its tokens replaced by one
+    of ``augment_lm``'s ``augment_k`` likeliest tokens there, labelled by the teacher (its most likely class; the gold
+    label does not hold for changed text), as TinyBERT augments; made once and kept beside the data. 0: none."""
+    augment_lm: str | None = None
+    """The language model proposing replacements (causal or masked, with the teacher's tokenizer); None uses the
+    teacher's own body with its tied input embedding as the output head, which fine-tuning has moved away from
+    language modelling: the model the teacher was fine-tuned from proposes better words."""
+    augment_p: float = 0.4
+    """Share of a variant's tokens replaced (TinyBERT: 0.4)."""
+    augment_k: int = 15
+    """Candidates per replaced token: one of the proposing model's ``augment_k`` likeliest, the original excluded
+    (TinyBERT: 15)."""
+    unlabelled: str | None = None
+    """Classification: text (any source ``train`` takes) cut into ``seq_len``-token snippets, labelled by the teacher
+    and added to the training rows; made once and kept beside it."""
+    unlabelled_rows: int | None = None
+    """The most snippets taken from ``unlabelled``, in order (None: all); each costs one teacher forward, once."""
     token_cache: str = "auto"
     """Language-model text: auto tokenises a local source of 16 MiB or more once into an int32 token file beside it (in
     .alignkd-tokens/, or $ALIGNKD_CACHE/tokens when that folder is read-only), memory-mapped and reused while the

@@ -49,6 +49,7 @@ def validate(cfg) -> None:
             f"data.eval_fraction: {cfg.data.eval_fraction:g} is outside [0, 1); "
             "set the share of training blocks held out, e.g. 0.05"
         )
+    _check_augment(cfg)
     _check_losses(cfg)
     _check_cache(cfg)
     _check_generation(cfg)
@@ -171,3 +172,21 @@ def _check_generation(cfg) -> None:
             f"generation.prompt_tokens: a {g.prompt_tokens}-token prompt leaves nothing of a {cfg.data.seq_len}-token "
             "training block; set it below data.seq_len, or give generation.prompts"
         )
+
+
+def _check_augment(cfg) -> None:
+    d = cfg.data
+    if d.augment < 0:
+        raise ConfigError("data.augment: must be >= 0 (0: no augmented variants)")
+    if not 0 < d.augment_p <= 1:
+        raise ConfigError(f"data.augment_p: {d.augment_p:g} is outside (0, 1]; TinyBERT replaces 0.4 of the tokens")
+    if d.augment_k < 1:
+        raise ConfigError("data.augment_k: must be >= 1")
+    if d.unlabelled_rows is not None and d.unlabelled_rows < 1:
+        raise ConfigError("data.unlabelled_rows: must be >= 1 (or null for every snippet)")
+    for key in ("augment", "unlabelled"):
+        if getattr(d, key) and cfg.teacher.task != "sequence_classification":
+            raise ConfigError(
+                f"data.{key}: the teacher labels these rows with its classes, and teacher.task is {cfg.teacher.task}; "
+                f"remove data.{key} (for a language model, see generation.sources)"
+            )

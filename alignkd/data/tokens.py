@@ -170,7 +170,7 @@ def cache_folder(
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def locked(path: Path):
     """Hold an exclusive lock on ``path`` (POSIX; elsewhere no lock: concurrent builders then each write the file)."""
     try:
         import fcntl
@@ -224,7 +224,7 @@ def cached_stream(
     folder = cache_folder(source, setting, say)
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(source).resolve().name) or "source"
     data, meta_path = folder / f"{stem}-{digest}.tokens", folder / f"{stem}-{digest}.json"
-    with _locked(folder / f"{stem}-{digest}.lock"):
+    with locked(folder / f"{stem}-{digest}.lock"):
         meta = _meta(meta_path, data)
         if meta and (meta["complete"] or (max_tokens is not None and meta["tokens"] >= max_tokens)):
             say(f"token cache: reusing {data} ({meta['tokens']:,} tokens of {source})")

@@ -150,7 +150,8 @@ def train(run: Run, start_step: int = 0) -> dict:
                 log.write(record)
             if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or last:
                 ev = {**run.evaluate(run.unwrapped.student), "split": "eval", "step": done}
-                if last and cfg.generation.eval_prompts:  # the generation metrics: once, at the end
+                # The generation metrics: once, at the end, where the teacher runs (not in `alignkd finetune`).
+                if last and cfg.generation.eval_prompts and run.teacher.has_weights:
                     ev.update(run.judge())
                 progress.note(ev)
                 if log:  # train_s: the training clock at this step (what max_minutes counts), for curves against time

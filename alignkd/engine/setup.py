@@ -22,6 +22,7 @@ from alignkd.align.weighting import Weighting, build_weighting
 from alignkd.backend import Backend, make_backend
 from alignkd.config import Config, resolve_precision
 from alignkd.data import BlockSampler
+from alignkd.engine.augment import with_teacher_rows
 from alignkd.engine.horizon import Horizon
 from alignkd.engine.judge import judge
 from alignkd.engine.load import Inputs, fused_heads, load_models
@@ -184,6 +185,7 @@ def setup(
     plan, side, teacher = _meet(cfg, task, student, teacher_model, say)
     weighting = _weighting(cfg, plan.terms)
     train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
+    train_data = with_teacher_rows(cfg, tok, teacher_model, train_data, say)  # data.augment, data.unlabelled
     if teacher.cache is not None:
         teacher.cache.check(cfg, train_data["input_ids"], eval_data["input_ids"], plan.teacher_needs, vocab)
     teacher.place(backend, cfg.teacher.placement, say)

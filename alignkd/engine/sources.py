@@ -109,7 +109,8 @@ class Sources:
     def _open_store(self, cfg, train_data: dict, teacher, say) -> TeacherSamples:
         g = self.g
         if g.prompts:
-            prompts = {"file": data_hash(torch.cat(self.prompts)[None]), "count": len(self.prompts)}
+            lengths = torch.tensor([len(p) for p in self.prompts])[None]  # where one prompt ends and the next begins
+            prompts = {"file": data_hash(torch.cat(self.prompts)[None], lengths)}
             beside = g.prompts
         else:
             prompts = {"blocks": data_hash(_Prefix(train_data["input_ids"], g.prompt_tokens))}

@@ -22,7 +22,7 @@ from alignkd.models.capture import Capture, Needs, Record
 
 LAYER_MAPS = ("auto", "last", "source", "adaptive")
 PROJECTORS = ("linear", "linear_norm", "none")
-SCHEDULE_KINDS = ("constant", "warmup", "linear", "cosine")
+SCHEDULE_KINDS = ("constant", "warmup", "linear", "cosine", "step")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -34,13 +34,15 @@ class ScheduleConfig:
 
     kind: str = "constant"
     """constant (``start``), warmup (0 to ``start`` over ``steps``, then ``start``), linear or cosine
-    (``start`` to ``end`` over ``steps``)."""
+    (``start`` to ``end`` over ``steps``), or step (``start`` for ``steps`` steps, then ``end``: two training stages,
+    e.g. feature alignment first, then prediction-layer KD)."""
     start: float = 1.0
     """Value at step 0 (for ``warmup``: the value after the warm-up)."""
     end: float = 1.0
     """Value after ``steps`` steps (linear and cosine)."""
     steps: int | None = None
-    """Length of the ramp in optimizer steps; None means the whole run."""
+    """Length of the ramp in optimizer steps (for step: when ``end`` takes over); None means the whole run (for step:
+    half of it)."""
 
     def check(self, where: str) -> None:
         one_of(self.kind, SCHEDULE_KINDS, f"{where}.kind")
