@@ -26,7 +26,7 @@ def test_rows_read_the_asked_rows_in_order_across_memory_and_disk(tmp_path):
     np.save(tmp_path / "b.npy", np.arange(100, 118).reshape(6, 3))
     b = np.load(tmp_path / "b.npy", mmap_mode="r")
     rows = Rows(a, b)
-    whole = torch.cat([a, torch.from_numpy(np.asarray(b))])
+    whole = torch.cat([a, torch.from_numpy(np.array(b))])
     assert rows.shape == (10, 3) and len(rows) == 10
     for idx in ([9, 0, 5, 5, 3], torch.tensor([7, 2]), [], list(range(10))):
         assert torch.equal(rows[idx], whole[torch.as_tensor(idx, dtype=torch.long)])
