@@ -1,8 +1,6 @@
 """``python -m alignkd``: the command line, as ``accelerate launch -m alignkd distill CONFIG`` starts it."""
 
-import sys
-
-from alignkd.cli import main
+from alignkd.cli import entry
 
 if __name__ == "__main__":  # imported (e.g. by the layout test), it runs nothing
-    sys.exit(main())
+    entry()

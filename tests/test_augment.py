@@ -16,9 +16,12 @@ from test_engine import _classification_jsonl, make_cfg, make_run
 
 import alignkd
 from alignkd import testing as tiny
+from alignkd.align.tasks import TASKS, TEACHER_LABEL
 from alignkd.data.rows import Rows
 from alignkd.engine.augment import BATCH
 from alignkd.errors import ConfigError
+from alignkd.models.capture import Record
+from alignkd.terms import TERM_TYPES, StepTensors
 
 
 def test_rows_read_the_asked_rows_in_order_across_memory_and_disk(tmp_path):
@@ -89,16 +92,45 @@ def test_variants_replace_a_share_of_free_tokens_with_the_lms_candidates(world, 
     assert changed / total == pytest.approx(0.5, abs=0.1)
 
 
-def test_augmented_rows_carry_the_teachers_class_not_the_gold_label(world, tmp_path):
+def test_augmented_rows_carry_no_gold_label_and_the_step_takes_the_teachers_class(world, tmp_path):
     run = make_run(_cfg(world, tmp_path / "run", augment=2, augment_lm=str(world["lm"])))
     t = run.train_data
     n = t["input_ids"].parts[0].shape[0]
     extra = torch.arange(n, len(t["input_ids"]))
-    ids, mask, labels = t["input_ids"][extra], t["mask"][extra], t["labels"][extra]
-    teacher = tiny.AutoModelForSequenceClassification.from_pretrained(world["teacher"]).eval()
-    with torch.no_grad():
-        want = teacher(input_ids=ids, attention_mask=mask.long()).logits.argmax(-1)
-    assert torch.equal(labels, want)
+    assert (t["labels"][extra] == TEACHER_LABEL).all()  # the gold label does not hold for a changed text
+    assert (t["labels"][torch.arange(n)] >= 0).all()
+    # A batch of gold and teacher rows: the targets are the gold labels and the teacher's argmax.
+    idx = torch.tensor([0, n, 1, n + 3])
+    labels = t["labels"][idx]
+    teacher_logits = torch.tensor([[2.0, -1.0], [-3.0, 0.5], [0.1, 0.0], [4.0, 1.0]])
+    x = StepTensors(
+        t["input_ids"][idx],
+        t["mask"][idx],
+        labels,
+        TASKS["sequence_classification"],
+        Record(logits=torch.zeros(4, 2)),
+        Record(logits=teacher_logits),
+        vocab=2,
+        side=None,
+    )
+    tgt, has = x.targets()
+    assert tgt.tolist() == [int(labels[0]), 1, int(labels[2]), 0] and has.all()
+    # ce on those rows is the cross-entropy against that mix of gold and teacher labels
+    s = torch.randn(4, 2, requires_grad=True)
+    x.student = Record(logits=s)
+    got = TERM_TYPES["ce"].compute(None, x, None)
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(s, tgt))
+    # ... and where the teacher's head did not run, a clear error instead of a wrong label
+    x.teacher = Record()
+    with pytest.raises(ConfigError, match="labelled by the teacher's classes"):
+        x.targets()
+
+
+def test_teacher_labelled_rows_need_a_term_that_runs_the_teacher(world, tmp_path):
+    cfg = _cfg(world, tmp_path / "run", augment=1, augment_lm=str(world["lm"]))
+    cfg["losses"] = [{"type": "ce"}]
+    with pytest.raises(ConfigError, match="data.augment: the teacher labels these rows in the step, and no term"):
+        alignkd.distill(cfg)
 
 
 def test_labelled_rows_are_made_once_and_reused(world, tmp_path, capsys):
@@ -107,7 +139,7 @@ def test_labelled_rows_are_made_once_and_reused(world, tmp_path, capsys):
     cfg = _cfg(world, tmp_path / "a", augment=1, augment_lm=str(world["lm"]), unlabelled=str(world["data"]))
     alignkd.distill(cfg)
     said = " ".join(capsys.readouterr().err.split())
-    assert "data.augment: the teacher labels" in said and "data.unlabelled: the teacher labels" in said
+    assert "data.augment: making the rows" in said and "data.unlabelled: making the rows" in said
     made = sorted(p.name for p in store.iterdir() if p.is_dir() and p.name not in before)
     assert len(made) == 2
     cfg["train"]["output_dir"] = str(tmp_path / "b")

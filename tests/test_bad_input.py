@@ -391,6 +391,28 @@ CASES: list[Case] = [
         lambda w: D(w, "augment_p_out_of_range", "data.augment_p=1.5"),
         ("data.augment_p: 1.5 is outside (0, 1]",),
     ),
+    Case(
+        "augment_without_a_term_that_runs_the_teacher",
+        lambda w: [
+            "distill",
+            str(w.clf_config),
+            f"train.output_dir={w.out('augment_without_a_term_that_runs_the_teacher')}",
+            "data.augment=1",
+            "losses=[{type: ce}]",
+        ],
+        ("data.augment: the teacher labels these rows in the step", "add an output term"),
+    ),
+    Case(
+        "unlabelled_with_a_teacher_cache",
+        lambda w: [
+            "distill",
+            str(w.clf_config),
+            f"train.output_dir={w.out('unlabelled_with_a_teacher_cache')}",
+            f"data.unlabelled={w.data / 'nolabel.csv'}",
+            f"teacher.cache={w.data / 'cache'}",
+        ],
+        ("data.unlabelled:", "teacher.cache holds its outputs on the training examples only"),
+    ),
     # ---------------------------------------------------------------- distill: generated data
     Case(
         "generation_sources_not_summing_to_one",

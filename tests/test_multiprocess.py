@@ -92,9 +92,10 @@ def _cfg(
 
 
 def _run(cmd: list[str], root: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    # PYTHONFAULTHANDLER: a process that aborts prints every thread's Python stack, saying where it was.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONFAULTHANDLER": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, f"stdout: {out.stdout[-1000:]}\nstderr: {out.stderr[-4000:]}"
     return out
 
 

@@ -13,6 +13,10 @@ import torch
 from torch import nn
 
 from alignkd.data import build_classification_data, build_lm_data, resolve_bos
+from alignkd.errors import ConfigError
+
+TEACHER_LABEL = -1
+"""Classification: the label of a row the teacher labels in the step (augmented variants, unlabelled text)."""
 
 
 @dataclass
@@ -176,7 +180,16 @@ class Classification(CausalLM):
         return None
 
     def targets(self, x):
-        return x.labels, torch.ones_like(x.labels, dtype=torch.bool)
+        labels = x.labels
+        by_teacher = labels == TEACHER_LABEL
+        if by_teacher.any():  # rows without a gold label take the teacher's most likely class
+            if x.teacher.logits is None:
+                raise ConfigError(
+                    "data.augment / data.unlabelled: these rows are labelled by the teacher's classes, and this run "
+                    "does not run the teacher's head; add an output term such as {type: kl}"
+                )
+            labels = torch.where(by_teacher, x.teacher.logits.argmax(-1), labels)
+        return labels, torch.ones_like(labels, dtype=torch.bool)
 
     def scored(self, logits, batch):
         return logits, batch.labels

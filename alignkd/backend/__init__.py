@@ -5,7 +5,16 @@
 - :mod:`~alignkd.backend.fsdp` and :mod:`~alignkd.backend.zero`: the FSDP2 and DeepSpeed mechanics.
 """
 
-from alignkd.backend.launch import end_launch, make_accelerator
+from alignkd.backend.launch import end_launch, exit_launch, launched_processes, make_accelerator
 from alignkd.backend.strategy import FSDP2, Backend, ZeRO, make_backend
 
-__all__ = ["FSDP2", "Backend", "ZeRO", "end_launch", "make_accelerator", "make_backend"]
+__all__ = [
+    "FSDP2",
+    "Backend",
+    "ZeRO",
+    "end_launch",
+    "exit_launch",
+    "launched_processes",
+    "make_accelerator",
+    "make_backend",
+]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -67,3 +71,26 @@ def end_launch() -> None:
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def launched_processes() -> int:
+    """How many processes this launch started (``WORLD_SIZE``, set by ``torchrun``/``accelerate launch``)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def exit_launch(code: int) -> NoReturn:
+    """End a process of a multi-process launch with ``code``, skipping the interpreter's teardown.
+
+    Leaving the process group (``end_launch``) is not always enough: a finished
+    run's process still aborted now and then (SIGABRT, "terminate called without
+    an active exception") while the interpreter freed the native threads the
+    distributed libraries left behind (gloo's, DeepSpeed's CPU communication),
+    and the launcher then reported the whole run as failed. Every output is
+    written and closed by the time a command returns, so the process flushes its
+    streams and leaves at once.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            stream.flush()
+    os._exit(code)

@@ -109,8 +109,9 @@ class DataConfig:
     do), always or never; a run records what auto chose."""
     augment: int = 0
     """Classification: variants of each training example to add, each with ``augment_p`` of its tokens replaced by one
-    of ``augment_lm``'s ``augment_k`` likeliest tokens there, labelled by the teacher (its most likely class; the gold
-    label does not hold for changed text), as TinyBERT augments; made once and kept beside the data. 0: none."""
+    of ``augment_lm``'s ``augment_k`` likeliest tokens there, as TinyBERT augments; made once and kept beside the data.
+    The step labels them with the teacher's class distribution (a ``ce`` term: its most likely class; the gold label
+    does not hold for changed text), so the run needs a term that runs the teacher. 0: none."""
     augment_lm: str | None = None
     """The language model proposing replacements (causal or masked, with the teacher's tokenizer); None uses the
     teacher's own body with its tied input embedding as the output head, which fine-tuning has moved away from
@@ -121,10 +122,10 @@ class DataConfig:
     """Candidates per replaced token: one of the proposing model's ``augment_k`` likeliest, the original excluded
     (TinyBERT: 15)."""
     unlabelled: str | None = None
-    """Classification: text (any source ``train`` takes) cut into ``seq_len``-token snippets, labelled by the teacher
-    and added to the training rows; made once and kept beside it."""
+    """Classification: text (any source ``train`` takes) cut into ``seq_len``-token snippets and added to the training
+    rows, which the step labels with the teacher's classes as for ``augment``; made once and kept beside it."""
     unlabelled_rows: int | None = None
-    """The most snippets taken from ``unlabelled``, in order (None: all); each costs one teacher forward, once."""
+    """The most snippets taken from ``unlabelled``, in order (None: all)."""
     token_cache: str = "auto"
     """Language-model text: auto tokenises a local source of 16 MiB or more once into an int32 token file beside it (in
     .alignkd-tokens/, or $ALIGNKD_CACHE/tokens when that folder is read-only), memory-mapped and reused while the

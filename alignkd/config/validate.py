@@ -190,3 +190,15 @@ def _check_augment(cfg) -> None:
                 f"data.{key}: the teacher labels these rows with its classes, and teacher.task is {cfg.teacher.task}; "
                 f"remove data.{key} (for a language model, see generation.sources)"
             )
+        if not getattr(d, key):
+            continue
+        if cfg.teacher.cache:
+            raise ConfigError(
+                f"data.{key}: the teacher labels these rows as the steps draw them, and teacher.cache holds its "
+                f"outputs on the training examples only; remove teacher.cache or data.{key}"
+            )
+        if not any(TERM_TYPES[t.type].uses_teacher for t in cfg.losses if t.type in TERM_TYPES):
+            raise ConfigError(
+                f"data.{key}: the teacher labels these rows in the step, and no term runs it; "
+                "add an output term such as {type: kl}"
+            )

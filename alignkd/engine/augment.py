@@ -7,11 +7,14 @@ of a language model's ``data.augment_k`` most likely tokens at that position
 position, a masked LM from the whole example with the chosen positions masked.
 TinyBERT does the same with whole words and BERT; tokens keep this model-agnostic.
 
-The teacher then labels every variant and snippet with its class distribution;
-the row's label is its most likely class (a gold label does not hold for a
-changed text). Rows are written once, keyed by the data, the teacher, the
-proposing model and the settings, into ``.alignkd-augment/`` beside the training
-data, and read back from memory-mapped files as batches need them.
+These rows carry no gold label (it does not hold for a changed text): their
+label is ``TEACHER_LABEL``, and the step labels them with the teacher's class
+distribution from the forward it runs anyway (the output terms read it, and a
+label-reading term such as ``ce`` takes its most likely class;
+``Classification.targets``). Labelling them in advance would double the
+teacher's cost for rows a run may never draw. The rows are written once, keyed
+by the data, the proposing model and the settings, into ``.alignkd-augment/``
+beside the data, and read back from memory-mapped files as batches need them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alignkd.align.tasks import TEACHER_LABEL
 from alignkd.data.rows import Rows
 from alignkd.data.sources import read_texts
 from alignkd.data.tokens import cache_folder, locked
@@ -34,41 +38,38 @@ from alignkd.teacher.cache_format import data_hash, teacher_fingerprint
 from alignkd.teacher.samples import store_key
 
 AUGMENT_FOLDER = ".alignkd-augment"
-BATCH = 32  # rows per forward while proposing and labelling
-FILES = ("input_ids", "mask", "labels", "probs")
+BATCH = 32  # examples per forward of the proposing model
+FILES = ("input_ids", "mask")
 
 
 def with_teacher_rows(cfg, tokenizer, teacher: nn.Module, train: dict, say=print) -> dict:
     """``train`` (``input_ids``, ``mask``, ``labels``) followed by the variants and unlabelled snippets the config
-    asks for, as :class:`Rows`; ``train`` itself when it asks for neither."""
+    asks for, as :class:`Rows`, their labels ``TEACHER_LABEL``; ``train`` itself when it asks for neither."""
     d = cfg.data
     if not d.augment and not d.unlabelled:
         return train
-    teacher.to(default_device())  # the labelling forwards run where the teacher will
     extra = []
     if d.augment:
-        extra.append(_stored(cfg, "augment", train, teacher, say, lambda: _variants(cfg, tokenizer, teacher, train)))
+        extra.append(_stored(cfg, "augment", train, say, lambda: _variants(cfg, tokenizer, teacher, train)))
     if d.unlabelled:
-        extra.append(_stored(cfg, "unlabelled", train, teacher, say, lambda: _snippets(cfg, tokenizer)))
+        extra.append(_stored(cfg, "unlabelled", train, say, lambda: _snippets(cfg, tokenizer)))
+    for part in extra:
+        part["labels"] = torch.full((len(part["input_ids"]),), TEACHER_LABEL, dtype=torch.long)
     return {k: Rows(train[k], *(part[k] for part in extra)) for k in ("input_ids", "mask", "labels")}
 
 
 # ----------------------------------------------------------------------------- the store
 
 
-def _stored(cfg, what: str, train: dict, teacher: nn.Module, say, make) -> dict:
-    """The ``what`` rows, labelled by the teacher: read from the store, or made, labelled and written first."""
+def _stored(cfg, what: str, train: dict, say, make) -> dict:
+    """The ``what`` rows (``input_ids``, ``mask``): read from the store, or made and written first."""
     d = cfg.data
-    meta = {
-        "what": what,
-        "teacher": teacher_fingerprint(cfg.teacher.path),
-        "seq_len": d.seq_len,
-        "seed": cfg.train.seed,
-    }
+    meta = {"what": what, "seq_len": d.seq_len, "seed": cfg.train.seed}
     if what == "augment":
         meta.update(
             data=data_hash(train["input_ids"]),
-            lm=teacher_fingerprint(d.augment_lm) if d.augment_lm else "teacher",
+            # the teacher's own body proposes where augment_lm is unset
+            lm=teacher_fingerprint(d.augment_lm or cfg.teacher.path),
             variants=d.augment,
             p=d.augment_p,
             k=d.augment_k,
@@ -94,33 +95,21 @@ def _stored(cfg, what: str, train: dict, teacher: nn.Module, say, make) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     with locked(root / f".{folder.name}.lock"):  # processes of a launch: one makes the rows, the rest read them
         if not (folder / "meta.json").is_file():
+            say(f"data.{what}: making the rows (once; kept in {folder})")
             ids, mask = make()
-            say(f"data.{what}: the teacher labels {len(ids):,} rows (once; kept in {folder})")
-            labels, probs = _label(teacher, ids, mask)
             tmp = root / f".{folder.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            arrays = {"input_ids": ids.numpy(), "mask": mask.numpy(), "labels": labels.numpy(), "probs": probs.numpy()}
-            for name, array in arrays.items():
+            for name, array in {"input_ids": ids.numpy(), "mask": mask.numpy()}.items():
                 np.save(tmp / f"{name}.npy", array)
             (tmp / "meta.json").write_text(json.dumps({**meta, "rows": len(ids)}, indent=1))
             os.replace(tmp, folder)  # whole or absent
         else:
             rows = json.loads((folder / "meta.json").read_text())["rows"]
-            say(f"data.{what}: reusing {rows:,} labelled rows in {folder}")
-    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in FILES}
-
-
-@torch.no_grad()
-def _label(teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's most likely class ``[M]`` and class distribution ``[M, C]`` of each row."""
-    device = next(teacher.parameters()).device
-    probs = []
-    for start in range(0, len(ids), BATCH):
-        x, m = ids[start : start + BATCH].to(device), mask[start : start + BATCH].to(device)
-        probs.append(teacher(input_ids=x, attention_mask=m.long()).logits.float().softmax(-1).cpu())
-    p = torch.cat(probs)
-    return p.argmax(-1), p
+            say(f"data.{what}: reusing {rows:,} rows in {folder}")
+    rows = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in FILES}
+    say(f"data.{what}: {len(rows['input_ids']):,} rows the teacher labels as the steps draw them")
+    return rows
 
 
 # ----------------------------------------------------------------------------- variants
@@ -139,7 +128,7 @@ def _proposer(cfg, tokenizer, teacher: nn.Module):
                 "data.augment_lm: the teacher is a classifier without a language-model head to propose words from; "
                 "name a causal or masked LM with the teacher's tokenizer (e.g. the model it was fine-tuned from)"
             )
-        return _TiedBody(teacher), False
+        return _TiedBody(teacher.to(default_device())), False
     from transformers import AutoConfig
 
     from alignkd.models import load_model, load_tokenizer
@@ -181,16 +170,16 @@ def _variants(cfg, tokenizer, teacher: nn.Module, train: dict) -> tuple[torch.Te
         # Positions that may change: real, not special, not the first (a causal LM has nothing to propose from).
         free = mask & ~torch.isin(ids, special)
         free[:, 0] = False
+        top = None
+        if not masked:  # one forward serves every variant: the prediction at i - 1 proposes position i
+            top = _candidates(lm, ids, mask, d.augment_k, len(tokenizer), device)
+            top = torch.cat([top[:, :1], top[:, :-1]], dim=1)
         for v in range(d.augment):
             gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + start * 97 + v)
             chosen = free & (torch.rand(ids.shape, generator=gen) < d.augment_p)
-            if masked:
+            if masked:  # a masked LM sees this variant's chosen positions masked
                 x = ids.masked_fill(chosen, tokenizer.mask_token_id)
-                logits = lm(input_ids=x.to(device), attention_mask=mask.long().to(device)).logits.float().cpu()
-            else:  # the prediction at i - 1 proposes position i
-                logits = lm(input_ids=ids.to(device), attention_mask=mask.long().to(device)).logits.float().cpu()
-                logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-            top = logits[..., : len(tokenizer)].topk(d.augment_k + 1, dim=-1).indices  # +1: the original may be there
+                top = _candidates(lm, x, mask, d.augment_k, len(tokenizer), device)
             pick = torch.randint(0, d.augment_k, ids.shape, generator=gen)
             # The pick-th candidate other than the original: skip one place where the original comes before it.
             orig_at = (top == ids[..., None]).float().argmax(-1)
@@ -200,6 +189,12 @@ def _variants(cfg, tokenizer, teacher: nn.Module, train: dict) -> tuple[torch.Te
             out_ids.append(torch.where(chosen, new, ids))
             out_mask.append(mask)
     return torch.cat(out_ids), torch.cat(out_mask)
+
+
+def _candidates(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, k: int, vocab: int, device) -> torch.Tensor:
+    """``[B, T, k + 1]``: the LM's likeliest tokens at each position (k + 1: the original may be among them)."""
+    logits = lm(input_ids=ids.to(device), attention_mask=mask.long().to(device)).logits
+    return logits[..., :vocab].float().topk(k + 1, dim=-1).indices.cpu()
 
 
 # ----------------------------------------------------------------------------- unlabelled text
