@@ -415,6 +415,11 @@ CASES: list[Case] = [
     ),
     # ---------------------------------------------------------------- distill: generated data
     Case(
+        "teacher_top_k_without_a_teacher_source",
+        lambda w: D(w, "teacher_top_k_without_a_teacher_source", "generation.teacher_top_k=8"),
+        ("generation.teacher_top_k", "no teacher share"),
+    ),
+    Case(
         "generation_sources_not_summing_to_one",
         lambda w: D(w, "generation_sources_not_summing_to_one", "generation.sources={dataset: 0.5, student: 0.4}"),
         ("generation.sources", "sum to 0.9", "must sum to 1"),

@@ -18,8 +18,9 @@ import alignkd
 from alignkd import testing as tiny
 from alignkd.config import load_config
 from alignkd.engine.step import term_losses
+from alignkd.errors import ConfigError
 from alignkd.losses import kl_div
-from alignkd.models.generate import Sampling, generate, join, left_pad, pick
+from alignkd.models.generate import Sampling, TopK, generate, join, left_pad, pick
 from alignkd.teacher.samples import TeacherSamples
 
 PROMPTS = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12]), torch.tensor([30, 31, 32, 33])]
@@ -183,6 +184,13 @@ def test_stored_samples_are_kept_whole_and_read_back_by_a_store_opened_later(tmp
     assert again.missing([3, 5]) == [5]
     assert json.loads((tmp_path / "s" / "meta.json").read_text()) == {"k": 1}
     assert not list((tmp_path / "s").glob(".*tmp"))
+    # With the teacher's top-k behind each token: read back with the tokens, row by row.
+    top = [TopK(torch.tensor([[4, 2]] * n, dtype=torch.int32), torch.randn(n, 2), torch.randn(n)) for n in (2, 1)]
+    store.put([20, 21], [torch.tensor([8, 9]), torch.tensor([4])], top)
+    again = TeacherSamples(tmp_path / "s", {"k": 1})
+    for want, got in zip(top, again.get_top([20, 21]), strict=True):
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.logprobs, want.logprobs)
+        assert torch.equal(got.tail, want.tail)
 
 
 def _sequence_cfg(teacher, corpus, out, **generation):
@@ -209,6 +217,72 @@ def test_teacher_samples_are_made_once_and_reused_by_a_later_run(teacher, corpus
     # Another temperature is another store.
     alignkd.distill(_sequence_cfg(teacher, corpus, tmp_path / "c", samples=str(samples), temperature=0.5))
     assert len(list(samples.iterdir())) == 2
+
+
+def test_generation_keeps_the_top_k_behind_each_sampled_token_at_the_position_that_predicts_it():
+    model = tiny.build("llama")
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    k, vocab = 5, 200
+    gen = generate(
+        model, ids, mask, Sampling(6, temperature=1.0), [0, 1, 2], eos_ids=[], pad_id=0, vocab=vocab, top_k=k
+    )
+    plain = generate(model, ids, mask, Sampling(6, temperature=1.0), [0, 1, 2], eos_ids=[], pad_id=0, vocab=vocab)
+    assert torch.equal(gen.input_ids, plain.input_ids)  # keeping the top-k draws nothing
+    with torch.no_grad():  # the teacher-forced forward over the left-aligned rows, as training runs it
+        logp = F.log_softmax(model(input_ids=gen.input_ids, attention_mask=gen.mask.long()).logits[..., :vocab], -1)
+    scored = gen.scored()
+    want = logp.topk(k, dim=-1)
+    assert gen.top.ids.shape == (*gen.input_ids.shape, k)
+    assert torch.equal(gen.top.ids[scored].long(), want.indices[scored])
+    torch.testing.assert_close(gen.top.logprobs[scored], want.values[scored], atol=1e-5, rtol=1e-5)
+    rest = logp.scatter(-1, want.indices, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(gen.top.tail[scored], rest[scored], atol=1e-5, rtol=1e-5)
+    # every sampled token is among its position's kept tokens or in the tail; unscored positions hold a finite stand-in
+    assert torch.isfinite(gen.top.logprobs).all() and (gen.top.tail[~scored] == float("-inf")).all()
+
+
+def test_a_sequence_level_run_on_the_kept_top_k_equals_the_run_on_the_live_teacher(
+    teacher, corpus, tmp_path, monkeypatch
+):
+    """With k covering the whole vocabulary, the kept log-probabilities are the teacher's distribution: the run that
+    reads them, without a second teacher forward, trains exactly as the run that runs the teacher on its samples."""
+    import alignkd.teacher.teacher as live
+
+    forwards = []
+    real = live.forward_record
+    monkeypatch.setattr(live, "forward_record", lambda *a, **kw: forwards.append(1) or real(*a, **kw))
+    vocab = json.loads((teacher / "config.json").read_text())["vocab_size"]
+    alignkd.distill(_sequence_cfg(teacher, corpus, tmp_path / "live", samples=str(tmp_path / "s")))
+    assert forwards  # the teacher scored its samples
+    forwards.clear()
+    cfg = _sequence_cfg(teacher, corpus, tmp_path / "kept", samples=str(tmp_path / "s"), teacher_top_k=vocab)
+    alignkd.distill(cfg)
+    assert not forwards  # ... and here it did not
+    live_rows, kept_rows = (
+        [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("live", "kept")
+    )
+    train = [(a, b) for a, b in zip(live_rows, kept_rows, strict=True) if a["split"] == "train"]
+    assert len(train) == 3
+    for a, b in train:
+        for key in ("loss", "loss/kl", "loss/ce"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    # The top-k store is its own (keyed by k), and a later run reuses it.
+    assert len(list((tmp_path / "s").iterdir())) == 2
+    cfg["train"]["output_dir"] = str(tmp_path / "again")
+    alignkd.distill(cfg)
+    again = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in again if r["split"] == "train"] == [b["loss"] for _, b in train]
+
+
+def test_kept_top_k_needs_a_teacher_source_and_terms_that_read_it(teacher, corpus, tmp_path):
+    cfg = _sequence_cfg(teacher, corpus, tmp_path / "a", teacher_top_k=8)
+    cfg["losses"] = [{"type": "kl"}, {"type": "hidden"}]
+    with pytest.raises(ConfigError, match=r"losses\[1\]: the hidden term needs the live teacher on its samples"):
+        alignkd.distill(cfg)
+    cfg = _sequence_cfg(teacher, corpus, tmp_path / "b", teacher_top_k=8)
+    cfg["generation"]["sources"] = {"dataset": 0.5, "student": 0.5}
+    with pytest.raises(ConfigError, match="generation.teacher_top_k: keeps the teacher's top-k with its samples"):
+        alignkd.distill(cfg)
 
 
 def test_an_on_policy_run_logs_sampling_apart_from_training(teacher, corpus, tmp_path):

@@ -14,6 +14,7 @@ from torch import nn
 
 from alignkd.data import build_classification_data, build_lm_data, resolve_bos
 from alignkd.errors import ConfigError
+from alignkd.models.capture import Record
 
 TEACHER_LABEL = -1
 """Classification: the label of a row the teacher labels in the step (augmented variants, unlabelled text)."""
@@ -32,6 +33,9 @@ class Batch:
     scored: torch.Tensor | None = None
     """``[B, T]`` bool: the positions the losses count, where that is not every real one: on a generated batch, the
     positions whose next token was sampled (never the prompt's own tokens, never padding). None: ``mask``."""
+    teacher: Record | None = None
+    """The teacher's side, carried with the batch instead of computed: the top-k log-probabilities kept with its
+    samples (``generation.teacher_top_k``). None: the teacher runs, or its cache is read, as for any batch."""
 
     @property
     def counted_mask(self) -> torch.Tensor:

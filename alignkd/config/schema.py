@@ -165,6 +165,10 @@ class GenerationConfig:
     samples: str = "auto"
     """Where the teacher's samples are stored: auto (beside the training data in .alignkd-samples/, or under
     $ALIGNKD_CACHE/samples when that folder is read-only) or a folder."""
+    teacher_top_k: int = 0
+    """Sequence-level KD: keep the teacher's top-k log-probabilities behind every token it samples, with the samples,
+    and train on those instead of running the teacher again on its own text (the rest of its distribution is one tail
+    bucket, as in a teacher cache). Only terms that read a teacher cache (kl, ce) then apply. 0: run the teacher."""
 
     @property
     def generates(self) -> bool:

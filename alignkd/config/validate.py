@@ -150,6 +150,25 @@ def _check_generation(cfg) -> None:
         raise ConfigError(f"generation.top_p: {g.top_p:g} is outside (0, 1]")
     if g.eval_prompts < 0:
         raise ConfigError("generation.eval_prompts: must be >= 0 (0 skips the generation metrics)")
+    if g.teacher_top_k < 0:
+        raise ConfigError("generation.teacher_top_k: must be >= 0 (0: run the teacher on its samples)")
+    if g.teacher_top_k and not g.sources.get("teacher", 0.0) > 0:
+        raise ConfigError(
+            "generation.teacher_top_k: keeps the teacher's top-k with its samples, and generation.sources has no "
+            "teacher share; add one (e.g. {dataset: 0.5, teacher: 0.5}) or remove teacher_top_k"
+        )
+    if g.teacher_top_k:
+        # The samples keep the teacher's top-k only: no states for the feature terms, nothing for DKD's full logits.
+        def reads_top_k(t) -> bool:
+            return not t.uses_teacher or (t.cached and t.reads_logits)
+
+        for i, loss in enumerate(cfg.losses):
+            if loss.type in TERM_TYPES and not reads_top_k(TERM_TYPES[loss.type]):
+                able = ", ".join(k for k, v in TERM_TYPES.items() if reads_top_k(v))
+                raise ConfigError(
+                    f"losses[{i}]: the {loss.type} term needs the live teacher on its samples, not the top-k kept with "
+                    f"them (terms that read it: {able}); remove the term or generation.teacher_top_k"
+                )
     if not g.generates and not g.eval_prompts:
         return
     if cfg.teacher.task != "causal_lm":

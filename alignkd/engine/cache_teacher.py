@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from alignkd.align.plan import build_plan, forward_record
@@ -30,6 +29,7 @@ from alignkd.engine.checkpoint import replace_dir
 from alignkd.engine.load import load_models
 from alignkd.errors import ConfigError, DiskError
 from alignkd.models.capture import Capture, Needs
+from alignkd.models.generate import top_logprobs
 from alignkd.precision import DTYPES, default_device
 from alignkd.teacher.cache_format import (
     META,
@@ -85,17 +85,6 @@ class _ShardWriter:
         self.shards.append({"file": name, "start": self.written, "end": self.written + self.buffered})
         self.written += self.buffered
         self.buffer, self.buffered = {}, 0
-
-
-def _topk(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """``[B, T, V]`` logits -> top-k ids (int32), their log-probabilities and the log of the rest (float32)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    top = logp.topk(k, dim=-1)
-    if k < logp.shape[-1]:
-        tail = logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)  # exact, not log(1 - sum)
-    else:
-        tail = logp.new_full(logp.shape[:-1], float("-inf"))
-    return {"ids": top.indices.to(torch.int32), "logprobs": top.values, "tail": tail}
 
 
 def cache_teacher(cfg, *, overwrite: bool = False, say=print) -> dict:
@@ -215,7 +204,8 @@ def _write_shards(teacher, capture, blocks, folder: Path, k: int, vocab: int, dt
         for start in range(0, n, batch_size):
             ids = torch.as_tensor(blocks[start : start + batch_size]).to(device)
             rec = forward_record(teacher, capture, ids, torch.ones_like(ids, dtype=torch.bool), False)
-            out = _topk(rec.logits[..., :vocab], k)
+            top = top_logprobs(rec.logits[..., :vocab], k)
+            out = {"ids": top.ids, "logprobs": top.logprobs, "tail": top.tail}
             out.update({hidden_key(b): h.to(dtype) for b, h in rec.hidden.items()})
             out.update({qkv_key(b, p): x.to(dtype) for (b, p), x in rec.qkv.items()})
             if writer is None:  # the first batch tells the bytes per block

@@ -24,7 +24,8 @@ from alignkd.data import BlockSampler, resolve_bos
 from alignkd.data.prompts import load_prompts
 from alignkd.data.tokens import cache_folder
 from alignkd.errors import ConfigError
-from alignkd.models.generate import Generated, Sampling, generate, join, left_pad
+from alignkd.models.capture import Record
+from alignkd.models.generate import Generated, Sampling, TopK, generate, join, left_pad
 from alignkd.teacher.cache_format import data_hash, teacher_fingerprint
 from alignkd.teacher.samples import TeacherSamples, sample_seed, store_key
 
@@ -124,6 +125,8 @@ class Sources:
             "top_p": g.top_p,
             "seed": cfg.train.seed,
         }
+        if g.teacher_top_k:  # a store without the top-k cannot serve a run that trains on it (and vice versa: a key)
+            meta["top_k"] = g.teacher_top_k
         local = Path(beside).exists()
         root = cache_folder(
             beside if local else ".",
@@ -196,7 +199,10 @@ class Sources:
         # The source is the same on every process, so every process waits here alike.
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        batch = Batch(gen.input_ids, gen.mask, None, None, gen.scored())
+        teacher = None
+        if gen.top is not None:  # the teacher's top-k behind its own samples: the step reads it instead of the teacher
+            teacher = Record(topk_ids=gen.top.ids, topk_logprobs=gen.top.logprobs, tail=gen.top.tail)
+        batch = Batch(gen.input_ids, gen.mask, None, None, gen.scored(), teacher)
         return Drawn(batch, source, time.perf_counter() - t0, gen.new_tokens)
 
     def _prompts(self, run) -> tuple[list[int], list[torch.Tensor]]:
@@ -208,7 +214,7 @@ class Sources:
         blocks = torch.as_tensor(run.train_data["input_ids"][idx])
         return idx.tolist(), [row[: self.g.prompt_tokens].long() for row in blocks]
 
-    def _generate(self, run, model, prompts: list[torch.Tensor], seeds: list[int]) -> Generated:
+    def _generate(self, run, model, prompts: list[torch.Tensor], seeds: list[int], top_k: int = 0) -> Generated:
         ids, mask = left_pad(prompts, self.pad_id)
         acc = run.accelerator
         return generate(
@@ -221,6 +227,7 @@ class Sources:
             pad_id=self.pad_id,
             vocab=run.vocab,
             any_running=any_running(acc),
+            top_k=top_k,
         )
 
     def _teacher_samples(self, run, index: list[int], prompts: list[torch.Tensor]) -> Generated:
@@ -231,10 +238,16 @@ class Sources:
             missing = int(acc.reduce(torch.tensor(float(missing), device=acc.device), "sum").item())
         if missing:
             seeds = [sample_seed(self.cfg.train.seed, i) for i in index]
+            k = self.g.teacher_top_k
             with run.teacher.capture.paused():
-                gen = self._generate(run, run.teacher.model, prompts, seeds)
-            store.put(index, [gen.input_ids[i][gen.generated[i]] for i in range(len(index))])
-        return join(prompts, [c.to(acc.device) for c in store.get(index)], self.pad_id)
+                gen = self._generate(run, run.teacher.model, prompts, seeds, top_k=k)
+            top = None
+            if k:  # each row's top-k behind its continuation: the positions before its sampled tokens
+                at = [gen.generated[i].nonzero().flatten() - 1 for i in range(len(index))]
+                top = [TopK(gen.top.ids[i][a], gen.top.logprobs[i][a], gen.top.tail[i][a]) for i, a in enumerate(at)]
+            store.put(index, [gen.input_ids[i][gen.generated[i]] for i in range(len(index))], top)
+        top = store.get_top(index) if self.g.teacher_top_k else None
+        return join(prompts, [c.to(acc.device) for c in store.get(index)], self.pad_id, top)
 
     def state_dict(self) -> dict:
         return {"prompts": self.prompt_sampler.state_dict()} if self.prompt_sampler is not None else {}

@@ -46,7 +46,7 @@ def schedules_at(run: Run, step: int) -> Schedules:
 def to_device(batch: Batch, device) -> Batch:
     labels = batch.labels.to(device) if batch.labels is not None else None
     scored = batch.scored.to(device) if batch.scored is not None else None
-    return Batch(batch.input_ids.to(device), batch.mask.to(device), labels, batch.index, scored)
+    return Batch(batch.input_ids.to(device), batch.mask.to(device), labels, batch.index, scored, batch.teacher)
 
 
 def term_losses(

@@ -9,6 +9,7 @@ made again from its seed.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,9 @@ class Generated:
     """``[B, L]`` bool: real tokens (the prompt, the continuation, its EOS)."""
     generated: torch.Tensor
     """``[B, L]`` bool: positions holding a sampled token."""
+    top: TopK | None = None
+    """The sampling model's top-k log-probabilities at the scored positions (``generate(top_k=...)``); None: not
+    kept."""
 
     @property
     def new_tokens(self) -> int:
@@ -47,6 +51,29 @@ class Generated:
         s = torch.zeros_like(self.generated)
         s[:, :-1] = self.generated[:, 1:]
         return s
+
+
+@dataclass
+class TopK:
+    """A model's k likeliest next tokens at each position, at temperature 1: the form a teacher cache stores."""
+
+    ids: torch.Tensor
+    """``[..., k]`` int32 token ids, likeliest first."""
+    logprobs: torch.Tensor
+    """``[..., k]`` float32 their log-probabilities."""
+    tail: torch.Tensor
+    """``[...]`` float32 log of the probability outside them (``-inf`` when k covers the vocabulary)."""
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> TopK:
+    """``[..., V]`` logits -> their top-``k`` log-probabilities and the log of the rest."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    if k < logp.shape[-1]:
+        tail = logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)  # exact, not log(1 - sum)
+    else:
+        tail = logp.new_full(logp.shape[:-1], float("-inf"))
+    return TopK(top.indices.to(torch.int32), top.values, tail)
 
 
 def pick(logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator]) -> torch.Tensor:
@@ -104,11 +131,14 @@ def generate(
     pad_id: int,
     vocab: int | None = None,
     any_running: Callable[[bool], bool] | None = None,
+    top_k: int = 0,
 ) -> Generated:
     """Continue ``[B, P]`` left-padded prompts (``prompt_mask`` True on real tokens) by up to ``max_new_tokens``.
 
     ``seeds``: one per row. ``vocab``: sample only among the first ``vocab`` ids
-    (heads padded past the tokenizer). ``any_running(this process still running)``
+    (heads padded past the tokenizer). ``top_k``: also keep the model's top-k
+    log-probabilities (temperature 1, over those ids) behind every sampled token,
+    in ``Generated.top``. ``any_running(this process still running)``
     -> whether any process is: models sharded over processes must run each
     forward on all of them, so every process keeps stepping until all are done.
     The model runs in eval mode and is put back as it was.
@@ -128,10 +158,12 @@ def generate(
         out = model(input_ids=prompt_ids, attention_mask=mask.long(), position_ids=positions, use_cache=True, **kw)
         cache, last = _cache_of(out), out.logits[:, -1]
         next_pos = positions[:, -1] + 1
-        tokens, real = [], []
+        tokens, real, tops = [], [], []
         running = torch.ones(b, dtype=torch.bool, device=device)
         for step in range(sampling.max_new_tokens):
             logits = last[:, :vocab] if vocab is not None else last
+            if top_k:
+                tops.append(top_logprobs(logits, top_k))
             tok = torch.where(running, pick(logits, sampling, gens), torch.full_like(next_pos, pad_id))
             tokens.append(tok)
             real.append(running.clone())
@@ -155,11 +187,21 @@ def generate(
     finally:
         model.train(was_training)
     new, new_real, pm = torch.stack(tokens, 1), torch.stack(real, 1), prompt_mask.bool()
-    return join([prompt_ids[i][pm[i]] for i in range(b)], [new[i][new_real[i]] for i in range(b)], pad_id)
+    top = None
+    if top_k:
+        ids, logprobs, tail = (torch.stack([getattr(t, f) for t in tops], 1) for f in ("ids", "logprobs", "tail"))
+        top = [TopK(ids[i][new_real[i]], logprobs[i][new_real[i]], tail[i][new_real[i]]) for i in range(b)]
+    return join([prompt_ids[i][pm[i]] for i in range(b)], [new[i][new_real[i]] for i in range(b)], pad_id, top)
 
 
-def join(prompts: list[torch.Tensor], continuations: list[torch.Tensor], pad_id: int) -> Generated:
-    """Prompts and continuations (``[n]`` ids each) as left-aligned rows: positions count from 0, as in training."""
+def join(
+    prompts: list[torch.Tensor], continuations: list[torch.Tensor], pad_id: int, top: list[TopK] | None = None
+) -> Generated:
+    """Prompts and continuations (``[n]`` ids each) as left-aligned rows: positions count from 0, as in training.
+
+    ``top``: per row, the top-k behind each of its ``n`` continuation tokens (``[n, k]``), placed at the positions
+    that predict them; the other positions hold a uniform stand-in no loss counts.
+    """
     width = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True))
     b, device = len(prompts), prompts[0].device
     ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
@@ -169,4 +211,18 @@ def join(prompts: list[torch.Tensor], continuations: list[torch.Tensor], pad_id:
         n = len(p) + len(c)
         ids[i, :n] = torch.cat([p.to(device), c.to(device)])
         mask[i, :n], gen[i, len(p) : n] = True, True
-    return Generated(ids, mask, gen)
+    out = Generated(ids, mask, gen)
+    if top is not None:
+        k = top[0].ids.shape[-1]
+        # Unscored positions: k equally likely tokens and no tail, finite wherever a loss touches it before masking.
+        t_ids = torch.arange(k, dtype=torch.int32, device=device).expand(b, width, k).clone()
+        t_logp = torch.full((b, width, k), -math.log(k), device=device)
+        t_tail = torch.full((b, width), float("-inf"), device=device)
+        for i, (p, t) in enumerate(zip(prompts, top, strict=True)):
+            if not len(p):  # no position predicts the first token of an empty prompt's continuation
+                t = TopK(t.ids[1:], t.logprobs[1:], t.tail[1:])
+            start = max(len(p) - 1, 0)
+            at = slice(start, start + len(t.ids))  # position j predicts token j + 1
+            t_ids[i, at], t_logp[i, at], t_tail[i, at] = t.ids.to(device), t.logprobs.to(device), t.tail.to(device)
+        out.top = TopK(t_ids, t_logp, t_tail)
+    return out

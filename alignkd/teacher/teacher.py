@@ -45,8 +45,14 @@ class Teacher:
     def record(self, batch: Batch, device: torch.device, fused: bool) -> Record:
         """The teacher's side of a micro-batch: its logits (or, ``fused``, final hidden states) and captured tensors.
 
-        Read from the cache when the run has one, else computed under ``inference_mode``.
+        Carried by the batch (the top-k kept with the teacher's samples), read from the cache when the run has one,
+        else computed under ``inference_mode``.
         """
+        if batch.teacher is not None:
+            t = batch.teacher
+            return Record(
+                topk_ids=t.topk_ids.to(device), topk_logprobs=t.topk_logprobs.to(device), tail=t.tail.to(device)
+            )
         if self.cache is not None:
             return self.cache.record(batch.index, device)
         with torch.inference_mode():
