@@ -197,11 +197,12 @@ ON_POLICY = {"sources": {"dataset": 0.5, "student": 0.5}, "prompt_tokens": 4, "m
 
 @needs_distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("placement", ["replicate", "shard", "fsdp"])
+@pytest.mark.parametrize("placement", ["replicate", "shard", "fsdp", pytest.param("zero3", marks=needs_deepspeed)])
 def test_an_on_policy_run_over_two_processes_matches_one_process(one_process, placement):
-    """Each process samples its share (row seeds follow the global row). A sharded teacher (shard), or a student
-    sharded by an FSDP launch (fsdp), keeps every process stepping until all its rows are done; the generation
-    metrics of the last evaluation come out as one process's."""
+    """Each process samples its share (row seeds follow the global row). A sharded teacher (shard), a student
+    sharded by an FSDP launch (fsdp), or a student partitioned by ZeRO-3 with the teacher under ZeRO-3 inference
+    (zero3) keeps every process stepping until all its rows are done; the generation metrics of the last
+    evaluation come out as one process's."""
     one = one_process / "one_on_policy"
     if not one.exists():
         _run(
@@ -209,10 +210,9 @@ def test_an_on_policy_run_over_two_processes_matches_one_process(one_process, pl
             one_process,
         )
     out = f"two_on_policy_{placement}"
-    teacher = "shard" if placement == "shard" else "replicate"
-    launch = _launch_two(
-        _cfg(one_process, out, 2, teacher, generation=ON_POLICY), one_process, FSDP if placement == "fsdp" else DDP
-    )
+    teacher = "shard" if placement in ("shard", "zero3") else "replicate"
+    launch_file = {"fsdp": lambda: FSDP, "zero3": lambda: _zero3_launch(one_process)}.get(placement, lambda: DDP)()
+    launch = _launch_two(_cfg(one_process, out, 2, teacher, generation=ON_POLICY), one_process, launch_file)
     a, b = _records(one_process / out), _records(one)
     train = [r for r in b if r["split"] == "train"]
     assert [r["sources"] for r in train] == ["dataset", "student", "student"]

@@ -368,3 +368,30 @@ def test_check_tokenizers(tokenizer):
         check_tokenizers(tokenizer, other)
     msg = str(info.value)
     assert "261 vs 262" in msg and "shared tokenizer" in msg
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_teacher_counts_the_same_live_on_the_meta_device_and_in_a_run_without_its_weights(tmp_path, tied):
+    """A run that reads a teacher cache keeps the teacher on the meta device; its size must not change there
+    (``Module.to("meta")`` unties a tied head, which then counted twice)."""
+    from test_engine import make_cfg
+
+    from alignkd.config import load_config
+    from alignkd.engine.load import load_models
+    from alignkd.evaluate import param_counts
+    from alignkd.models import load_model
+    from alignkd.models.loading import load_skeleton
+    from alignkd.models.student import param_count, to_meta
+
+    path = tiny.save_model(tmp_path / "t", "llama", layers=2, width=32, tie_word_embeddings=tied)
+    live = load_model(str(path), task="causal_lm", dtype="float32")
+    emb = live.get_input_embeddings().weight
+    assert (live.get_output_embeddings().weight is emb) == tied
+    want = sum(p.numel() for p in live.state_dict().values()) - (emb.numel() if tied else 0)
+    assert param_count(live) == param_counts(live)["params"] == want
+    assert param_count(load_skeleton(str(path), task="causal_lm")) == want
+    assert param_count(to_meta(live)) == want and next(live.parameters()).device.type == "meta"
+    tiny.write_corpus(tmp_path / "data")
+    cfg = load_config(data=make_cfg(path, tmp_path / "data", tmp_path / "out", losses=[{"type": "kl"}]))
+    _, teacher, _, _ = load_models(cfg, teacher_weights=False)  # as with teacher.cache: copied from, then emptied
+    assert next(teacher.parameters()).device.type == "meta" and param_count(teacher) == want

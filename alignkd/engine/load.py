@@ -14,7 +14,7 @@ from alignkd.config import Config
 from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
 from alignkd.models.families import OutputHead, output_head
 from alignkd.models.loading import check_positions, load_skeleton
-from alignkd.models.student import build_student, freeze
+from alignkd.models.student import build_student, freeze, to_meta
 from alignkd.precision import default_device
 from alignkd.terms import TERM_TYPES
 
@@ -97,7 +97,7 @@ def load_models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs
     teacher = freeze(teacher)
     student = build_student(cfg.student, teacher, task, _calibration(cfg, tok, inputs, teacher))
     if not weights:
-        teacher.to("meta")  # frees the weights: the run never calls the teacher
+        to_meta(teacher)  # frees the weights: the run never calls the teacher
     for model, what in ((teacher, "teacher"), (student, "student")):
         check_positions(model, cfg.data.seq_len, what)
         if task == "sequence_classification" and model.config.pad_token_id is None:

@@ -11,6 +11,7 @@ import torch
 
 from alignkd.evaluate.generation import generation_config
 from alignkd.evaluate.loading import accepts, check_context, device_of, is_classifier
+from alignkd.models.student import param_count
 
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
@@ -72,7 +73,7 @@ def latency(model, *, batch: int, length: int, new_tokens: int, repeats: int = 5
 def param_counts(model) -> dict:
     """``params`` (tied weights once) and ``non_embedding_params``: less the input embedding and an untied output
     head."""
-    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    total = param_count(model)
     emb = model.get_input_embeddings().weight
     non_emb = total - emb.numel()
     head = model.get_output_embeddings()

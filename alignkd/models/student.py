@@ -126,8 +126,23 @@ def build_student(
 
 
 def param_count(model: nn.Module) -> int:
-    # A parameter partitioned by DeepSpeed ZeRO-3 is an empty placeholder; ds_numel is its size.
+    """The model's parameters, a tied tensor once: the one count every summary, ratio and table uses.
+
+    Live, on the meta device (``to_meta``) or partitioned by DeepSpeed ZeRO-3 (an empty placeholder whose size is
+    ``ds_numel``), the same model counts the same.
+    """
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def to_meta(model: nn.Module) -> nn.Module:
+    """Free ``model``'s weights and keep its structure. ``Module.to("meta")`` gives every module a parameter of its
+    own, so a tied head would become a second matrix (and count twice); it is tied again here."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = emb is not None and head is not None and head.weight is emb.weight
+    model.to("meta")
+    if tied:
+        head.weight = emb.weight
+    return model
 
 
 def freeze(model: nn.Module) -> nn.Module:
