@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from alignkd import __version__
-from alignkd.display import hide_hf_bars
+from alignkd.display import DEBUG, hide_hf_bars
 from alignkd.errors import USER_ERRORS, ConfigError, EvalError, ReportError
 
 
@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil transformer language models with feature alignment and representation transfer.",
     )
     parser.add_argument("--version", action="version", version=f"alignkd {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the libraries' own reports too (e.g. transformers' load report), which alignkd sums up in a line",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _config_commands(sub)
     _assets_command(sub)
@@ -372,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignkd {args.command} is now `alignkd {RENAMED[args.command]}`; running that", file=sys.stderr)
         args.command = RENAMED[args.command]
     hide_hf_bars()  # every command shows its own progress; errors stay one line
+    if args.debug:
+        os.environ[DEBUG] = "1"
     try:
         code = COMMANDS[args.command](args)
     except Exception as e:

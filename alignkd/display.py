@@ -244,6 +244,10 @@ def hf_bars_hidden():
             hf_logging.enable_progress_bar()
 
 
+DEBUG = "ALIGNKD_DEBUG"
+"""Set by ``alignkd --debug``: the libraries' own reports are shown, not only alignkd's line about them."""
+
+
 def hide_hf_bars() -> None:
     """Hide transformers' progress bars for the rest of the process: every command shows its own progress."""
     from transformers.utils import logging as hf_logging

@@ -332,8 +332,13 @@ def test_the_command_line_writes_a_cache_and_prints_its_bytes_per_token(teacher,
         main(["cache-teacher", str(path), f"teacher.cache={tmp_path / 'cli_cache'}", "teacher.cache_dtype=float16"])
         == 0
     )
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "bytes per token: logits 132, hidden.0 64" in line  # 16 x (4 + 4) + 4; 32 float16 values
+    said = capsys.readouterr()
+    lines = said.out.strip().splitlines()
+    assert "bytes per token: logits 132, hidden.0 64" in lines[-1]  # 16 x (4 + 4) + 4; 32 float16 values
+    # Off a terminal: what is cached first, then progress by tenths of the blocks (never "0 shards"), then the result.
+    assert "caching 508 blocks of 16 tokens: top-16 log-probabilities" in lines[0]
+    progress = [x for x in said.err.splitlines() if x.startswith("cache-teacher:")]
+    assert progress == [f"cache-teacher: {10 * i}% of 508 blocks" for i in range(1, 11)]
     meta = json.loads((tmp_path / "cli_cache" / META).read_text())
     assert meta["tensors"]["hidden.0"]["dtype"] == "float16" and meta["top_k"] == 16
     assert main(["cache-teacher", str(path), f"teacher.cache={tmp_path / 'cli_cache'}", "--overwrite"]) == 0

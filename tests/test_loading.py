@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from alignkd import testing as tiny
 from alignkd.data import FILE_SUFFIXES, DataError, read_texts
 from alignkd.models import ModelError, load_tokenizer, looks_local
 
@@ -47,3 +48,23 @@ def test_missing_local_paths_name_what_is_missing(tmp_path):
         load_tokenizer(missing, what="teacher")
     with pytest.raises(DataError, match=f"^data file not found: {missing}$"):
         read_texts(missing)
+
+
+def test_a_new_classification_head_is_one_line_and_the_library_report_waits_for_debug(
+    tmp_path, capfd, caplog, monkeypatch
+):
+    from alignkd.display import DEBUG
+    from alignkd.models import load_model
+
+    path = tiny.save_model(tmp_path / "lm", "llama", layers=1, width=32)
+    capfd.readouterr()
+    caplog.clear()
+    load_model(str(path), task="sequence_classification", what="teacher")
+    err = capfd.readouterr().err
+    assert "teacher: a new 2-class head (score.weight), initialised randomly" in err
+    assert "LOAD REPORT" not in err + caplog.text and "newly initialized" not in err + caplog.text
+    load_model(str(path), task="causal_lm", what="teacher")  # nothing missing: nothing said
+    assert "initialised randomly" not in capfd.readouterr().err
+    monkeypatch.setenv(DEBUG, "1")  # alignkd --debug: transformers' own report is logged as well
+    load_model(str(path), task="sequence_classification", what="teacher")
+    assert "LOAD REPORT" in caplog.text

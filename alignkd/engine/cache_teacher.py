@@ -217,8 +217,10 @@ def _write_shards(teacher, capture, blocks, folder: Path, k: int, vocab: int, dt
                     for key, t in out.items()
                 }
             writer.add(out)
-            shown.update(
-                "cache-teacher", f"{len(writer.shards)} shards written", done=min(start + batch_size, n), total=n
-            )
+            done = min(start + batch_size, n)
+            # Off a terminal a line prints when the text changes: one per tenth of the blocks, none before the first.
+            tenth = 10 * (10 * done // n)
+            text = f"{tenth}% of {n:,} blocks" if tenth else None
+            shown.update("cache-teacher", text, done=done, total=n)
         writer.flush()
     return writer.shards, specs

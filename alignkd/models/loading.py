@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from pathlib import Path
 
 from transformers import (
@@ -12,6 +15,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+from alignkd.display import DEBUG
 from alignkd.errors import ModelError
 from alignkd.precision import DTYPES, default_device, resolve_dtype
 
@@ -80,11 +84,52 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        return AUTO_CLASSES[task].from_pretrained(path, **kwargs)
+        with _load_report_hidden():
+            model, info = AUTO_CLASSES[task].from_pretrained(path, output_loading_info=True, **kwargs)
     except OSError as e:
         raise _offline_miss(path, what) or ModelError(
             f"{what}: could not load {path!r} ({str(e).splitlines()[0]})"
         ) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        print(_missing_line(model, missing, what), file=sys.stderr)
+    return model
+
+
+@contextlib.contextmanager
+def _load_report_hidden():
+    """transformers' load report (a table of missing and unexpected weights, logged as a warning) stays hidden unless
+    ``--debug``: ``load_model`` says what matters of it in one line."""
+    if os.environ.get(DEBUG):
+        yield
+        return
+    logger = logging.getLogger("transformers.modeling_utils")
+    # A filter, not a level: transformers runs extra checks (and warns from them) when this logger's level is set.
+    report = _DropLoadReport()
+    logger.addFilter(report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _missing_line(model, missing: list[str], what: str) -> str:
+    """One line for weights the checkpoint lacks, which transformers initialised randomly."""
+    base = getattr(model, "base_model_prefix", "")
+    head = [k for k in missing if not (base and k.startswith(f"{base}."))]
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    labels = getattr(model.config, "num_labels", None)
+    if head == missing and any(hasattr(model, name) for name in ("score", "classifier")):
+        return f"{what}: a new {labels}-class head ({shown}), initialised randomly: the checkpoint has none"
+    return (
+        f"{what}: {len(missing)} weights not in the checkpoint, initialised randomly ({shown}); "
+        "alignkd --debug shows transformers' load report"
+    )
 
 
 def load_skeleton(path: str, *, task: str, what: str = "model", trust_remote_code: bool = False):
