@@ -96,7 +96,10 @@ def test_headline(report):
     md = report["md_text"]
     assert "49.56M parameters against the teacher's 134.52M (63.2% fewer)" in md
     assert "Held-out perplexity: teacher 18.12, student 36.25, baseline 45.10." in md
-    assert "keeps perplexity 50.0%, accuracy 79.6%, BLEU 79.7%" in md
+    assert (
+        "What the student keeps of the teacher: perplexity 50.0% (the teacher's over the student's: lower is "
+        "better), accuracy 79.6%; it is" in " ".join(md.split())
+    )
     assert "3.11× faster at prefill and 3.50× faster at decoding" in md
     assert "Trained 60 steps in 49 s" in md
 
@@ -215,6 +218,17 @@ def test_short_run_with_nan_and_a_cut_off_line(tmp_path):
     pngs = embedded_pngs(html)
     assert sorted(pngs) == ["eval", "losses", "schedules", "weights"]
     assert all(p.startswith(PNG_SIGNATURE) for p in pngs.values())
+
+
+def test_static_loss_weights_draw_no_plot(tmp_path):
+    lines = [
+        json.dumps({"split": "train", "step": i, "loss": 5.0 - i, "loss/kl": 5.0 - i, "w/kl": 1.0, "lr": 1e-4})
+        for i in range(1, 6)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    paths = write_report(tmp_path)
+    assert "weights" not in embedded_pngs(paths["html"].read_text())
+    assert "Loss weights over training" not in paths["md"].read_text()
 
 
 def test_empty_log_still_reports(tmp_path):
@@ -362,7 +376,8 @@ def test_a_teacher_near_chance_shows_the_retention_above_chance_and_a_warning(tm
     kept = md_table(md, "Retention and speed-up")
     assert tuple(kept["Accuracy retained"].values()) == ("**96.8%**", "92.9%")
     assert tuple(kept["Accuracy retained above chance"].values()) == ("**84.6%**", "65.4%")
-    assert "accuracy 96.8%, accuracy above chance 84.6%, BLEU" in md
+    sentence = next(line for line in md.splitlines() if line.startswith("What the student keeps of the teacher"))
+    assert "accuracy 96.8%, accuracy above chance 84.6%; it is" in sentence and "BLEU" not in sentence
     assert "The teacher's accuracy is near chance, so accuracy retention says little" in md
     warning = (
         "Warning: the teacher's accuracy (63.0%) is only 13.0 points above chance "

@@ -99,7 +99,7 @@ def _retention_sentences(ev: dict | None) -> list[str]:
     kept, fast = _retention_shares(r)
     if kept:
         out.append(
-            f"Against the teacher the {name} keeps {', '.join(kept)}"
+            f"What the {name} keeps of the teacher: {', '.join(kept)}"
             + (f"; it is {' and '.join(fast)}." if fast else ".")
         )
     elif fast:
@@ -113,13 +113,14 @@ def _retention_sentences(ev: dict | None) -> list[str]:
 
 def _retention_shares(r: dict) -> tuple[list[str], list[str]]:
     """Returns the phrases for the finite quality shares kept and the finite speed-ups, in display order."""
+    # Shares of the teacher's score only; a score against references (BLEU, ROUGE) says how close the two models'
+    # texts are, which the tables show as fidelity, not as something kept.
     shares = (
-        ("perplexity", "perplexity"),
-        ("accuracy", "accuracy"),
-        ("accuracy_above_chance", "accuracy above chance"),
-        ("bleu", "BLEU"),
+        ("perplexity", "perplexity {} (the teacher's over the student's: lower is better)"),
+        ("accuracy", "accuracy {}"),
+        ("accuracy_above_chance", "accuracy above chance {}"),
     )
-    kept = [f"{label} {percent(number(r[k]))}" for k, label in shares if finite(r.get(k))]
+    kept = [label.format(percent(number(r[k]))) for k, label in shares if finite(r.get(k))]
     fast = [
         f"{times(number(r[k]))} faster at {kind}"
         for k, kind in (("prefill_speedup", "prefill"), ("decode_speedup", "decoding"))

@@ -187,7 +187,8 @@ def _plot_eval(run: RunLog, baselines: list[RunLog], summary: dict | None) -> Pl
 
 def _plot_weights(run: RunLog, colors: dict[str, str]) -> Plot | None:
     keys = run.keys("w/")
-    if not keys:
+    # Static weights draw flat lines that say nothing: the plot is for weights that move.
+    if not any(len({v for v in run.series(k)[1] if math.isfinite(v)}) > 1 for k in keys):
         return None
     fig = new_figure(3.2)
     ax = fig.subplots()
