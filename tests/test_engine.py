@@ -43,6 +43,7 @@ from alignkd.engine.load import fused_heads
 from alignkd.engine.loop import next_batches, train
 from alignkd.engine.setup import setup
 from alignkd.engine.step import schedules_at, term_losses
+from alignkd.errors import ConfigError
 from alignkd.losses import KL_KINDS
 from alignkd.models import ModelError
 
@@ -869,3 +870,42 @@ def test_fused_head_terms_equal_the_logit_terms_under_bf16_autocast(corpus, tmp_
         torch.testing.assert_close(
             grads[True][n], grads[False][n], rtol=1e-2, atol=1e-2 * grads[False][n].abs().max().item() + 1e-9, msg=n
         )
+
+
+def test_frozen_parameters_stay_bit_identical_and_out_of_the_optimizer(teacher, corpus, tmp_path, capsys):
+    """student.freeze: the embedding and block 0's MLP copied from the teacher are not trained; the rest is."""
+    cfg = make_cfg(teacher, corpus, tmp_path / "run", losses=[{"type": "kl"}, {"type": "ce"}], steps=3)
+    cfg["student"]["freeze"] = ["model.embed_tokens", "model.layers.0.mlp"]
+    run = make_run(cfg)
+    student = run.unwrapped.student
+    in_optimizer = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
+    for name, p in student.named_parameters():
+        frozen = name.startswith(("model.embed_tokens.", "model.layers.0.mlp."))
+        assert p.requires_grad != frozen and (id(p) in in_optimizer) != frozen, name
+    alignkd.distill(cfg)
+    assert "M of them frozen" in " ".join(capsys.readouterr().err.split())
+    after = student_weights(tmp_path / "run")
+    before = load_file(str(teacher / "model.safetensors"))  # the student copied teacher block 1 as its block 0
+    copied = {"model.embed_tokens.weight": "model.embed_tokens.weight"}
+    copied.update(
+        {
+            f"model.layers.0.mlp.{m}.weight": f"model.layers.1.mlp.{m}.weight"
+            for m in ("gate_proj", "up_proj", "down_proj")
+        }
+    )
+    for mine, theirs in copied.items():
+        assert torch.equal(after[mine], before[theirs]), mine
+    assert not torch.equal(
+        after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.1.self_attn.q_proj.weight"]
+    )
+
+
+def test_freeze_patterns_that_match_nothing_or_starve_gradnorm_are_one_line_errors(teacher, corpus, tmp_path):
+    cfg = make_cfg(teacher, corpus, tmp_path / "run", losses=[{"type": "kl"}])
+    cfg["student"]["freeze"] = ["model.embed_token"]
+    with pytest.raises(ConfigError, match="student.freeze: 'model.embed_token' matches no parameter of the student"):
+        alignkd.distill(cfg)
+    cfg["student"]["freeze"] = ["*embed_tokens*"]
+    cfg["weighting"] = {"strategy": "gradnorm"}
+    with pytest.raises(ConfigError, match="GradNorm measures each term's gradient at the student's input embedding"):
+        alignkd.distill(cfg)

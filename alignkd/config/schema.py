@@ -84,6 +84,11 @@ class StudentConfig:
     dtype: str = "auto"
     """Student weights dtype while training: auto (float32, the optimizer's master weights; bf16 compute comes from
     train.mixed_precision), float32, bfloat16 or float16."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameters not trained: glob patterns over the student's parameter or module names (``model.embed_tokens``,
+    ``*.embed_tokens*``, ``model.layers.0``). They stay bit-identical, get no gradient and no optimizer state (for a
+    large vocabulary, the embedding copied from the teacher then costs no AdamW memory); a tied head is frozen with
+    its embedding. A pattern that matches nothing is an error."""
 
 
 @dataclass

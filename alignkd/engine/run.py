@@ -103,7 +103,9 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     student = run.unwrapped.student
     say(
         f"teacher {param_count(run.teacher.model) / 1e6:.2f}M params ({len(blocks_of(run.teacher.model))} blocks), "
-        f"student {param_count(student) / 1e6:.2f}M ({len(blocks_of(student))} blocks); "
+        f"student {param_count(student) / 1e6:.2f}M ({len(blocks_of(student))} blocks"
+        + (f", {frozen / 1e6:.2f}M of them frozen" if (frozen := _frozen(student)) else "")
+        + "); "
         f"{run.train_data['input_ids'].shape[0]} training blocks; terms: {', '.join(run.weighting.names)}"
     )
     t0 = time.perf_counter()
@@ -148,6 +150,11 @@ def _precision(cfg: Config) -> dict:
         "student_dtype": cfg.student.dtype,
         "mixed_precision": cfg.train.mixed_precision,
     }
+
+
+def _frozen(model) -> int:
+    """Parameters ``student.freeze`` keeps out of training (a tied tensor once)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if not p.requires_grad)
 
 
 def _eval_blocks(run: Run) -> int:

@@ -27,6 +27,7 @@ from alignkd.engine.horizon import Horizon
 from alignkd.engine.judge import judge
 from alignkd.engine.load import Inputs, fused_heads, load_models
 from alignkd.engine.sources import Sources, any_running
+from alignkd.errors import ConfigError
 from alignkd.models.capture import Capture
 from alignkd.models.families import disable_attention_dropout
 from alignkd.teacher import Teacher, TeacherCache
@@ -124,9 +125,11 @@ def lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):
 
 
 def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting, backend: Backend) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms, biases and the weighting's own parameters."""
+    """AdamW over the trained parameters; no weight decay on norms, biases and the weighting's own parameters."""
     decay, no_decay = [], []
     for name, p in side.named_parameters():
+        if not p.requires_grad:  # student.freeze: no gradient, no optimizer state
+            continue
         (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
     groups = [
         {"params": part, "weight_decay": wd}
@@ -184,6 +187,11 @@ def setup(
     tok, teacher_model, student, vocab = load_models(cfg, inputs=inputs)
     plan, side, teacher = _meet(cfg, task, student, teacher_model, say)
     weighting = _weighting(cfg, plan.terms)
+    if cfg.weighting.strategy == "gradnorm" and not student.get_input_embeddings().weight.requires_grad:
+        raise ConfigError(
+            "student.freeze: GradNorm measures each term's gradient at the student's input embedding, which is frozen; "
+            "keep it trained or choose weighting.strategy static, ratio or uncertainty"
+        )
     train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
     train_data = with_teacher_rows(cfg, tok, teacher_model, train_data, say)  # data.augment, data.unlabelled
     if teacher.cache is not None:

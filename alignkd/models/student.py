@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import fnmatch
 import itertools
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from alignkd.errors import ModelError
+from alignkd.errors import ConfigError, ModelError
 from alignkd.models.depth import even_layers
 from alignkd.models.families import blocks_of, family_of, get_path
 from alignkd.models.loading import AUTO_CLASSES, load_model
@@ -121,8 +122,38 @@ def build_student(
     student.to(DTYPES[resolve_student_dtype(cfg.dtype)])
     for p in student.parameters():
         p.requires_grad_(True)
+    freeze_matching(student, cfg.freeze)
     student.train()
     return student
+
+
+def freeze_matching(model: nn.Module, patterns: list[str]) -> int:
+    """Stop training the parameters whose name, or a module name above it, matches one of ``patterns`` (globs);
+    returns how many values that freezes (a tied tensor once)."""
+    if not patterns:
+        return 0
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    frozen: dict[int, nn.Parameter] = {}
+    for pattern in patterns:
+        hit = [n for n in names if any(fnmatch.fnmatchcase(part, pattern) for part in _prefixes(n))]
+        if not hit:
+            example = ", ".join(names[:2])
+            raise ConfigError(
+                f"student.freeze: {pattern!r} matches no parameter of the student; names look like {example} "
+                "(a module name freezes everything in it)"
+            )
+        for n in hit:
+            frozen[id(params[n])] = params[n]
+    for p in frozen.values():
+        p.requires_grad_(False)
+    return sum(p.numel() for p in frozen.values())
+
+
+def _prefixes(name: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``: the parameter and every module above it."""
+    parts = name.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def param_count(model: nn.Module) -> int:
