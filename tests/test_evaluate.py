@@ -49,6 +49,8 @@ from alignkd.evaluate import (
 )
 from alignkd.evaluate.catalogue import BY_KEY, KEPT, NEAR_CHANCE, chance_level, near_chance
 from alignkd.evaluate.catalogue import METRICS as CATALOGUE
+from alignkd.evaluate.inputs import token_lengths
+from alignkd.evaluate.perplexity import score_text
 
 TOK = tiny.byte_tokenizer()
 TEXTS = [tiny.TEXT, tiny.TEXT[::-1], tiny.TEXT.upper()]
@@ -129,6 +131,48 @@ def test_token_stream_joins_documents_with_eos():
     ids = token_stream(TOK, ["ab", "c"]).tolist()
     assert ids == TOK("ab")["input_ids"] + [TOK.eos_token_id] + TOK("c")["input_ids"]
     assert token_stream(TOK, ["ab", "cd"], 2).tolist() == TOK("ab")["input_ids"]
+
+
+def test_token_lengths_spell_the_text_once_whatever_the_tokenizer_splits():
+    texts = ["naïve café 😀 ok", "  two  spaces", "x"]
+    for tok in (TOK, _bpe_tokenizer()):
+        ids, nbytes, nchars = token_lengths(tok, texts)
+        assert torch.equal(ids, token_stream(tok, texts))
+        eos = tok.eos_token_id is not None
+        assert int(nbytes.sum()) == sum(len(t.encode()) for t in texts)
+        assert int(nchars.sum()) == sum(len(t) for t in texts)
+        if eos:
+            assert (nbytes[ids == tok.eos_token_id] == 0).all()
+
+
+def _bpe_tokenizer():
+    """A byte-level BPE trained here (270 tokens), which splits a multi-byte character over tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=270, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]
+    )
+    tok.train_from_iterator([tiny.TEXT, "naïve café 😀 ok", "two spaces"] * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def test_bits_per_byte_is_the_nll_of_the_scored_tokens_over_their_bytes():
+    model = tiny.build("llama")
+    ids, nbytes, nchars = token_lengths(TOK, TEXTS, 100)
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0]
+    nll = F.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()  # one window: every token but the first
+    got = score_text(model, TOK, TEXTS, max_tokens=100, window=128, stride=7)
+    assert got.nll == pytest.approx(nll, rel=1e-5) and got.bytes == int(nbytes[1:].sum())
+    assert got.bits_per_byte == pytest.approx(nll / math.log(2) / int(nbytes[1:].sum()), rel=1e-5)
+    assert got.bits_per_char == pytest.approx(nll / math.log(2) / int(nchars[1:].sum()), rel=1e-5)
+    # Disjoint windows skip each window's first token: neither its NLL nor its bytes count.
+    split = score_text(model, TOK, TEXTS, max_tokens=100, window=40, stride=40)
+    assert split.tokens == 97 and split.bytes == int(nbytes.sum() - nbytes[[0, 40, 80]].sum())
 
 
 BOS_TOK = tiny.byte_tokenizer(bos=True)  # adds <bos> to every text, as Llama's and Gemma's tokenizers do
@@ -417,6 +461,8 @@ SETTINGS_KEYS = {
 }
 METRICS = {
     "perplexity",
+    "bits_per_byte",
+    "bits_per_char",
     "ppl_tokens_scored",
     "bos",
     "accuracy",
@@ -532,6 +578,19 @@ def test_eval_of_a_model_whose_tokenizer_adds_bos_records_it(world, tmp_path):
     model = tiny.AutoModelForCausalLM.from_pretrained(model_dir)
     ppl, n = perplexity(model, BOS_TOK, texts, max_tokens=300, window=64, stride=32)
     assert (metrics["perplexity"], metrics["ppl_tokens_scored"]) == (pytest.approx(ppl, rel=1e-5), n) and n == 300
+
+
+def test_models_with_different_tokenizers_are_compared_by_bits_per_byte(world, tmp_path):
+    tok = _bpe_tokenizer()
+    other = tiny.save_model(tmp_path / "bpe", "llama", layers=1, width=32)  # its 272 rows hold the 270 tokens
+    tok.save_pretrained(other)  # the model now reads text through a tokenizer of its own
+    settings = EvalSettings(text=str(world.corpus), skip=("accuracy", "latency", "generation"), **SETTINGS)
+    result = evaluate_models({"teacher": str(world.teacher), "bpe": str(other)}, settings, teacher="teacher")
+    assert any("tokenizers differ" in w and "bits per byte" in w for w in result["warnings"])
+    for role in ("teacher", "bpe"):
+        assert 0 < result["models"][role]["metrics"]["bits_per_byte"] < 20
+    same = evaluate_models({"teacher": str(world.teacher), "student": str(world.student)}, settings, teacher="teacher")
+    assert not any("tokenizers differ" in w for w in same["warnings"])
 
 
 def test_skipped_groups_are_absent_and_no_teacher_means_no_retention(world, tmp_path, monkeypatch):

@@ -114,6 +114,9 @@ _GENERATION = [
 
 METRICS: tuple[Metric, ...] = (
     Metric("perplexity", "Perplexity", "lower", fixed(2), Kept("perplexity", "Perplexity retained", "teacher/model")),
+    # Per byte and per character of the scored text: comparable between models with different tokenizers.
+    Metric("bits_per_byte", "Bits per byte", "lower", fixed(4)),
+    Metric("bits_per_char", "Bits per character", "lower", fixed(4)),
     Metric("ppl_tokens_scored", "Tokens scored (perplexity)", None, count),
     Metric("bos", "Tokenizer adds BOS", None, general),  # a bool: shown as yes or no
     Metric("accuracy", "Accuracy", "higher", percent, Kept("accuracy", "Accuracy retained", "model/teacher")),
@@ -202,12 +205,21 @@ def chance_level(labels: list[str]) -> float:
     return max(labels.count(c) for c in set(labels)) / len(labels)
 
 
+NEAR_CHANCE_WARNING = "the teacher's accuracy"
+"""How :func:`near_chance`'s warning begins (the report finds it among ``eval.json``'s warnings by it)."""
+
+TOKENIZERS_DIFFER = (
+    "the models' tokenizers differ: perplexity is per token of each model's own tokenizer, so it does not compare "
+    "across them; compare bits per byte"
+)
+
+
 def near_chance(teacher_metrics: dict) -> str | None:
     """A one-line warning when the teacher's accuracy is within :data:`NEAR_CHANCE` of chance, else None."""
     acc, chance = number(teacher_metrics.get("accuracy")), number(teacher_metrics.get("accuracy_chance"))
     if not (math.isfinite(acc) and math.isfinite(chance)) or acc - chance >= NEAR_CHANCE:
         return None
-    said = f"the teacher's accuracy ({percent(acc)}) is"
+    said = f"{NEAR_CHANCE_WARNING} ({percent(acc)}) is"
     base = f"chance ({percent(chance)}: always answering the majority class)"
     if acc <= chance:
         return f"{said} not above {base}, so no share of it means anything; evaluate on a task the teacher does well"

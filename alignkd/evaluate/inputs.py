@@ -44,12 +44,40 @@ def read_labelled(source: str) -> tuple[list[str], list[str], list[str]]:
 
 def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
     """Documents tokenised and joined with EOS between them, cut to ``max_tokens``: ``-> [N]`` int64."""
+    return token_lengths(tokenizer, texts, max_tokens)[0]
+
+
+def token_lengths(
+    tokenizer, texts: list[str], max_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_stream`'s ids ``[N]``, and the UTF-8 bytes ``[N]`` and characters ``[N]`` of text each token
+    stands for: summed over any run of tokens, the length of the text they spell.
+
+    A token's text runs from where the tokens before it end to where it ends, so text a tokenizer's offsets skip
+    (trimmed spaces) goes to the next token, and tokens that share a character (the bytes of one emoji split over
+    byte-level tokens) count it once, in the first. EOS between documents and other special tokens stand for none.
+    Tokenizers without offsets (slow ones) count each token's decoded text.
+    """
     eos = tokenizer.eos_token_id
     ids: list[int] = []
+    nbytes: list[int] = []
+    nchars: list[int] = []
     for i, text in enumerate(texts):
         if i and eos is not None:
-            ids.append(eos)
-        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            ids.append(eos), nbytes.append(0), nchars.append(0)
+        enc = tokenizer(text, add_special_tokens=False, verbose=False, return_offsets_mapping=tokenizer.is_fast)
+        ids += enc["input_ids"]
+        if tokenizer.is_fast:
+            done = 0
+            for _, end in enc["offset_mapping"]:
+                piece = text[done : max(end, done)]
+                nbytes.append(len(piece.encode())), nchars.append(len(piece))
+                done = max(done, end)
+        else:
+            for token in enc["input_ids"]:
+                piece = tokenizer.decode([token])
+                nbytes.append(len(piece.encode())), nchars.append(len(piece))
         if max_tokens is not None and len(ids) >= max_tokens:
             break  # long corpora: tokenise only what is scored
-    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+    cut = slice(0, max_tokens)
+    return tuple(torch.tensor(x[cut], dtype=torch.long) for x in (ids, nbytes, nchars))

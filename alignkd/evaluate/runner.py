@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import statistics
 import time
@@ -27,7 +28,7 @@ from alignkd.display import Tasks
 from alignkd.engine.judge import distinct_n, rouge_l
 from alignkd.errors import EvalError
 from alignkd.evaluate.accuracy import label_accuracy, split_shots
-from alignkd.evaluate.catalogue import chance_level, near_chance, retention
+from alignkd.evaluate.catalogue import TOKENIZERS_DIFFER, chance_level, near_chance, retention
 from alignkd.evaluate.cost import latency, param_counts, size_on_disk
 from alignkd.evaluate.generation import (
     GENERATION_BATCH,
@@ -39,7 +40,7 @@ from alignkd.evaluate.generation import (
 )
 from alignkd.evaluate.inputs import packaged, read_held_out, read_labelled, token_stream
 from alignkd.evaluate.loading import check_context, check_model_path, is_classifier, load
-from alignkd.evaluate.perplexity import perplexity
+from alignkd.evaluate.perplexity import score_text
 from alignkd.evaluate.settings import EvalSettings, check_settings
 from alignkd.precision import default_device, resolve_dtype
 
@@ -99,11 +100,20 @@ def _evaluate_one(
     outputs = None
     if "perplexity" not in s.skip and causal:
         with show.running(f"{role} perplexity") as step:
-            ppl, n = perplexity(
+            score = score_text(
                 model, tok, inputs.texts, max_tokens=s.ppl_tokens, window=s.window, stride=s.stride, on_step=step
             )
-        metrics.update(perplexity=ppl, ppl_tokens_scored=n, bos=wants_bos(tok))
-        show.say(f"  perplexity {ppl:.4g} over {n} tokens ({show.seconds:.1f} s)")
+        ppl, n = score.perplexity, score.tokens
+        metrics.update(
+            perplexity=ppl,
+            bits_per_byte=score.bits_per_byte,
+            bits_per_char=score.bits_per_char,
+            ppl_tokens_scored=n,
+            bos=wants_bos(tok),
+        )
+        show.say(
+            f"  perplexity {ppl:.4g} over {n} tokens, {score.bits_per_byte:.4g} bits per byte ({show.seconds:.1f} s)"
+        )
     if "accuracy" not in s.skip:
         texts, labels, names = inputs.labelled
         with show.running(f"{role} accuracy") as step:
@@ -176,11 +186,21 @@ def evaluate_models(
         base = result["models"][teacher]["metrics"]
         result["retention"] = {r: retention(base, e["metrics"]) for r, e in result["models"].items() if r != teacher}
         result["warnings"] = [w for w in (near_chance(base),) if w]
+    if "perplexity" not in settings.skip and len({_vocabulary(p) for p in models.values()}) > 1:
+        result["warnings"].append(TOKENIZERS_DIFFER)
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _vocabulary(path: str) -> str:
+    """A digest of a model's vocabulary (token -> id): equal digests, the same tokenizer."""
+    from alignkd.models import load_tokenizer
+
+    vocab = load_tokenizer(path).get_vocab()
+    return hashlib.sha1(json.dumps(sorted(vocab.items())).encode()).hexdigest()
 
 
 def _checked_order(

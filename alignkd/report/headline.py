@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from alignkd.evaluate.catalogue import fixed, millions, number, percent, times
+from alignkd.evaluate.catalogue import NEAR_CHANCE_WARNING, fixed, millions, number, percent, times
 from alignkd.report.evaluation import fmt_or_nan, model_order, warnings_of
 from alignkd.report.runlog import RunLog, finite, first_finite, last_finite
 
@@ -104,7 +104,7 @@ def _retention_sentences(ev: dict | None) -> list[str]:
         )
     elif fast:
         out.append(f"The {name} is {' and '.join(fast)} than the teacher.")
-    if warnings_of(ev):
+    if any(w.startswith(NEAR_CHANCE_WARNING) for w in warnings_of(ev)):
         out.append(
             "The teacher's accuracy is near chance, so accuracy retention says little (see Retention and speed-up)."
         )
