@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -138,3 +139,55 @@ def test_tokens_that_share_a_multi_byte_character_stay_in_one_span():
     words = np.array([[0, 1], [2, 3], [4, 5]])  # a tokenizer that keeps it whole
     spans = align(off, words, len(text))
     assert len({int(spans.of_tokens("teacher")[i]) for i in touching}) == 1
+
+
+# ----------------------------------------------------------------------------- paired blocks
+
+
+def test_paired_blocks_hold_the_same_text_in_both_tokenizations_with_matching_spans():
+    from alignkd.data.pairs import NO_SPAN, pair_blocks
+
+    student, teacher = TOKENIZERS["byte_bpe"], TOKENIZERS["metaspace"]
+    bos = teacher.convert_tokens_to_ids("<s>")
+    blocks = pair_blocks(CORPUS, student, teacher, seq_len=16, teacher_bos=bos)
+    whole = student("\n\n".join(CORPUS), add_special_tokens=False)["input_ids"]
+    assert blocks.student_ids.shape == (len(whole) // 16, 16)
+    assert blocks.student_ids.flatten().tolist() == whole[: blocks.student_ids.numel()]  # the text, in order
+    for i in range(len(blocks)):
+        s_span, t_span = blocks.student_span[i], blocks.teacher_span[i][blocks.teacher_mask[i]]
+        assert blocks.teacher_ids[i, 0] == bos and t_span[0] == 0  # the teacher's BOS joins the first span
+        for span in (s_span, t_span):  # spans run 0, 1, 2, ... in token order on both sides
+            kept = span[span != NO_SPAN]
+            assert kept[0] == 0 and ((kept[1:] - kept[:-1]) >= 0).all() and ((kept[1:] - kept[:-1]) <= 1).all()
+        assert set(s_span.tolist()) - {NO_SPAN} == set(t_span.tolist()) - {NO_SPAN}
+        # the teacher's tokens spell the student's text (whose ends may hold part of a character split over tokens)
+        text = student.decode(blocks.student_ids[i]).strip().strip("\ufffd").strip()
+        assert text in teacher.decode(blocks.teacher_ids[i][blocks.teacher_mask[i]], skip_special_tokens=True)
+
+
+def test_a_teacher_block_cut_short_leaves_its_unfinished_spans_out_on_both_sides():
+    from alignkd.data.pairs import NO_SPAN, pair_blocks
+
+    student, teacher = TOKENIZERS["byte_bpe"], TOKENIZERS["metaspace"]
+    full = pair_blocks(CORPUS, student, teacher, seq_len=16)
+    cut = pair_blocks(CORPUS, student, teacher, seq_len=16, teacher_len=6)
+    assert cut.teacher_ids.shape[1] == 6
+    for i in range(len(cut)):
+        last = int(cut.teacher_span[i].max())
+        assert (cut.student_span[i] <= last).all() and (
+            full.student_span[i][cut.student_span[i] == NO_SPAN] > last
+        ).all()
+        assert torch.equal(cut.teacher_ids[i], full.teacher_ids[i, :6])
+
+
+def test_a_slow_tokenizer_cannot_be_aligned():
+    from transformers import PreTrainedTokenizer
+
+    from alignkd.data.pairs import pair_blocks
+    from alignkd.errors import ConfigError
+
+    class Slow(PreTrainedTokenizer):
+        is_fast = False
+
+    with pytest.raises(ConfigError, match="gives no character offsets"):
+        pair_blocks(CORPUS, Slow.__new__(Slow), TOKENIZERS["byte_bpe"], seq_len=8)
