@@ -394,20 +394,5 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def entry() -> None:
-    """The ``alignkd`` console script and ``python -m alignkd``: ``main``, then exit with its code.
-
-    A process of a multi-process launch leaves without the interpreter's teardown
-    (``backend.exit_launch``), where native threads could abort a finished run.
-    """
-    code = main()
-    if "torch.distributed" in sys.modules:
-        from alignkd.backend import exit_launch, launched_processes
-
-        if launched_processes() > 1:
-            exit_launch(code)
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    entry()
+    sys.exit(main())

@@ -43,16 +43,6 @@ def test_demo_runs_every_stage_and_reports(tiny_assets, tmp_path):
     assert set(ev["models"]) == {"teacher", "student", "baseline"}
     assert ev["models"]["student"]["metrics"]["params"] < 0.6 * ev["models"]["teacher"]["metrics"]["params"]
     assert "perplexity" in ev["retention"]["student"]
-    # The headline's generation rows are measured for every model; the few-shot accuracy row is gone.
-    for role in ("teacher", "student", "baseline"):
-        metrics = ev["models"][role]["metrics"]
-        assert "accuracy" not in metrics and metrics["gen_teacher_nll"] > 0 and 0 < metrics["gen_distinct2"] <= 1
-    assert 0 <= ev["models"]["student"]["metrics"]["gen_rougeL"] <= 1
-    assert [r[0].split(" (")[0] for r in result["headline"]][:3] == [
-        "Perplexity",
-        "Teacher-judged NLL of samples",
-        "Distinct-2 of samples",
-    ]
     assert (out / "distilled" / "report.html").is_file() and (out / "distilled" / "report.md").is_file()
     # Same steps, same student blocks, different losses.
     import yaml
