@@ -705,6 +705,8 @@ def _result_of(names: list[str]) -> dict:
         "size_mb": 513.1,
         "gen_teacher_nll": 2.31,
         "gen_distinct2": 0.87,
+        "bits_per_byte": 1.123,
+        "bits_per_char": 1.187,
     }
     models = {"teacher": {"path": "t", "metrics": teacher}}
     for i, name in enumerate(names):
