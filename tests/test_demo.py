@@ -43,6 +43,14 @@ def test_demo_runs_every_stage_and_reports(tiny_assets, tmp_path):
     assert set(ev["models"]) == {"teacher", "student", "baseline"}
     assert ev["models"]["student"]["metrics"]["params"] < 0.6 * ev["models"]["teacher"]["metrics"]["params"]
     assert "perplexity" in ev["retention"]["student"]
+    # The headline judges generation, which the teacher does well; accuracy (at chance for SmolLM2) is not run.
+    assert "accuracy" not in ev["models"]["teacher"]["metrics"]
+    labels = [row[0] for row in result["headline"]]
+    assert any("Teacher-judged NLL" in label for label in labels) and any("Distinct-2" in label for label in labels)
+    assert not any("ccuracy" in label for label in labels)
+    for role in ("student", "baseline"):
+        assert ev["models"][role]["metrics"]["gen_teacher_nll"] > 0
+        assert 0 <= ev["models"][role]["metrics"]["gen_distinct2"] <= 1
     assert (out / "distilled" / "report.html").is_file() and (out / "distilled" / "report.md").is_file()
     # Same steps, same student blocks, different losses.
     import yaml
