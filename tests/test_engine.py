@@ -45,7 +45,6 @@ from alignkd.engine.setup import setup
 from alignkd.engine.step import schedules_at, term_losses
 from alignkd.errors import ConfigError
 from alignkd.losses import KL_KINDS
-from alignkd.models import ModelError
 
 # A student narrower than the 32-wide tiny teacher: every feature term needs a projector.
 NARROW = {"config": {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32}}
@@ -475,15 +474,15 @@ def _word_level_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 
-def test_student_path_with_another_tokenizer_is_refused(teacher, corpus, tmp_path):
+def test_student_path_with_another_tokenizer_refuses_a_token_level_term(teacher, corpus, tmp_path):
     path = tmp_path / "student"
     AutoModelForCausalLM.from_config(tiny.config("llama", layers=1)).save_pretrained(path)
     _word_level_tokenizer().save_pretrained(path)
     cfg = make_cfg(teacher, corpus, tmp_path / "out", losses=[{"type": "kl"}], student={"path": str(path)})
-    with pytest.raises(ModelError) as e:
+    with pytest.raises(ConfigError) as e:
         alignkd.distill(cfg)
     msg = str(e.value)
-    assert "\n" not in msg and "tokenizer" in msg, msg
+    assert "\n" not in msg and "tokenizer is not the teacher's" in msg and "span_likelihood" in msg, msg
     assert not (tmp_path / "out" / "student").exists()
 
 

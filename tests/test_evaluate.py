@@ -882,16 +882,17 @@ def test_eval_table_shows_the_retention_above_chance_and_the_warning():
     assert "warning: the teacher's accuracy (60.0%) is only 8.0 points above chance (52.0%" in " ".join(text.split())
 
 
-def test_demo_headline_shows_both_retentions():
+def test_demo_headline_judges_generation_and_shows_the_perplexity_kept():
     from alignkd import demo
 
     result = _result_of(["student", "baseline"])
     rows = {r[0]: r[1:] for r in demo.headline(result)}
     kept = result["retention"]
-    assert rows["Accuracy retained"] == (
+    assert rows["Perplexity retained"] == (
         "",
-        f"{100 * kept['student']['accuracy']:.1f}%",
-        f"{100 * kept['baseline']['accuracy']:.1f}%",
+        f"{100 * kept['student']['perplexity']:.1f}%",
+        f"{100 * kept['baseline']['perplexity']:.1f}%",
     )
-    assert rows["Accuracy retained above chance"][1] == f"{100 * kept['student']['accuracy_above_chance']:.1f}%"
-    assert rows["Accuracy above chance (higher is better)"][0] == "+29.0 pts"
+    assert rows["Teacher-judged NLL of samples (lower is better)"][0] == "2.310"
+    assert rows["Distinct-2 of samples (higher is better)"][0] == "0.870"
+    assert not any("ccuracy" in label for label in rows)

@@ -7,6 +7,7 @@ ask it; nothing else branches on the task's name.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,31 @@ from alignkd.models.capture import Record
 
 TEACHER_LABEL = -1
 """Classification: the label of a row the teacher labels in the step (augmented variants, unlabelled text)."""
+
+
+@dataclass
+class Pair:
+    """The teacher's side of a batch when the two models have different tokenizers: the same text in its tokens,
+    and the aligned span of every token on both sides (``alignkd.data.pairs``)."""
+
+    teacher_ids: torch.Tensor
+    """``[B, U]`` the teacher's tokens, padded on the right."""
+    teacher_mask: torch.Tensor
+    """``[B, U]`` bool: real teacher tokens."""
+    student_span: torch.Tensor
+    """``[B, T]`` int32: the span of each student token (negative: none)."""
+    teacher_span: torch.Tensor
+    """``[B, U]`` int32: the span of each teacher token."""
+
+    @property
+    def spans(self) -> int:
+        """How many span ids the batch uses (one past the largest)."""
+        return int(max(self.student_span.max(), self.teacher_span.max())) + 1
+
+    def to(self, device) -> Pair:
+        return Pair(
+            *(t.to(device) for t in (self.teacher_ids, self.teacher_mask, self.student_span, self.teacher_span))
+        )
 
 
 @dataclass
@@ -36,6 +62,8 @@ class Batch:
     teacher: Record | None = None
     """The teacher's side, carried with the batch instead of computed: the top-k log-probabilities kept with its
     samples (``generation.teacher_top_k``). None: the teacher runs, or its cache is read, as for any batch."""
+    pair: Pair | None = None
+    """The teacher's own tokens of the same text and the aligned spans, when the tokenizers differ; else None."""
 
     @property
     def counted_mask(self) -> torch.Tensor:
@@ -115,8 +143,6 @@ class CausalLM:
         return logits[:, :-1][has], batch.input_ids[:, 1:][has]
 
     def metrics(self, loss: float, correct: int, count: int) -> dict:
-        import math
-
         return {"eval_ppl": math.exp(min(loss, 50.0))}
 
 
@@ -205,6 +231,70 @@ class Classification(CausalLM):
 TASKS = {t.name: t for t in (CausalLM(), MaskedLM(), Classification())}
 
 
+class PairedLM(CausalLM):
+    """Causal LM where the student has a tokenizer of its own: blocks of the student's tokens, each with the same
+    text in the teacher's tokens and the spans where the two tokenizations meet (``alignkd.data.pairs``).
+
+    The student's logits are never cut to a shared vocabulary (there is none); the terms that compare the two
+    models read ``x.pair`` and ``matched``, the ids that spell the same text on both sides.
+    """
+
+    def __init__(
+        self, student_tokenizer, teacher_tokenizer, matched: tuple[torch.Tensor, torch.Tensor], teacher_len: int | None
+    ):
+        self.student_tokenizer, self.teacher_tokenizer, self.matched = student_tokenizer, teacher_tokenizer, matched
+        self.teacher_len = teacher_len
+        """The most teacher tokens a block keeps (the teacher's positions); None: as many as its text makes."""
+
+    def load_data(self, cfg, tokenizer, say=lambda _: None) -> tuple[dict, dict]:
+        """Both tokenizations of every block; ``data.bos`` is resolved for the student's tokenizer (the teacher's
+        side gets the BOS its own tokenizer adds)."""
+        from alignkd.data.pairs import build_paired_data
+
+        d = cfg.data
+        student_bos = resolve_bos(d.bos, self.student_tokenizer)
+        d.bos = "never" if student_bos is None else "always"
+        return build_paired_data(
+            d.train,
+            self.student_tokenizer,
+            self.teacher_tokenizer,
+            seq_len=d.seq_len,
+            eval=d.eval,
+            eval_fraction=d.eval_fraction,
+            text_field=d.text_field,
+            max_train_tokens=d.max_train_tokens,
+            seed=cfg.train.seed,
+            student_bos=student_bos,
+            teacher_bos=resolve_bos("auto", self.teacher_tokenizer),
+            teacher_len=self.teacher_len,
+        )
+
+    def make_batch(self, data: dict, idx: torch.Tensor, tokenizer, seed: int) -> Batch:
+        b = super().make_batch(data, idx, tokenizer, seed)
+        if "teacher_ids" in data:
+            b.pair = Pair(
+                data["teacher_ids"][idx],
+                data["teacher_mask"][idx].bool(),
+                *(data[k][idx] for k in ("student_span", "teacher_span")),
+            )
+        return b
+
+    def logits(self, x):
+        return x.student.logits, None, x.mask
+
+    def cut_vocab(self, logits, vocab):
+        return logits
+
+    @staticmethod
+    def teacher_view(data: dict) -> dict:
+        """Held-out blocks in the teacher's own tokens, to score the teacher on."""
+        return {"input_ids": data["teacher_ids"], "mask": data["teacher_mask"], "bytes": data["teacher_bytes"]}
+
+    @staticmethod
+    def student_view(data: dict) -> dict:
+        return {"input_ids": data["input_ids"], "bytes": data["student_bytes"]}
+
+
 def _mlm_mask(
     ids: torch.Tensor, mask: torch.Tensor, tokenizer, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +317,8 @@ def heldout(task, model: nn.Module, data: dict, tokenizer, *, batch_size: int, b
     model.eval()
     n = data["input_ids"].shape[0]
     total_loss, total_count, correct = 0.0, 0, 0
-    for i, start in enumerate(range(0, min(n, batch_size * batches), batch_size)):
+    scored = min(n, batch_size * batches)
+    for i, start in enumerate(range(0, scored, batch_size)):
         b = task.make_batch(data, torch.arange(start, min(start + batch_size, n)), tokenizer, seed=10_000 + i)
         ids, mask = b.input_ids.to(device), b.mask.to(device)
         b = Batch(ids, mask, b.labels.to(device) if b.labels is not None else None)
@@ -241,4 +332,7 @@ def heldout(task, model: nn.Module, data: dict, tokenizer, *, batch_size: int, b
     if total_count == 0:
         return {"eval_loss": float("nan")}
     loss = total_loss / total_count
-    return {"eval_loss": loss, **task.metrics(loss, correct, total_count)}
+    out = {"eval_loss": loss, **task.metrics(loss, correct, total_count)}
+    if "bytes" in data:  # text tokenized two ways (PairedLM): bits per byte compare where perplexities cannot
+        out["eval_bpb"] = total_loss / math.log(2) / max(int(data["bytes"][:scored].sum()), 1)
+    return out

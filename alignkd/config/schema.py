@@ -84,6 +84,15 @@ class StudentConfig:
     dtype: str = "auto"
     """Student weights dtype while training: auto (float32, the optimizer's master weights; bf16 compute comes from
     train.mixed_precision), float32, bfloat16 or float16."""
+    tokenizer: str | None = None
+    """The student's own tokenizer (a folder or hub id) for a ``config`` student with ``init: random``: its
+    vocab_size and BOS, EOS and pad ids follow it. A ``path`` student reads its own folder's. When the student's
+    tokenizer is not the teacher's, both models read the same text in their own tokens, compared span by span:
+    only ce and the span terms (span_likelihood, hybrid, span_hidden) apply. None: the teacher's."""
+    new_tokenizer: int | None = None
+    """Like ``tokenizer``, with a byte-level BPE tokenizer of this many tokens trained on ``data.train`` (once,
+    kept beside it in ``.alignkd-tokenizers/``): a student that reads the training text in a vocabulary fitted to
+    it. None: none."""
     freeze: list[str] = field(default_factory=list)
     """Parameters not trained: glob patterns over the student's parameter or module names (``model.embed_tokens``,
     ``*.embed_tokens*``, ``model.layers.0``). They stay bit-identical, get no gradient and no optimizer state (for a

@@ -39,6 +39,14 @@ def validate(cfg) -> None:
         )
     one_of(cfg.student.init, ("random", "prune"), "student.init")
     one_of(cfg.student.importance, ("activation", "weight"), "student.importance")
+    if cfg.student.tokenizer is not None and cfg.student.new_tokenizer is not None:
+        raise ConfigError("student: set tokenizer (an existing one) or new_tokenizer (one trained here), not both")
+    own = "tokenizer" if cfg.student.tokenizer is not None else "new_tokenizer"
+    if getattr(cfg.student, own) is not None and (cfg.student.config is None or cfg.student.init != "random"):
+        raise ConfigError(
+            f"student.{own}: only a student built with new weights (student.config, init: random) takes another "
+            "tokenizer; a student copied from the teacher keeps its embedding, and a path student its own tokenizer"
+        )
     if not cfg.data.train:
         raise ConfigError("data.train: required (a text file, folder, JSONL, CSV or datasets name)")
     if cfg.data.seq_len < 2:

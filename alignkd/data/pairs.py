@@ -36,6 +36,11 @@ class PairedBlocks:
     """``[N, T]`` int32: the span of each student token, ``NO_SPAN`` for none."""
     teacher_span: torch.Tensor
     """``[N, U]`` int32: the same for the teacher's tokens."""
+    student_bytes: torch.Tensor
+    """``[N]`` int64: UTF-8 bytes of the text the student predicts in each block (all but its first token's; with a
+    BOS first, all of it): what held-out bits per byte divide by."""
+    teacher_bytes: torch.Tensor
+    """``[N]`` int64: the same for the teacher's tokens of the block."""
 
     def __len__(self) -> int:
         return self.student_ids.shape[0]
@@ -49,6 +54,16 @@ def _encode(tokenizer, text: str) -> tuple[list[int], np.ndarray]:
         )
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return enc["input_ids"], np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+
+def _predicted_bytes(piece: str, offsets: np.ndarray, kept: int) -> int:
+    """UTF-8 bytes of ``piece`` from the end of the first token to the end of the ``kept``-th: the text a model
+    predicts of a block (a special first token, such as BOS, ends at 0)."""
+    if kept < 2:
+        return 0
+    start = int(offsets[0, 1])
+    end = max(int(offsets[:kept, 1].max()), start)
+    return len(piece[start:end].encode("utf-8"))
 
 
 def pair_blocks(
@@ -91,7 +106,7 @@ def pair_blocks(
         if teacher_bos is not None:
             t_ids, t_off = [teacher_bos, *t_ids], np.concatenate([[[0, 0]], t_off])
         spans = align(t_off, np.clip(s_off, 0, len(piece)), len(piece))
-        rows.append((s_ids, t_ids, spans.of_tokens("student"), spans.of_tokens("teacher")))
+        rows.append((s_ids, t_ids, spans.of_tokens("student"), spans.of_tokens("teacher"), piece, s_off, t_off))
     width = teacher_len or max(len(r[1]) for r in rows)
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else 0
     out = PairedBlocks(
@@ -100,8 +115,10 @@ def pair_blocks(
         teacher_mask=torch.zeros(n, width, dtype=torch.bool),
         student_span=torch.tensor(np.stack([r[2] for r in rows]), dtype=torch.int32),
         teacher_span=torch.full((n, width), NO_SPAN, dtype=torch.int32),
+        student_bytes=torch.tensor([_predicted_bytes(r[4], r[5], len(r[5])) for r in rows], dtype=torch.long),
+        teacher_bytes=torch.tensor([_predicted_bytes(r[4], r[6], min(len(r[6]), width)) for r in rows]),
     )
-    for i, (_, t_ids, _, t_span) in enumerate(rows):
+    for i, (_, t_ids, _, t_span, *_) in enumerate(rows):
         k = min(len(t_ids), width)
         out.teacher_ids[i, :k] = torch.tensor(t_ids[:k])
         out.teacher_mask[i, :k] = True
@@ -111,3 +128,108 @@ def pair_blocks(
             out.teacher_span[i, :k][out.teacher_span[i, :k] >= whole] = NO_SPAN
             out.student_span[i][out.student_span[i] >= whole] = NO_SPAN
     return out
+
+
+PAIRED_KEYS = ("input_ids", "teacher_ids", "teacher_mask", "student_span", "teacher_span", "student_bytes")
+
+
+def _as_dict(p: PairedBlocks, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    d = {
+        "input_ids": p.student_ids,
+        "teacher_ids": p.teacher_ids,
+        "teacher_mask": p.teacher_mask,
+        "student_span": p.student_span,
+        "teacher_span": p.teacher_span,
+        "student_bytes": p.student_bytes,
+        "teacher_bytes": p.teacher_bytes,
+    }
+    return d if rows is None else {k: v[rows] for k, v in d.items()}
+
+
+def build_paired_data(
+    train: str,
+    student_tok,
+    teacher_tok,
+    *,
+    seq_len: int,
+    eval: str | None,
+    eval_fraction: float,
+    text_field: str,
+    max_train_tokens: int | None,
+    seed: int,
+    student_bos: int | None,
+    teacher_bos: int | None,
+    teacher_len: int | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Training and held-out blocks in both tokenizations (the fields of :class:`PairedBlocks`, by name), the
+    held-out ones from ``eval`` or split off the training blocks as ``build_lm_data`` does.
+
+    ``teacher_len``: the most teacher tokens a block keeps (the teacher's positions); None: the longest block's.
+    """
+    from alignkd.data.sampler import split_indices
+    from alignkd.data.sources import EVAL_SPLIT, read_texts
+
+    def paired(source: str, split: str) -> PairedBlocks:
+        texts = read_texts(source, text_field=text_field, split=split)
+        if not texts:
+            raise ConfigError(f"data: {source} holds no text")
+        return pair_blocks(
+            texts,
+            student_tok,
+            teacher_tok,
+            seq_len=seq_len,
+            student_bos=student_bos,
+            teacher_bos=teacher_bos,
+            teacher_len=teacher_len,
+        )
+
+    blocks = paired(train, "train")
+    n = len(blocks)
+    if max_train_tokens is not None:
+        n = max(1, min(n, max_train_tokens // seq_len))
+    if eval is not None:
+        return _as_dict(blocks, torch.arange(n)), _as_dict(paired(eval, EVAL_SPLIT))
+    train_rows, eval_rows = split_indices(n, eval_fraction, seed, "data.train")
+    return _as_dict(blocks, train_rows), _as_dict(blocks, eval_rows)
+
+
+def token_texts(tokenizer) -> list[str | None]:
+    """The text each id spells where it follows other text (``"Ġthe"`` and ``"▁the"`` both give ``" the"``,
+    WordPiece's ``"##s"`` gives ``"s"``); None for special tokens and for pieces of a character (byte-level
+    tokens of part of a UTF-8 sequence)."""
+    prefix = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))
+    base = tokenizer.convert_tokens_to_string(prefix)
+    special = set(tokenizer.all_special_ids)
+    out: list[str | None] = []
+    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if i in special or token is None:
+            out.append(None)
+            continue
+        text = tokenizer.convert_tokens_to_string([*prefix, token])
+        ok = text.startswith(base) and len(text) > len(base) and "\ufffd" not in text
+        out.append(text[len(base) :] if ok else None)
+    return out
+
+
+def _keys(tokenizer) -> list[tuple[str, str]]:
+    """Per id, what it is matched by: its text, else (special tokens, pieces of a character) its token string."""
+    raw = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [
+        ("text", t) if t is not None else ("token", str(r)) for t, r in zip(token_texts(tokenizer), raw, strict=True)
+    ]
+
+
+def matched_tokens(student_tok, teacher_tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([M], [M])`` int64: the student's and the teacher's ids of the tokens that spell the same text (each text
+    once, its lowest id on each side). Tokens without a text of their own (special tokens, pieces of a character)
+    match a token of the same name, so two identical tokenizers match every id with itself."""
+    teacher_ids: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(_keys(teacher_tok)):
+        teacher_ids.setdefault(key, i)
+    pairs, seen = [], set()
+    for i, key in enumerate(_keys(student_tok)):
+        if key in teacher_ids and key not in seen:
+            seen.add(key)
+            pairs.append((i, teacher_ids[key]))
+    s, t = zip(*pairs, strict=True) if pairs else ((), ())
+    return torch.tensor(s, dtype=torch.long), torch.tensor(t, dtype=torch.long)

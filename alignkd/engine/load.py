@@ -11,9 +11,10 @@ from torch import nn
 from alignkd.align.blocks import calibration_rows
 from alignkd.align.tasks import TASKS
 from alignkd.config import Config
-from alignkd.models import check_tokenizers, common_vocab, load_model, load_tokenizer
+from alignkd.errors import ConfigError, ModelError
+from alignkd.models import common_vocab, load_model, load_tokenizer
 from alignkd.models.families import OutputHead, output_head
-from alignkd.models.loading import check_positions, load_skeleton
+from alignkd.models.loading import check_positions, load_skeleton, shares_vocabulary
 from alignkd.models.student import build_student, freeze, to_meta
 from alignkd.precision import default_device
 from alignkd.terms import TERM_TYPES
@@ -60,7 +61,52 @@ def _calibration(cfg: Config, tok, inputs: Inputs | None, teacher: nn.Module) ->
     return calibration_rows(data, PRUNE_CALIBRATION, cfg.train.seed)["input_ids"]
 
 
-def load_models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs | None = None):
+def student_tokenizer(cfg: Config, say=print):
+    """The student's own tokenizer: ``student.tokenizer``, else a ``path`` student's folder's; None when it has
+    none of its own (it reads the teacher's)."""
+    s = cfg.student
+    if s.tokenizer is not None:
+        return load_tokenizer(s.tokenizer, what="student.tokenizer")
+    if s.new_tokenizer is not None:
+        from alignkd.data.bpe import student_bpe
+
+        folder = student_bpe(cfg.data.train, s.new_tokenizer, text_field=cfg.data.text_field, say=say)
+        return load_tokenizer(str(folder), what="student.new_tokenizer")
+    if s.path is None:
+        return None
+    try:
+        return load_tokenizer(s.path, what="student")
+    except ModelError as e:
+        if "no tokenizer found" not in str(e):
+            raise
+        return None
+
+
+def other_tokenizer(cfg: Config, teacher_tok, student_tok=None, say=print):
+    """The student's tokenizer when it is not the teacher's (the run then pairs two tokenizations of the text);
+    None when they share one, or a vocabulary over a shared range of ids."""
+    tok = student_tokenizer(cfg, say) if student_tok is None else student_tok
+    if tok is None or shares_vocabulary(teacher_tok, tok):
+        return None
+    if cfg.teacher.task != "causal_lm":
+        raise ConfigError(
+            f"student: its tokenizer is not the teacher's, and distilling across tokenizers needs a causal LM teacher "
+            f"(teacher.task is {cfg.teacher.task}); give the student the teacher's tokenizer"
+        )
+    return tok
+
+
+def _with_tokenizer(s, tok):
+    """A ``config`` student's settings with its own tokenizer's vocabulary size and special ids."""
+    import dataclasses
+
+    ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return dataclasses.replace(s, config={**(s.config or {}), "vocab_size": len(tok), **ids})
+
+
+def load_models(
+    cfg: Config, teacher_weights: bool | None = None, inputs: Inputs | None = None, student_tok: object = None
+):
     """Tokenizer, frozen teacher, student, and the logit columns they share.
 
     Without ``teacher_weights`` the teacher is left on the meta device: its
@@ -68,7 +114,9 @@ def load_models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs
     or when the student is the teacher's own checkpoint trained on the ground
     truth alone (``alignkd finetune``). A student copied from the teacher still
     needs them, so the teacher is then loaded, copied from and emptied.
-    ``inputs``: tokenizer and teacher already loaded.
+    ``inputs``: tokenizer and teacher already loaded. ``student_tok``: the student's own tokenizer when it is not
+    the teacher's (``other_tokenizer``); the vocabulary shared is then 0, and a run without it refuses a student
+    whose tokenizer differs.
     """
     task = cfg.teacher.task
     weights = not (cfg.teacher.cache or fine_tunes_teacher(cfg)) if teacher_weights is None else teacher_weights
@@ -95,7 +143,9 @@ def load_models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs
             cfg.teacher.path, task=task, what="teacher", trust_remote_code=cfg.teacher.trust_remote_code
         )
     teacher = freeze(teacher)
-    student = build_student(cfg.student, teacher, task, _calibration(cfg, tok, inputs, teacher))
+    own = cfg.student.tokenizer or cfg.student.new_tokenizer
+    s_cfg = _with_tokenizer(cfg.student, student_tok) if own and student_tok is not None else cfg.student
+    student = build_student(s_cfg, teacher, task, _calibration(cfg, tok, inputs, teacher))
     if not weights:
         to_meta(teacher)  # frees the weights: the run never calls the teacher
     for model, what in ((teacher, "teacher"), (student, "student")):
@@ -103,13 +153,13 @@ def load_models(cfg: Config, teacher_weights: bool | None = None, inputs: Inputs
         if task == "sequence_classification" and model.config.pad_token_id is None:
             # A classifier made from a causal LM checkpoint finds each text's last token by the pad id.
             model.config.pad_token_id = tok.pad_token_id
-    if cfg.student.path is not None:
-        try:
-            check_tokenizers(tok, load_tokenizer(cfg.student.path, what="student"))
-        except ValueError as e:
-            if "no tokenizer found" not in str(e):
-                raise
-    vocab = common_vocab(teacher, student, tok) if task != "sequence_classification" else 0
+    if student_tok is None and other_tokenizer(cfg, tok, say=lambda _: None) is not None:
+        raise ModelError(
+            "teacher and student tokenizers differ: this command needs one tokenizer for both "
+            "(alignkd distill pairs two tokenizations of the text with the span terms)"
+        )
+    paired = student_tok is not None or task == "sequence_classification"
+    vocab = 0 if paired else common_vocab(teacher, student, tok)
     return tok, teacher, student, vocab
 
 

@@ -55,7 +55,7 @@ def _write_outputs(run: Run, state, aux: dict, tmp: Path, projectors: Path) -> N
     """The main process's part of the export: each file whole under its temporary name, then renamed."""
     shutil.rmtree(tmp, ignore_errors=True)
     run.unwrapped.student.save_pretrained(tmp, state_dict=state)
-    run.tokenizer.save_pretrained(tmp)
+    run.student_tokenizer.save_pretrained(tmp)
     aux = {k: v.detach().cpu().contiguous() for k, v in aux.items()}
     if aux:
         save_file(aux, str(projectors))

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from alignkd.align.plan import StudentSide, TermPlan, build_plan, unwrap
-from alignkd.align.tasks import TASKS, CausalLM, heldout
+from alignkd.align.tasks import TASKS, CausalLM, PairedLM, heldout
 from alignkd.align.weighting import Weighting, build_weighting
 from alignkd.backend import Backend, make_backend
 from alignkd.config import Config, resolve_precision
@@ -25,7 +25,7 @@ from alignkd.data import BlockSampler
 from alignkd.engine.augment import with_teacher_rows
 from alignkd.engine.horizon import Horizon
 from alignkd.engine.judge import judge
-from alignkd.engine.load import Inputs, fused_heads, load_models
+from alignkd.engine.load import Inputs, fused_heads, load_models, other_tokenizer
 from alignkd.engine.sources import Sources, any_running
 from alignkd.errors import ConfigError
 from alignkd.models.capture import Capture
@@ -44,7 +44,9 @@ class Run:
     backend: Backend
     """The parallel back-end (one process, DDP, FSDP2 or ZeRO): it wraps, steps and saves the side."""
     tokenizer: object
-    """The teacher's tokenizer (the student shares it)."""
+    """The teacher's tokenizer."""
+    student_tokenizer: object
+    """The student's: the teacher's, unless the student has one of its own (``task`` is then a ``PairedLM``)."""
     teacher: Teacher
     side: nn.Module
     """The ``StudentSide`` (student, projectors, mixtures) as the back-end wrapped it; ``unwrapped`` is the side."""
@@ -77,12 +79,16 @@ class Run:
         return unwrap(self.side)
 
     def evaluate(self, model: nn.Module) -> dict:
-        """Held-out loss (and perplexity, or accuracy) of ``model`` on the eval data."""
+        """Held-out loss (and perplexity, or accuracy) of ``model`` on the eval data. When the student has a tokenizer
+        of its own, the teacher reads the blocks in its own tokens, and bits per byte compare the two."""
         t = self.cfg.train
+        data = self.eval_data
+        if isinstance(self.task, PairedLM):
+            data = self.task.teacher_view(data) if model is self.teacher.model else self.task.student_view(data)
         return heldout(
             self.task,
             model,
-            self.eval_data,
+            data,
             self.tokenizer,
             batch_size=t.batch_size,
             batches=t.eval_batches,
@@ -174,6 +180,56 @@ def _weighting(cfg: Config, terms: list[Term]) -> Weighting:
     )
 
 
+def _teacher_tokenizer(cfg: Config):
+    from alignkd.models import load_tokenizer
+
+    t = cfg.teacher
+    return load_tokenizer(t.path, what="teacher", trust_remote_code=t.trust_remote_code)
+
+
+def _paired(cfg: Config, tok, student_tok, teacher_model: nn.Module, say) -> PairedLM:
+    """The task of a run whose student has a tokenizer of its own, after refusing what cannot pair."""
+    from alignkd.data.pairs import matched_tokens
+    from alignkd.models.loading import max_positions
+
+    g = cfg.generation
+    for bad, what in (
+        (cfg.teacher.cache, "teacher.cache: a teacher cache holds the teacher's logits on the student's blocks"),
+        (any(k != "dataset" for k in g.sources), "generation.sources: sampled text"),
+        (g.eval_prompts, "generation.eval_prompts: the generation metrics compare token ids"),
+        (cfg.data.augment or cfg.data.unlabelled, "data.augment / data.unlabelled"),
+    ):
+        if bad:
+            raise ConfigError(
+                f"{what.split(':')[0]}: not supported when the student's tokenizer differs from the teacher's "
+                f"({what.split(': ', 1)[-1] if ':' in what else 'teacher-labelled rows'}); leave it out"
+            )
+    matched = matched_tokens(student_tok, tok)
+    say(
+        f"tokenizers differ (teacher {len(tok)} tokens, student {len(student_tok)}; {len(matched[0])} spell the same "
+        "text): both models read the same text in their own tokens, compared over aligned spans"
+    )
+    return PairedLM(student_tok, tok, matched, max_positions(teacher_model))
+
+
+def _check_terms(cfg: Config, paired: bool) -> None:
+    """Across tokenizers only ce and the span terms apply; with one tokenizer the span terms do not."""
+    from alignkd.terms import SPAN_TYPES
+
+    for i, t in enumerate(cfg.losses):
+        spans = t.type in SPAN_TYPES
+        if paired and not spans and TERM_TYPES[t.type].uses_teacher:
+            raise ConfigError(
+                f"losses[{i}] ({t.type}): the student's tokenizer is not the teacher's, so their tokens do not line "
+                f"up; use {', '.join(SPAN_TYPES)} (or ce), which compare the two over aligned spans of text"
+            )
+        if spans and not paired:
+            raise ConfigError(
+                f"losses[{i}] ({t.type}): compares two tokenizations, and the teacher and student share one; "
+                "use kl or hidden"
+            )
+
+
 def setup(
     cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | None = None, backend: Backend | None = None
 ) -> Run:
@@ -184,7 +240,11 @@ def setup(
     resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
     backend = backend or make_backend(accelerator)
     task = TASKS[cfg.teacher.task]
-    tok, teacher_model, student, vocab = load_models(cfg, inputs=inputs)
+    student_tok = other_tokenizer(cfg, inputs.tokenizer if inputs else _teacher_tokenizer(cfg), say=say)
+    tok, teacher_model, student, vocab = load_models(cfg, inputs=inputs, student_tok=student_tok)
+    if student_tok is not None:
+        task = _paired(cfg, tok, student_tok, teacher_model, say)
+    _check_terms(cfg, student_tok is not None)
     plan, side, teacher = _meet(cfg, task, student, teacher_model, say)
     weighting = _weighting(cfg, plan.terms)
     if cfg.weighting.strategy == "gradnorm" and not student.get_input_embeddings().weight.requires_grad:
@@ -222,6 +282,7 @@ def setup(
         accelerator=accelerator,
         backend=backend,
         tokenizer=tok,
+        student_tokenizer=student_tok or tok,
         teacher=teacher,
         side=wrapped,
         terms=plan.terms,

@@ -26,6 +26,7 @@ from alignkd.data.tokens import cache_folder
 from alignkd.errors import ConfigError
 from alignkd.models.capture import Record
 from alignkd.models.generate import Generated, Sampling, TopK, generate, join, left_pad
+from alignkd.models.loading import max_positions
 from alignkd.teacher.cache_format import data_hash, teacher_fingerprint
 from alignkd.teacher.samples import TeacherSamples, sample_seed, store_key
 
@@ -42,11 +43,6 @@ class Drawn:
     """Time spent sampling continuations (or reading stored ones)."""
     new_tokens: int = 0
     """Continuation tokens in the batch."""
-
-
-def _max_positions(model) -> int | None:
-    c = model.config
-    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
 
 def _eos_ids(tokenizer, model) -> list[int]:
@@ -98,7 +94,7 @@ class Sources:
         else:
             longest = g.prompt_tokens
         for name, model in (("student", student), ("teacher", teacher.model)):
-            most = _max_positions(model)
+            most = max_positions(model)
             if most is not None and longest + g.max_new_tokens > most:
                 raise ConfigError(
                     f"generation.max_new_tokens: prompts of up to {longest} tokens plus {g.max_new_tokens} new ones "

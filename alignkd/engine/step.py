@@ -46,7 +46,8 @@ def schedules_at(run: Run, step: int) -> Schedules:
 def to_device(batch: Batch, device) -> Batch:
     labels = batch.labels.to(device) if batch.labels is not None else None
     scored = batch.scored.to(device) if batch.scored is not None else None
-    return Batch(batch.input_ids.to(device), batch.mask.to(device), labels, batch.index, scored, batch.teacher)
+    pair = batch.pair.to(device) if batch.pair is not None else None
+    return Batch(batch.input_ids.to(device), batch.mask.to(device), labels, batch.index, scored, batch.teacher, pair)
 
 
 def term_losses(
@@ -69,6 +70,7 @@ def term_losses(
         feature_mask=run.task.feature_mask(batch, run.cfg.data.bos == "always"),
         heads=(side.head, run.teacher.head) if side.fused else None,
         terms=tuple(zip(run.terms, temperatures, strict=True)),
+        pair=batch.pair,
     )
     return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in x.terms}
 

@@ -43,12 +43,17 @@ def looks_local(path: str, file_suffixes: tuple[str, ...] = ()) -> bool:
     )
 
 
-def _check_source(path: str, what: str) -> None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _check_source(path: str, what: str, tokenizer: bool = False) -> None:
+    """A local ``path`` must be a ``save_pretrained`` folder: of a model, or (``tokenizer``) of a tokenizer alone."""
     p = Path(path).expanduser()
     if looks_local(path) and not p.exists():
-        raise ModelError(f"{what}: model folder not found: {path}")
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise ModelError(f"{what}: {path} has no config.json; point it at a save_pretrained folder")
+        raise ModelError(f"{what}: {'folder' if 'tokenizer' in what else 'model folder'} not found: {path}")
+    files = ("config.json", *TOKENIZER_FILES) if tokenizer else ("config.json",)
+    if p.is_dir() and not any((p / f).is_file() for f in files):
+        raise ModelError(f"{what}: {path} has no {' or '.join(files[:2])}; point it at a save_pretrained folder")
 
 
 def _offline_miss(path: str, what: str) -> ModelError | None:
@@ -149,7 +154,7 @@ def load_skeleton(path: str, *, task: str, what: str = "model", trust_remote_cod
 
 
 def load_tokenizer(path: str, *, what: str = "model", trust_remote_code: bool = False):
-    _check_source(path, what)
+    _check_source(path, what, tokenizer=True)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -159,6 +164,17 @@ def load_tokenizer(path: str, *, what: str = "model", trust_remote_code: bool = 
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token  # packing never pads; this only helps evaluation batches
     return tok
+
+
+def shares_vocabulary(teacher_tok, student_tok) -> bool:
+    """The two tokenizers give the same id to the same token over the ids both have: one tokenizer, or one that
+    extends the other (added tokens, a vocabulary padded in the same family). Distillation then compares the
+    models' logits directly over the shared ids."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv == sv:
+        return True
+    small, big = (tv, sv) if len(tv) <= len(sv) else (sv, tv)
+    return all(big.get(token) == i for token, i in small.items())
 
 
 def check_tokenizers(teacher_tok, student_tok) -> None:
@@ -199,6 +215,12 @@ def common_vocab(teacher, student, tokenizer) -> int:
             "both heads must cover the tokenizer"
         )
     return min(vt, vs)
+
+
+def max_positions(model) -> int | None:
+    """The most positions the model reads (its position table), or None when its config sets none."""
+    c = model.config
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
 
 def check_positions(model, seq_len: int, what: str) -> None:

@@ -46,7 +46,7 @@ class Teacher:
         """The teacher's side of a micro-batch: its logits (or, ``fused``, final hidden states) and captured tensors.
 
         Carried by the batch (the top-k kept with the teacher's samples), read from the cache when the run has one,
-        else computed under ``inference_mode``.
+        else computed under ``inference_mode``, on the teacher's own tokens when the tokenizers differ.
         """
         if batch.teacher is not None:
             t = batch.teacher
@@ -55,8 +55,11 @@ class Teacher:
             )
         if self.cache is not None:
             return self.cache.record(batch.index, device)
+        ids, mask = batch.input_ids, batch.mask
+        if batch.pair is not None:  # the student has a tokenizer of its own: the teacher reads the text in its own
+            ids, mask = batch.pair.teacher_ids, batch.pair.teacher_mask
         with torch.inference_mode():
-            return forward_record(self.model, self.capture, batch.input_ids, batch.mask, fused)
+            return forward_record(self.model, self.capture, ids, mask, fused)
 
     def heldout(self, evaluate: Callable[[nn.Module], dict], student: nn.Module, eval_blocks: int, say=print) -> dict:
         """The teacher's held-out numbers.

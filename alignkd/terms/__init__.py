@@ -8,6 +8,7 @@ from alignkd.terms.base import ScheduleConfig, StepTensors, Term, TermConfig, Te
 from alignkd.terms.blockwise import BLOCKWISE
 from alignkd.terms.features import ATTENTION, CONTRASTIVE, EMBEDDING, HIDDEN, HIDDEN_METRICS, RELATION
 from alignkd.terms.outputs import CE, DKD, KL
+from alignkd.terms.spans import HYBRID, SPAN_HIDDEN, SPAN_LIKELIHOOD, SPAN_TYPES
 
 TERM_TYPES: dict[str, TermType] = {
     "ce": CE,
@@ -19,9 +20,22 @@ TERM_TYPES: dict[str, TermType] = {
     "relation": RELATION,
     "contrastive": CONTRASTIVE,
     "blockwise": BLOCKWISE,
+    "span_likelihood": SPAN_LIKELIHOOD,
+    "hybrid": HYBRID,
+    "span_hidden": SPAN_HIDDEN,
 }
 
-__all__ = ["HIDDEN_METRICS", "TERM_TYPES", "ScheduleConfig", "StepTensors", "Term", "TermConfig", "TermType", "role"]
+__all__ = [
+    "HIDDEN_METRICS",
+    "SPAN_TYPES",
+    "TERM_TYPES",
+    "ScheduleConfig",
+    "StepTensors",
+    "Term",
+    "TermConfig",
+    "TermType",
+    "role",
+]
 
 
 def role(type_name: str) -> str:

@@ -181,6 +181,10 @@ class StepTensors:
     """``[B, T]`` bool: the real tokens the models attended to, where they differ from ``mask`` (generated text:
     the prompt is real but not counted); None: ``mask``."""
 
+    pair: Any = None
+    """The ``alignkd.align.tasks.Pair`` of the batch when the two models have different tokenizers (the teacher's
+    own tokens and both sides' spans; ``task.matched`` then holds the ids that spell the same text); else None."""
+
     def attended(self) -> torch.Tensor:
         """``[B, T]`` bool: the real tokens (the models' attention mask)."""
         return self.mask if self.real is None else self.real
