@@ -115,8 +115,8 @@ def load_models(
     truth alone (``alignkd finetune``). A student copied from the teacher still
     needs them, so the teacher is then loaded, copied from and emptied.
     ``inputs``: tokenizer and teacher already loaded. ``student_tok``: the student's own tokenizer when it is not
-    the teacher's (``other_tokenizer``); the vocabulary shared is then 0, and a run without it refuses a student
-    whose tokenizer differs.
+    the teacher's (``other_tokenizer``); the vocabulary returned is then the student's own (no logit column is
+    shared), and a call without it refuses a student whose tokenizer differs.
     """
     task = cfg.teacher.task
     weights = not (cfg.teacher.cache or fine_tunes_teacher(cfg)) if teacher_weights is None else teacher_weights
@@ -158,8 +158,12 @@ def load_models(
             "teacher and student tokenizers differ: this command needs one tokenizer for both "
             "(alignkd distill pairs two tokenizations of the text with the span terms)"
         )
-    paired = student_tok is not None or task == "sequence_classification"
-    vocab = 0 if paired else common_vocab(teacher, student, tok)
+    if task == "sequence_classification":
+        vocab = 0
+    elif student_tok is not None:  # the student's own tokens: its ce reads its tokenizer's ids
+        vocab = common_vocab(student, student, student_tok)
+    else:
+        vocab = common_vocab(teacher, student, tok)
     return tok, teacher, student, vocab
 
 

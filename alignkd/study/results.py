@@ -20,7 +20,7 @@ from alignkd.report.runlog import read_run
 from alignkd.study.marker import fingerprint, read_marker
 from alignkd.study.spec import Study
 
-METRICS = {"eval_ppl": "perplexity", "eval_accuracy": "accuracy"}
+METRICS = {"eval_ppl": "perplexity", "eval_accuracy": "accuracy", "eval_bpb": "bits_per_byte"}
 """The runs' held-out keys -> the catalogue metric that labels, formats and orders them."""
 
 
@@ -53,9 +53,13 @@ class Row:
 
 
 def metric_of(study: Study) -> str:
-    """``eval_accuracy`` for a classification study, else ``eval_ppl`` (what the runs log for the teacher's task)."""
+    """``eval_accuracy`` for a classification study; ``eval_bpb`` where the student has a tokenizer of its own (the
+    perplexities of two tokenizers do not compare); else ``eval_ppl`` (what the runs log for the teacher's task)."""
     task = (study.spec.base.get("teacher") or {}).get("task", "causal_lm")
-    return "eval_accuracy" if task == "sequence_classification" else "eval_ppl"
+    student = study.spec.base.get("student") or {}
+    if task == "sequence_classification":
+        return "eval_accuracy"
+    return "eval_bpb" if student.get("tokenizer") or student.get("new_tokenizer") else "eval_ppl"
 
 
 def collect(study: Study, out: Path, quick: bool) -> list[Row]:
@@ -97,7 +101,8 @@ def _row(study: Study, name: str, run_dir: Path, key: str, quick: bool) -> Row:
 
 
 def change(value: float, ref: float, key: str) -> float:
-    """Relative change for perplexity (0.1 = 10 % higher), difference for accuracy; NaN when either is missing."""
+    """Relative change for perplexity and bits per byte (0.1 = 10 % higher), difference for accuracy; NaN when either
+    is missing."""
     if not (math.isfinite(value) and math.isfinite(ref)):
         return math.nan
     return value - ref if key == "eval_accuracy" else value / ref - 1

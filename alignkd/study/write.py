@@ -69,7 +69,7 @@ def budget_text(study: Study, quick: bool) -> str:
 def _blocks(
     study: Study, out: Path, quick: bool, rows: list[Row], key: str, ref: Row, plot: Plot | None
 ) -> list[Block]:
-    label = METRICS[key]
+    label = BY_KEY[METRICS[key]].label.lower()
     blocks: list[Block] = [
         ("h1", f"Study: {study.title}"),
         ("meta", f"Study file: {study.path}; runs in {out.resolve()}; budget: {budget_text(study, quick)}."),
