@@ -111,7 +111,7 @@ def _config(w: World, **sections) -> dict:
 def build_world(root: Path) -> World:
     w = World(root)
     tiny.save_model(w.teacher, "llama", layers=2)
-    tiny.save_model(w.other_tok, "llama", layers=1, bos=True)  # one more token (<bos>): another tokenizer
+    _save_other_tokenizer(w.other_tok)
     # Two families alignkd does not know: OPT keeps its blocks in decoder.layers; GPT-NeoX
     # keeps them where llama does (so alignkd tries llama's layout), its attention elsewhere.
     _save_other(w.opt, "OPTConfig", ffn_dim=64, word_embed_proj_dim=32)
@@ -155,6 +155,19 @@ def build_world(root: Path) -> World:
     w.read_only.chmod(0o500)
     w.cwd.mkdir()
     return w
+
+
+def _save_other_tokenizer(path: Path) -> None:
+    """A tiny llama with a tokenizer that is not the teacher's: a byte-level BPE of 300 tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignkd.data.bpe import train_bpe
+
+    tok = train_bpe([tiny.TEXT] * 4, 300)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny.config("llama", layers=1, vocab=len(tok))).save_pretrained(path)
+    tok.save_pretrained(path)
 
 
 def _save_other(path: Path, config_class: str, **kw) -> None:
@@ -317,7 +330,45 @@ CASES: list[Case] = [
             f"student.path={w.other_tok}",
             "losses.2.layers=[[0, 1]]",
         ),
-        ("tokenizers differ", "shared tokenizer"),
+        ("losses[0] (kl): the student's tokenizer is not the teacher's", "use span_likelihood, hybrid, span_hidden"),
+    ),
+    Case(
+        "span_term_with_one_tokenizer",
+        lambda w: D(w, "span_term_with_one_tokenizer", "losses.0={type: span_likelihood}"),
+        ("losses[0] (span_likelihood): compares two tokenizations", "use kl or hidden"),
+    ),
+    Case(
+        "student_tokenizer_on_a_copy",
+        lambda w: D(
+            w,
+            "student_tokenizer_on_a_copy",
+            "student.config=null",
+            "student.from_teacher={layers: [0]}",
+            f"student.tokenizer={w.other_tok}",
+        ),
+        ("student.tokenizer: only a student built with new weights",),
+    ),
+    Case(
+        "student_tokenizer_missing",
+        lambda w: D(w, "student_tokenizer_missing", f"student.tokenizer={w.root / 'no_tok'}", "losses=[{type: ce}]"),
+        ("student.tokenizer: folder not found",),
+    ),
+    Case(
+        "new_tokenizer_too_small",
+        lambda w: D(w, "new_tokenizer_too_small", "student.new_tokenizer=100", "losses=[{type: ce}]"),
+        ("student.new_tokenizer: 100 tokens", "use 300 or more"),
+    ),
+    Case(
+        "new_tokenizer_with_a_token_level_term",
+        lambda w: D(w, "new_tokenizer_with_a_token_level_term", "student.new_tokenizer=300"),
+        ("losses[0] (kl): the student's tokenizer is not the teacher's",),
+    ),
+    Case(
+        "new_tokenizer_for_a_classifier",
+        lambda w: D(
+            w, "new_tokenizer_for_a_classifier", "student.new_tokenizer=300", "losses=[{type: ce}]", config=w.clf_config
+        ),
+        ("student.new_tokenizer: distilling across tokenizers needs a causal LM teacher",),
     ),
     Case(
         "attention_unknown_family",

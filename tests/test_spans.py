@@ -172,6 +172,10 @@ def test_a_teacher_block_cut_short_leaves_its_unfinished_spans_out_on_both_sides
     full = pair_blocks(CORPUS, student, teacher, seq_len=16)
     cut = pair_blocks(CORPUS, student, teacher, seq_len=16, teacher_len=6)
     assert cut.teacher_ids.shape[1] == 6
+    # A limit beyond every block (a teacher's 8,192 positions) pads to the longest block, not to the limit.
+    assert (
+        pair_blocks(CORPUS, student, teacher, seq_len=16, teacher_len=8192).teacher_ids.shape == full.teacher_ids.shape
+    )
     for i in range(len(cut)):
         last = int(cut.teacher_span[i].max())
         assert (cut.student_span[i] <= last).all() and (

@@ -273,7 +273,23 @@ class PairedLM(CausalLM):
         )
         n = train["input_ids"].shape[0] + held["input_ids"].shape[0]
         say(f"paired {n} blocks in both tokenizations in {time.perf_counter() - t0:.1f} s (once, before training)")
+        self._check_unknown(train["input_ids"], say)
         return train, held
+
+    def _check_unknown(self, ids: torch.Tensor, say) -> None:
+        """Text the student's tokenizer cannot spell becomes its unknown token, which nothing can teach."""
+        tok = self.student_tokenizer
+        if tok.unk_token_id is None:
+            return
+        share = float((ids == tok.unk_token_id).float().mean())
+        where = f"{100 * share:.2g} % of the training text's student tokens are its unknown token {tok.unk_token!r}"
+        if share > 0.01:
+            raise ConfigError(
+                f"student tokenizer: {where} (characters it cannot encode); give the student a byte-level or "
+                "byte-fallback tokenizer, or one trained on this text (student.new_tokenizer)"
+            )
+        if share > 0:
+            say(f"[yellow]student tokenizer: {where}[/]")
 
     def make_batch(self, data: dict, idx: torch.Tensor, tokenizer, seed: int) -> Batch:
         b = super().make_batch(data, idx, tokenizer, seed)

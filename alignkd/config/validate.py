@@ -6,7 +6,7 @@ from alignkd.align.tasks import TASKS
 from alignkd.align.weighting import WEIGHTINGS
 from alignkd.checks import one_of
 from alignkd.errors import ConfigError
-from alignkd.terms import TERM_TYPES, role
+from alignkd.terms import TERM_TYPES, check_pairing, role
 
 PLACEMENTS = ("replicate", "shard")
 """Values of ``teacher.placement``."""
@@ -41,12 +41,7 @@ def validate(cfg) -> None:
     one_of(cfg.student.importance, ("activation", "weight"), "student.importance")
     if cfg.student.tokenizer is not None and cfg.student.new_tokenizer is not None:
         raise ConfigError("student: set tokenizer (an existing one) or new_tokenizer (one trained here), not both")
-    own = "tokenizer" if cfg.student.tokenizer is not None else "new_tokenizer"
-    if getattr(cfg.student, own) is not None and (cfg.student.config is None or cfg.student.init != "random"):
-        raise ConfigError(
-            f"student.{own}: only a student built with new weights (student.config, init: random) takes another "
-            "tokenizer; a student copied from the teacher keeps its embedding, and a path student its own tokenizer"
-        )
+    _check_own_tokenizer(cfg)
     if not cfg.data.train:
         raise ConfigError("data.train: required (a text file, folder, JSONL, CSV or datasets name)")
     if cfg.data.seq_len < 2:
@@ -199,6 +194,29 @@ def _check_generation(cfg) -> None:
             f"generation.prompt_tokens: a {g.prompt_tokens}-token prompt leaves nothing of a {cfg.data.seq_len}-token "
             "training block; set it below data.seq_len, or give generation.prompts"
         )
+
+
+def _check_own_tokenizer(cfg) -> None:
+    """``student.tokenizer`` / ``new_tokenizer``: a new causal-LM student; a trained one (always another tokenizer)
+    takes only the terms that work across tokenizers, checked here before it is trained."""
+    s = cfg.student
+    if s.tokenizer is not None and s.new_tokenizer is not None:
+        raise ConfigError("student: set tokenizer (an existing one) or new_tokenizer (one trained here), not both")
+    own = "tokenizer" if s.tokenizer is not None else "new_tokenizer" if s.new_tokenizer is not None else None
+    if own is None:
+        return
+    if s.config is None or s.init != "random":
+        raise ConfigError(
+            f"student.{own}: only a student built with new weights (student.config, init: random) takes another "
+            "tokenizer; a student copied from the teacher keeps its embedding, and a path student its own tokenizer"
+        )
+    if cfg.teacher.task != "causal_lm":
+        raise ConfigError(
+            f"student.{own}: distilling across tokenizers needs a causal LM teacher (teacher.task is "
+            f"{cfg.teacher.task}); leave student.{own} out"
+        )
+    if own == "new_tokenizer":  # a tokenizer trained here is never the teacher's
+        check_pairing([t.type for t in cfg.losses], paired=True)
 
 
 def _check_augment(cfg) -> None:

@@ -79,8 +79,9 @@ def pair_blocks(
     """Blocks of ``seq_len`` student tokens over ``texts`` and the teacher's tokens of each block's text.
 
     ``*_bos``: the BOS id each side puts first (None: none). ``teacher_len``: the
-    most teacher tokens a block keeps (None: the longest block's); spans cut by it
-    hold no tokens (``NO_SPAN``).
+    most teacher tokens a block keeps (the teacher's positions; None: no limit);
+    the teacher's blocks are as wide as the longest one, up to that, and spans cut
+    by it hold no tokens (``NO_SPAN``).
     """
     text = "\n\n".join(t for t in texts if t)
     ids, offsets = _encode(student_tok, text)
@@ -107,7 +108,8 @@ def pair_blocks(
             t_ids, t_off = [teacher_bos, *t_ids], np.concatenate([[[0, 0]], t_off])
         spans = align(t_off, np.clip(s_off, 0, len(piece)), len(piece))
         rows.append((s_ids, t_ids, spans.of_tokens("student"), spans.of_tokens("teacher"), piece, s_off, t_off))
-    width = teacher_len or max(len(r[1]) for r in rows)
+    width = max(len(r[1]) for r in rows)
+    width = min(width, teacher_len) if teacher_len else width
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else 0
     out = PairedBlocks(
         student_ids=torch.tensor([r[0] for r in rows], dtype=torch.long),
@@ -169,10 +171,17 @@ def build_paired_data(
     from alignkd.data.sampler import split_indices
     from alignkd.data.sources import EVAL_SPLIT, read_texts
 
-    def paired(source: str, split: str) -> PairedBlocks:
+    def paired(source: str, split: str, most: int | None = None) -> PairedBlocks:
         texts = read_texts(source, text_field=text_field, split=split)
         if not texts:
             raise ConfigError(f"data: {source} holds no text")
+        if most is not None:  # only the documents the capped blocks reach are paired
+            total = 0
+            for k, text in enumerate(texts):
+                total += len(student_tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+                if total >= most:
+                    texts = texts[: k + 1]
+                    break
         return pair_blocks(
             texts,
             student_tok,
@@ -183,7 +192,7 @@ def build_paired_data(
             teacher_len=teacher_len,
         )
 
-    blocks = paired(train, "train")
+    blocks = paired(train, "train", None if max_train_tokens is None else max_train_tokens + seq_len)
     n = len(blocks)
     if max_train_tokens is not None:
         n = max(1, min(n, max_train_tokens // seq_len))

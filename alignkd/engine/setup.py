@@ -31,7 +31,7 @@ from alignkd.errors import ConfigError
 from alignkd.models.capture import Capture
 from alignkd.models.families import disable_attention_dropout
 from alignkd.teacher import Teacher, TeacherCache
-from alignkd.terms import TERM_TYPES, Term
+from alignkd.terms import TERM_TYPES, Term, check_pairing
 
 
 @dataclass(kw_only=True)
@@ -212,24 +212,6 @@ def _paired(cfg: Config, tok, student_tok, teacher_model: nn.Module, say) -> Pai
     return PairedLM(student_tok, tok, matched, max_positions(teacher_model))
 
 
-def _check_terms(cfg: Config, paired: bool) -> None:
-    """Across tokenizers only ce and the span terms apply; with one tokenizer the span terms do not."""
-    from alignkd.terms import SPAN_TYPES
-
-    for i, t in enumerate(cfg.losses):
-        spans = t.type in SPAN_TYPES
-        if paired and not spans and TERM_TYPES[t.type].uses_teacher:
-            raise ConfigError(
-                f"losses[{i}] ({t.type}): the student's tokenizer is not the teacher's, so their tokens do not line "
-                f"up; use {', '.join(SPAN_TYPES)} (or ce), which compare the two over aligned spans of text"
-            )
-        if spans and not paired:
-            raise ConfigError(
-                f"losses[{i}] ({t.type}): compares two tokenizations, and the teacher and student share one; "
-                "use kl or hidden"
-            )
-
-
 def setup(
     cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | None = None, backend: Backend | None = None
 ) -> Run:
@@ -244,7 +226,7 @@ def setup(
     tok, teacher_model, student, vocab = load_models(cfg, inputs=inputs, student_tok=student_tok)
     if student_tok is not None:
         task = _paired(cfg, tok, student_tok, teacher_model, say)
-    _check_terms(cfg, student_tok is not None)
+    check_pairing([t.type for t in cfg.losses], paired=student_tok is not None)
     plan, side, teacher = _meet(cfg, task, student, teacher_model, say)
     weighting = _weighting(cfg, plan.terms)
     if cfg.weighting.strategy == "gradnorm" and not student.get_input_embeddings().weight.requires_grad:

@@ -34,8 +34,28 @@ __all__ = [
     "Term",
     "TermConfig",
     "TermType",
+    "check_pairing",
     "role",
 ]
+
+
+def check_pairing(types: list[str], paired: bool) -> None:
+    """Raise ConfigError naming the first of ``types`` (the run's loss types, in order) that does not fit: across
+    tokenizers (``paired``) only ce and the span terms apply; with one tokenizer the span terms do not."""
+    from alignkd.errors import ConfigError
+
+    for i, name in enumerate(types):
+        spans = name in SPAN_TYPES
+        if paired and not spans and name in TERM_TYPES and TERM_TYPES[name].uses_teacher:
+            raise ConfigError(
+                f"losses[{i}] ({name}): the student's tokenizer is not the teacher's, so their tokens do not line "
+                f"up; use {', '.join(SPAN_TYPES)} (or ce), which compare the two over aligned spans of text"
+            )
+        if spans and not paired:
+            raise ConfigError(
+                f"losses[{i}] ({name}): compares two tokenizations, and the teacher and student share one; "
+                "use kl or hidden"
+            )
 
 
 def role(type_name: str) -> str:
