@@ -244,6 +244,11 @@ CASES: list[Case] = [
     Case("lr_negative", lambda w: D(w, "lr_negative", "train.lr=-1e-3"), ("train.lr: must be > 0",)),
     Case("steps_zero", lambda w: D(w, "steps_zero", "train.steps=0"), ("train.steps: must be >= 1",)),
     Case(
+        "optimizer_unknown",
+        lambda w: D(w, "optimizer_unknown", "train.optimizer=sgd"),
+        ("train.optimizer: 'sgd' is not one of adamw, adafactor",),
+    ),
+    Case(
         "temperature_zero",
         lambda w: D(w, "temperature_zero", "losses.0.temperature=0"),
         ("losses[0].temperature", "> 0"),

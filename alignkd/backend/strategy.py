@@ -27,6 +27,7 @@ from torch import nn
 from alignkd.align.plan import unwrap
 from alignkd.backend import fsdp, zero
 from alignkd.backend.launch import shards_student
+from alignkd.config.schema import OPTIMIZERS
 from alignkd.disk import save_torch
 
 
@@ -35,6 +36,8 @@ class Backend:
 
     layout: str | None = None
     """The ``state.json`` key naming how a checkpoint is split over the processes; None: one whole state."""
+    optimizers: tuple[str, ...] = OPTIMIZERS
+    """The ``train.optimizer`` choices this back-end steps (and is tested with)."""
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
@@ -147,6 +150,8 @@ class Backend:
 class FSDP2(Backend):
     """An FSDP launch: the student's blocks sharded with FSDP2, the rest whole and averaged like DDP's."""
 
+    optimizers = ("adamw",)  # Adafactor's row and column statistics over sharded matrices are untested here
+
     layout = "sharded_over"
 
     def __init__(self, accelerator: Accelerator):
@@ -224,6 +229,8 @@ class FSDP2(Backend):
 
 class ZeRO(Backend):
     """A DeepSpeed launch: the student in a ZeRO engine (stage 1, 2 or 3), which reduces, clips and steps."""
+
+    optimizers = ("adamw",)  # ZeRO partitions AdamW's state; another optimizer in its engine is untested here
 
     def __init__(self, accelerator: Accelerator, settings: dict):
         super().__init__(accelerator)

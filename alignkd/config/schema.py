@@ -11,6 +11,9 @@ from typing import Any
 
 from alignkd.terms import ScheduleConfig, TermConfig
 
+OPTIMIZERS = ("adamw", "adafactor")
+"""``train.optimizer`` choices."""
+
 
 @dataclass
 class ModelConfig:
@@ -219,10 +222,14 @@ class TrainConfig:
     """Blocks per micro-batch per process."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    optimizer: str = "adamw"
+    """adamw (betas 0.9, 0.95), or adafactor (``torch.optim.Adafactor``: second moments factored into a row and a
+    column vector per matrix and no momentum, so a large embedding's state is its V + D values instead of AdamW's
+    2 V D; its ``lr`` caps each step relative to the parameter's RMS, try 1e-2). DeepSpeed launches use adamw."""
     lr: float = 3e-4
-    """Peak learning rate of AdamW (student and projectors)."""
+    """Peak learning rate (student and projectors)."""
     weight_decay: float = 0.01
-    """AdamW weight decay (not applied to norms, biases and weighting parameters)."""
+    """Decoupled weight decay (not applied to norms, biases and weighting parameters)."""
     warmup: int = 30
     """Linear warm-up steps before the cosine decay."""
     min_lr_ratio: float = 0.1

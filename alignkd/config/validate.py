@@ -5,6 +5,7 @@ from __future__ import annotations
 from alignkd.align.tasks import TASKS
 from alignkd.align.weighting import WEIGHTINGS
 from alignkd.checks import one_of
+from alignkd.config.schema import OPTIMIZERS
 from alignkd.errors import ConfigError
 from alignkd.terms import TERM_TYPES, check_pairing, role
 
@@ -70,6 +71,7 @@ def validate(cfg) -> None:
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}: must be >= 1")
     one_of(t.mixed_precision, ("auto", *MIXED_PRECISION), "train.mixed_precision")
+    one_of(t.optimizer, OPTIMIZERS, "train.optimizer")
     if t.max_bad_steps < 1:
         raise ConfigError("train.max_bad_steps: must be >= 1")
     if t.max_minutes is not None and t.max_minutes <= 0:
@@ -209,6 +211,11 @@ def _check_own_tokenizer(cfg) -> None:
         raise ConfigError(
             f"student.{own}: only a student built with new weights (student.config, init: random) takes another "
             "tokenizer; a student copied from the teacher keeps its embedding, and a path student its own tokenizer"
+        )
+    if s.new_tokenizer is not None and s.new_tokenizer < 300:
+        raise ConfigError(
+            f"student.new_tokenizer: {s.new_tokenizer} tokens leaves almost no merges beyond the 256 bytes; "
+            "use 300 or more"
         )
     if cfg.teacher.task != "causal_lm":
         raise ConfigError(

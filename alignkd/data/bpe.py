@@ -55,10 +55,6 @@ def _fingerprint(source: str, vocab_size: int, text_field: str) -> str:
 def student_bpe(source: str, vocab_size: int, *, text_field: str = "text", say: Callable[[str], None] = print) -> Path:
     """The folder of the BPE tokenizer of ``vocab_size`` tokens trained on ``source``: made on first use, then
     reused."""
-    if vocab_size < 300:
-        raise DataError(
-            f"student.new_tokenizer: {vocab_size} tokens leaves almost no merges beyond the 256 bytes; use 300 or more"
-        )
     local = Path(source).exists()
     folder = cache_folder(source, "auto", say, folder=FOLDER, fallback="tokenizers", beside=local)
     out = folder / f"bpe{vocab_size}-{_fingerprint(source, vocab_size, text_field) if local else 'hub'}"

@@ -100,8 +100,10 @@ def _with_tokenizer(s, tok):
     """A ``config`` student's settings with its own tokenizer's vocabulary size and special ids."""
     import dataclasses
 
+    given = s.config or {}
     ids = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return dataclasses.replace(s, config={**(s.config or {}), "vocab_size": len(tok), **ids})
+    # A vocab_size given (a head padded past the tokenizer) stays; one too small is refused with the heads' check.
+    return dataclasses.replace(s, config={**given, "vocab_size": given.get("vocab_size") or len(tok), **ids})
 
 
 def load_models(

@@ -131,7 +131,13 @@ def lr_lambda(warmup: int, horizon: Horizon, min_ratio: float):
 
 
 def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting, backend: Backend) -> torch.optim.Optimizer:
-    """AdamW over the trained parameters; no weight decay on norms, biases and the weighting's own parameters."""
+    """``train.optimizer`` over the trained parameters; no weight decay on norms, biases and the weighting's own
+    parameters."""
+    choice = cfg.train.optimizer
+    if choice not in backend.optimizers:
+        raise ConfigError(
+            f"train.optimizer: {choice} is not available under this launch; use {' or '.join(backend.optimizers)}"
+        )
     decay, no_decay = [], []
     for name, p in side.named_parameters():
         if not p.requires_grad:  # student.freeze: no gradient, no optimizer state
@@ -142,6 +148,9 @@ def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting, backend: Back
         for params, wd in ((decay, cfg.train.weight_decay), (no_decay + weighting.model_params(), 0.0))
         for part in backend.param_groups(params)
     ]
+    if choice == "adafactor":
+        # Factored second moments: a [V, D] matrix keeps V + D state values, where AdamW keeps 2 V D.
+        return torch.optim.Adafactor(groups, lr=cfg.train.lr)
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
 
 
