@@ -14,9 +14,12 @@ user's run would, in a process of its own:
 - ``adafactor``: every parameter trained, by ``train.optimizer: adafactor``.
 
 Each case prints what its tensors hold after its last step: the weights (the
-student's by group, the teacher's), the gradients and the optimizer state, all
-counted from the tensors themselves, then the process's resident memory at
-three moments: after set-up, and the peak over training. What the peak holds
+student's by group, the teacher's), the gradients (as large as the trained
+weights, held from each backward to its optimizer step) and the optimizer
+state, all counted from the tensors themselves. Then it prints the process's
+resident memory after set-up, its peak over training, and its peak after one
+held-out evaluation (``train.eval_batches`` of 8 x 128 tokens, which makes
+whole ``[8, 128, 262144]`` logits). What the peak holds
 beyond the tensors counted is activations, the loss chunks, the allocator's
 caches and the Python process itself.
 
@@ -67,7 +70,7 @@ def build_teacher(folder: Path) -> None:
         bos_token_id=2,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
 
@@ -86,6 +89,7 @@ def run_config(work: Path, teacher: Path, corpus: Path, case: str, steps: int) -
             "warmup": 1,
             "mixed_precision": "auto",
             "eval_every": 0,
+            "eval_batches": 2,
             "progress": False,
             "output_dir": str(work / f"run-{case}"),
             "seed": 0,
@@ -138,6 +142,10 @@ def child(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
     _, peak = _rss_mb()
     student = run.unwrapped.student
+    t0 = time.perf_counter()
+    run.evaluate(student)  # one held-out evaluation (train.eval_batches of 8 x 128 tokens): its logits are whole
+    eval_s = time.perf_counter() - t0
+    _, eval_peak = _rss_mb()
     emb = student.get_input_embeddings().weight
     params = list(student.parameters())
     optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the torch optimizer inside Accelerate's wrapper
@@ -149,11 +157,14 @@ def child(spec: dict) -> dict:
         "student_weights_mb": _bytes(params),
         "embedding_mb": _bytes([emb]),
         "teacher_weights_mb": _bytes(run.teacher.model.parameters()),
-        "grads_mb": _bytes(p.grad for p in params),
+        # A step's gradients live from its backward to the optimizer's step, then are freed: one per trained value.
+        "grads_mb": _bytes(p for p in params if p.requires_grad),
         "optimizer_mb": _bytes(state),
         "optimizer_embedding_mb": _bytes(emb_state),
         "rss_after_setup_mb": after_setup,
         "peak_rss_mb": peak,
+        "eval_peak_rss_mb": eval_peak,
+        "eval_s": eval_s,
         "s_per_step": statistics.median(times[1:] or times),
         "tokens_per_s": BATCH * SEQ / statistics.median(times[1:] or times),
     }
@@ -202,11 +213,12 @@ def _print(results: dict) -> None:
         ("student weights, float32 (MB)", "student_weights_mb", "{:.0f}"),
         ("  of them the embedding (tied head)", "embedding_mb", "{:.0f}"),
         ("teacher weights (MB)", "teacher_weights_mb", "{:.0f}"),
-        ("gradients (MB)", "grads_mb", "{:.0f}"),
+        ("gradients, from backward to step (MB)", "grads_mb", "{:.0f}"),
         ("optimizer state (MB)", "optimizer_mb", "{:.0f}"),
         ("  of it the embedding's", "optimizer_embedding_mb", "{:.1f}"),
         ("RSS after set-up (MB)", "rss_after_setup_mb", "{:.0f}"),
-        ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+        ("peak RSS over training (MB)", "peak_rss_mb", "{:.0f}"),
+        ("peak RSS after one evaluation (MB)", "eval_peak_rss_mb", "{:.0f}"),
         ("s / step (median)", "s_per_step", "{:.2f}"),
         ("tokens / s", "tokens_per_s", "{:.0f}"),
     ]

@@ -182,3 +182,20 @@ def test_a_tokenizer_that_extends_the_teachers_distils_directly(teacher, corpus,
     student = {"config": {"num_hidden_layers": 1, "vocab_size": len(tok)}, "init": "random", "tokenizer": str(folder)}
     summary = alignkd.distill(make_cfg(teacher, corpus, tmp_path / "run", losses=[{"type": "kl"}], student=student))
     assert summary["steps"] == 3 and "eval_bpb" not in summary["student_eval"]
+
+
+def test_a_student_tokenizer_that_cannot_spell_the_text_is_one_line(teacher, corpus, tmp_path):
+    """A word-level tokenizer of a few words reads most of the corpus as [UNK], which no term can teach."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, "truth": 3, "fortune": 4, "wife": 5}
+    words = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    path = tmp_path / "student"
+    AutoModelForCausalLM.from_config(tiny.config("llama", layers=1)).save_pretrained(path)
+    tok.save_pretrained(path)
+    cfg = make_cfg(teacher, corpus, tmp_path / "run", losses=[{"type": "span_likelihood"}], student={"path": str(path)})
+    _refused(cfg, r"student tokenizer: [\d.]+ % of the training text's student tokens are its unknown token '\[UNK\]'")
+    assert not (tmp_path / "run" / "student").exists()

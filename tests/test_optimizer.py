@@ -77,3 +77,23 @@ def test_the_sharding_back_ends_offer_adamw_only():
     # Adafactor is stepped by one process and by DDP; under FSDP2 and ZeRO it is untested, so it is refused.
     assert Backend.optimizers == ("adamw", "adafactor")
     assert FSDP2.optimizers == ZeRO.optimizers == ("adamw",)
+
+
+def test_evaluation_scores_a_batch_a_few_rows_at_a_time_with_the_same_result(teacher, monkeypatch):
+    """A large vocabulary's logits are made a few rows at a time: the held-out numbers do not change."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    from alignkd.align import tasks
+
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    g = torch.Generator().manual_seed(0)
+    data = {"input_ids": torch.randint(3, 200, (10, 12), generator=g)}
+    kw = {"batch_size": 4, "batches": 3, "device": "cpu", "autocast": contextlib.nullcontext}
+    whole = tasks.heldout(tasks.TASKS["causal_lm"], model, data, None, **kw)
+    assert tasks._eval_rows(tasks.TASKS["causal_lm"], model, tasks.Batch(data["input_ids"][:4], None)) == [slice(0, 4)]
+    monkeypatch.setattr(tasks, "EVAL_LOGITS_BYTES", 1)  # one row per forward
+    rows = tasks.heldout(tasks.TASKS["causal_lm"], model, data, None, **kw)
+    assert rows["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-6)
+    assert rows["eval_ppl"] == pytest.approx(whole["eval_ppl"], rel=1e-6)

@@ -282,7 +282,7 @@ class PairedLM(CausalLM):
         if tok.unk_token_id is None:
             return
         share = float((ids == tok.unk_token_id).float().mean())
-        where = f"{100 * share:.2g} % of the training text's student tokens are its unknown token {tok.unk_token!r}"
+        where = f"{100 * share:.1f} % of the training text's student tokens are its unknown token {tok.unk_token!r}"
         if share > 0.01:
             raise ConfigError(
                 f"student tokenizer: {where} (characters it cannot encode); give the student a byte-level or "
@@ -332,6 +332,19 @@ def _mlm_mask(
     return ids, labels
 
 
+EVAL_LOGITS_BYTES = 256 * 1024 * 1024
+"""The most float32 logits one evaluation forward makes: with a large vocabulary (262k tokens: 128 MB a row of 128
+positions) a batch is scored a few rows at a time, the same sums in less memory."""
+
+
+def _eval_rows(task, model: nn.Module, batch: Batch) -> list[slice]:
+    """The row slices of ``batch`` that one evaluation forward each takes."""
+    b, t = batch.input_ids.shape
+    vocab = 0 if isinstance(task, Classification) else getattr(model.config, "vocab_size", 0) or 0
+    per = max(1, EVAL_LOGITS_BYTES // max(t * vocab * 4, 1)) if vocab else b
+    return [slice(r, min(r + per, b)) for r in range(0, b, per)]
+
+
 @torch.no_grad()
 def heldout(task, model: nn.Module, data: dict, tokenizer, *, batch_size: int, batches: int, device, autocast) -> dict:
     """Held-out loss of ``model`` (and perplexity, or accuracy for classifiers) on ``data``."""
@@ -341,15 +354,17 @@ def heldout(task, model: nn.Module, data: dict, tokenizer, *, batch_size: int, b
     total_loss, total_count, correct = 0.0, 0, 0
     scored = min(n, batch_size * batches)
     for i, start in enumerate(range(0, scored, batch_size)):
-        b = task.make_batch(data, torch.arange(start, min(start + batch_size, n)), tokenizer, seed=10_000 + i)
-        ids, mask = b.input_ids.to(device), b.mask.to(device)
-        b = Batch(ids, mask, b.labels.to(device) if b.labels is not None else None)
-        with autocast():
-            logits = model(input_ids=ids, attention_mask=mask.long()).logits.float()
-        scores, targets = task.scored(logits, b)
-        total_loss += nn.functional.cross_entropy(scores, targets, reduction="sum").item()
-        correct += int((scores.argmax(-1) == targets).sum())
-        total_count += targets.numel()
+        whole = task.make_batch(data, torch.arange(start, min(start + batch_size, n)), tokenizer, seed=10_000 + i)
+        for rows in _eval_rows(task, model, whole):
+            labels = whole.labels[rows].to(device) if whole.labels is not None else None
+            b = Batch(whole.input_ids[rows].to(device), whole.mask[rows].to(device), labels)
+            with autocast():
+                logits = model(input_ids=b.input_ids, attention_mask=b.mask.long()).logits.float()
+            scores, targets = task.scored(logits, b)
+            total_loss += nn.functional.cross_entropy(scores, targets, reduction="sum").item()
+            correct += int((scores.argmax(-1) == targets).sum())
+            total_count += targets.numel()
+            del logits, scores
     model.train(was_training)
     if total_count == 0:
         return {"eval_loss": float("nan")}

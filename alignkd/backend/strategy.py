@@ -27,7 +27,7 @@ from torch import nn
 from alignkd.align.plan import unwrap
 from alignkd.backend import fsdp, zero
 from alignkd.backend.launch import shards_student
-from alignkd.config.schema import OPTIMIZERS
+from alignkd.config import OPTIMIZERS
 from alignkd.disk import save_torch
 
 

@@ -16,11 +16,12 @@ from alignkd.config.schema import (
     TrainConfig,
     WeightingConfig,
 )
-from alignkd.config.validate import SOURCES, validate
+from alignkd.config.validate import OPTIMIZERS, SOURCES, validate
 from alignkd.errors import ConfigError
 from alignkd.terms import ScheduleConfig, TermConfig
 
 __all__ = [
+    "OPTIMIZERS",
     "SOURCES",
     "Config",
     "ConfigError",

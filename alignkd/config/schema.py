@@ -11,9 +11,6 @@ from typing import Any
 
 from alignkd.terms import ScheduleConfig, TermConfig
 
-OPTIMIZERS = ("adamw", "adafactor")
-"""``train.optimizer`` choices."""
-
 
 @dataclass
 class ModelConfig:

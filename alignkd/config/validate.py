@@ -5,7 +5,6 @@ from __future__ import annotations
 from alignkd.align.tasks import TASKS
 from alignkd.align.weighting import WEIGHTINGS
 from alignkd.checks import one_of
-from alignkd.config.schema import OPTIMIZERS
 from alignkd.errors import ConfigError
 from alignkd.terms import TERM_TYPES, check_pairing, role
 
@@ -13,6 +12,8 @@ PLACEMENTS = ("replicate", "shard")
 """Values of ``teacher.placement``."""
 SOURCES = ("dataset", "student", "teacher")
 """Where a micro-batch may come from (``generation.sources``)."""
+OPTIMIZERS = ("adamw", "adafactor")
+"""Values of ``train.optimizer``."""
 
 
 def validate(cfg) -> None:

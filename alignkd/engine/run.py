@@ -23,6 +23,7 @@ from alignkd.engine.loop import train
 from alignkd.engine.output_dir import check_output, check_resumable, clear, remove_leftovers
 from alignkd.engine.setup import Run, setup
 from alignkd.errors import ConfigError
+from alignkd.models.card import model_card
 from alignkd.models.families import blocks_of
 from alignkd.models.student import param_count
 from alignkd.precision import default_device
@@ -124,7 +125,30 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     }
     if accelerator.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_card(cfg, summary, student_dir, say)
     return summary
+
+
+def _write_card(cfg: Config, summary: dict, student_dir: Path, say) -> None:
+    """``student/README.md``: the model card (a failure to write it loses nothing else, so it is one warning)."""
+    from alignkd import __version__
+
+    card = model_card(
+        name=Path(cfg.train.output_dir).resolve().name,  # the run folder's name
+        teacher=cfg.teacher.path,
+        task=cfg.teacher.task,
+        config=to_dict(cfg),
+        teacher_eval=summary["teacher_eval"] or {},
+        student_eval=summary["student_eval"] or {},
+        teacher_params=summary["teacher_params"],
+        student_params=summary["student_params"],
+        steps=summary["steps"],
+        version=__version__,
+    )
+    try:
+        (student_dir / "README.md").write_text(card, encoding="utf-8")
+    except OSError as e:
+        say(f"[yellow]model card: could not write {student_dir / 'README.md'} ({e.strerror}); the student is saved[/]")
 
 
 def _prepare_output(out: Path, cfg: Config, overwrite: bool, selection) -> None:
