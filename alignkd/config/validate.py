@@ -24,7 +24,7 @@ def validate(cfg) -> None:
     """
     from alignkd.align.blocks import check_selection
     from alignkd.data import BOS_SETTINGS
-    from alignkd.precision import DTYPE_NAMES, MIXED_PRECISION
+    from alignkd.precision import DTYPE_NAMES
 
     if not cfg.teacher.path:
         raise ConfigError("teacher.path: required (a local model folder or a hub id)")
@@ -67,7 +67,12 @@ def validate(cfg) -> None:
             "and losses has none; "
             "add {type: kl} or choose static, gradnorm or uncertainty"
         )
-    t = cfg.train
+    _check_train(cfg.train)
+
+
+def _check_train(t) -> None:
+    from alignkd.precision import MIXED_PRECISION
+
     for name in ("steps", "batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}: must be >= 1")

@@ -111,6 +111,13 @@ def pair_blocks(
     width = max(len(r[1]) for r in rows)
     width = min(width, teacher_len) if teacher_len else width
     pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else 0
+    return _stack(rows, width, pad)
+
+
+def _stack(rows: list[tuple], width: int, pad: int) -> PairedBlocks:
+    """The blocks' rows ``(student ids, teacher ids, student spans, teacher spans, text, student offsets, teacher
+    offsets)`` as tensors, the teacher's side ``width`` wide."""
+    n = len(rows)
     out = PairedBlocks(
         student_ids=torch.tensor([r[0] for r in rows], dtype=torch.long),
         teacher_ids=torch.full((n, width), pad, dtype=torch.long),
@@ -130,9 +137,6 @@ def pair_blocks(
             out.teacher_span[i, :k][out.teacher_span[i, :k] >= whole] = NO_SPAN
             out.student_span[i][out.student_span[i] >= whole] = NO_SPAN
     return out
-
-
-PAIRED_KEYS = ("input_ids", "teacher_ids", "teacher_mask", "student_span", "teacher_span", "student_bytes")
 
 
 def _as_dict(p: PairedBlocks, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

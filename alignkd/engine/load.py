@@ -160,13 +160,17 @@ def load_models(
             "teacher and student tokenizers differ: this command needs one tokenizer for both "
             "(alignkd distill pairs two tokenizations of the text with the span terms)"
         )
+    return tok, teacher, student, _vocab(task, teacher, student, tok, student_tok)
+
+
+def _vocab(task: str, teacher: nn.Module, student: nn.Module, tok, student_tok) -> int:
+    """The logit columns the output terms read: both heads' shared ids; with a tokenizer of the student's own, its
+    ids (only its ce reads its logits by id); 0 for class logits."""
     if task == "sequence_classification":
-        vocab = 0
-    elif student_tok is not None:  # the student's own tokens: its ce reads its tokenizer's ids
-        vocab = common_vocab(student, student, student_tok)
-    else:
-        vocab = common_vocab(teacher, student, tok)
-    return tok, teacher, student, vocab
+        return 0
+    if student_tok is not None:
+        return common_vocab(student, student, student_tok)
+    return common_vocab(teacher, student, tok)
 
 
 def fused_heads(cfg: Config, task, student: nn.Module, teacher: nn.Module) -> tuple[OutputHead, OutputHead] | None:

@@ -189,6 +189,29 @@ def _weighting(cfg: Config, terms: list[Term]) -> Weighting:
     )
 
 
+def _models(cfg: Config, inputs: Inputs | None, say):
+    """The task, the teacher's and (when it has its own) the student's tokenizer, both models and the logit columns
+    they share. A student with a tokenizer of its own makes the task a ``PairedLM``."""
+    task = TASKS[cfg.teacher.task]
+    student_tok = other_tokenizer(cfg, inputs.tokenizer if inputs else _teacher_tokenizer(cfg), say=say)
+    tok, teacher_model, student, vocab = load_models(cfg, inputs=inputs, student_tok=student_tok)
+    if student_tok is not None:
+        task = _paired(cfg, tok, student_tok, teacher_model, say)
+    check_pairing([t.type for t in cfg.losses], paired=student_tok is not None)
+    return task, tok, student_tok, teacher_model, student, vocab
+
+
+def _schedule(cfg: Config, optimizer) -> tuple[Horizon, torch.optim.lr_scheduler.LambdaLR]:
+    """When training ends, and the learning-rate schedule to that end."""
+    max_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
+    horizon = Horizon(cfg.train.steps, max_seconds)
+    # Stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
+    )
+    return horizon, scheduler
+
+
 def _teacher_tokenizer(cfg: Config):
     from alignkd.models import load_tokenizer
 
@@ -202,16 +225,16 @@ def _paired(cfg: Config, tok, student_tok, teacher_model: nn.Module, say) -> Pai
     from alignkd.models.loading import max_positions
 
     g = cfg.generation
-    for bad, what in (
-        (cfg.teacher.cache, "teacher.cache: a teacher cache holds the teacher's logits on the student's blocks"),
-        (any(k != "dataset" for k in g.sources), "generation.sources: sampled text"),
-        (g.eval_prompts, "generation.eval_prompts: the generation metrics compare token ids"),
-        (cfg.data.augment or cfg.data.unlabelled, "data.augment / data.unlabelled"),
-    ):
+    refused = (
+        ("teacher.cache", cfg.teacher.cache, "a teacher cache holds the teacher's outputs on the student's blocks"),
+        ("generation.sources", any(k != "dataset" for k in g.sources), "sampled text is one tokenizer's ids"),
+        ("generation.eval_prompts", g.eval_prompts, "the generation metrics compare token ids"),
+        ("data.augment / data.unlabelled", cfg.data.augment or cfg.data.unlabelled, "these are for classification"),
+    )
+    for key, bad, why in refused:
         if bad:
             raise ConfigError(
-                f"{what.split(':')[0]}: not supported when the student's tokenizer differs from the teacher's "
-                f"({what.split(': ', 1)[-1] if ':' in what else 'teacher-labelled rows'}); leave it out"
+                f"{key}: not supported when the student's tokenizer differs from the teacher's ({why}); leave it out"
             )
     matched = matched_tokens(student_tok, tok)
     say(
@@ -230,12 +253,7 @@ def setup(
     """
     resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
     backend = backend or make_backend(accelerator)
-    task = TASKS[cfg.teacher.task]
-    student_tok = other_tokenizer(cfg, inputs.tokenizer if inputs else _teacher_tokenizer(cfg), say=say)
-    tok, teacher_model, student, vocab = load_models(cfg, inputs=inputs, student_tok=student_tok)
-    if student_tok is not None:
-        task = _paired(cfg, tok, student_tok, teacher_model, say)
-    check_pairing([t.type for t in cfg.losses], paired=student_tok is not None)
+    task, tok, student_tok, teacher_model, student, vocab = _models(cfg, inputs, say)
     plan, side, teacher = _meet(cfg, task, student, teacher_model, say)
     weighting = _weighting(cfg, plan.terms)
     if cfg.weighting.strategy == "gradnorm" and not student.get_input_embeddings().weight.requires_grad:
@@ -253,12 +271,7 @@ def setup(
     weighting.to(accelerator.device)
     backend.shard(side, say)  # before the optimizer: sharding replaces parameters
     optimizer = _optimizer(cfg, side, weighting, backend)
-    max_seconds = cfg.train.max_minutes * 60 if cfg.train.max_minutes is not None else None
-    horizon = Horizon(cfg.train.steps, max_seconds)
-    # Stepped by hand once per optimizer step (Accelerate's wrapper would step it once per process).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.train.warmup, horizon, cfg.train.min_lr_ratio)
-    )
+    horizon, scheduler = _schedule(cfg, optimizer)
     keep_whole = side.head.params() if side.head is not None else ()
     wrapped, optimizer = backend.wrap(side, optimizer, cfg, say, keep_whole=keep_whole)
     sampler = BlockSampler(

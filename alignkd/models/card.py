@@ -43,6 +43,21 @@ def front_matter(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def metadata(teacher: str, task: str) -> dict:
+    """The card's YAML head: the teacher as ``base_model`` when it is a hub id (else the base model its own card
+    names), the license its card states, the pipeline and the tags."""
+    local = looks_local(teacher) or Path(teacher).expanduser().exists()
+    teacher_meta = front_matter(Path(teacher).expanduser() / "README.md") if local else {}
+    meta: dict = {"library_name": "transformers", "pipeline_tag": PIPELINES.get(task, "text-generation")}
+    base = teacher if not local else teacher_meta.get("base_model")
+    if isinstance(base, str) and base:
+        meta["base_model"] = base
+    if teacher_meta.get("license"):
+        meta["license"] = teacher_meta["license"]
+    meta["tags"] = ["distillation", "knowledge-distillation", "alignkd"]
+    return meta
+
+
 def model_card(
     *,
     name: str,
@@ -58,15 +73,6 @@ def model_card(
 ) -> str:
     """The card's text. ``teacher``: the teacher's path or hub id; ``config``: the run's resolved config (what
     ``config.yaml`` holds); ``*_eval``: the held-out numbers (``eval_loss``, ``eval_ppl``, ...)."""
-    local = looks_local(teacher) or Path(teacher).expanduser().exists()
-    teacher_meta = front_matter(Path(teacher).expanduser() / "README.md") if local else {}
-    meta: dict = {"library_name": "transformers", "pipeline_tag": PIPELINES.get(task, "text-generation")}
-    base = teacher if not local else teacher_meta.get("base_model")
-    if isinstance(base, str) and base:
-        meta["base_model"] = base
-    if teacher_meta.get("license"):
-        meta["license"] = teacher_meta["license"]
-    meta["tags"] = ["distillation", "knowledge-distillation", "alignkd"]
     terms = ", ".join(str(t.get("type")) for t in config.get("losses", []))
     rows = [
         f"| {label} | {_number(teacher_eval.get(key))} | {_number(student_eval.get(key))} |"
@@ -76,7 +82,7 @@ def model_card(
     share = student_params / teacher_params if teacher_params else float("nan")
     lines = [
         "---",
-        yaml.safe_dump(meta, sort_keys=False).rstrip(),
+        yaml.safe_dump(metadata(teacher, task), sort_keys=False).rstrip(),
         "---",
         "",
         f"# {name}",
