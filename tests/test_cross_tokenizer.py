@@ -8,7 +8,6 @@ model whose byte-level BPE tokenizer is trained on the training text
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from alignkd.errors import ConfigError
 from alignkd.losses.logits import kl_div
 from alignkd.models.capture import Record
 from alignkd.terms import TERM_TYPES, StepTensors, Term
-from tests.test_engine import make_cfg, read_metrics, student_weights
+from tests.test_engine import make_cfg, read_metrics, resume_copy, student_weights
 
 NEW = {
     "config": {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64},
@@ -71,11 +70,7 @@ def test_resume_across_tokenizers_equals_the_uninterrupted_run(teacher, corpus, 
     a, b = tmp_path / "a", tmp_path / "b"
     cfg = _cfg(teacher, corpus, a, steps=4, save_every=2, keep_checkpoints=10)
     alignkd.distill(cfg)
-    shutil.copytree(a, b)
-    shutil.rmtree(b / "checkpoints" / "step-4")
-    shutil.rmtree(b / "student")
-    cfg["train"]["output_dir"] = str(b)
-    alignkd.distill(cfg, resume=True)
+    resume_copy(a, b, cfg, 4)
     rows_a, _ = read_metrics(a)
     rows_b, _ = read_metrics(b)
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 3, 4]

@@ -132,6 +132,16 @@ def make_run(cfg: dict):
     return setup(c, acc, say=lambda msg: None, inputs=inputs)
 
 
+def resume_copy(a: Path, b: Path, cfg: dict, last: int, **kw) -> dict:
+    """Copy the finished run ``a`` to ``b`` less its step-``last`` checkpoint and its exported student, and resume it
+    there (``kw``: ``alignkd.distill``'s); returns the resumed run's summary."""
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / f"step-{last}")
+    shutil.rmtree(b / "student")
+    cfg["train"]["output_dir"] = str(b)
+    return alignkd.distill(cfg, resume=True, **kw)
+
+
 def student_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "student" / "model.safetensors"))
 
@@ -381,11 +391,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(teacher, corpus, 
     alignkd.distill(cfg)
     assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step-3", "step-6"]
 
-    shutil.copytree(a, b)
-    shutil.rmtree(b / "checkpoints" / "step-6")
-    shutil.rmtree(b / "student")
-    cfg["train"]["output_dir"] = str(b)
-    summary = alignkd.distill(cfg, resume=True, overrides=["train.steps=6"])
+    summary = resume_copy(a, b, cfg, 6, overrides=["train.steps=6"])
     assert summary["last_train"]["step"] == 6
 
     rows_a, _ = read_metrics(a)
