@@ -194,3 +194,15 @@ def test_a_student_tokenizer_that_cannot_spell_the_text_is_one_line(teacher, cor
     cfg = make_cfg(teacher, corpus, tmp_path / "run", losses=[{"type": "span_likelihood"}], student={"path": str(path)})
     _refused(cfg, r"student tokenizer: [\d.]+ % of the training text's student tokens are its unknown token '\[UNK\]'")
     assert not (tmp_path / "run" / "student").exists()
+
+
+def test_a_trained_tokenizer_is_kept_by_what_it_was_trained_on(tmp_path):
+    from alignkd.data.bpe import _fingerprint
+
+    (tmp_path / "a.txt").write_text("some text")
+    before = _fingerprint(str(tmp_path), 300, "text")
+    assert _fingerprint(str(tmp_path), 400, "text") != before
+    (tmp_path / "b.txt").write_text("more text")
+    assert _fingerprint(str(tmp_path), 300, "text") != before
+    # Dataset names on the hub (not local files) are told apart by name.
+    assert _fingerprint("org/one", 300, "text") != _fingerprint("org/two", 300, "text")

@@ -44,11 +44,14 @@ def train_bpe(texts: list[str], vocab_size: int):
 
 
 def _fingerprint(source: str, vocab_size: int, text_field: str) -> str:
-    h = hashlib.sha256(f"{Path(source).resolve()}|{vocab_size}|{text_field}".encode())
+    """What the tokenizer is made from: the source (a local one's files, by name, size and time), size and field."""
+    local = Path(source).exists()
+    h = hashlib.sha256(f"{Path(source).resolve() if local else source}|{vocab_size}|{text_field}".encode())
     for path in sorted(Path(source).rglob("*")) if Path(source).is_dir() else [Path(source)]:
-        if path.is_file():
+        if local and path.is_file():
             st = path.stat()
-            h.update(f"{path.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+            name = path.relative_to(source) if path != Path(source) else path.name
+            h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -57,7 +60,7 @@ def student_bpe(source: str, vocab_size: int, *, text_field: str = "text", say: 
     reused."""
     local = Path(source).exists()
     folder = cache_folder(source, "auto", say, folder=FOLDER, fallback="tokenizers", beside=local)
-    out = folder / f"bpe{vocab_size}-{_fingerprint(source, vocab_size, text_field) if local else 'hub'}"
+    out = folder / f"bpe{vocab_size}-{_fingerprint(source, vocab_size, text_field)}"
     if (out / "tokenizer.json").is_file():
         say(f"student tokenizer: {out} (reused)")
         return out
