@@ -55,7 +55,13 @@ needs_deepspeed = pytest.mark.skipif(
 
 
 def _cfg(
-    root: Path, out: str, batch: int, placement: str = "replicate", generation: dict | None = None, **train
+    root: Path,
+    out: str,
+    batch: int,
+    placement: str = "replicate",
+    generation: dict | None = None,
+    student: dict | None = None,
+    **train,
 ) -> Path:
     cfg = {
         "teacher": {
@@ -86,6 +92,8 @@ def _cfg(
     }
     if generation is not None:
         cfg["generation"] = generation
+    if student is not None:
+        cfg["student"] = student
     path = root / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -189,6 +197,29 @@ def _check_resumes_last_step(root: Path, config: Path, launch: Path, out: Path) 
 def test_two_processes_launched_as_documented_match_one_process(one_process):
     launch = _launch_two(_cfg(one_process, "two", 2), one_process)
     _check_matches_one_process(one_process, one_process / "two", launch)
+
+
+@needs_distributed
+@pytest.mark.slow
+def test_a_lora_student_over_two_ddp_processes_matches_one_process(one_process):
+    """Only the adapters train and DDP averages their gradients: the two runs' losses and merged students agree."""
+    student = {"from_teacher": {"layers": [0, 1]}, "peft": {"r": 4, "target_modules": ["all-linear", "lm_head"]}}
+    for out, batch in (("lora_one", 4), ("lora_two", 2)):
+        config = _cfg(one_process, out, batch, student=student)
+        if batch == 4:
+            _run([sys.executable, "-m", "alignkd", "distill", str(config)], one_process)
+        else:
+            launch = _launch_two(config, one_process)
+    assert launch.stdout.count("student saved to") == 1
+    a, b = _records(one_process / "lora_two"), _records(one_process / "lora_one")
+    assert [r["split"] for r in a] == [r["split"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for key in [k for k in y if k.startswith(("loss", "eval_"))]:
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    s2, s1 = (load_file(str(one_process / d / "student" / "model.safetensors")) for d in ("lora_two", "lora_one"))
+    assert s2.keys() == s1.keys() and not any("lora" in k for k in s2)
+    for k in s2:
+        torch.testing.assert_close(s2[k], s1[k], atol=1e-4, rtol=0, msg=k)
 
 
 # Seed 0 draws the data for step 1 and the student's samples for steps 2 and 3.

@@ -38,6 +38,8 @@ class Backend:
     """The ``state.json`` key naming how a checkpoint is split over the processes; None: one whole state."""
     optimizers: tuple[str, ...] = OPTIMIZERS
     """The ``train.optimizer`` choices this back-end steps (and is tested with)."""
+    adapters: bool = True
+    """Whether it trains a student with PEFT adapters (``student.peft``)."""
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
@@ -151,6 +153,7 @@ class FSDP2(Backend):
     """An FSDP launch: the student's blocks sharded with FSDP2, the rest whole and averaged like DDP's."""
 
     optimizers = ("adamw",)  # Adafactor's row and column statistics over sharded matrices are untested here
+    adapters = False  # frozen base and trained adapters in one sharded unit: untested here
 
     layout = "sharded_over"
 
@@ -231,6 +234,7 @@ class ZeRO(Backend):
     """A DeepSpeed launch: the student in a ZeRO engine (stage 1, 2 or 3), which reduces, clips and steps."""
 
     optimizers = ("adamw",)  # ZeRO partitions AdamW's state; another optimizer in its engine is untested here
+    adapters = False  # a LoRA student's optimizer state is already small: ZeRO has little to partition
 
     def __init__(self, accelerator: Accelerator, settings: dict):
         super().__init__(accelerator)

@@ -66,6 +66,29 @@ class FromTeacherConfig:
 
 
 @dataclass
+class PeftSettings:
+    """Low-rank adapters trained in place of the student's weights (the ``peft`` library)."""
+
+    method: str = "lora"
+    """lora, dora (LoRA with a learned magnitude per output row) or rslora (LoRA scaled by alpha / sqrt(r))."""
+    r: int = 8
+    """Rank of each adapter."""
+    alpha: float = 16.0
+    """Scale of the update: ``alpha / r`` times ``B @ A`` (rslora: ``alpha / sqrt(r)``)."""
+    dropout: float = 0.0
+    """Dropout on each adapter's input while training. Above 0 on ``lm_head``, the LM head cannot run fused
+    (its logits are then made by the adapted head)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Linear layers that get an adapter: names or name endings (``q_proj``, ``model.layers.0.mlp.up_proj``),
+    or all-linear (every linear layer but the output head; add ``lm_head`` to adapt it too). One that matches
+    nothing is an error."""
+    merge: bool = True
+    """Export: true writes ``student/`` as an ordinary model with the adapters folded in; false writes the adapter
+    folder that ``PeftModel.from_pretrained`` loads (with the base beside it in ``student/base/`` when the
+    student was built here rather than read from ``student.path``)."""
+
+
+@dataclass
 class StudentConfig:
     """The student: exactly one of ``path``, ``from_teacher`` or ``config``."""
 
@@ -98,6 +121,9 @@ class StudentConfig:
     ``*.embed_tokens*``, ``model.layers.0``). They stay bit-identical, get no gradient and no optimizer state (for a
     large vocabulary, the embedding copied from the teacher then costs no AdamW memory); a tied head is frozen with
     its embedding. A pattern that matches nothing is an error."""
+    peft: PeftSettings | None = None
+    """Train low-rank adapters (LoRA and kin) instead of the student's weights: only the adapters and the
+    projectors are trained and held by the optimizer. One process or DDP. None: the whole student trains."""
 
 
 @dataclass

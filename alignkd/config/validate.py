@@ -6,6 +6,7 @@ from alignkd.align.tasks import TASKS
 from alignkd.align.weighting import WEIGHTINGS
 from alignkd.checks import one_of
 from alignkd.errors import ConfigError
+from alignkd.models.adapters import PEFT_METHODS
 from alignkd.terms import TERM_TYPES, check_pairing, role
 
 PLACEMENTS = ("replicate", "shard")
@@ -44,6 +45,7 @@ def validate(cfg) -> None:
     if cfg.student.tokenizer is not None and cfg.student.new_tokenizer is not None:
         raise ConfigError("student: set tokenizer (an existing one) or new_tokenizer (one trained here), not both")
     _check_own_tokenizer(cfg)
+    _check_peft(cfg)
     if not cfg.data.train:
         raise ConfigError("data.train: required (a text file, folder, JSONL, CSV or datasets name)")
     if cfg.data.seq_len < 2:
@@ -230,6 +232,33 @@ def _check_own_tokenizer(cfg) -> None:
         )
     if own == "new_tokenizer":  # a tokenizer trained here is never the teacher's
         check_pairing([t.type for t in cfg.losses], paired=True)
+
+
+def _check_peft(cfg) -> None:
+    """``student.peft``: a known method and sizes, on a student that already knows something."""
+    p, s = cfg.student.peft, cfg.student
+    if p is None:
+        return
+    one_of(p.method, list(PEFT_METHODS), "student.peft.method")
+    if p.r < 1:
+        raise ConfigError("student.peft.r: must be >= 1 (the adapters' rank, e.g. 8)")
+    if not p.alpha > 0:
+        raise ConfigError("student.peft.alpha: must be > 0 (e.g. twice r)")
+    if not 0 <= p.dropout < 1:
+        raise ConfigError(f"student.peft.dropout: {p.dropout:g} is outside [0, 1)")
+    if not p.target_modules:
+        raise ConfigError("student.peft.target_modules: empty; name the layers to adapt, e.g. [q_proj, v_proj]")
+    if s.config is not None and s.init == "random":
+        raise ConfigError(
+            "student.peft: adapters learn a small change to weights that already know something, and a student with "
+            "init: random has new weights; use student.path, student.from_teacher or init: prune"
+        )
+    if cfg.teacher.task != "causal_lm":
+        raise ConfigError(
+            f"student.peft: adapters are for causal LM students (teacher.task is {cfg.teacher.task}); leave it out"
+        )
+    if s.freeze:
+        raise ConfigError("student.freeze: with student.peft only the adapters train already; leave freeze out")
 
 
 def _check_augment(cfg) -> None:

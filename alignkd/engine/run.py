@@ -23,6 +23,7 @@ from alignkd.engine.loop import train
 from alignkd.engine.output_dir import check_output, check_resumable, clear, remove_leftovers
 from alignkd.engine.setup import Run, setup
 from alignkd.errors import ConfigError
+from alignkd.models.adapters import adapter_count, has_adapters, plain_copy, save_adapter
 from alignkd.models.card import model_card
 from alignkd.models.families import blocks_of
 from alignkd.models.student import param_count
@@ -55,7 +56,11 @@ def save_outputs(run: Run) -> Path:
 def _write_outputs(run: Run, state, aux: dict, tmp: Path, projectors: Path) -> None:
     """The main process's part of the export: each file whole under its temporary name, then renamed."""
     shutil.rmtree(tmp, ignore_errors=True)
-    run.unwrapped.student.save_pretrained(tmp, state_dict=state)
+    student = run.unwrapped.student
+    if has_adapters(student):
+        _write_adapted(run, tmp)
+    else:
+        student.save_pretrained(tmp, state_dict=state)
     run.student_tokenizer.save_pretrained(tmp)
     aux = {k: v.detach().cpu().contiguous() for k, v in aux.items()}
     if aux:
@@ -63,6 +68,24 @@ def _write_outputs(run: Run, state, aux: dict, tmp: Path, projectors: Path) -> N
     replace_dir(tmp, run.out / "student")
     if aux:
         os.replace(projectors, run.out / "projectors.safetensors")
+
+
+def _write_adapted(run: Run, tmp: Path) -> None:
+    """A PEFT student's export (one process or DDP, so the main process holds it whole): the model with its adapters
+    folded in (``student.peft.merge``), or the adapter folder with the base it names."""
+    student, peft = run.unwrapped.student, run.cfg.student.peft
+    if peft.merge:
+        plain_copy(student).save_pretrained(tmp)
+        return
+    tmp.mkdir(parents=True)
+    base = run.cfg.student.path
+    if base is None:  # built here (from the teacher): the frozen base is saved beside the adapter
+        plain_copy(student, fold=False).save_pretrained(tmp / "base")
+        run.student_tokenizer.save_pretrained(tmp / "base")
+        base = str((run.out / "student" / "base").resolve())  # where it will be once renamed into place
+    elif Path(base).expanduser().is_dir():
+        base = str(Path(base).expanduser().resolve())
+    save_adapter(student, tmp, base)
 
 
 def _export_bytes(run: Run, state, aux: dict) -> int:
@@ -104,9 +127,7 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     student = run.unwrapped.student
     say(
         f"teacher {param_count(run.teacher.model) / 1e6:.2f}M params ({len(blocks_of(run.teacher.model))} blocks), "
-        f"student {param_count(student) / 1e6:.2f}M ({len(blocks_of(student))} blocks"
-        + (f", {frozen / 1e6:.2f}M of them frozen" if (frozen := _frozen(student)) else "")
-        + "); "
+        f"student {_params(student) / 1e6:.2f}M ({len(blocks_of(student))} blocks" + _trained_part(student) + "); "
         f"{run.train_data['input_ids'].shape[0]} training blocks; terms: {', '.join(run.weighting.names)}"
     )
     t0 = time.perf_counter()
@@ -116,7 +137,7 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
         "steps": last["train"].get("step", start),
         "train_seconds": time.perf_counter() - t0,
         "teacher_params": param_count(run.teacher.model),
-        "student_params": param_count(student),
+        "student_params": _params(student),
         "teacher_eval": teacher_eval,
         "student_eval": last["eval"],
         "last_train": last["train"],
@@ -176,9 +197,18 @@ def _precision(cfg: Config) -> dict:
     }
 
 
-def _frozen(model) -> int:
-    """Parameters ``student.freeze`` keeps out of training (a tied tensor once)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if not p.requires_grad)
+def _params(student) -> int:
+    """The student's parameters as exported: a PEFT student's adapters fold into its weights and add none."""
+    return param_count(student) - adapter_count(student)
+
+
+def _trained_part(student) -> str:
+    """What of the student trains, when not all of it: ``student.peft``'s adapters, or what ``student.freeze``
+    leaves (a tied tensor once)."""
+    if has_adapters(student):
+        return f", base frozen; {adapter_count(student) / 1e6:.3f}M adapter parameters trained"
+    frozen = sum(getattr(p, "ds_numel", p.numel()) for p in student.parameters() if not p.requires_grad)
+    return f", {frozen / 1e6:.2f}M of them frozen" if frozen else ""
 
 
 def _eval_blocks(run: Run) -> int:

@@ -244,6 +244,17 @@ def _paired(cfg: Config, tok, student_tok, teacher_model: nn.Module, say) -> Pai
     return PairedLM(student_tok, tok, matched, max_positions(teacher_model))
 
 
+def _check_trained(cfg: Config, student: nn.Module) -> None:
+    """What needs a trained input embedding: GradNorm measures each term's gradient there."""
+    if cfg.weighting.strategy != "gradnorm" or student.get_input_embeddings().weight.requires_grad:
+        return
+    why = "student.peft: the adapters leave" if cfg.student.peft is not None else "student.freeze: it keeps"
+    raise ConfigError(
+        f"{why} the input embedding frozen, and GradNorm measures each term's gradient there; "
+        "choose weighting.strategy static, ratio or uncertainty"
+    )
+
+
 def setup(
     cfg: Config, accelerator: Accelerator, say=print, inputs: Inputs | None = None, backend: Backend | None = None
 ) -> Run:
@@ -253,14 +264,15 @@ def setup(
     """
     resolve_precision(cfg, accelerator.device)  # no-op after distill() resolved it
     backend = backend or make_backend(accelerator)
+    if cfg.student.peft is not None and not backend.adapters:
+        raise ConfigError(
+            "student.peft: adapters train under one process or DDP, not under this launch's FSDP2 or DeepSpeed ZeRO "
+            "(a LoRA student's optimizer state is small already); launch with DDP (configs/accelerate/ddp.yaml)"
+        )
     task, tok, student_tok, teacher_model, student, vocab = _models(cfg, inputs, say)
     plan, side, teacher = _meet(cfg, task, student, teacher_model, say)
     weighting = _weighting(cfg, plan.terms)
-    if cfg.weighting.strategy == "gradnorm" and not student.get_input_embeddings().weight.requires_grad:
-        raise ConfigError(
-            "student.freeze: GradNorm measures each term's gradient at the student's input embedding, which is frozen; "
-            "keep it trained or choose weighting.strategy static, ratio or uncertainty"
-        )
+    _check_trained(cfg, student)
     train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
     train_data = with_teacher_rows(cfg, tok, teacher_model, train_data, say)  # data.augment, data.unlabelled
     if teacher.cache is not None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from alignkd.errors import FamilyError
+from alignkd.models.adapters import head_parts, lora_delta
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,16 @@ class OutputHead:
     bias: torch.Tensor | None
     softcap: float | None
     """Logits = softcap * tanh(logits / softcap) when set (Gemma-2/3)."""
+    adapter: nn.Module | None = None
+    """A LoRA layer on the head (``student.peft``): ``weight`` is then its frozen base."""
+
+    def matrix(self) -> torch.Tensor:
+        """``[V, D]``: the matrix the logits are made with. With an adapter, the base plus its low-rank update,
+        made again at each call (the adapter trains) and differentiable into the adapter: a fused loss's
+        gradient for the head reaches ``lora_A`` and ``lora_B`` through it, so the adapter is never left out."""
+        if self.adapter is None:
+            return self.weight
+        return self.weight + lora_delta(self.adapter).to(self.weight.dtype)
 
     def params(self) -> list[torch.Tensor]:
         """The weight, and the bias when there is one."""
@@ -79,10 +90,11 @@ def output_head(model: nn.Module) -> OutputHead | None:
     """The head, when the family's logits are a plain function of the base model's last hidden states; else None."""
     if getattr(model.config, "model_type", "") not in PLAIN_HEAD:
         return None
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
+    parts = head_parts(model.get_output_embeddings())  # a plain nn.Linear, or one with a LoRA adapter
+    if parts is None:
         return None
-    return OutputHead(head.weight, head.bias, getattr(model.config, "final_logit_softcapping", None))
+    base, adapter = parts
+    return OutputHead(base.weight, base.bias, getattr(model.config, "final_logit_softcapping", None), adapter)
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:

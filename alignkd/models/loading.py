@@ -17,6 +17,7 @@ from transformers import (
 
 from alignkd.display import DEBUG
 from alignkd.errors import ModelError
+from alignkd.models.adapters import adapter_base, is_adapter_folder, merge_adapter_folder
 from alignkd.precision import DTYPES, default_device, resolve_dtype
 
 AUTO_CLASSES = {
@@ -83,7 +84,14 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
 ):
-    """Load a pretrained model for ``task`` from a folder or hub id."""
+    """Load a pretrained model for ``task`` from a folder or hub id; a PEFT adapter folder is loaded as its base
+    model with the adapter folded in."""
+    if is_adapter_folder(path):
+        base = load_model(
+            adapter_base(path), task=task, dtype=dtype, what=f"{what} (the adapter's base)",
+            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+        )  # fmt: skip
+        return merge_adapter_folder(base, path)
     _check_source(path, what)
     kwargs = {"dtype": DTYPES[resolve_dtype(dtype, default_device())], "trust_remote_code": trust_remote_code}
     if attn_implementation:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from alignkd.errors import ConfigError, ModelError
+from alignkd.models.adapters import add_adapters
 from alignkd.models.depth import even_layers
 from alignkd.models.families import blocks_of, family_of, get_path
 from alignkd.models.loading import AUTO_CLASSES, load_model
@@ -123,6 +124,8 @@ def build_student(
     for p in student.parameters():
         p.requires_grad_(True)
     freeze_matching(student, cfg.freeze)
+    if cfg.peft is not None:
+        add_adapters(student, cfg.peft)  # freezes the base: only the adapters train
     student.train()
     return student
 

@@ -27,7 +27,7 @@ def ce_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
             return shared
         head = x.heads[0]
         return L.lm_head_ce(
-            x.student.final_hidden, head.weight, _ce_labels(x), bias=head.bias, softcap=head.softcap, vocab=x.vocab
+            x.student.final_hidden, head.matrix(), _ce_labels(x), bias=head.bias, softcap=head.softcap, vocab=x.vocab
         )
     s, _, _ = x.logits()
     tgt, has = x.targets()
@@ -81,7 +81,7 @@ def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
             s = x.heads[0]
             return L.lm_head_sparse_kl(
                 x.student.final_hidden,
-                s.weight,
+                s.matrix(),
                 t.topk_ids,
                 t.topk_logprobs,
                 t.tail,
@@ -100,9 +100,9 @@ def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
         s, t = x.heads
         return L.lm_head_kl(
             x.student.final_hidden,
-            s.weight,
+            s.matrix(),
             x.teacher.final_hidden,
-            t.weight,
+            t.matrix(),
             x.mask,
             student_bias=s.bias,
             teacher_bias=t.bias,
@@ -137,9 +137,9 @@ def _from_one_walk(term: Term, x: StepTensors) -> torch.Tensor | None:
         c = kl_term.cfg
         x.shared["kl_ce"] = L.lm_head_kl_ce(
             x.student.final_hidden,
-            s.weight,
+            s.matrix(),
             x.teacher.final_hidden,
-            t.weight,
+            t.matrix(),
             x.mask,
             _ce_labels(x),
             kind=c.kind,

@@ -1,0 +1,210 @@
+"""PEFT students: low-rank adapters injected into the student (``student.peft``), their fused head, their export.
+
+The adapters are put into the student in place (``peft.get_peft_model`` wraps the
+model, and alignkd keeps training the model inside the wrapper): module paths stay
+those of the family, so captures, block maps and heads find what they always find;
+only the adapted ``nn.Linear`` layers become peft's ``lora.Linear`` (base layer plus
+``lora_A`` / ``lora_B``). The base weights are frozen; the optimizer sees the adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignkd.errors import ConfigError, ModelError
+
+PEFT_METHODS = {
+    "lora": {},
+    "dora": {"use_dora": True},  # weight-decomposed LoRA: a learned magnitude per output row
+    "rslora": {"use_rslora": True},  # LoRA scaled by alpha / sqrt(r) instead of alpha / r
+}
+"""Values of ``student.peft.method``: each is a ``peft.LoraConfig`` with these settings."""
+
+ADAPTER = "default"
+"""peft's name for the one adapter a student carries."""
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of the model's ``nn.Linear`` layers (what ``target_modules`` may name)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _matches(target: str, names: list[str]) -> bool:
+    """peft's rule: ``all-linear``; else a full name, or a name ending in ``.target`` (one string may be a regex)."""
+    if target == "all-linear":
+        return any(n.rpartition(".")[2] != "lm_head" for n in names)
+    return any(n == target or n.endswith("." + target) or re.fullmatch(target, n) for n in names)
+
+
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Refuse ``target_modules`` entries that adapt nothing, naming the layers there are."""
+    names = linear_names(model)
+    missing = [t for t in targets if not _matches(t, names)]
+    if missing:
+        leaves = sorted({n.rpartition(".")[2] for n in names})
+        raise ConfigError(
+            f"student.peft.target_modules: {', '.join(map(repr, missing))} match no linear layer of the student; "
+            f"its linear layers are named {', '.join(leaves)} (or use all-linear)"
+        )
+
+
+def add_adapters(student: nn.Module, peft_cfg) -> nn.Module:
+    """Inject ``peft_cfg``'s adapters into ``student`` (in place) and freeze everything else; returns the student.
+
+    ``peft_cfg``: a ``PeftSettings`` (method, r, alpha, dropout, target_modules).
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("student.peft: needs the peft package; pip install peft") from None
+    targets = list(peft_cfg.target_modules)
+    check_targets(student, targets)
+    lora = LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+        **PEFT_METHODS[peft_cfg.method],
+    )
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = get_peft_model(student, lora)  # freezes the base, leaves the adapters trainable
+    inner = wrapped.base_model.model
+    assert inner is student  # the wrapper is not kept: the student itself carries the adapters
+    return student
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and any(_is_lora(m) for m in model.modules())
+
+
+def adapter_count(model: nn.Module) -> int:
+    """Values in the model's adapters (0 without)."""
+    return sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def _is_lora(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def lora_delta(module: nn.Module) -> torch.Tensor | None:
+    """``scaling * B @ A``, ``[out, in]``: what a plain LoRA layer adds to its base weight (with gradients to A and
+    B); None when the layer cannot be written as base + delta (DoRA's magnitude, dropout on the input while
+    training, several or no active adapters)."""
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1 or getattr(module, "merged", False):
+        return None
+    a = active[0]
+    if module.use_dora.get(a, False):
+        return None
+    drop = module.lora_dropout[a]
+    if module.training and isinstance(drop, nn.Dropout) and drop.p > 0:
+        return None
+    weight_b, weight_a = module.lora_B[a].weight, module.lora_A[a].weight  # [out, r], [r, in]
+    return (weight_b @ weight_a) * module.scaling[a]
+
+
+def head_parts(head: nn.Module) -> tuple[nn.Linear, nn.Module | None] | None:
+    """The output head's base ``nn.Linear`` and its LoRA layer (None when plain); None when it is neither."""
+    if isinstance(head, nn.Linear):
+        return head, None
+    if _is_lora(head) and isinstance(head.base_layer, nn.Linear) and lora_delta(head) is not None:
+        return head.base_layer, head
+    return None
+
+
+def merged_state(student: nn.Module, fold: bool = True) -> dict[str, torch.Tensor]:
+    """The student's weights with every adapter folded into its base weight (``fold``; else the base weights
+    alone), under the family's own names: what ``save_pretrained`` of the model without adapters would write."""
+    state = {}
+    lora_layers = {n: m for n, m in student.named_modules() if _is_lora(m)}
+    for name, value in student.state_dict().items():
+        if ".lora_" in name or ".lora_magnitude_vector" in name:
+            continue
+        owner = name.rpartition(".base_layer.")[0]
+        if owner in lora_layers:
+            kind = name.rpartition(".")[2]  # weight or bias
+            value = _folded(lora_layers[owner]) if kind == "weight" and fold else value
+            name = f"{owner}.{kind}"
+        state[name] = value.detach()
+    return state
+
+
+@torch.no_grad()
+def _folded(layer: nn.Module) -> torch.Tensor:
+    """The base weight plus the adapter's update, as peft's own merge computes it (DoRA included)."""
+    return layer.base_layer.weight + layer.get_delta_weight(ADAPTER) if not _dora(layer) else _dora_folded(layer)
+
+
+def _dora(layer: nn.Module) -> bool:
+    return bool(layer.use_dora.get(ADAPTER, False))
+
+
+def _dora_folded(layer: nn.Module) -> torch.Tensor:
+    base = layer.base_layer.weight
+    combined = base + layer.get_delta_weight(ADAPTER)
+    norm = layer.lora_magnitude_vector[ADAPTER].get_weight_norm(base, layer.get_delta_weight(ADAPTER), scaling=1)
+    magnitude = layer.lora_magnitude_vector[ADAPTER].weight
+    return (magnitude / norm).view(-1, 1) * combined
+
+
+def plain_copy(student: nn.Module, fold: bool = True) -> nn.Module:
+    """A new model of the student's class and config without adapters, holding ``merged_state`` (sharing its
+    tensors): what ``save_pretrained`` writes as an ordinary model folder."""
+    with torch.device("meta"):
+        plain = type(student)(student.config)
+    plain.load_state_dict(merged_state(student, fold), strict=False, assign=True)
+    plain.tie_weights()
+    return plain
+
+
+def save_adapter(student: nn.Module, folder: Path, base: str) -> None:
+    """The adapter folder ``PeftModel.from_pretrained(base_model, folder)`` loads: ``adapter_config.json`` (naming
+    ``base``) and ``adapter_model.safetensors``."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    # PeftModel names the student's weights from its own root: base_model.model.<the student's names>.
+    # The base is the frozen one the config names: no embedding or head is saved again beside the adapters.
+    state = get_peft_model_state_dict(student, adapter_name=ADAPTER, save_embedding_layers=False)
+    save_file(
+        {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}, folder / ADAPTER_FILES[1]
+    )
+    config = student.peft_config[ADAPTER]
+    config.base_model_name_or_path = base
+    config.save_pretrained(str(folder))
+
+
+def is_adapter_folder(path: str) -> bool:
+    p = Path(path).expanduser()
+    return (p / ADAPTER_FILES[0]).is_file() and not (p / "config.json").is_file()
+
+
+def adapter_base(path: str) -> str:
+    """The base model an adapter folder names: a folder relative to the adapter's, else as written (a hub id or an
+    absolute folder)."""
+    p = Path(path).expanduser()
+    base = json.loads((p / ADAPTER_FILES[0]).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{path}: adapter_config.json names no base_model_name_or_path; set it to the base model")
+    return str(p / base) if (p / base).is_dir() else base
+
+
+def merge_adapter_folder(base_model: nn.Module, path: str) -> nn.Module:
+    """``base_model`` with the adapter folder's update folded in (a plain model of its family)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelError(
+            f"{path} is a PEFT adapter folder; loading it needs the peft package: pip install peft"
+        ) from None
+    return PeftModel.from_pretrained(base_model, path).merge_and_unload()
