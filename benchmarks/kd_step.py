@@ -15,6 +15,8 @@ per case. The time is the median over ``--steps`` steps after ``--warmup`` steps
 - ``c-bf16``: forward KL under bf16 autocast (``train.mixed_precision=bf16``), as the demo runs it;
 - ``g`` / ``g-bf16``: forward KL + CE (both through the student's head), float32 and
   under bf16 autocast (``train.mixed_precision=bf16``; slow on a CPU without fast bf16);
+- ``g-lora`` / ``g-lora-head``: ``g`` with a LoRA student (``student.peft``, rank 16 on every linear layer
+  of the blocks; and on ``lm_head``, which then runs in the fused head as base + low-rank update);
 - ``e-logits`` / ``e-hidden``: KL, and KL + hidden, trained from a teacher cache that
   ``alignkd cache-teacher CONFIG teacher.cache=DIR`` wrote beforehand (not timed);
   "not available" when the CLI has no such command;
@@ -59,6 +61,8 @@ CASES = {
     "d": "alignkd KL + hidden + relation, 2 layers",
     "g": "alignkd forward KL + CE",
     "g-bf16": "alignkd forward KL + CE, bf16 autocast",
+    "g-lora": "alignkd forward KL + CE, LoRA student (r 16)",
+    "g-lora-head": "the same, LoRA on lm_head too",
     "e-logits": "alignkd KL from teacher cache (logits)",
     "e-hidden": "alignkd KL + hidden from teacher cache",
     "e-logits-unfused": "alignkd KL from teacher cache, logits (fused_head false)",
@@ -80,6 +84,12 @@ LOSSES = {
 }
 LOSSES.update({f"{c}-unfused": LOSSES[c] for c in ("b", "c", "e-logits")})
 LOSSES["c-bf16"] = LOSSES["c"]
+LOSSES["g-lora"] = LOSSES["g-lora-head"] = LOSSES["g"]
+# student.peft of the LoRA cases: every linear layer of the blocks (and the head), rank 16.
+LORA = {
+    "g-lora": {"r": 16, "alpha": 32, "target_modules": ["all-linear"]},
+    "g-lora-head": {"r": 16, "alpha": 32, "target_modules": ["all-linear", "lm_head"]},
+}
 # The CLI without an entry script: works in any venv that has alignkd importable from here.
 CLI = "import sys; from alignkd.cli import main; sys.exit(main())"
 TARGETS = [  # (label, value from the medians, comparison, bound)
@@ -90,6 +100,9 @@ TARGETS = [  # (label, value from the medians, comparison, bound)
     ("time (e-hidden)/(a)", lambda r: r["e-hidden"]["s"] / r["a"]["s"], "<=", 1.15),
     ("tokens/s (c)/(f)", lambda r: r["f"]["s"] / r["c"]["s"], ">=", 1.6),
     ("peak RSS (c)/(f)", lambda r: r["c"]["rss_mb"] / r["f"]["rss_mb"], "<=", 0.5),
+    # issue 21: a LoRA student keeps no AdamW state and no weight gradients for its frozen base
+    ("peak RSS (g-lora)/(g)", lambda r: r["g-lora"]["rss_mb"] / r["g"]["rss_mb"], "<=", 1.0),
+    ("time (g-lora)/(g)", lambda r: r["g-lora"]["s"] / r["g"]["s"], "<=", 1.0),
 ]
 
 
@@ -109,7 +122,7 @@ def run_config(spec: dict, case: str) -> dict:
     """The ``alignkd distill`` config of an alignkd case (and of the prepare step, with case ``b``)."""
     return {
         "teacher": {"path": spec["teacher"], "dtype": "float32"},
-        "student": {"from_teacher": {"layers": spec["layers"]}},
+        "student": {"from_teacher": {"layers": spec["layers"]}, "peft": LORA.get(case)},
         "data": {"train": spec["corpus"], "seq_len": SEQ, "max_train_tokens": spec["max_train_tokens"]},
         "losses": LOSSES[case],
         "weighting": {"strategy": "static"},

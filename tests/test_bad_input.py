@@ -354,6 +354,28 @@ CASES: list[Case] = [
         ("student.tokenizer: only a student built with new weights",),
     ),
     Case(
+        "peft_method_unknown",
+        lambda w: D(
+            w,
+            "peft_method_unknown",
+            "student.config=null",
+            "student.from_teacher={layers: [0]}",
+            "student.peft={method: lorra}",
+        ),
+        ("student.peft.method: 'lorra' is not one of lora, dora, rslora; did you mean 'lora'?",),
+    ),  # fmt: skip
+    Case(
+        "peft_target_matches_nothing",
+        lambda w: D(
+            w,
+            "peft_target_matches_nothing",
+            "student.config=null",
+            "student.from_teacher={layers: [0]}",
+            "student.peft={target_modules: [qproj]}",
+        ),
+        ("student.peft.target_modules: 'qproj' matches no linear layer of the student", "q_proj"),
+    ),  # fmt: skip
+    Case(
         "student_tokenizer_missing",
         lambda w: D(w, "student_tokenizer_missing", f"student.tokenizer={w.root / 'no_tok'}", "losses=[{type: ce}]"),
         ("student.tokenizer: folder not found",),

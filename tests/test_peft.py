@@ -152,6 +152,9 @@ def test_merged_export_equals_the_adapter_folder(teacher, corpus, tmp_path):
     loaded = load_model(str(folder), task="causal_lm").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, a, rtol=1e-5, atol=1e-5)
+    card = (folder / "README.md").read_text()
+    assert "library_name: peft" in card and "- lora" in card and "PeftModel.from_pretrained" in card
+    assert "library_name: transformers" in (runs[True] / "student" / "README.md").read_text()
     summary = json.loads((runs[True] / "summary.json").read_text())
     assert summary["student_params"] == sum(p.numel() for p in merged.parameters())
 
@@ -191,7 +194,7 @@ def test_target_modules_that_match_nothing_name_the_layers_there_are(teacher, co
     cfg = make_cfg(
         teacher, corpus, tmp_path / "r", losses=[{"type": "kl"}], student=peft_student(target_modules=["qproj"])
     )
-    with pytest.raises(ConfigError, match=r"'qproj' match no linear layer of the student; .*named .*q_proj"):
+    with pytest.raises(ConfigError, match=r"'qproj' matches no linear layer of the student; .*named .*q_proj"):
         alignkd.distill(cfg)
     assert not (tmp_path / "r").exists()
 

@@ -51,7 +51,8 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
     if missing:
         leaves = sorted({n.rpartition(".")[2] for n in names})
         raise ConfigError(
-            f"student.peft.target_modules: {', '.join(map(repr, missing))} match no linear layer of the student; "
+            f"student.peft.target_modules: {', '.join(map(repr, missing))} "
+            f"{'matches' if len(missing) == 1 else 'match'} no linear layer of the student; "
             f"its linear layers are named {', '.join(leaves)} (or use all-linear)"
         )
 

@@ -43,18 +43,28 @@ def front_matter(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def metadata(teacher: str, task: str) -> dict:
+def metadata(teacher: str, task: str, peft: dict | None = None) -> dict:
     """The card's YAML head: the teacher as ``base_model`` when it is a hub id (else the base model its own card
-    names), the license its card states, the pipeline and the tags."""
+    names), the license its card states, the pipeline and the tags. ``peft``: the run's ``student.peft``; an
+    adapter folder (``merge: false``) is then a peft library folder."""
     local = looks_local(teacher) or Path(teacher).expanduser().exists()
     teacher_meta = front_matter(Path(teacher).expanduser() / "README.md") if local else {}
-    meta: dict = {"library_name": "transformers", "pipeline_tag": PIPELINES.get(task, "text-generation")}
+    adapter = bool(peft) and not peft.get("merge", True)
+    meta: dict = {
+        "library_name": "peft" if adapter else "transformers",
+        "pipeline_tag": PIPELINES.get(task, "text-generation"),
+    }
     base = teacher if not local else teacher_meta.get("base_model")
     if isinstance(base, str) and base:
         meta["base_model"] = base
     if teacher_meta.get("license"):
         meta["license"] = teacher_meta["license"]
-    meta["tags"] = ["distillation", "knowledge-distillation", "alignkd"]
+    meta["tags"] = [
+        "distillation",
+        "knowledge-distillation",
+        "alignkd",
+        *([str(peft.get("method", "lora"))] if peft else []),
+    ]
     return meta
 
 
@@ -74,6 +84,7 @@ def model_card(
     """The card's text. ``teacher``: the teacher's path or hub id; ``config``: the run's resolved config (what
     ``config.yaml`` holds); ``*_eval``: the held-out numbers (``eval_loss``, ``eval_ppl``, ...)."""
     terms = ", ".join(str(t.get("type")) for t in config.get("losses", []))
+    peft = (config.get("student") or {}).get("peft")
     rows = [
         f"| {label} | {_number(teacher_eval.get(key))} | {_number(student_eval.get(key))} |"
         for key, label in HELD_OUT.items()
@@ -82,13 +93,14 @@ def model_card(
     share = student_params / teacher_params if teacher_params else float("nan")
     lines = [
         "---",
-        yaml.safe_dump(metadata(teacher, task), sort_keys=False).rstrip(),
+        yaml.safe_dump(metadata(teacher, task, peft), sort_keys=False).rstrip(),
         "---",
         "",
         f"# {name}",
         "",
         f"Distilled from `{teacher}` with alignkd {version}: {steps} optimizer steps of {terms}.",
         "",
+        *_adapter_lines(peft),
         "## Size",
         "",
         "| | teacher | student |",
@@ -122,6 +134,20 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _adapter_lines(peft: dict | None) -> list[str]:
+    """What a PEFT student's card says of its adapters (nothing for a fully trained student)."""
+    if not peft:
+        return []
+    what = (
+        "folded into the weights of this folder"
+        if peft.get("merge", True)
+        else "this folder is the adapter: load it with `PeftModel.from_pretrained(base, folder)`, the base being "
+        "`base_model_name_or_path` in `adapter_config.json`"
+    )
+    targets = ", ".join(map(str, peft.get("target_modules", [])))
+    return [f"Only {peft.get('method')} adapters (rank {peft.get('r')}, on {targets}) were trained; {what}.", ""]
 
 
 def _number(value) -> str:
