@@ -229,11 +229,13 @@ def test_resume_continues_the_same_wandb_and_mlflow_runs(teacher, corpus, offlin
         assert history == pytest.approx({s: row[key] for s, row in expected.items() if key in row}), key
 
 
-def test_a_tracker_that_cannot_start_is_one_line(teacher, corpus, offline, monkeypatch):
-    pytest.importorskip("mlflow")
+@pytest.mark.parametrize("report_to", [["mlflow"], pytest.param(["wandb", "mlflow"], marks=pytest.mark.slow)])
+def test_a_tracker_that_cannot_start_is_one_line_naming_it(teacher, corpus, offline, monkeypatch, report_to):
+    for name in report_to:
+        pytest.importorskip(name)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nope://nowhere")
     with pytest.raises(ConfigError, match=r"^train\.report_to: mlflow did not start \(.*remove it from") as e:
-        alignkd.distill(make_cfg(teacher, corpus, offline / "out", losses=KL, steps=1, report_to=["mlflow"]))
+        alignkd.distill(make_cfg(teacher, corpus, offline / "out", losses=KL, steps=1, report_to=report_to))
     assert "\n" not in str(e.value)
 
 

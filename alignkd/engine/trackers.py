@@ -90,9 +90,9 @@ def tracking(acc, cfg: Config, precision: str, resume: bool):
         for tracker in acc.trackers:
             tracker.store_init_configuration(_unlogged(tracker, config))
     except Exception as e:
-        _finish(acc)
-        first = (str(e).strip().splitlines() or [""])[0][:300]
         name = _starting(acc)
+        _finish(acc, failed=True)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
         raise ConfigError(
             f"train.report_to: {name} did not start ({type(e).__name__}: {first}); "
             f"fix its settings or remove it from train.report_to"
