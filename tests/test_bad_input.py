@@ -16,6 +16,7 @@ Cases marked ``argparse`` fail in argparse itself; they too give one line
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -247,6 +248,17 @@ CASES: list[Case] = [
         "optimizer_unknown",
         lambda w: D(w, "optimizer_unknown", "train.optimizer=sgd"),
         ("train.optimizer: 'sgd' is not one of adamw, adafactor",),
+    ),
+    Case(
+        "report_to_unknown",
+        lambda w: D(w, "report_to_unknown", "train.report_to=[wandbb]"),
+        ("train.report_to[0]: 'wandbb' is not one of tensorboard, wandb, mlflow", "did you mean 'wandb'"),
+    ),
+    Case(
+        "report_to_not_installed",
+        lambda w: D(w, "report_to_not_installed", "train.report_to=[aim]"),
+        ("train.report_to: aim is not installed", "pip install aim", "remove it from train.report_to"),
+        skip="aim is installed here" if importlib.util.find_spec("aim") else "",
     ),
     Case(
         "temperature_zero",

@@ -29,8 +29,11 @@ def shards_student() -> bool:
     return _flag(FSDP_LAUNCH)
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
+def make_accelerator(mixed_precision: str, trackers: list[str] | None = None, logging_dir=None) -> Accelerator:
     """This process's Accelerator; on a machine without GPUs, the processes of a launch form a gloo group.
+
+    ``trackers``: the experiment trackers (Accelerate's names) it reports to, their
+    local files (TensorBoard's) under ``logging_dir``; ``engine.trackers`` starts them.
 
     ``accelerate launch --cpu`` starts one process whatever ``--num_processes``
     says (Accelerate runs several CPU processes only under ``mpirun``), and
@@ -55,7 +58,12 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     hidden = {k: os.environ.pop(k) for k in (FSDP_LAUNCH, zero.DEEPSPEED_LAUNCH) if k in os.environ}
     try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=default_device().type == "cpu")
+        return Accelerator(
+            mixed_precision=mixed_precision,
+            cpu=default_device().type == "cpu",
+            log_with=trackers or None,
+            project_dir=None if logging_dir is None else str(logging_dir),
+        )
     finally:
         os.environ.update(hidden)
 

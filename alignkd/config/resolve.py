@@ -28,7 +28,7 @@ _PATHS = (
 
 
 def resolve(cfg) -> None:
-    """Expand ``~`` in paths and name the unnamed loss terms, in place. Idempotent."""
+    """Expand ``~`` in paths, name the unnamed loss terms and make ``train.report_to`` a list, in place. Idempotent."""
     # "key=~/x" on a command line reaches us unexpanded (the shell only expands a leading ~).
     for section, name in _PATHS:
         obj = getattr(cfg, section)
@@ -46,6 +46,13 @@ def resolve(cfg) -> None:
             loss.name = name
             object.__setattr__(loss, "_auto_name", True)  # resolving again may rename it, never reject it
             used.add(name)
+    # One tracker may be given as a name, and "none" means none: the list is what config.yaml records.
+    report = cfg.train.report_to
+    if isinstance(report, str):
+        report = [report]
+    if report == ["none"]:
+        report = []
+    cfg.train.report_to = report
 
 
 def resolve_precision(cfg, device: torch.device) -> str:

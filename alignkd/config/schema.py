@@ -284,6 +284,16 @@ class TrainConfig:
     """How many recent checkpoints to keep."""
     progress: bool = True
     """Show the rich progress bar."""
+    report_to: list[str] | str | None = None
+    """Experiment trackers that get the config, the resolved precision and every metrics.jsonl record (its numbers, as
+    train/<key> and eval/<key>), through Accelerate, beside metrics.jsonl: tensorboard, wandb, mlflow or any other
+    tracker Accelerate knows; [] or none: metrics.jsonl alone. None: tensorboard when it is installed (under
+    OUTPUT_DIR/tensorboard), else metrics.jsonl alone. A tracker named here that is not installed stops the run before
+    it starts."""
+    project: str = "alignkd"
+    """The trackers' project: the wandb project, the MLflow experiment, the TensorBoard subfolder."""
+    run_name: str | None = None
+    """The trackers' run name (None: the output folder's name). ``--resume`` continues the same wandb or MLflow run."""
 
 
 @dataclass

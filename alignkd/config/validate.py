@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
 from alignkd.align.tasks import TASKS
 from alignkd.align.weighting import WEIGHTINGS
 from alignkd.checks import one_of
@@ -15,6 +17,8 @@ SOURCES = ("dataset", "student", "teacher")
 """Where a micro-batch may come from (``generation.sources``)."""
 OPTIMIZERS = ("adamw", "adafactor")
 """Values of ``train.optimizer``."""
+TRACKERS = ("tensorboard", "wandb", "mlflow", *sorted(set(LOGGER_TYPE_TO_CLASS) - {"tensorboard", "wandb", "mlflow"}))
+"""Values of ``train.report_to``: the experiment trackers Accelerate knows."""
 
 
 def validate(cfg) -> None:
@@ -86,6 +90,11 @@ def _check_train(t) -> None:
         raise ConfigError("train.max_minutes: must be > 0 (or null for no time limit)")
     if t.lr <= 0:
         raise ConfigError("train.lr: must be > 0")
+    report = t.report_to or []  # None: tensorboard when installed (engine.trackers)
+    if "none" in report:
+        raise ConfigError("train.report_to: none means no tracker; give none alone, or only the trackers")
+    for i, name in enumerate(report):
+        one_of(name, TRACKERS, f"train.report_to[{i}]")
 
 
 def _check_losses(cfg) -> None:

@@ -20,6 +20,7 @@ from alignkd.engine.checkpoint import save_checkpoint
 from alignkd.engine.setup import Run
 from alignkd.engine.sources import Drawn
 from alignkd.engine.step import StepResult, optimizer_step, to_device
+from alignkd.engine.trackers import numbers
 from alignkd.errors import TrainingError
 
 
@@ -116,7 +117,7 @@ def train(run: Run, start_step: int = 0) -> dict:
     Raises ``Preempted`` after SIGTERM, once the step in progress is done and saved.
     """
     cfg, acc, horizon = run.cfg, run.accelerator, run.horizon
-    log = _Log(run.out) if acc.is_main_process else None
+    log = _Log(run.out, acc) if acc.is_main_process else None
     progress = Progress(horizon.total, start_step, enabled=cfg.train.progress and acc.is_main_process)
     record: dict = {}
     ev: dict = {}
@@ -195,26 +196,18 @@ def _stop_bad(run: Run, count: int, bad: list[str]) -> None:
 
 
 class _Log:
-    """``metrics.jsonl`` (appended, flushed per record) and TensorBoard when it is installed."""
+    """``metrics.jsonl`` (appended, flushed per record), and each record's numbers to the run's trackers
+    (``engine.trackers``; none when ``train.report_to`` names none)."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, acc):
         self.file = (out / "metrics.jsonl").open("a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            self.tb = None
-        else:
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.acc = acc
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+        if self.acc.trackers:
+            self.acc.log(numbers(record), step=record["step"])
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from alignkd.errors import ConfigError
 
+TRACKER_IDS = "trackers.json"
+"""The experiment trackers' run ids (``engine.trackers``): what ``--resume`` continues."""
 # What a run writes into its output folder; --overwrite removes exactly these.
 RUN_FILES = (
     "metrics.jsonl",
@@ -18,8 +20,9 @@ RUN_FILES = (
     "eval.json",
     "report.html",
     "report.md",
+    TRACKER_IDS,
 )
-RUN_DIRS = ("checkpoints", "student", "tensorboard")
+RUN_DIRS = ("checkpoints", "student", "tensorboard", "wandb")
 # What a write cut short leaves (a full disk, a kill): renamed into place only once whole, so never read.
 LEFTOVERS = ("checkpoints/.step-*.tmp", ".student.tmp", ".projectors.safetensors.tmp")
 # Settings a resumed run may change: they do not change what a step computes.
@@ -33,6 +36,9 @@ RESUMABLE = {
     "train.keep_checkpoints",
     "train.progress",
     "train.output_dir",
+    "train.report_to",
+    "train.project",
+    "train.run_name",
     "data.token_cache",
 }  # where tokens are cached, not which
 

@@ -17,6 +17,7 @@ from alignkd.align.blocks import write_scores
 from alignkd.backend import make_accelerator
 from alignkd.config import Config, resolve_precision, resolved, section_defaults, to_dict
 from alignkd.disk import tensor_bytes
+from alignkd.engine import trackers
 from alignkd.engine.block_choice import choose_blocks
 from alignkd.engine.checkpoint import replace_dir, resume_latest, settle_writes
 from alignkd.engine.loop import train
@@ -104,7 +105,7 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
     out = Path(cfg.train.output_dir)
     check_output(out, resume, overwrite)
     precision = resolve_precision(cfg, default_device())
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision, trackers.chosen(cfg), out / "tensorboard")
     set_seed(cfg.train.seed)
     say = _say(accelerator)
     notes: list[str] = []  # setup's notes wait too: bad input gets its one line and nothing else
@@ -131,7 +132,8 @@ def distill(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> di
         f"{run.train_data['input_ids'].shape[0]} training blocks; terms: {', '.join(run.weighting.names)}"
     )
     t0 = time.perf_counter()
-    last = train(run, start) if start < cfg.train.steps else {"train": {}, "eval": run.evaluate(student)}
+    with trackers.tracking(accelerator, cfg, precision, resume):
+        last = train(run, start) if start < cfg.train.steps else {"train": {}, "eval": run.evaluate(student)}
     student_dir = save_outputs(run)
     summary = {
         "steps": last["train"].get("step", start),
