@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,12 +141,67 @@ def test_save_model_writes_a_student_transformers_loads_and_the_projectors(tmp_p
         processing_class=tok,
     )  # fmt: skip
     trainer.train()
+    assert trainer.evaluate(eval_dataset=rows)["eval_loss"] > 0  # the distillation loss, scored by prediction_step
     trainer.save_model(tmp_path / "student")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
     side = torch.load(tmp_path / "student" / SIDE_FILE, weights_only=True)["side"]
     assert sorted(side) == sorted(trainer.meeting.side.aux_state()) and side, "projector state not saved"
+
+
+def _resumable(out: Path, rows, tok) -> DistillTrainer:
+    teacher, student, _ = tiny_pair()
+    a = args(out, max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2)
+    a.save_strategy, a.save_steps = "steps", 2
+    return DistillTrainer(
+        student, a, teacher=teacher, losses=LOSSES[:2], weighting={"strategy": "uncertainty"}, train_dataset=rows,
+        processing_class=tok,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_resumed_trainer_equals_an_uninterrupted_one(tmp_path):
+    # The projectors and log-variances come back from alignkd_side.pt, their Adam state from the Trainer's
+    # optimizer.pt, and their gradients start each step from zero (the Trainer zeroes only the model's).
+    tok = tiny.byte_tokenizer()
+    rows = [tok(tiny.TEXT[i : i + 30])["input_ids"] for i in range(0, 240, 30)]
+    whole = _resumable(tmp_path / "a", rows, tok)
+    whole.train()
+    resumed = _resumable(tmp_path / "b", rows, tok)
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    assert [r["loss"] for r in resumed.state.log_history[2:4]] == [r["loss"] for r in whole.state.log_history[2:4]]
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    for p, q in zip(whole.meeting.extra_parameters(), resumed.meeting.extra_parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "losses,weighting",
+    [
+        (LOSSES, "gradnorm"),
+        (LOSSES, "ratio"),
+        ([{"type": "kl"}, {"type": "attention", "layers": "last"}, {"type": "hidden", "layers": "adaptive"}], "static"),
+    ],
+    ids=["gradnorm", "ratio", "attention_adaptive"],
+)
+def test_other_weightings_and_terms_train(tmp_path, losses, weighting):
+    teacher, student, tok = tiny_pair()
+    rows = [tok(tiny.TEXT[i : i + 30])["input_ids"] for i in range(0, 120, 30)]
+    trainer = DistillTrainer(
+        student, args(tmp_path, max_steps=2), teacher=teacher, losses=losses, weighting={"strategy": weighting},
+        train_dataset=rows, processing_class=tok,
+    )  # fmt: skip
+    w0 = trainer.meeting.weighting.weights().detach().clone()
+    side0 = [p.detach().clone() for p in trainer.meeting.extra_parameters()]
+    trainer.train()
+    steps = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(v) for r in steps for k, v in r.items() if k.startswith("loss"))
+    if weighting != "static":
+        assert not torch.equal(w0, trainer.meeting.weighting.weights().detach()), "the weights never updated"
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(side0, trainer.meeting.extra_parameters(), strict=True))
 
 
 def test_the_collator_pads_on_the_right_and_masks_padding():

@@ -70,7 +70,7 @@ class DistillTrainer(Trainer):
             m.teacher.model.to(device)
         for part in (m.side.projectors, m.side.mixes, m.weighting):
             part.to(device)
-        self._weights_updated_at = -1
+        self._weights_updated_at = self._grads_cleared_at = -1
         self._term_sums: dict[str, float] = {}
         self._term_count = 0.0
 
@@ -168,6 +168,11 @@ class DistillTrainer(Trainer):
         return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._grads_cleared_at != self.state.global_step:
+            # The Trainer zeroes the model's gradients after each step, and these are not in the model.
+            for p in self.meeting.extra_parameters():
+                p.grad = None
+            self._grads_cleared_at = self.state.global_step
         loss = super().training_step(model, inputs, num_items_in_batch)
         acc = self.accelerator
         grads = [p.grad for p in self.meeting.extra_parameters() if p.grad is not None]
