@@ -204,6 +204,20 @@ def test_other_weightings_and_terms_train(tmp_path, losses, weighting):
     assert all(not torch.equal(a, b.detach()) for a, b in zip(side0, trainer.meeting.extra_parameters(), strict=True))
 
 
+def test_a_lora_student_trains_its_adapters_only(tmp_path):
+    peft = pytest.importorskip("peft")
+    teacher, student, tok = tiny_pair()
+    student = peft.get_peft_model(student, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    rows = [tok(tiny.TEXT[i : i + 30])["input_ids"] for i in range(0, 120, 30)]
+    trainer = DistillTrainer(
+        student, args(tmp_path, max_steps=2), teacher=teacher, losses=LOSSES, train_dataset=rows, processing_class=tok
+    )
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer.train()
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all("lora_" in k for k in changed), sorted(changed)[:3]
+
+
 def test_the_collator_pads_on_the_right_and_masks_padding():
     c = DistillCollator(pad_id=3, max_length=4)
     out = c([[1, 2], {"input_ids": torch.tensor([4, 5, 6, 7, 8])}, {"input_ids": [9], "attention_mask": [1]}])

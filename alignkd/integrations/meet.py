@@ -152,6 +152,8 @@ def meet(cfg: Config, student: nn.Module, teacher: nn.Module, tokenizer=None, te
             "teacher and student tokenizers differ: DistillTrainer needs one tokenizer for both "
             "(alignkd distill pairs two tokenizations of the text with the span terms)"
         )
+    # A PEFT student (LoRA) runs its base model's own modules: the hooks go there, the Trainer keeps the wrapper.
+    student = student.get_base_model() if callable(getattr(student, "get_base_model", None)) else student
     vocab = _vocab(student, teacher, tokenizer or teacher_tokenizer)
     task = TASKS["causal_lm"]
     plan, side, teach = _meet(cfg, task, student, freeze(teacher), say=_say)
