@@ -289,6 +289,24 @@ def test_a_whole_config_gives_its_losses_and_weighting(teacher, corpus, tmp_path
     assert type(trainer.meeting.weighting).__name__ == "Uncertainty"
 
 
+def test_the_config_dataclasses_are_taken_as_the_dicts_are(tmp_path):
+    from alignkd.config import WeightingConfig
+    from alignkd.terms import TERM_TYPES
+
+    t, s, tok = tiny_pair()
+    kl, hidden = TERM_TYPES["kl"].config(type="kl", temperature=2.0), TERM_TYPES["hidden"].config(type="hidden")
+    trainer = DistillTrainer(
+        s, args(tmp_path), teacher=t, losses=[kl, hidden], weighting=WeightingConfig(strategy="ratio"),
+        processing_class=tok,
+    )  # fmt: skip
+    assert [(x.cfg.name, x.cfg.temperature if x.cfg.type == "kl" else None) for x in trainer.meeting.terms] == [
+        ("kl", 2.0),
+        ("hidden", None),
+    ]
+    assert type(trainer.meeting.weighting).__name__ == "Ratio"
+    assert kl.name is None  # the caller's config is left as it was
+
+
 def test_span_terms_and_other_tokenizers_are_refused(tmp_path):
     t, s, tok = tiny_pair()
     with pytest.raises(ConfigError, match=re.escape("losses[0] (span_likelihood): compares two tokenizations")):
