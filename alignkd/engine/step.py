@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkd.align.tasks import Batch
+from alignkd.align.plan import StudentSide
+from alignkd.align.tasks import Batch, CausalLM
 from alignkd.align.weighting import schedule_value
 from alignkd.engine.setup import Run
 from alignkd.models.capture import Record
-from alignkd.terms import TERM_TYPES, StepTensors
+from alignkd.teacher import Teacher
+from alignkd.terms import TERM_TYPES, StepTensors, Term
 
 
 @dataclass
@@ -32,13 +34,17 @@ class Schedules:
 
 
 def schedules_at(run: Run, step: int) -> Schedules:
-    total = run.horizon.total
-    mult = [schedule_value(t.cfg.weight_schedule, step, total, 1.0) for t in run.terms]
+    return term_schedules(run.terms, step, run.horizon.total)
+
+
+def term_schedules(terms: list[Term], step: int, total: int) -> Schedules:
+    """The schedules of ``terms`` at ``step`` of a run of ``total`` optimizer steps."""
+    mult = [schedule_value(t.cfg.weight_schedule, step, total, 1.0) for t in terms]
     temps = [
         schedule_value(t.cfg.temperature_schedule, step, total, t.cfg.temperature)
         if TERM_TYPES[t.cfg.type].tempered
         else None
-        for t in run.terms
+        for t in terms
     ]
     return Schedules(mult, temps)
 
@@ -54,22 +60,52 @@ def term_losses(
     run: Run, batch: Batch, student: Record, teacher: Record, temperatures: list[float | None]
 ) -> dict[str, torch.Tensor]:
     """Every term's float32 value on one micro-batch, by term name."""
-    side = run.unwrapped
+    return compute_terms(
+        run.terms,
+        temperatures,
+        batch,
+        student,
+        teacher,
+        side=run.unwrapped,
+        task=run.task,
+        vocab=run.vocab,
+        teacher_side=run.teacher,
+        leading_bos=run.cfg.data.bos == "always",
+    )
+
+
+def compute_terms(
+    terms: list[Term],
+    temperatures: list[float | None],
+    batch: Batch,
+    student: Record,
+    teacher: Record,
+    *,
+    side: StudentSide,
+    task: CausalLM,
+    vocab: int,
+    teacher_side: Teacher,
+    leading_bos: bool,
+) -> dict[str, torch.Tensor]:
+    """``term_losses`` without a ``Run``: what a step outside the engine (``alignkd.integrations``) calls.
+
+    ``leading_bos``: every row starts with a BOS, which the feature terms leave out.
+    """
     x = StepTensors(
         input_ids=batch.input_ids,
         mask=batch.counted_mask,
         real=batch.mask if batch.scored is not None else None,
         labels=batch.labels,
-        task=run.task,
+        task=task,
         student=student,
         teacher=teacher,
-        vocab=run.vocab,
+        vocab=vocab,
         side=side,
-        teacher_model=run.teacher.model,
-        teacher_capture=run.teacher.capture,
-        feature_mask=run.task.feature_mask(batch, run.cfg.data.bos == "always"),
-        heads=(side.head, run.teacher.head) if side.fused else None,
-        terms=tuple(zip(run.terms, temperatures, strict=True)),
+        teacher_model=teacher_side.model,
+        teacher_capture=teacher_side.capture,
+        feature_mask=task.feature_mask(batch, leading_bos),
+        heads=(side.head, teacher_side.head) if side.fused else None,
+        terms=tuple(zip(terms, temperatures, strict=True)),
         pair=batch.pair,
     )
     return {t.cfg.name: TERM_TYPES[t.cfg.type].compute(t, x, temp) for t, temp in x.terms}
