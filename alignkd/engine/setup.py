@@ -154,7 +154,7 @@ def _optimizer(cfg: Config, side: nn.Module, weighting: Weighting, backend: Back
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95))
 
 
-def _meet(
+def meet_models(
     cfg: Config, task, student: nn.Module, teacher_model: nn.Module, say
 ) -> tuple[TermPlan, StudentSide, Teacher]:
     """The terms resolved against the two models, the trainable side and the teacher that the terms read."""
@@ -176,7 +176,8 @@ def _meet(
     return plan, side, teacher
 
 
-def _weighting(cfg: Config, terms: list[Term]) -> Weighting:
+def term_weighting(cfg: Config, terms: list[Term]) -> Weighting:
+    """``cfg.weighting`` over the plan's terms (their names, weights and types)."""
     w = cfg.weighting
     return build_weighting(
         w.strategy,
@@ -270,8 +271,8 @@ def setup(
             "(a LoRA student's optimizer state is small already); launch with DDP (configs/accelerate/ddp.yaml)"
         )
     task, tok, student_tok, teacher_model, student, vocab = _models(cfg, inputs, say)
-    plan, side, teacher = _meet(cfg, task, student, teacher_model, say)
-    weighting = _weighting(cfg, plan.terms)
+    plan, side, teacher = meet_models(cfg, task, student, teacher_model, say)
+    weighting = term_weighting(cfg, plan.terms)
     _check_trained(cfg, student)
     train_data, eval_data = (inputs.train_data, inputs.eval_data) if inputs else task.load_data(cfg, tok, say)
     train_data = with_teacher_rows(cfg, tok, teacher_model, train_data, say)  # data.augment, data.unlabelled

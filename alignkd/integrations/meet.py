@@ -24,7 +24,7 @@ from alignkd.align.tasks import TASKS, CausalLM
 from alignkd.align.weighting import Weighting
 from alignkd.config import Config, load_config, to_dict
 from alignkd.data import resolve_bos
-from alignkd.engine.setup import _meet, _weighting
+from alignkd.engine.setup import meet_models, term_weighting
 from alignkd.errors import ConfigError, ModelError
 from alignkd.models.loading import common_vocab, shares_vocabulary
 from alignkd.models.student import freeze
@@ -156,8 +156,8 @@ def meet(cfg: Config, student: nn.Module, teacher: nn.Module, tokenizer=None, te
     student = student.get_base_model() if callable(getattr(student, "get_base_model", None)) else student
     vocab = _vocab(student, teacher, tokenizer or teacher_tokenizer)
     task = TASKS["causal_lm"]
-    plan, side, teach = _meet(cfg, task, student, freeze(teacher), say=_say)
-    weighting = _weighting(cfg, plan.terms)
+    plan, side, teach = meet_models(cfg, task, student, freeze(teacher), say=_say)
+    weighting = term_weighting(cfg, plan.terms)
     if cfg.weighting.strategy == "gradnorm" and not student.get_input_embeddings().weight.requires_grad:
         raise ConfigError(
             "weighting.strategy: GradNorm measures each term's gradient at the student's input embedding, which is "
