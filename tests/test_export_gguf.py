@@ -184,6 +184,7 @@ def test_hyperparameters_and_tokenizer_are_the_students(students, name, tmp_path
     assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     bos = tok.bos_token_id if tok.bos_token_id is not None else cfg.bos_token_id
     assert meta["tokenizer.ggml.bos_token_id"] == bos
+    assert meta.get("tokenizer.ggml.padding_token_id") == tok.pad_token_id
     assert meta["tokenizer.ggml.add_bos_token"] == (tok("a")["input_ids"][0] == tok.bos_token_id)
 
 

@@ -40,13 +40,11 @@ def export_gguf(student: str | os.PathLike, out: str | os.PathLike, dtype: str =
     """
     from transformers import AutoModelForCausalLM
 
-    from alignkd.models.loading import load_tokenizer
-
     student, out = Path(student), Path(out)
     _check_paths(student, out)
     config = _check_config(student)
     resolved = _resolve_dtype(dtype, config)
-    tok = load_tokenizer(str(student), what="student")
+    tok = _tokenizer(student)
     vocab = gguf_vocab(tok, config.vocab_size, getattr(config, "bos_token_id", None))
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     tensors = gguf_tensors(model.state_dict(), config, resolved)
@@ -100,6 +98,18 @@ def _check_config(student: Path):
             f"{student} uses {rope['rope_type']} rope scaling; GGUF export writes plain rope only (rope_type default)"
         )
     return config
+
+
+def _tokenizer(student: Path):
+    """The student's tokenizer as saved (not ``load_tokenizer``'s, which lends a missing pad token the EOS)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(student)
+    except (OSError, ValueError) as e:
+        raise ExportError(
+            f"{student}: no tokenizer could be loaded ({str(e).splitlines()[0]}); save it beside the student"
+        ) from None
 
 
 def _rope(config) -> dict:
