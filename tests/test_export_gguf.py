@@ -222,7 +222,7 @@ def test_the_command_writes_the_file_and_says_so(students, tmp_path, capsys):
 
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-PROMPT = "It is a truth universally acknowledged, that a single man"
+PROMPT = "It is a truth universally acknowledged (1813), that a single man"
 NEW_TOKENS = 8
 
 
@@ -254,14 +254,17 @@ def test_llama_cpp_tokenizes_scores_and_continues_as_transformers(sharp_student,
     tok = AutoTokenizer.from_pretrained(student)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
     ids = tok(PROMPT)["input_ids"]
-    llm = llama_cpp.Llama(str(out), n_ctx=128, n_threads=1, logits_all=True, verbose=False, seed=0)
+    # A float32 KV cache (llama.cpp's default is float16, which alone moves logits by ~1e-2): then only float32
+    # rounding separates the two.
+    f32 = llama_cpp.GGML_TYPE_F32
+    llm = llama_cpp.Llama(str(out), n_ctx=128, n_threads=1, logits_all=True, verbose=False, type_k=f32, type_v=f32)
     assert llm.tokenize(PROMPT.encode(), add_bos=True, special=False) == ids
 
     llm.eval(ids)
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0]
     got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
     with torch.no_grad():
         ref = model.generate(
@@ -279,4 +282,5 @@ def test_llama_cpp_tokenizes_scores_and_continues_as_transformers(sharp_student,
         greedy.append(token)
         if len(greedy) == NEW_TOKENS:
             break
+    llm.close()
     assert greedy == ref.sequences[0, len(ids) :].tolist()
