@@ -97,7 +97,8 @@ def bpe_tokenizer(*, bos: bool = False) -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def students(tmp_path_factory):
-    """Tiny llama students: untied with the byte tokenizer, tied with a BOS, and one with a merging BPE tokenizer."""
+    """Tiny llama students: untied with the byte tokenizer, tied with a BOS, one with a merging BPE tokenizer, and
+    one with biases (the query and key biases are reordered like their weights)."""
     root = tmp_path_factory.mktemp("gguf")
     bpe = root / "bpe"
     tok = bpe_tokenizer()
@@ -107,11 +108,11 @@ def students(tmp_path_factory):
         "byte": tiny.save_model(root / "byte", "llama", seed=0),
         "tied_bos": tiny.save_model(root / "tied_bos", "llama", bos=True, tie_word_embeddings=True, seed=1),
         "bpe": bpe,
-        "root": root,
+        "bias": tiny.save_model(root / "bias", "llama", attention_bias=True, mlp_bias=True, seed=5),
     }
 
 
-@pytest.mark.parametrize("name", ["byte", "tied_bos", "bpe"])
+@pytest.mark.parametrize("name", ["byte", "tied_bos", "bpe", "bias"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_every_tensor_reads_back_as_the_students(students, name, dtype, tmp_path):
     out = tmp_path / "student.gguf"
@@ -233,6 +234,9 @@ def sharp_student(tmp_path_factory):
     return {
         "byte": tiny.save_model(root / "byte", "llama", width=64, initializer_range=0.2, seed=3),
         "bpe_tied_bos": _bpe_student(root / "bpe"),
+        "bias": tiny.save_model(
+            root / "bias", "llama", width=64, initializer_range=0.2, attention_bias=True, mlp_bias=True, seed=5
+        ),
     }
 
 
@@ -244,7 +248,7 @@ def _bpe_student(path):
 
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
-@pytest.mark.parametrize("name", ["byte", "bpe_tied_bos"])
+@pytest.mark.parametrize("name", ["byte", "bpe_tied_bos", "bias"])
 def test_llama_cpp_tokenizes_scores_and_continues_as_transformers(sharp_student, name, tmp_path):
     import llama_cpp
 
