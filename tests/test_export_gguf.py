@@ -10,8 +10,10 @@ loads the file and must tokenize and continue a prompt as transformers does.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import os
 
 import gguf
 import numpy as np
@@ -22,7 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from alignkd import testing as tiny
 from alignkd.cli import main
-from alignkd.errors import ExportError
+from alignkd.errors import DiskError, ExportError
+from alignkd.export import gguf_file
 from alignkd.export.gguf_file import export_gguf
 
 HF_TO_GGUF = {
@@ -212,6 +215,17 @@ def test_other_tokenizers_are_refused_in_one_line(students, tmp_path):
     with pytest.raises(ExportError, match="WordLevel tokenizer; GGUF export supports byte-level BPE"):
         export_gguf(wordlevel, tmp_path / "y.gguf")
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_a_full_disk_gives_one_line_and_no_file(students, tmp_path, monkeypatch):
+    def full(path, *args):
+        path.write_bytes(b"GGUF")  # part of the file made it before the disk filled
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gguf_file, "_write", full)
+    with pytest.raises(DiskError, match="could not write .*s.gguf: no space left on the device .*; free some space"):
+        gguf_file.export_gguf(students["byte"], tmp_path / "s.gguf")
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_command_writes_the_file_and_says_so(students, tmp_path, capsys):

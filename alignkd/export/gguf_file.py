@@ -23,7 +23,8 @@ from pathlib import Path
 import gguf
 import torch
 
-from alignkd.errors import ExportError
+from alignkd.disk import disk_errno, fix, why
+from alignkd.errors import DiskError, ExportError
 from alignkd.export import DTYPES
 from alignkd.export.tokenizer import GGUFVocab, gguf_vocab
 
@@ -52,6 +53,14 @@ def export_gguf(student: str | os.PathLike, out: str | os.PathLike, dtype: str =
     try:
         _write(part, student.resolve().name, config, vocab, tensors, resolved)
         part.replace(out)
+    except OSError as e:  # a full disk or a folder without write permission: one line, like a run's writes
+        needed = sum(array.nbytes for array, _ in tensors.values())
+        code = disk_errno(e, out.parent, needed)
+        if code is None:
+            raise
+        raise DiskError(
+            f"could not write {out}: {why(code, out.parent, needed)}; {fix(code, out.parent)} and export again", code
+        ) from None
     finally:
         part.unlink(missing_ok=True)
     return {
