@@ -42,6 +42,10 @@ class TrainingError(UserError):
     """The run cannot go on (e.g. several steps in a row with non-finite losses); says what to change."""
 
 
+class ExportError(UserError):
+    """A model that cannot be exported as asked (its family, its tokenizer, the output path); one line says why."""
+
+
 class AssetError(UserError):
     """A packaged asset could not be fetched or prepared; the message says which step and how to retry."""
 

@@ -786,6 +786,33 @@ CASES: list[Case] = [
         ("--baseline-run expects NAME=DIR",),
         needs_run=True,
     ),
+    # ---------------------------------------------------------------- export
+    Case(
+        "export_gguf_family_unsupported",
+        lambda w: ["export", str(w.neox), "--gguf", str(w.root / "neox.gguf")],
+        ("is a gpt_neox model", "GGUF export supports llama students", "distil into a llama student"),
+    ),
+    Case(
+        "export_student_missing",
+        lambda w: ["export", str(w.root / "no_student"), "--gguf", str(w.out("export_student_missing") / "s.gguf")],
+        ("student folder not found", "no_student"),
+    ),
+    Case(
+        "export_out_not_gguf",
+        lambda w: ["export", str(w.teacher), "--gguf", str(w.out("export_out_not_gguf") / "student.bin")],
+        ("student.bin does not end in .gguf",),
+    ),
+    Case(
+        "export_out_folder_missing",
+        lambda w: ["export", str(w.teacher), "--gguf", str(w.out("export_out_folder_missing") / "student.gguf")],
+        ("export_out_folder_missing does not exist", "create it or write elsewhere"),
+    ),
+    Case(
+        "export_gguf_flag_missing",
+        lambda w: ["export", str(w.teacher)],
+        ("the following arguments are required: --gguf",),
+        argparse=True,
+    ),
     # ---------------------------------------------------------------- assets
     Case(
         "assets_only_unknown",

@@ -32,7 +32,7 @@ LAYERS = [
     ("backend",),
     ("teacher",),
     ("engine",),
-    ("evaluate", "report", "study", "demo", "cli", "testing", "integrations", "__main__", ""),
+    ("evaluate", "report", "study", "demo", "export", "cli", "testing", "integrations", "__main__", ""),
 ]
 """alignkd's packages (and top-level modules) from the bottom up. A package may import
 those of its own layer and of the layers below it, never one above; within a layer

@@ -190,6 +190,18 @@ def _study(args) -> int:
     return 1 if failed else 0
 
 
+def _export(args) -> int:
+    from alignkd.export.gguf_file import export_gguf
+
+    done = export_gguf(args.student, args.gguf, dtype=args.dtype)
+    print(
+        f"wrote {done['path']} ({done['params'] / 1e6:.2f}M params, {done['dtype']} matrices, {done['tensors']} "
+        f"tensors, {done['bytes'] / 1e6:.1f} MB); run it with llama.cpp (llama-cli -m {done['path']}) or Ollama "
+        f"(FROM {done['path']} in a Modelfile)"
+    )
+    return 0
+
+
 # The command names and what runs each.
 COMMANDS = {
     "distill": _distill,
@@ -201,4 +213,5 @@ COMMANDS = {
     "report": _report,
     "demo": _demo,
     "study": _study,
+    "export": _export,
 }

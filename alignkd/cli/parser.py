@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from alignkd import __version__
+from alignkd.export import DTYPES as EXPORT_DTYPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     _assets_command(sub)
     _eval_command(sub)
     _run_folder_commands(sub)
+    _export_command(sub)
     return parser
 
 
@@ -155,4 +157,17 @@ def _run_folder_commands(sub) -> None:
     st.add_argument("--out", help="output folder (default: runs/study/STUDY, or runs/study/STUDY-quick)")
     st.add_argument(
         "--only", nargs="+", metavar="NAME", help="run only these variants; the table keeps the others' finished runs"
+    )
+
+
+def _export_command(sub) -> None:
+    x = sub.add_parser("export", help="write a student as a GGUF file that llama.cpp and Ollama run")
+    x.add_argument("student", help="the student folder (a run's student/, or any llama save_pretrained folder)")
+    x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write (its folder must exist)")
+    x.add_argument(
+        "--dtype",
+        default="auto",
+        choices=EXPORT_DTYPES,
+        help="precision of the weight matrices (auto: the student's own if float16/bfloat16, else float32; "
+        "norms stay float32)",
     )
