@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import alignkd
+from alignkd import testing as tiny
 from alignkd.config import load_config
 from alignkd.engine.loop import next_batches
 from alignkd.engine.step import schedules_at, term_losses
@@ -97,7 +98,10 @@ def _fused_and_plain(teacher, corpus, tmp_path, peft: dict):
     return values
 
 
-def test_a_lora_head_runs_fused_and_agrees_with_the_full_logits(teacher, corpus, tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_lora_head_runs_fused_and_agrees_with_the_full_logits(teacher, corpus, tmp_path, tied):
+    if tied:  # the head is the input embedding (SmolLM2, Gemma): the adapter sits on the shared matrix
+        teacher = tiny.save_model(tmp_path / "tied", tie_word_embeddings=True)
     peft = {"target_modules": ["q_proj", "lm_head"]}
     values = _fused_and_plain(teacher, corpus, tmp_path, peft)
     (fused_loss, fused_grad, was_fused), (plain_loss, plain_grad, _) = values[True], values[False]
