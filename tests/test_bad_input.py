@@ -16,6 +16,7 @@ Cases marked ``argparse`` fail in argparse itself; they too give one line
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -717,6 +718,12 @@ CASES: list[Case] = [
             "--out",
             "a_file is a file",
         ),
+    ),
+    Case(
+        "eval_task_unknown",
+        lambda w: ["eval", str(w.teacher), "--tasks", "hellaswg", "--out", str(w.out("eval_task_unknown"))],
+        ("unknown lm-eval task 'hellaswg'", "close names: hellaswag", "--task-path"),
+        skip="" if importlib.util.find_spec("lm_eval") else "lm-eval is not installed (pip install 'alignkd[eval]')",
     ),
     Case(
         "eval_dtype_unknown",

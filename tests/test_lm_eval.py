@@ -115,6 +115,44 @@ def test_task_rows_state_the_shots_and_the_margin_over_chance():
     assert margins == {"teacher": "+30.0 pts", "student": "+15.0 pts"} and shares2 == {"student": "50.0%"}
 
 
+def test_the_report_shows_task_scores_retention_and_what_fixes_them():
+    from alignkd.report.render import to_markdown
+    from alignkd.report.tasks import task_blocks
+
+    result = {
+        "tasks": {
+            "t": {
+                "metric": "acc",
+                "shots": 4,
+                "version": 1.0,
+                "limit": 200,
+                "docs": 200,
+                "chance": 0.5,
+                "template": {"doc_to_text": "Review: {{text}}"},
+                "config_sha256": "ab" * 32,
+            }
+        },
+        "models": {"student": {"tasks": {"t": {"value": 0.65}}}, "teacher": {"tasks": {"t": {"value": 0.8}}}},
+        "task_retention": {"student": {"t": kept(0.65, 0.8, 0.5, True)}},
+    }
+    md = to_markdown(task_blocks(result), {})
+    assert "| t acc (4-shot) | 80.0% | 65.0% |" in md  # the teacher's column first
+    assert "| t above chance (50.0%) | 50.0% |" in md
+    assert "t: 4-shot, version 1.0, 200 documents (limit 200), metric acc, chance 50.0%" in md
+    assert "abababababab" in md and "Review: {{text}}" in md
+    assert task_blocks({"models": result["models"]}) == []
+
+
+def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from alignkd.evaluate.harness import lm_eval_module
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval then raises ImportError
+    with pytest.raises(EvalError, match=r"not installed; pip install 'alignkd\[eval\]'"):
+        lm_eval_module()
+
+
 def test_an_unknown_task_name_lists_the_close_ones():
     with pytest.raises(EvalError, match=r"unknown lm-eval task 'hellaswg'; close names: hellaswag") as e:
         check_names(["hellaswg"], ["hellaswag", "arc_easy", "alignkd_sentiment"], ["alignkd_sentiment"])
@@ -133,3 +171,35 @@ def test_packaged_task_files_point_at_the_data_and_skip_what_is_missing(tmp_path
     task = yaml.safe_load((tmp_path / "tasks" / "alignkd_sentiment.yaml").read_text())
     assert task["dataset_kwargs"]["data_files"]["test"] == str((data / "test.csv").resolve())
     assert task["doc_to_choice"] == ["negative", "positive"]
+
+
+@pytest.mark.slow
+def test_a_quick_study_scores_its_tasks_beside_each_variants_teacher(tmp_path, monkeypatch):
+    """A study's ``eval:`` entry: the packaged task on the stand-in sentiment data and a task of the user's."""
+    pytest.importorskip("lm_eval")
+    from alignkd.study import load_study, run_study
+
+    monkeypatch.setenv("ALIGNKD_CACHE", str(tmp_path / "no-assets"))  # the stand-ins must feed alignkd_sentiment
+    name = write_task(tmp_path / "tasks")
+    study = {
+        "base": {
+            "teacher": {"path": "${assets.teacher}"},
+            "student": {"from_teacher": {"num_layers": 1}},
+            "data": {"train": "${assets.sotu}", "eval": "${assets.moby_dick}"},
+            "losses": [{"type": "kl"}],
+        },
+        "variants": [{"name": "kl"}],
+        "quick": {"steps": 1, "teacher": {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 2}},
+        "eval": {"tasks": ["alignkd_sentiment", name], "num_fewshot": 1, "task_paths": [str(tmp_path / "tasks")]},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "out"
+    result = run_study(load_study(path), out, quick=True)
+    ev = json.loads((out / "kl" / "tasks" / "eval.json").read_text())
+    assert list(ev["models"]) == ["teacher", "student"] and set(ev["tasks"]) == {"alignkd_sentiment", name}
+    assert all(t["shots"] == 1 and t["limit"] == 8 for t in ev["tasks"].values())
+    row = result["variants"][0]["tasks"]
+    assert set(row) >= {"alignkd_sentiment acc (1-shot)", f"{name} acc (1-shot)"}
+    md = (out / "study.md").read_text()
+    assert f"{name} acc (1-shot)" in md and "| teacher |" in md

@@ -175,15 +175,17 @@ def evaluate_models(
     teacher: str | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    task_assets: dict[str, Path] | None = None,
 ) -> dict:
     """Evaluate each ``role -> path`` model (``teacher`` names the teacher's role); returns ``eval.json``'s dict.
 
     The teacher runs first, so each other model's continuations can be scored
     against the teacher's (``*_vs_teacher``) and its numbers turned into
     retention. With ``out``, the dict is also written to ``out/eval.json``.
+    ``task_assets`` (asset name -> folder) feeds the packaged lm-eval tasks; None: the assets cache.
     """
     order = _checked_order(models, settings, teacher, out)
-    with _harness(settings) as harness:  # lm-eval and the task names are checked before any model loads
+    with _harness(settings, task_assets) as harness:  # lm-eval and the task names are checked before any model loads
         inputs = _read_inputs(settings)
         device = settings.device or str(default_device())
         settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, device))
@@ -208,11 +210,13 @@ def evaluate_models(
     return result
 
 
-def _harness(s: EvalSettings):
+def _harness(s: EvalSettings, assets: dict[str, Path] | None):
     """:func:`open_harness` for the settings' tasks, or an empty block without tasks."""
     if not s.tasks:
         return contextlib.nullcontext()
-    return open_harness(list(s.tasks), num_fewshot=s.num_fewshot, limit=s.limit, paths=list(s.task_paths), seed=s.seed)
+    return open_harness(
+        list(s.tasks), num_fewshot=s.num_fewshot, limit=s.limit, paths=list(s.task_paths), assets=assets, seed=s.seed
+    )
 
 
 def _task_results(result: dict, teacher: str | None) -> None:
