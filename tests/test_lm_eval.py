@@ -203,3 +203,13 @@ def test_a_quick_study_scores_its_tasks_beside_each_variants_teacher(tmp_path, m
     assert set(row) >= {"alignkd_sentiment acc (1-shot)", f"{name} acc (1-shot)"}
     md = (out / "study.md").read_text()
     assert f"{name} acc (1-shot)" in md and "| teacher |" in md
+
+
+def test_task_flags_default_to_the_settings_defaults():
+    from alignkd.evaluate import EvalSettings
+
+    args = cli.build_parser().parse_args(["eval", "m", "--tasks", "a, b", "--task-path", "x", "--task-path", "y"])
+    assert args.tasks == ["a", "b"] and args.task_path == ["x", "y"]
+    defaults = cli.build_parser().parse_args(["eval", "m"])
+    s = EvalSettings()
+    assert (defaults.num_fewshot, defaults.limit, tuple(defaults.tasks)) == (s.num_fewshot, s.limit, s.tasks)
