@@ -213,3 +213,15 @@ def test_task_flags_default_to_the_settings_defaults():
     defaults = cli.build_parser().parse_args(["eval", "m"])
     s = EvalSettings()
     assert (defaults.num_fewshot, defaults.limit, tuple(defaults.tasks)) == (s.num_fewshot, s.limit, s.tasks)
+
+
+@pytest.mark.slow
+def test_data_lm_eval_cannot_load_stops_before_any_model(tmp_path):
+    pytest.importorskip("lm_eval")
+    from alignkd.evaluate.harness import open_harness
+
+    name = write_task(tmp_path / "tasks")
+    (tmp_path / "tasks" / "colours.csv").unlink()
+    harness = open_harness([name], paths=[str(tmp_path / "tasks")], assets={})
+    with pytest.raises(EvalError, match=f"could not load the data of {name}"):
+        harness.__enter__()

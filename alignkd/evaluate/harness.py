@@ -130,7 +130,22 @@ def open_harness(
         with _quiet():
             manager = TaskManager(include_path=[scratch, *map(str, paths)])
         check_names(tasks, manager.all_tasks, written)
+        _check_data(tasks, manager)
         yield Harness(manager, list(tasks), num_fewshot, limit, seed)
+
+
+def _check_data(tasks: list[str], manager) -> None:
+    """Load the tasks' data once, so that data lm-eval cannot reach (a hub dataset offline) stops the evaluation
+    before the first model loads, in one line; the runs then read it from the datasets cache."""
+    try:
+        with _quiet():
+            manager.load(list(tasks))
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EvalError(
+            f"lm-eval could not load the data of {', '.join(tasks)} ({first}); a hub dataset needs the network or "
+            "its cached copy, a local one the files its YAML names"
+        ) from None
 
 
 def _packaged_assets() -> dict[str, Path]:
