@@ -130,12 +130,7 @@ def _evaluate_one(
             accuracy=acc, accuracy_above_chance=acc - chance, accuracy_chance=chance, accuracy_examples=len(scored)
         )
         show.say(f"  accuracy {acc:.3f} on {len(scored)} examples ({show.seconds:.1f} s)")
-    tasks = None
-    if harness is not None and causal:
-        with show.running(f"{role} lm-eval tasks"):
-            tasks = harness.run(model, tok)
-        scores = ", ".join(f"{n} {r['metric']} {r['value']:.3g} ({r['shots']}-shot)" for n, r in tasks.items())
-        show.say(f"  {scores} ({show.seconds:.1f} s)")
+    tasks = _run_tasks(role, model, tok, harness, show) if harness is not None and causal else None
     if "generation" not in s.skip and causal:
         with show.running(f"{role} generation") as step:
             check_context(model, wants_bos(tok) + PROMPT_TOKENS + s.new_tokens, "generation", "use fewer --new-tokens")
@@ -166,6 +161,15 @@ def _evaluate_one(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return metrics, outputs, tasks
+
+
+def _run_tasks(role: str, model, tok, harness: Harness, show: Tasks) -> dict:
+    """One model's lm-eval task records, and a line of their scores."""
+    with show.running(f"{role} lm-eval tasks"):
+        tasks = harness.run(model, tok)
+    scores = ", ".join(f"{n} {r['metric']} {r['value']:.3g} ({r['shots']}-shot)" for n, r in tasks.items())
+    show.say(f"  {scores} ({show.seconds:.1f} s)")
+    return tasks
 
 
 def evaluate_models(
