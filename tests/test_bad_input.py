@@ -753,6 +753,12 @@ CASES: list[Case] = [
         ),
     ),
     Case(
+        "eval_task_unknown",
+        lambda w: ["eval", str(w.teacher), "--tasks", "hellaswg", "--out", str(w.out("eval_task_unknown"))],
+        ("unknown lm-eval task 'hellaswg'", "close names: hellaswag", "--task-path"),
+        skip="" if importlib.util.find_spec("lm_eval") else "lm-eval is not installed (pip install 'alignkd[eval]')",
+    ),
+    Case(
         "eval_dtype_unknown",
         lambda w: ["eval", str(w.teacher), "--dtype", "fp8"],
         ("argument --dtype", "invalid choice: 'fp8'"),

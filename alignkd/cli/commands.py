@@ -122,6 +122,10 @@ def _eval(args) -> int:
         latency_len=args.latency_len,
         dtype=args.dtype,
         skip=tuple(args.skip),
+        tasks=tuple(args.tasks),
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        task_paths=tuple(args.task_path),
     )
     result = evaluate_models(models, settings, teacher="teacher" if args.teacher else None, out=args.out)
     print_table(result)

@@ -112,6 +112,34 @@ def _eval_command(sub) -> None:
         choices=["perplexity", "accuracy", "generation", "latency"],
         help="metric groups to skip",
     )
+    _task_flags(e)
+
+
+def _task_flags(e) -> None:
+    """``alignkd eval``'s lm-eval-harness flags (the ``eval`` extra)."""
+    e.add_argument(
+        "--tasks",
+        type=lambda v: [t.strip() for t in v.split(",") if t.strip()],
+        default=[],
+        metavar="NAME[,NAME]",
+        help="lm-eval-harness tasks to run on every causal LM, e.g. alignkd_sentiment (needs pip install "
+        "'alignkd[eval]')",
+    )
+    e.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        metavar="K",
+        help="few-shot examples in each task's prompts (default: each task's own; eval.json records the count used)",
+    )
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="documents scored per task (default: all)")
+    e.add_argument(
+        "--task-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of your own task YAML files for --tasks (repeatable)",
+    )
 
 
 def _run_folder_commands(sub) -> None:

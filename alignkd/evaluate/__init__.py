@@ -9,6 +9,10 @@
 - :mod:`~alignkd.evaluate.inputs`, :mod:`~alignkd.evaluate.loading`: data and models in.
 - :mod:`~alignkd.evaluate.runner`: :func:`evaluate_models`, one model in memory at a time.
 - :mod:`~alignkd.evaluate.table`: the table ``alignkd eval`` prints.
+- :mod:`~alignkd.evaluate.harness`, :mod:`~alignkd.evaluate.task_files`,
+  :mod:`~alignkd.evaluate.task_results`: benchmark tasks through lm-eval-harness
+  (``--tasks``) on the loaded models, alignkd's packaged task files, and their
+  records and retention in ``eval.json``.
 """
 
 from alignkd.errors import EvalError

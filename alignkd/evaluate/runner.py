@@ -12,6 +12,7 @@ report`` reads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -38,10 +39,12 @@ from alignkd.evaluate.generation import (
     passages,
     sampled,
 )
+from alignkd.evaluate.harness import Harness, open_harness
 from alignkd.evaluate.inputs import packaged, read_held_out, read_labelled, token_stream
 from alignkd.evaluate.loading import check_context, check_model_path, is_classifier, load
 from alignkd.evaluate.perplexity import score_text
 from alignkd.evaluate.settings import EvalSettings, check_settings
+from alignkd.evaluate.task_results import near_chance_tasks, split_records, task_retention
 from alignkd.precision import default_device, resolve_dtype
 
 
@@ -89,9 +92,10 @@ class _Outputs:
 
 
 def _evaluate_one(
-    role: str, path: str, s: EvalSettings, inputs: _Inputs, device: str, show: Tasks
-) -> tuple[dict, _Outputs | None]:
-    """Metrics of one model, and what it generated (None when generation did not run)."""
+    role: str, path: str, s: EvalSettings, inputs: _Inputs, device: str, show: Tasks, harness: Harness | None
+) -> tuple[dict, _Outputs | None, dict | None]:
+    """Metrics of one model, what it generated (None when generation did not run) and its lm-eval task records (None
+    without tasks)."""
     t0 = time.perf_counter()
     model, tok = load(role, path, s.dtype, device)
     show.say(f"[bold]{role}[/]: loaded {path} in {time.perf_counter() - t0:.1f} s")
@@ -126,6 +130,7 @@ def _evaluate_one(
             accuracy=acc, accuracy_above_chance=acc - chance, accuracy_chance=chance, accuracy_examples=len(scored)
         )
         show.say(f"  accuracy {acc:.3f} on {len(scored)} examples ({show.seconds:.1f} s)")
+    tasks = _run_tasks(role, model, tok, harness, show) if harness is not None and causal else None
     if "generation" not in s.skip and causal:
         with show.running(f"{role} generation") as step:
             check_context(model, wants_bos(tok) + PROMPT_TOKENS + s.new_tokens, "generation", "use fewer --new-tokens")
@@ -155,7 +160,16 @@ def _evaluate_one(
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return metrics, outputs
+    return metrics, outputs, tasks
+
+
+def _run_tasks(role: str, model, tok, harness: Harness, show: Tasks) -> dict:
+    """One model's lm-eval task records, and a line of their scores."""
+    with show.running(f"{role} lm-eval tasks"):
+        tasks = harness.run(model, tok)
+    scores = ", ".join(f"{n} {r['metric']} {r['value']:.3g} ({r['shots']}-shot)" for n, r in tasks.items())
+    show.say(f"  {scores} ({show.seconds:.1f} s)")
+    return tasks
 
 
 def evaluate_models(
@@ -165,27 +179,32 @@ def evaluate_models(
     teacher: str | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    task_assets: dict[str, Path] | None = None,
 ) -> dict:
     """Evaluate each ``role -> path`` model (``teacher`` names the teacher's role); returns ``eval.json``'s dict.
 
     The teacher runs first, so each other model's continuations can be scored
     against the teacher's (``*_vs_teacher``) and its numbers turned into
     retention. With ``out``, the dict is also written to ``out/eval.json``.
+    ``task_assets`` (asset name -> folder) feeds the packaged lm-eval tasks; None: the assets cache.
     """
     order = _checked_order(models, settings, teacher, out)
-    inputs = _read_inputs(settings)
-    device = settings.device or str(default_device())
-    settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, device))
-    result: dict = {
-        "settings": _settings_record(settings, inputs, device),
-        "models": _evaluate_in_order(models, order, teacher, settings, inputs, device, progress),
-        "retention": {},
-        "warnings": [],
-    }
+    with _harness(settings, task_assets) as harness:  # lm-eval and the task names are checked before any model loads
+        inputs = _read_inputs(settings)
+        device = settings.device or str(default_device())
+        settings = dataclasses.replace(settings, dtype=resolve_dtype(settings.dtype, device))
+        result: dict = {
+            "settings": _settings_record(settings, inputs, device),
+            "models": _evaluate_in_order(models, order, teacher, settings, inputs, device, progress, harness),
+            "retention": {},
+            "warnings": [],
+        }
+    if harness is not None:
+        _task_results(result, teacher)
     if teacher is not None:
         base = result["models"][teacher]["metrics"]
         result["retention"] = {r: retention(base, e["metrics"]) for r, e in result["models"].items() if r != teacher}
-        result["warnings"] = [w for w in (near_chance(base),) if w]
+        result["warnings"] = [w for w in (near_chance(base),) if w] + result.pop("task_warnings", [])
     if "perplexity" not in settings.skip and len({_vocabulary(p) for p in models.values()}) > 1:
         result["warnings"].append(TOKENIZERS_DIFFER)
     if out is not None:
@@ -193,6 +212,28 @@ def evaluate_models(
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _harness(s: EvalSettings, assets: dict[str, Path] | None):
+    """:func:`open_harness` for the settings' tasks, or an empty block without tasks."""
+    if not s.tasks:
+        return contextlib.nullcontext()
+    return open_harness(
+        list(s.tasks), num_fewshot=s.num_fewshot, limit=s.limit, paths=list(s.task_paths), assets=assets, seed=s.seed
+    )
+
+
+def _task_results(result: dict, teacher: str | None) -> None:
+    """Move each model's task records into ``eval.json``'s ``tasks``, ``models[role].tasks`` and ``task_retention``."""
+    records = {r: e.pop("tasks") for r, e in result["models"].items() if "tasks" in e}
+    result["tasks"], scores = split_records(records)
+    for role, s in scores.items():
+        result["models"][role]["tasks"] = s
+    if teacher in scores:
+        result["task_retention"] = {
+            r: task_retention(result["tasks"], scores[teacher], s) for r, s in scores.items() if r != teacher
+        }
+        result["task_warnings"] = near_chance_tasks(result["tasks"], scores[teacher])
 
 
 def _vocabulary(path: str) -> str:
@@ -240,6 +281,17 @@ def _settings_record(settings: EvalSettings, inputs: _Inputs, device: str) -> di
                 "latency_len",
             )
         },
+        **(
+            {
+                "tasks": list(settings.tasks),
+                "num_fewshot": settings.num_fewshot,
+                "limit": settings.limit,
+                "task_paths": list(settings.task_paths),
+                "seed": settings.seed,
+            }
+            if settings.tasks
+            else {}
+        ),
     }
 
 
@@ -251,14 +303,16 @@ def _evaluate_in_order(
     inputs: _Inputs,
     device: str,
     progress: bool,
+    harness: Harness | None = None,
 ) -> dict:
-    """Returns ``eval.json``'s ``models``: each role's path and metrics, with fidelity to the teacher's outputs."""
+    """Returns ``eval.json``'s ``models``: each role's path and metrics, with fidelity to the teacher's outputs (and
+    each role's lm-eval task records under ``tasks``, which :func:`_task_results` then sorts out)."""
     evaluated: dict = {}
     reference = None
     generated: dict[str, _Outputs] = {}
     with Tasks(progress, bar=True, transient=True) as show:
         for role in order:
-            metrics, outputs = _evaluate_one(role, models[role], settings, inputs, device, show)
+            metrics, outputs, tasks = _evaluate_one(role, models[role], settings, inputs, device, show, harness)
             if role == teacher:
                 reference = outputs
             elif reference is not None and outputs is not None:
@@ -270,6 +324,8 @@ def _evaluate_in_order(
             if outputs is not None:
                 generated[role] = outputs
             evaluated[role] = {"path": str(models[role]), "metrics": metrics}
+            if tasks is not None:
+                evaluated[role]["tasks"] = tasks
         if reference is not None:
             _judged_by_teacher(models[teacher], settings, device, generated, reference, evaluated, show)
     return evaluated

@@ -46,7 +46,16 @@ class EvalSettings:
     device: str | None = None
     """Device the models run on; None: cuda when available, else cpu."""
     seed: int = 0
-    """Seed of the few-shot draw and the order of the scored examples."""
+    """Seed of the few-shot draw and the order of the scored examples (lm-eval's few-shot draw too)."""
+    tasks: tuple[str, ...] = ()
+    """lm-eval-harness tasks run on every causal LM (e.g. alignkd_sentiment); empty: none."""
+    num_fewshot: int | None = None
+    """Few-shot examples in each lm-eval task's prompts; None: each task's own default (eval.json records the count
+    used)."""
+    limit: int | None = None
+    """Documents scored per lm-eval task (the first ones); None: all of them."""
+    task_paths: tuple[str, ...] = ()
+    """Folders of task YAML files lm-eval indexes besides its own tasks and alignkd's packaged ones."""
 
 
 def check_settings(s: EvalSettings) -> None:
@@ -64,6 +73,10 @@ def check_settings(s: EvalSettings) -> None:
         )
     if s.shots < 0:
         raise EvalError(f"shots is {s.shots}; it must be 0 or more")
+    if s.num_fewshot is not None and s.num_fewshot < 0:
+        raise EvalError(f"num_fewshot is {s.num_fewshot}; it must be 0 or more")
+    if s.limit is not None and s.limit < 1:
+        raise EvalError(f"limit is {s.limit}; it must be at least 1 document")
     if s.dtype not in ("auto", *DTYPE_NAMES):
         raise EvalError(f"dtype {s.dtype!r} is not one of auto, {', '.join(DTYPE_NAMES)}")
     bad = [g for g in s.skip if g not in GROUPS]

@@ -16,11 +16,12 @@ from rich.table import Table
 from rich.text import Text
 
 from alignkd.evaluate.catalogue import METRICS, Metric, shown
+from alignkd.evaluate.task_results import task_rows
 
 ARROWS = {"higher": " ↑", "lower": " ↓", None: ""}
 CAPTION = (
     "kept: the share of the teacher's score the model keeps (teacher/model for perplexity and CER, "
-    "where lower is better; (model - chance) / (teacher - chance) for accuracy above chance); "
+    "where lower is better; (model - chance) / (teacher - chance) for accuracy and task scores above chance); "
     "speed-up: teacher ms / model ms; parameters: model / teacher"
 )
 
@@ -32,12 +33,15 @@ class _Column:
     style: str | None = None
 
 
-def _model_columns(role: str, metrics: dict, kept: dict | None, rows: list[Metric]) -> list[_Column]:
-    """A model's value column and, when it has a retention entry, its ``kept`` column."""
-    columns = [_Column(role, [shown(metrics.get(m.key), m.fmt) for m in rows])]
-    if kept is not None:
+def _model_columns(role: str, metrics: dict, kept: dict | None, rows: list[Metric], tasks: list) -> list[_Column]:
+    """A model's value column and, when it has a retention entry, its ``kept`` column; the catalogue's rows, then the
+    lm-eval tasks' (:func:`~alignkd.evaluate.task_results.task_rows`)."""
+    values = [shown(metrics.get(m.key), m.fmt) for m in rows] + [v.get(role, "—") for _, v, _ in tasks]
+    columns = [_Column(role, values)]
+    if kept is not None or any(role in k for _, _, k in tasks):
+        kept = kept or {}
         cells = ["" if m.kept is None or m.kept.key not in kept else shown(kept[m.kept.key], m.kept.fmt) for m in rows]
-        columns.append(_Column(f"{role} kept", cells, "cyan"))
+        columns.append(_Column(f"{role} kept", cells + [k.get(role, "") for _, _, k in tasks], "cyan"))
     return columns
 
 
@@ -60,9 +64,10 @@ def eval_tables(result: dict, console: Console) -> list[Table]:
     """``eval.json``'s numbers as tables that fit ``console.width`` (one table when they all fit)."""
     models, kept = result["models"], result.get("retention", {})
     rows = [m for m in METRICS if any(m.key in e["metrics"] for e in models.values())]
-    labels = [m.label + ARROWS[m.better] for m in rows]
-    groups = [_model_columns(role, e["metrics"], kept.get(role), rows) for role, e in models.items()]
-    caption = CAPTION if kept else None
+    tasks = task_rows(result)
+    labels = [m.label + ARROWS[m.better] for m in rows] + [label for label, _, _ in tasks]
+    groups = [_model_columns(role, e["metrics"], kept.get(role), rows, tasks) for role, e in models.items()]
+    caption = CAPTION if kept or result.get("task_retention") else None
     chunks: list[list[list[_Column]]] = [[]]
     for group in groups:
         trial = _table(labels, chunks[-1] + [group], title=None, caption=None)

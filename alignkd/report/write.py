@@ -12,6 +12,7 @@ from alignkd.report.headline import headline
 from alignkd.report.plots import plots
 from alignkd.report.render import to_html, to_markdown
 from alignkd.report.runlog import RunLog, read_json, read_run
+from alignkd.report.tasks import task_blocks
 
 
 def write_report(
@@ -47,7 +48,7 @@ def write_report(
     selection = block_blocks(read_json(run_dir / "block_scores.json", "block scores"))
     blocks += selection
     if ev:
-        blocks += evaluation_blocks(ev)
+        blocks += evaluation_blocks(ev) + task_blocks(ev)
     if config_text is not None:
         blocks += [("h2", "Config"), ("code", config_text)]
 

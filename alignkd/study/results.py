@@ -19,6 +19,7 @@ from alignkd.evaluate.catalogue import BY_KEY, number
 from alignkd.report.runlog import read_run
 from alignkd.study.marker import fingerprint, read_marker
 from alignkd.study.spec import Study
+from alignkd.study.tasks import read_scores
 
 METRICS = {"eval_ppl": "perplexity", "eval_accuracy": "accuracy", "eval_bpb": "bits_per_byte"}
 """The runs' held-out keys -> the catalogue metric that labels, formats and orders them."""
@@ -50,6 +51,9 @@ class Row:
     """``{"step", "train_s", "value"}`` per evaluation."""
     generation: dict = field(default_factory=dict)
     """The generation metrics of the last evaluation (``generation.eval_prompts``), by key; empty without them."""
+    tasks: dict = field(default_factory=dict)
+    """The study's lm-eval tasks (``eval:``), by row label: the student's and teacher's scores and what the student
+    kept, as the table shows them (:func:`alignkd.study.tasks.read_scores`); empty without them."""
 
 
 def metric_of(study: Study) -> str:
@@ -97,6 +101,7 @@ def _row(study: Study, name: str, run_dir: Path, key: str, quick: bool) -> Row:
         teacher=number((summary.get("teacher_eval") or {}).get(key)),
         curve=curve,
         generation={k: number(log.eval[-1][k]) for k in JUDGE_KEYS if log.eval and k in log.eval[-1]},
+        tasks=read_scores(study.spec.eval, run_dir, quick),
     )
 
 

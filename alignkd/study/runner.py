@@ -29,6 +29,7 @@ from alignkd.study.merge import merge, substitute
 from alignkd.study.resolve import Names, packaged, product, quick_config, stand_in
 from alignkd.study.spec import BudgetSpec, Study, budgeted
 from alignkd.study.standin import StandIns, build, real_shape
+from alignkd.study.tasks import check_tasks, score_variant
 
 
 def selected(study: Study, only: list[str] | None) -> list[str]:
@@ -68,6 +69,8 @@ class StudyPlan:
 
     def __init__(self, study: Study, out: Path, names: list[str], quick: bool, standins: StandIns | None):
         assets = stand_in(standins) if standins else packaged()
+        self.assets = assets
+        """What ``${assets.NAME}`` stands for in this study (the stand-ins under ``--quick``)."""
         resolve = Names(out, assets, check_prepared=not quick, prepare=[p.name for p in study.spec.prepare])
         quick_budget = BudgetSpec(steps=study.spec.quick.steps)
         self.steps: dict[str, dict] = {}
@@ -118,6 +121,7 @@ def run_study(
         with stages.stage("stand-ins", "quick: tiny stand-in teacher, generated text"):
             standins = build(out / "quick-assets", real_shape(teacher_folder(study), study.spec.quick.teacher))
     plan = StudyPlan(study, out, names, quick, standins)  # bad input stops here, before any run
+    check_tasks(study.spec.eval, plan.assets)
     threads = torch.get_num_threads()
     if quick:  # the stand-ins' ops are too small to gain from threads, and lose much to them on a shared CPU
         torch.set_num_threads(1)
@@ -130,10 +134,21 @@ def run_study(
                 marker = _run(plan.variants[name], out / name, fingerprint(study, name, quick), "distill")
             if marker["error"]:
                 stages.console.print(f"[red]{name} failed:[/] {marker['error']}")
+            elif study.spec.eval.tasks:
+                _score(study, name, plan, out, quick, stages)
     finally:
         torch.set_num_threads(threads)
         result = write_study(study, out, quick)
     return result
+
+
+def _score(study: Study, name: str, plan: StudyPlan, out: Path, quick: bool, stages: Stages) -> None:
+    """The study's lm-eval tasks on the variant's student beside its own teacher (:mod:`alignkd.study.tasks`)."""
+    teacher = str(plan.variants[name]["teacher"]["path"])
+    with stages.stage(f"{name}-tasks", f"{name}: lm-eval {', '.join(study.spec.eval.tasks)} (student and teacher)"):
+        error = score_variant(study.spec.eval, out / name, teacher, quick, plan.assets)
+    if error:
+        stages.console.print(f"[red]{name} tasks failed:[/] {error}")
 
 
 def _prepare(study: Study, step: str, cfg: dict, out: Path, quick: bool, stages: Stages) -> None:

@@ -78,6 +78,20 @@ class QuickSpec:
 
 
 @dataclass
+class TasksSpec:
+    """lm-eval-harness tasks scored on each finished variant's student beside its teacher (``alignkd eval --tasks``)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Task names, e.g. [alignkd_sentiment]; empty: none (the table has the runs' own held-out metric only)."""
+    num_fewshot: int | None = None
+    """Few-shot examples in each task's prompts; None: each task's own default (the table states the count used)."""
+    limit: int | None = None
+    """Documents scored per task; None: all (``--quick``: at most 8)."""
+    task_paths: list[str] = field(default_factory=list)
+    """Folders of your own task YAML files."""
+
+
+@dataclass
 class StudySpec:
     """The study file."""
 
@@ -97,6 +111,8 @@ class StudySpec:
     """Steps that make models the variants name as ``${prepare.NAME}``."""
     quick: QuickSpec = field(default_factory=QuickSpec)
     """How ``--quick`` shrinks the study."""
+    eval: TasksSpec = field(default_factory=TasksSpec)
+    """Benchmark tasks run on every variant's student and its teacher once the variant has trained."""
 
 
 PREPARE_COMMANDS = ("finetune",)
@@ -168,6 +184,10 @@ def check(path: Path, data: Any) -> Study:
     if not spec.variants:
         raise ConfigError("variants: add at least one, e.g. [{name: kl, set: {losses: [{type: kl}]}}]")
     _check_budget(spec.budget)
+    if spec.eval.num_fewshot is not None and spec.eval.num_fewshot < 0:
+        raise ConfigError(f"eval.num_fewshot: {spec.eval.num_fewshot} must be >= 0")
+    if spec.eval.limit is not None and spec.eval.limit < 1:
+        raise ConfigError(f"eval.limit: {spec.eval.limit} must be >= 1")
     if spec.quick.steps < 1:
         raise ConfigError(f"quick.steps: {spec.quick.steps} must be >= 1")
     _check_names([p.name for p in spec.prepare], "prepare")

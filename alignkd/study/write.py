@@ -120,15 +120,20 @@ def _table(rows: list[Row], key: str, ref: Row) -> Table:
     top = best(rows, key)
     # The generation metrics, where some variant logged them: a column each.
     gen = [k for k in JUDGE_KEYS if any(k in r.generation for r in rows)]
+    # The lm-eval task rows (alignkd.study.tasks), where some variant has them: the score and what it kept, each.
+    tasks = list(dict.fromkeys(label for r in rows for label in r.tasks))
     t = Table(
         ["variant", "steps", "train min", "other min", f"held-out {metric.label.lower()}", f"vs {ref.name}", "params"]
         + [BY_KEY[k].label for k in gen]
+        + [c for label in tasks for c in (label, "kept")]
     )
     for r in rows:
+        scored = [Cell(r.tasks.get(label, {}).get(k, "—")) for label in tasks for k in ("student", "kept")]
         if r.status != "done":
             t.rows.append(
                 [Cell(r.name), Cell("—"), Cell("—"), Cell("—"), Cell(r.status), Cell("—"), Cell("—")]
                 + [Cell("—") for _ in gen]
+                + [Cell("—") for _ in scored]
             )
             continue
         other = (r.wall_s - r.train_s) / 60 if r.wall_s is not None and r.train_s is not None else math.nan
@@ -144,12 +149,19 @@ def _table(rows: list[Row], key: str, ref: Row) -> Table:
                 Cell(BY_KEY["params"].fmt(r.params) if r.params is not None else "—"),
             ]
             + [Cell(shown(r.generation.get(k), BY_KEY[k].fmt), bold=r is _best_at(rows, k)) for k in gen]
+            + scored
         )
     teacher = next((r.teacher for r in (ref, *rows) if math.isfinite(r.teacher)), math.nan)
-    if math.isfinite(teacher):
+    # The teacher's task scores: the reference's teacher's (each variant's retention is against its own teacher).
+    teacher_tasks = [
+        next((r.tasks[label]["teacher"] for r in (ref, *rows) if label in r.tasks), "—") for label in tasks
+    ]
+    if math.isfinite(teacher) or tasks:
+        held_out = metric.fmt(teacher) if math.isfinite(teacher) else "—"
         t.rows.append(
-            [Cell("teacher"), Cell(""), Cell(""), Cell(""), Cell(metric.fmt(teacher)), Cell(""), Cell("")]
+            [Cell("teacher"), Cell(""), Cell(""), Cell(""), Cell(held_out), Cell(""), Cell("")]
             + [Cell("") for _ in gen]
+            + [c for v in teacher_tasks for c in (Cell(v), Cell(""))]
         )
     return t
 
