@@ -53,6 +53,13 @@ def test_the_optimizer_holds_only_the_adapters_and_the_projectors(teacher, corpu
     assert len(linear) == 2 * 7 and not any(n.endswith("lm_head") for n in linear)
 
 
+def test_all_linear_beside_lm_head_adapts_both(teacher, corpus, tmp_path):
+    student = peft_student(target_modules=["all-linear", "lm_head"])
+    run = make_run(make_cfg(teacher, corpus, tmp_path / "r", losses=[{"type": "kl"}], student=student))
+    adapted = {n for n, m in run.unwrapped.student.named_modules() if hasattr(m, "base_layer")}
+    assert len(adapted) == 2 * 7 + 1 and "lm_head" in adapted
+
+
 def test_training_changes_the_adapters_and_never_the_base(teacher, corpus, tmp_path):
     cfg = make_cfg(teacher, corpus, tmp_path / "r", losses=[{"type": "kl"}, {"type": "ce"}], student=peft_student())
     run = make_run(cfg)

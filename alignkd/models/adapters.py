@@ -72,7 +72,7 @@ def add_adapters(student: nn.Module, peft_cfg) -> nn.Module:
         r=peft_cfg.r,
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules=_peft_targets(student, targets),
         task_type="CAUSAL_LM",
         **PEFT_METHODS[peft_cfg.method],
     )
@@ -82,6 +82,18 @@ def add_adapters(student: nn.Module, peft_cfg) -> nn.Module:
     inner = wrapped.base_model.model
     assert inner is student  # the wrapper is not kept: the student itself carries the adapters
     return student
+
+
+def _peft_targets(student: nn.Module, targets: list[str]) -> str | list[str]:
+    """``target_modules`` as peft takes them. peft knows ``all-linear`` only as the whole setting, so beside other
+    names (``[all-linear, lm_head]``) it is spelled out: every linear layer but the output head."""
+    if "all-linear" not in targets:
+        return targets
+    if targets == ["all-linear"]:
+        return "all-linear"
+    head = student.get_output_embeddings()
+    body = [n for n, m in student.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    return [*body, *(t for t in targets if t != "all-linear")]
 
 
 def has_adapters(model: nn.Module) -> bool:
