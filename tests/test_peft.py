@@ -228,3 +228,31 @@ def test_sharded_launches_refuse_adapters_in_one_line(teacher, corpus, tmp_path)
     cfg = load_config(data=make_cfg(teacher, corpus, tmp_path / "r", losses=[{"type": "kl"}], student=peft_student()))
     with pytest.raises(ConfigError, match="student.peft: adapters train under one process or DDP"):
         setup(cfg, Accelerator(mixed_precision="no"), say=lambda _: None, backend=SimpleNamespace(adapters=False))
+
+
+def test_a_tied_head_with_an_adapter_exports_what_it_trained(tmp_path, corpus):
+    """SmolLM2 and Gemma tie the head to the embedding: the head's update must reach the exported head and leave
+    the embedding as it was, in the merged folder and when alignkd reads the adapter folder."""
+    teacher = tiny.save_model(tmp_path / "tied", tie_word_embeddings=True)
+    runs = {}
+    for merge in (True, False):
+        student = peft_student(merge=merge, target_modules=["q_proj", "lm_head"])
+        # ce: the student starts as the teacher's copy, where kl alone has no gradient
+        losses = [{"type": "kl"}, {"type": "ce"}]
+        cfg = make_cfg(teacher, corpus, tmp_path / f"m{merge}", losses=losses, student=student, lr=1e-2)
+        alignkd.distill(cfg)
+        runs[merge] = tmp_path / f"m{merge}" / "student"
+    # The truth: the base with the adapter applied at run time (peft, unmerged).
+    base = AutoModelForCausalLM.from_pretrained(runs[False] / "base")
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    live = PeftModel.from_pretrained(base, runs[False]).eval()
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = live(ids).logits
+        untouched = AutoModelForCausalLM.from_pretrained(runs[False] / "base").eval()  # peft adapted `base` in place
+        assert not torch.allclose(want, untouched(ids).logits, atol=1e-3), "the adapters trained"
+        merged = AutoModelForCausalLM.from_pretrained(runs[True]).eval()
+        assert not merged.config.tie_word_embeddings
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-5, atol=1e-5)
+        loaded = load_model(str(runs[False]), task="causal_lm").eval()
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ only the adapted ``nn.Linear`` layers become peft's ``lora.Linear`` (base layer 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
@@ -172,12 +173,29 @@ def _dora_folded(layer: nn.Module) -> torch.Tensor:
 
 def plain_copy(student: nn.Module, fold: bool = True) -> nn.Module:
     """A new model of the student's class and config without adapters, holding ``merged_state`` (sharing its
-    tensors): what ``save_pretrained`` writes as an ordinary model folder."""
+    tensors): what ``save_pretrained`` writes as an ordinary model folder.
+
+    A head tied to the input embedding that carries an adapter is untied (``tie_word_embeddings: false``, both
+    matrices saved): folded into the shared matrix, the head's update would change the embedding too, and kept
+    tied, the saved head would be the embedding without the update."""
+    config = copy.deepcopy(student.config)
+    untie = fold and _tied(student) and _is_lora(student.get_output_embeddings())
+    if untie:
+        config.tie_word_embeddings = False
     with torch.device("meta"):
-        plain = type(student)(student.config)
+        plain = type(student)(config)
     plain.load_state_dict(merged_state(student, fold), strict=False, assign=True)
-    plain.tie_weights()
+    if not untie:
+        plain.tie_weights()
     return plain
+
+
+def _tied(model: nn.Module) -> bool:
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or emb is None:
+        return False
+    weight = head.base_layer.weight if _is_lora(head) else head.weight
+    return weight is emb.weight
 
 
 def save_adapter(student: nn.Module, folder: Path, base: str) -> None:
@@ -220,4 +238,19 @@ def merge_adapter_folder(base_model: nn.Module, path: str) -> nn.Module:
         raise ModelError(
             f"{path} is a PEFT adapter folder; loading it needs the peft package: pip install peft"
         ) from None
+    if _tied(base_model) and _adapts_head(base_model, path):  # see plain_copy: the head gets a matrix of its own
+        head = base_model.get_output_embeddings()
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+        base_model.config.tie_word_embeddings = False
     return PeftModel.from_pretrained(base_model, path).merge_and_unload()
+
+
+def _adapts_head(model: nn.Module, path: str) -> bool:
+    """Whether the adapter folder holds an adapter for the model's output head."""
+    from safetensors import safe_open
+
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    with safe_open(str(Path(path).expanduser() / ADAPTER_FILES[1]), "pt") as f:
+        keys = list(f.keys())
+    return any(f".{name}.lora_" in k or k.startswith(f"{name}.lora_") for k in keys)
