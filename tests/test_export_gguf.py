@@ -302,3 +302,15 @@ def test_llama_cpp_tokenizes_scores_and_continues_as_transformers(sharp_student,
             break
     llm.close()
     assert greedy == ref.sequences[0, len(ids) :].tolist()
+
+
+def test_an_adapter_folder_is_refused_in_one_line(tmp_path):
+    from alignkd.errors import ExportError
+    from alignkd.export.gguf_file import export_gguf
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    with pytest.raises(ExportError, match="is a PEFT adapter folder.*student.peft.merge: true"):
+        export_gguf(folder, tmp_path / "s.gguf")
+    assert not (tmp_path / "s.gguf").exists()

@@ -27,6 +27,7 @@ from alignkd.disk import disk_errno, fix, why
 from alignkd.errors import DiskError, ExportError
 from alignkd.export import DTYPES
 from alignkd.export.tokenizer import GGUFVocab, gguf_vocab
+from alignkd.models.adapters import is_adapter_folder
 
 ARCHITECTURES = ("llama",)
 """Hugging Face ``model_type`` values that export (as llama.cpp's ``llama``)."""
@@ -75,6 +76,11 @@ def export_gguf(student: str | os.PathLike, out: str | os.PathLike, dtype: str =
 def _check_paths(student: Path, out: Path) -> None:
     if not student.is_dir():
         raise ExportError(f"student folder not found: {student}; give a save_pretrained folder, e.g. runs/x/student")
+    if is_adapter_folder(str(student)):
+        raise ExportError(
+            f"{student} is a PEFT adapter folder, and a GGUF file holds whole weights; distil with "
+            "student.peft.merge: true, or save PeftModel.merge_and_unload() of it and export that"
+        )
     if not (student / "config.json").is_file():
         raise ExportError(f"{student} has no config.json; point it at a save_pretrained folder (a run's student/)")
     if out.suffix != ".gguf":
