@@ -4,6 +4,7 @@ the export folds them in or writes the folder ``PeftModel.from_pretrained`` load
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -159,11 +160,15 @@ def test_merged_export_equals_the_adapter_folder(teacher, corpus, tmp_path):
         a, b = merged(ids).logits, adapted(ids).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(a, teacher_model(ids).logits, atol=1e-4), "training changed the student"
-    # alignkd's own loader reads the adapter folder as the merged model (alignkd eval, the card, the study)
-    loaded = load_model(str(folder), task="causal_lm").eval()
+    # alignkd's own loader reads the adapter folder as the merged model (alignkd eval, the card, the study),
+    # also from a copy of the run folder, whose base is no longer where adapter_config.json says
+    moved = tmp_path / "moved"
+    shutil.copytree(runs[False], moved)
+    shutil.rmtree(runs[False])
+    loaded = load_model(str(moved / "student"), task="causal_lm").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, a, rtol=1e-5, atol=1e-5)
-    card = (folder / "README.md").read_text()
+    card = (moved / "student" / "README.md").read_text()
     assert "library_name: peft" in card and "- lora" in card and "PeftModel.from_pretrained" in card
     assert "library_name: transformers" in (runs[True] / "student" / "README.md").read_text()
     summary = json.loads((runs[True] / "summary.json").read_text())

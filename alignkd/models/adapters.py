@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import warnings
 from pathlib import Path
 
@@ -39,10 +38,11 @@ def linear_names(model: nn.Module) -> list[str]:
 
 
 def _matches(target: str, names: list[str]) -> bool:
-    """peft's rule: ``all-linear``; else a full name, or a name ending in ``.target`` (one string may be a regex)."""
+    """peft's rule for a list of targets: a full name, or a name ending in ``.target`` (no regex); ``all-linear``
+    matches when there is a linear layer."""
     if target == "all-linear":
-        return any(n.rpartition(".")[2] != "lm_head" for n in names)
-    return any(n == target or n.endswith("." + target) or re.fullmatch(target, n) for n in names)
+        return bool(names)
+    return any(n == target or n.endswith("." + target) for n in names)
 
 
 def check_targets(model: nn.Module, targets: list[str]) -> None:
@@ -221,13 +221,17 @@ def is_adapter_folder(path: str) -> bool:
 
 
 def adapter_base(path: str) -> str:
-    """The base model an adapter folder names: a folder relative to the adapter's, else as written (a hub id or an
-    absolute folder)."""
+    """The base model an adapter folder names: that folder (absolute, or relative to the adapter's); else its
+    ``base/`` (where alignkd saves a base it built, named by its absolute path, which moves with a copied run
+    folder); else as written (a hub id)."""
     p = Path(path).expanduser()
     base = json.loads((p / ADAPTER_FILES[0]).read_text()).get("base_model_name_or_path")
     if not base:
         raise ModelError(f"{path}: adapter_config.json names no base_model_name_or_path; set it to the base model")
-    return str(p / base) if (p / base).is_dir() else base
+    for candidate in (p / base, p / "base"):  # p / an absolute path is that path
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    return base
 
 
 def merge_adapter_folder(base_model: nn.Module, path: str) -> nn.Module:
