@@ -258,6 +258,8 @@ def test_a_tied_head_with_an_adapter_exports_what_it_trained(tmp_path, corpus):
         assert not torch.allclose(want, untouched(ids).logits, atol=1e-3), "the adapters trained"
         merged = AutoModelForCausalLM.from_pretrained(runs[True]).eval()
         assert not merged.config.tie_word_embeddings
+        summary = json.loads((runs[True].parent / "summary.json").read_text())
+        assert summary["student_params"] == sum(p.numel() for p in merged.parameters())
         torch.testing.assert_close(merged(ids).logits, want, rtol=1e-5, atol=1e-5)
         loaded = load_model(str(runs[False]), task="causal_lm").eval()
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ from alignkd.engine.loop import train
 from alignkd.engine.output_dir import check_output, check_resumable, clear, remove_leftovers
 from alignkd.engine.setup import Run, setup
 from alignkd.errors import ConfigError
-from alignkd.models.adapters import adapter_count, has_adapters, plain_copy, save_adapter
+from alignkd.models.adapters import adapter_count, has_adapters, plain_copy, save_adapter, untied_head_count
 from alignkd.models.card import model_card
 from alignkd.models.families import blocks_of
 from alignkd.models.student import param_count
@@ -200,8 +200,9 @@ def _precision(cfg: Config) -> dict:
 
 
 def _params(student) -> int:
-    """The student's parameters as exported: a PEFT student's adapters fold into its weights and add none."""
-    return param_count(student) - adapter_count(student)
+    """The student's parameters as exported: a PEFT student's adapters fold into its weights and add none, except
+    that a tied head with an adapter is exported untied (one more matrix)."""
+    return param_count(student) - adapter_count(student) + untied_head_count(student)
 
 
 def _trained_part(student) -> str:

@@ -79,6 +79,8 @@ def add_adapters(student: nn.Module, peft_cfg) -> nn.Module:
     )
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
         warnings.simplefilter("ignore", FutureWarning)
+        # A tied head with an adapter: alignkd unties it where it must (plain_copy, merge_adapter_folder).
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*", category=UserWarning)
         wrapped = get_peft_model(student, lora)  # freezes the base, leaves the adapters trainable
     inner = wrapped.base_model.model
     assert inner is student  # the wrapper is not kept: the student itself carries the adapters
@@ -104,6 +106,13 @@ def has_adapters(model: nn.Module) -> bool:
 def adapter_count(model: nn.Module) -> int:
     """Values in the model's adapters (0 without)."""
     return sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def untied_head_count(model: nn.Module) -> int:
+    """Values the merged model adds by untying its head (see ``plain_copy``): the head's, when a tied head carries an
+    adapter; else 0."""
+    head = model.get_output_embeddings()
+    return head.base_layer.weight.numel() if head is not None and _is_lora(head) and _tied(model) else 0
 
 
 def _is_lora(module: nn.Module) -> bool:
