@@ -17,24 +17,43 @@ CHUNK_ELEMENTS = 1 << 22
 CUDA_CHUNK_ELEMENTS = 1 << 26
 
 
-def build_walk(name: str, hidden, head, bias, *, rows, vocab: int, chunk_tokens, softcap, **differs) -> HeadWalk:
-    """A walk over the student's head (``hidden``, ``head``, ``bias``) of ``rows``: the student's side
-    (gradients wanted, matmul dtype, rows per chunk) is the same for every function; ``differs`` is
-    what the caller adds to :class:`HeadWalk`'s defaults (a teacher, labels, a divergence, two outputs)."""
+def build_walk(
+    name: str, hidden, head, bias, *, rows, vocab: int, chunk_tokens, softcap, lora=None, **differs
+) -> HeadWalk:
+    """A walk over the student's head (``hidden``, ``head``, ``bias``, and ``lora``: ``(A, B, scale)`` of an
+    adapter on it) of ``rows``: the student's side (gradients wanted, matmul dtype, rows per chunk) is the same
+    for every function; ``differs`` is what the caller adds to :class:`HeadWalk`'s defaults (a teacher, labels, a
+    divergence, two outputs)."""
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{name}: softcap must be > 0 or None, got {softcap}")
     if chunk_tokens is not None and not chunk_tokens >= 1:
         raise ValueError(f"{name}: chunk_tokens must be >= 1, got {chunk_tokens}")
     grad_on = torch.is_grad_enabled()
+    lora_a, lora_b, lora_scale = check_lora(name, head, lora)
     return HeadWalk(
         rows=rows,
         vocab=vocab,
         chunk_tokens=int(chunk_tokens) if chunk_tokens else default_chunk(vocab, hidden.device),
-        needs=tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, head, bias)),
+        needs=tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, head, bias, lora_a, lora_b)),
+        lora_scale=lora_scale,
         dtype=matmul_dtype(hidden),
         softcap=None if softcap is None else float(softcap),
         **differs,
     )
+
+
+def check_lora(name: str, head: torch.Tensor, lora) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    """``lora``: None, or ``(A [r, D], B [V, r], scale)`` of a LoRA adapter on a ``[V, D]`` head."""
+    if lora is None:
+        return None, None, 0.0
+    a, b, scale = lora
+    v, d = head.shape
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d or b.shape != (v, a.shape[0]):
+        raise ValueError(
+            f"{name}: a LoRA adapter on a head of shape {(v, d)} has A [r, {d}] and B [{v}, r], "
+            f"got A {tuple(a.shape)} and B {tuple(b.shape)}"
+        )
+    return a, b, float(scale)
 
 
 def default_chunk(vocab: int, device: torch.device) -> int:

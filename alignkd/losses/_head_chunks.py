@@ -63,9 +63,10 @@ class HeadWalk:
     rows: torch.Tensor  # 1-D index of the rows walked (the KL's counted rows; CE alone: the labelled ones)
     vocab: int
     chunk_tokens: int
-    needs: tuple[bool, bool, bool]  # gradient wanted for (hidden, head, bias)
+    needs: tuple[bool, ...]  # gradient wanted for (hidden, head, bias, lora_a, lora_b)
     dtype: torch.dtype  # of the student's head matmuls (logits and gradient pushes)
     softcap: float | None = None
+    lora_scale: float = 0.0  # a LoRA adapter on the student's head: logits + lora_scale * (h A^T) B^T
     teacher_hidden: torch.Tensor | None = None  # [N, D_t], detached; None: cross-entropy only, or a top-k teacher
     teacher_head: torch.Tensor | None = None  # [vocab, D_t] in teacher_dtype, detached
     teacher_bias: torch.Tensor | None = None  # [vocab] in teacher_dtype
@@ -87,22 +88,28 @@ class HeadWalk:
         return self.teacher_hidden is not None or self.teacher_topk is not None
 
 
+INPUTS = 5  # the student tensors that may get a gradient: hidden, head, bias, lora_a, lora_b
+
+
 class HeadLoss(torch.autograd.Function):
-    """``apply(hidden, head, bias, walk)`` -> a tuple of float32 scalars (one, or (KL, CE) when split)."""
+    """``apply(hidden, head, bias, walk, lora_a=None, lora_b=None)`` -> a tuple of float32 scalars (one, or
+    (KL, CE) when split). ``lora_a`` ``[r, D]`` and ``lora_b`` ``[V, r]``: a LoRA adapter on the head, whose
+    update ``walk.lora_scale * B @ A`` is applied per block of rows as two thin matmuls (never a ``[V, D]``
+    matrix)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None, walk: HeadWalk):
+    def forward(ctx, hidden, head, bias, walk: HeadWalk, lora_a=None, lora_b=None):
         with float32_math(hidden):  # the dtypes are the walk's, not autocast's
-            values, grads = _evaluate(hidden, head, bias, walk)
+            values, grads = _evaluate(hidden, head, bias, walk, lora_a, lora_b)
         ctx.save_for_backward(*(g for per_output in grads for g in per_output))
         return tuple(values)
 
     @staticmethod
     def backward(ctx, *grad_outs):
         saved = ctx.saved_tensors
-        total: list[torch.Tensor | None] = [None, None, None]
-        for i in range(3):
-            parts = [(saved[3 * k + i], go) for k, go in enumerate(grad_outs) if saved[3 * k + i] is not None]
+        total: list[torch.Tensor | None] = [None] * INPUTS
+        for i in range(INPUTS):
+            parts = [(saved[INPUTS * k + i], go) for k, go in enumerate(grad_outs) if saved[INPUTS * k + i] is not None]
             # An output that does not reach the loss (a split call's unused half) adds
             # nothing; the first one stays so that a gradient of zeros still flows.
             parts = [(g, go) for g, go in parts if not bool(go == 0)] or parts[:1]
@@ -111,38 +118,63 @@ class HeadLoss(torch.autograd.Function):
                 # buffers over as they are instead of allocating scaled copies.
                 g = g if bool(go == 1) else g * go.to(g.dtype)
                 total[i] = g if total[i] is None else total[i] + g
-        return (*total, None)
+        hidden, head, bias, lora_a, lora_b = total
+        return hidden, head, bias, None, lora_a, lora_b
+
+
+@dataclass
+class _Lora:
+    """A LoRA adapter on the student's head, in the walk's dtype: ``a`` ``[r, D]``, ``b`` ``[vocab, r]``."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
 
 
 class _Grads:
-    """float32 gradient buffers of one output w.r.t. (hidden ``[N, D]``, head, bias)."""
+    """float32 gradient buffers of one output w.r.t. (hidden ``[N, D]``, head, bias, lora_a, lora_b)."""
 
-    def __init__(self, h: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None, needs: tuple[bool, bool, bool]):
+    def __init__(self, h: torch.Tensor, head: torch.Tensor, bias, needs: tuple[bool, ...], lora_a=None, lora_b=None):
         f32 = {"dtype": torch.float32, "device": h.device}
         self.h = torch.zeros(h.shape, **f32) if needs[0] else None
         self.w = torch.zeros(head.shape, **f32) if needs[1] else None
         self.b = torch.zeros(bias.shape, **f32) if needs[2] else None
+        self.la = torch.zeros(lora_a.shape, **f32) if needs[3] else None
+        self.lb = torch.zeros(lora_b.shape, **f32) if needs[4] else None
 
-    def push(self, g: torch.Tensor, idx: torch.Tensor, hs: torch.Tensor, w: torch.Tensor, unscale: float) -> None:
-        """Add the gradient ``g`` ``[rows, vocab]`` w.r.t. the logits of rows ``idx`` (hidden ``hs``)."""
+    def push(self, g, idx, hs, w, unscale: float, lora: _Lora | None = None, u=None) -> None:
+        """Add the gradient ``g`` ``[rows, vocab]`` w.r.t. the logits of rows ``idx`` (hidden ``hs``; with an
+        adapter, ``u`` = ``scale * hs @ A^T`` ``[rows, r]``). In float32 straight into the buffers, no temporaries."""
         vocab = g.shape[1]
-        if g.dtype == torch.float32:  # straight into the buffers, no temporaries
-            if self.h is not None:
-                self.h.index_copy_(0, idx, g @ w)
-            if self.w is not None:
-                self.w[:vocab].addmm_(g.T, hs)
-            return
+        f32 = g.dtype == torch.float32
+        gb = g @ lora.b if lora is not None else None  # [rows, r]: the gradient at the adapter's rank
         if self.h is not None:
-            self.h.index_copy_(0, idx, (g @ w).float().mul_(unscale))
+            gh = g @ w
+            if lora is not None:  # d/dh of scale * (h A^T) B^T
+                gh.addmm_(gb, lora.a, alpha=lora.scale)
+            self.h.index_copy_(0, idx, gh if f32 else gh.float().mul_(unscale))
         if self.w is not None:
-            self.w[:vocab].add_(g.T @ hs, alpha=unscale)
+            if f32:
+                self.w[:vocab].addmm_(g.T, hs)
+            else:
+                self.w[:vocab].add_(g.T @ hs, alpha=unscale)
+        if self.la is not None:  # d/dA = scale * (g B)^T h
+            if f32:
+                self.la.addmm_(gb.T, hs, alpha=lora.scale)
+            else:
+                self.la.add_(gb.T @ hs, alpha=lora.scale * unscale)
+        if self.lb is not None:  # d/dB = g^T (scale * h A^T)
+            if f32:
+                self.lb[:vocab].addmm_(g.T, u)
+            else:
+                self.lb[:vocab].add_(g.T @ u, alpha=unscale)
 
-    def out(self, hidden, head, bias) -> list[torch.Tensor | None]:
-        return [
-            None if self.h is None else self.h.reshape(hidden.shape).to(hidden.dtype),
-            None if self.w is None else self.w.to(head.dtype),
-            None if self.b is None else self.b.to(bias.dtype),
-        ]
+    def out(self, hidden, head, bias, lora_a=None, lora_b=None) -> list[torch.Tensor | None]:
+        pairs = ((self.h, hidden), (self.w, head), (self.b, bias), (self.la, lora_a), (self.lb, lora_b))
+        out = [None if buf is None else buf.to(like.dtype) for buf, like in pairs]
+        if out[0] is not None:
+            out[0] = out[0].reshape(hidden.shape)
+        return out
 
 
 def _block_rows(n: int, p: HeadWalk) -> int:
@@ -154,13 +186,18 @@ def _block_rows(n: int, p: HeadWalk) -> int:
     return max(1, -(-n // blocks))
 
 
-def _evaluate(hidden, head, bias, p: HeadWalk) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]]]:
-    """The outputs and, per output, their gradients w.r.t. (hidden, head, bias)."""
+def _evaluate(
+    hidden, head, bias, p: HeadWalk, lora_a=None, lora_b=None
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]]]:
+    """The outputs and, per output, their gradients w.r.t. (hidden, head, bias, lora_a, lora_b)."""
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     w = head.detach()[: p.vocab].to(p.dtype)  # a view when the head is already in that dtype
     b = None if bias is None else bias.detach()[: p.vocab].to(p.dtype)
+    lora = None
+    if lora_a is not None:
+        lora = _Lora(lora_a.detach().to(p.dtype), lora_b.detach()[: p.vocab].to(p.dtype), p.lora_scale)
     want_grad = any(p.needs)
-    grads = [_Grads(h, head, bias, p.needs) for _ in range(2 if p.split else 1)]
+    grads = [_Grads(h, head, bias, p.needs, lora_a, lora_b) for _ in range(2 if p.split else 1)]
     low = p.dtype in LOW_PRECISION
     n = p.rows.numel()
     # fp16: push the gradient of the loss *sum* (entries O(1)) and divide after the
@@ -175,6 +212,10 @@ def _evaluate(hidden, head, bias, p: HeadWalk) -> tuple[list[torch.Tensor], list
         blk = p.rows[start : start + block]
         hs = h.index_select(0, blk).to(p.dtype)
         zs_blk = F.linear(hs, w, b)  # [rows, vocab] in p.dtype
+        u = None
+        if lora is not None:  # the adapter's update through its rank: [rows, r], then [rows, vocab]
+            u = F.linear(hs, lora.a).mul_(lora.scale)
+            zs_blk.addmm_(u, lora.b.T)
         zt_blk = None
         if p.teacher_hidden is not None:
             zt_blk = F.linear(p.teacher_hidden.index_select(0, blk).to(p.teacher_dtype), p.teacher_head, p.teacher_bias)
@@ -201,18 +242,18 @@ def _evaluate(hidden, head, bias, p: HeadWalk) -> tuple[list[torch.Tensor], list
                 if grads[k].b is not None:
                     grads[k].b[: p.vocab] += g.sum(0)
                 if g_blks is None:
-                    grads[k].push(g, blk[sl], hs[sl], w, 1.0)
+                    grads[k].push(g, blk[sl], hs[sl], w, 1.0, lora, None if u is None else u[sl])
                 else:
                     g_blks[k][sl].copy_(g if scale == 1.0 else g.mul_(scale))
         if g_blks is not None:
             for k, g_blk in enumerate(g_blks):
-                grads[k].push(g_blk, blk, hs, w, 1.0 / scale)
+                grads[k].push(g_blk, blk, hs, w, 1.0 / scale, lora, u)
         # Freed before the next block's are made, not after: one block's logits alive at a time.
-        del zs_blk, zt_blk, g_blks
+        del zs_blk, zt_blk, g_blks, u
 
     kl_mean, ce_mean = mean_over(kl_sum, n if p.has_teacher else 0), mean_over(ce_sum, p.n_ce)
     values = [kl_mean, ce_mean] if p.split else [kl_mean + p.ce_weight * ce_mean]
-    return values, [g.out(hidden, head, bias) for g in grads]
+    return values, [g.out(hidden, head, bias, lora_a, lora_b) for g in grads]
 
 
 def _chunk(zs, zt, labels, p: HeadWalk, want_grad: bool, n: int):

@@ -49,6 +49,7 @@ def lm_head_kl(
     teacher_bias: torch.Tensor | None = None,
     softcap: float | None = None,
     vocab: int | None = None,
+    student_lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """``kl_div(h_S @ W_S.T, h_T @ W_T.T, mask, ...) [+ ce_weight * CE]``, chunked over tokens.
 
@@ -70,6 +71,9 @@ def lm_head_kl(
             temperature (Gemma-2/3 ``final_logit_softcapping``).
         vocab: number of leading head rows shared by both models (default min(V_s, V_t));
             rows beyond it (padding of the embedding matrix) are ignored on both sides.
+        student_lora: ``(A [r, D_s], B [V_s, r], scale)``, a LoRA adapter on the student's head: its logits
+            are ``h_S @ (W_S + scale * B @ A).T``, made per block as ``h W^T + (scale * h A^T) B^T`` (no
+            ``[V, D]`` matrix); ``A`` and ``B`` get gradients.
 
     Returns:
         float32 scalar: mean KL over the counted positions, plus ``ce_weight`` times the
@@ -96,8 +100,9 @@ def lm_head_kl(
         chunk_tokens=chunk_tokens,
         softcap=softcap,
         vocab=vocab,
+        lora=student_lora,
     )
-    return HeadLoss.apply(student_hidden, student_head, student_bias, walk)[0]
+    return HeadLoss.apply(student_hidden, student_head, student_bias, walk, *_lora_args(student_lora))[0]
 
 
 def lm_head_kl_ce(
@@ -117,6 +122,7 @@ def lm_head_kl_ce(
     teacher_bias: torch.Tensor | None = None,
     softcap: float | None = None,
     vocab: int | None = None,
+    student_lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(KL, CE)`` from one pass over the student's head, each with its own gradient.
 
@@ -156,9 +162,15 @@ def lm_head_kl_ce(
         chunk_tokens=chunk_tokens,
         softcap=softcap,
         vocab=vocab,
+        lora=student_lora,
     )
-    kl, ce = HeadLoss.apply(student_hidden, student_head, student_bias, walk)
+    kl, ce = HeadLoss.apply(student_hidden, student_head, student_bias, walk, *_lora_args(student_lora))
     return kl, ce
+
+
+def _lora_args(lora) -> tuple:
+    """``HeadLoss.apply``'s trailing (A, B) of an adapter, or (None, None)."""
+    return (None, None) if lora is None else (lora[0], lora[1])
 
 
 def _teacher_walk(
@@ -178,6 +190,7 @@ def _teacher_walk(
     chunk_tokens,
     softcap,
     vocab,
+    lora=None,
 ) -> HeadWalk:
     """The walk of :func:`lm_head_kl` / :func:`lm_head_kl_ce` (a live teacher, optional CE), arguments checked."""
     check_head(name, student_hidden, student_head, student_bias, "student ")
@@ -211,6 +224,7 @@ def _teacher_walk(
         vocab=vocab,
         chunk_tokens=chunk_tokens,
         softcap=softcap,
+        lora=lora,
         **divergence_fields(name, *divergence),
         teacher_hidden=teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]),
         teacher_head=teacher_head.detach()[:vocab].to(t_dtype),
@@ -239,6 +253,7 @@ def lm_head_sparse_kl(
     student_bias: torch.Tensor | None = None,
     softcap: float | None = None,
     vocab: int | None = None,
+    student_lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """:func:`sparse_kl` of ``h_S @ W_S.T`` against a top-k teacher (a teacher cache), chunked like :func:`lm_head_kl`.
 
@@ -248,7 +263,8 @@ def lm_head_sparse_kl(
         teacher_ids, teacher_logprobs, teacher_tail: the teacher's top-k ids and log-probabilities
             ``[B, T, k]`` / ``[N, k]`` and tail log-mass ``[B, T]`` / ``[N]``, as in :func:`sparse_kl`.
         mask, kind, temperature, beta, alpha: as in :func:`sparse_kl`.
-        chunk_tokens, softcap, vocab: as in :func:`lm_head_kl` (``vocab`` defaults to the head's rows).
+        chunk_tokens, softcap, vocab, student_lora: as in :func:`lm_head_kl` (``vocab`` defaults to the head's
+            rows).
 
     Returns:
         float32 scalar, the value of ``sparse_kl`` on the logits, which never exist in full;
@@ -283,8 +299,9 @@ def lm_head_sparse_kl(
         softcap=softcap,
         **divergence_fields(name, kind, temperature, beta, alpha),
         teacher_topk=(teacher_ids.reshape(-1, k).long(), teacher_logprobs.reshape(-1, k), teacher_tail.reshape(-1)),
+        lora=student_lora,
     )
-    return HeadLoss.apply(student_hidden, student_head, student_bias, walk)[0]
+    return HeadLoss.apply(student_hidden, student_head, student_bias, walk, *_lora_args(student_lora))[0]
 
 
 def lm_head_ce(
@@ -296,6 +313,7 @@ def lm_head_ce(
     softcap: float | None = None,
     vocab: int | None = None,
     chunk_tokens: int | None = None,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``h @ W.T (+ b)`` on ``labels``, chunked like :func:`lm_head_kl` (no ``[tokens, V]`` logits).
 
@@ -303,7 +321,7 @@ def lm_head_ce(
         hidden: final hidden states ``[B, T, D]`` or ``[N, D]``.
         head: output-head weight ``[V, D]``; ``bias``: ``[V]``.
         labels: int, same leading shape: the target at each position; negative ids are not counted.
-        softcap, vocab, chunk_tokens: as in :func:`lm_head_kl`.
+        softcap, vocab, chunk_tokens: as in :func:`lm_head_kl`; ``lora``: as its ``student_lora``.
 
     Returns:
         float32 scalar: the mean over the labelled positions; none gives 0 with zero gradients.
@@ -328,8 +346,9 @@ def lm_head_ce(
         labels=flat,
         n_ce=rows.numel(),
         ce_weight=1.0,
+        lora=lora,
     )
-    return HeadLoss.apply(hidden, head, bias, walk)[0]
+    return HeadLoss.apply(hidden, head, bias, walk, *_lora_args(lora))[0]
 
 
 # ----------------------------------------------------------------------------- shared by the four

@@ -119,10 +119,10 @@ def _is_lora(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
-def lora_delta(module: nn.Module) -> torch.Tensor | None:
-    """``scaling * B @ A``, ``[out, in]``: what a plain LoRA layer adds to its base weight (with gradients to A and
-    B); None when the layer cannot be written as base + delta (DoRA's magnitude, dropout on the input while
-    training, several or no active adapters)."""
+def lora_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(A [r, in], B [out, r], scaling)`` of a plain LoRA layer, whose output is ``base(x) + scaling * x A^T
+    B^T``; None when it is not that (DoRA's magnitude, dropout on the input while training, several or no
+    active adapters)."""
     active = [a for a in module.active_adapters if a in module.lora_A]
     if len(active) != 1 or getattr(module, "merged", False):
         return None
@@ -132,15 +132,14 @@ def lora_delta(module: nn.Module) -> torch.Tensor | None:
     drop = module.lora_dropout[a]
     if module.training and isinstance(drop, nn.Dropout) and drop.p > 0:
         return None
-    weight_b, weight_a = module.lora_B[a].weight, module.lora_A[a].weight  # [out, r], [r, in]
-    return (weight_b @ weight_a) * module.scaling[a]
+    return module.lora_A[a].weight, module.lora_B[a].weight, float(module.scaling[a])
 
 
 def head_parts(head: nn.Module) -> tuple[nn.Linear, nn.Module | None] | None:
     """The output head's base ``nn.Linear`` and its LoRA layer (None when plain); None when it is neither."""
     if isinstance(head, nn.Linear):
         return head, None
-    if _is_lora(head) and isinstance(head.base_layer, nn.Linear) and lora_delta(head) is not None:
+    if _is_lora(head) and isinstance(head.base_layer, nn.Linear) and lora_parts(head) is not None:
         return head.base_layer, head
     return None
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from alignkd.errors import FamilyError
-from alignkd.models.adapters import head_parts, lora_delta
+from alignkd.models.adapters import head_parts, lora_parts
 
 
 @dataclass(frozen=True)
@@ -73,13 +73,10 @@ class OutputHead:
     adapter: nn.Module | None = None
     """A LoRA layer on the head (``student.peft``): ``weight`` is then its frozen base."""
 
-    def matrix(self) -> torch.Tensor:
-        """``[V, D]``: the matrix the logits are made with. With an adapter, the base plus its low-rank update,
-        made again at each call (the adapter trains) and differentiable into the adapter: a fused loss's
-        gradient for the head reaches ``lora_A`` and ``lora_B`` through it, so the adapter is never left out."""
-        if self.adapter is None:
-            return self.weight
-        return self.weight + lora_delta(self.adapter).to(self.weight.dtype)
+    def lora(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The adapter's ``(A [r, D], B [V, r], scaling)`` for the fused losses' ``student_lora`` (None without):
+        they add its update per block of rows, so the adapter trains and is never left out."""
+        return None if self.adapter is None else lora_parts(self.adapter)
 
     def params(self) -> list[torch.Tensor]:
         """The weight, and the bias when there is one."""

@@ -27,7 +27,13 @@ def ce_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
             return shared
         head = x.heads[0]
         return L.lm_head_ce(
-            x.student.final_hidden, head.matrix(), _ce_labels(x), bias=head.bias, softcap=head.softcap, vocab=x.vocab
+            x.student.final_hidden,
+            head.weight,
+            _ce_labels(x),
+            bias=head.bias,
+            softcap=head.softcap,
+            vocab=x.vocab,
+            lora=head.lora(),
         )
     s, _, _ = x.logits()
     tgt, has = x.targets()
@@ -81,7 +87,7 @@ def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
             s = x.heads[0]
             return L.lm_head_sparse_kl(
                 x.student.final_hidden,
-                s.matrix(),
+                s.weight,
                 t.topk_ids,
                 t.topk_logprobs,
                 t.tail,
@@ -89,6 +95,7 @@ def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
                 student_bias=s.bias,
                 softcap=s.softcap,
                 vocab=x.vocab,
+                student_lora=s.lora(),
                 **kw,
             )
         s, _, m = x.logits()
@@ -100,14 +107,15 @@ def kl_term(term: Term, x: StepTensors, temperature: float | None) -> torch.Tens
         s, t = x.heads
         return L.lm_head_kl(
             x.student.final_hidden,
-            s.matrix(),
+            s.weight,
             x.teacher.final_hidden,
-            t.matrix(),
+            t.weight,
             x.mask,
             student_bias=s.bias,
             teacher_bias=t.bias,
             softcap=s.softcap,
             vocab=x.vocab,
+            student_lora=s.lora(),
             **kw,
         )
     s, t, m = x.logits()
@@ -137,9 +145,9 @@ def _from_one_walk(term: Term, x: StepTensors) -> torch.Tensor | None:
         c = kl_term.cfg
         x.shared["kl_ce"] = L.lm_head_kl_ce(
             x.student.final_hidden,
-            s.matrix(),
+            s.weight,
             x.teacher.final_hidden,
-            t.matrix(),
+            t.weight,
             x.mask,
             _ce_labels(x),
             kind=c.kind,
@@ -150,6 +158,7 @@ def _from_one_walk(term: Term, x: StepTensors) -> torch.Tensor | None:
             teacher_bias=t.bias,
             softcap=s.softcap,
             vocab=x.vocab,
+            student_lora=s.lora(),
         )
     kl_value, ce_value = x.shared["kl_ce"]
     return kl_value if term is kl[0] else ce_value
