@@ -123,6 +123,17 @@ def test_a_lora_head_runs_fused_and_agrees_with_the_full_logits(teacher, corpus,
         torch.testing.assert_close(fused_grad[n], plain_grad[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_a_head_adapter_that_stops_being_low_rank_is_never_dropped_silently(teacher, corpus, tmp_path):
+    from alignkd.errors import FamilyError
+
+    student = peft_student(target_modules=["lm_head"])
+    run = make_run(make_cfg(teacher, corpus, tmp_path / "r", losses=[{"type": "kl"}], student=student))
+    assert run.unwrapped.fused and run.unwrapped.head.lora() is not None
+    run.unwrapped.student.lm_head.lora_dropout["default"] = torch.nn.Dropout(0.1)  # changed after set-up
+    with pytest.raises(FamilyError, match="set train.fused_head: false"):
+        run.unwrapped.head.lora()
+
+
 def test_a_lora_head_with_dropout_keeps_the_logits(teacher, corpus, tmp_path):
     cfg = make_cfg(
         teacher,

@@ -76,7 +76,15 @@ class OutputHead:
     def lora(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """The adapter's ``(A [r, D], B [V, r], scaling)`` for the fused losses' ``student_lora`` (None without):
         they add its update per block of rows, so the adapter trains and is never left out."""
-        return None if self.adapter is None else lora_parts(self.adapter)
+        if self.adapter is None:
+            return None
+        parts = lora_parts(self.adapter)
+        if parts is None:  # never the base alone: that would train as if the adapter were not there
+            raise FamilyError(
+                "the output head's adapter is no longer base + scale * B @ A (dropout on while training, DoRA or "
+                "another active adapter), which the fused LM head needs; set train.fused_head: false"
+            )
+        return parts
 
     def params(self) -> list[torch.Tensor]:
         """The weight, and the bias when there is one."""
