@@ -12,6 +12,7 @@ the line ``alignkd distill`` gives.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -363,4 +364,41 @@ def test_the_example_script_runs(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 16
+    assert (out / SIDE_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_the_example_script_runs_over_two_ddp_processes(tmp_path):
+    """The documented script under ``accelerate launch`` with two processes: the Trainer wraps the student in DDP,
+    the projectors' gradients are averaged by the integration, and the main process saves."""
+    import socket
+
+    teacher = tiny.save_model(tmp_path / "teacher", "llama", width=32)
+    student = tiny.save_model(tmp_path / "student", "llama", width=16, seed=1)
+    text = tmp_path / "train.txt"
+    text.write_text(tiny.TEXT * 4)
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
+              str(port)]  # fmt: skip
+    # ACCELERATE_USE_CPU: without GPUs, the Trainer joins CPU processes into one group only when told to use the
+    # CPU (else each process trains alone). info: the Trainer's line with the global batch.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "TRANSFORMERS_VERBOSITY": "info"}
+    done = subprocess.run(
+        [*launch, str(REPO / "examples" / "distill_with_trainer.py"), str(teacher), str(student), str(text),
+         str(out), "2"],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 8 rows per process, 2 processes: the Trainer really ran distributed
+    assert re.search(
+        r"Total train batch size \(w\. parallel, distributed & accumulation\) = 16", done.stderr + done.stdout
+    )
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    before = AutoModelForCausalLM.from_pretrained(student).state_dict()
+    assert saved.keys() == before.keys()
+    assert any(not torch.equal(saved[k], before[k]) for k in saved), "two steps changed the student"
     assert (out / SIDE_FILE).is_file()
